@@ -1,0 +1,1 @@
+"""Learner: advantage estimation (3SPO step groups, GRPO, GiGPO) and the clipped policy loss."""

@@ -1,0 +1,113 @@
+"""PPO-clipped policy loss with a k3 KL penalty to the reference model (ALGORITHM.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Coefficients of the policy loss."""
+
+    clip: float = 0.2
+    """PPO ratio clip range: the ratio is kept within [1 - clip, 1 + clip]."""
+    kl_coef: float = 0.01
+    """Weight of the k3 KL penalty to the frozen reference model."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus; off by default, ALGORITHM.md suggests 0.001 when enabled."""
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Elementwise k3 estimator of KL(policy || ref): exp(d) - d - 1 with d = ref - logprobs.
+
+    Unbiased, low-variance and never negative (unlike the plain log-ratio). expm1 keeps precision
+    for small d; the clamp only removes rounding below zero.
+    """
+    d = ref_logprobs - logprobs
+    return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean over all response tokens of the batch: sum(x * mask) / max(sum(mask), 1).
+
+    `where` rather than a bare product so that inf/NaN in masked slots cannot leak into the sum.
+    """
+    m = mask.to(x.dtype)
+    return torch.where(m != 0, x * m, torch.zeros_like(x)).sum() / m.sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped surrogate + kl_coef * k3 KL - entropy_coef * entropy, token-mean over `mask`.
+
+    All tensors are [B, T]; `advantages` may be [B] (one per action, broadcast to its tokens).
+    `mask` is 1 on generated tokens and 0 on prompt/padding, which contribute neither loss nor
+    gradient.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    advantages = advantages.to(logprobs.dtype).expand_as(logprobs)
+    valid = mask != 0
+
+    # Zero every input on masked slots first: garbage there (-inf log-probs of padding) would
+    # otherwise turn into 0 * inf = NaN in the backward pass even though the loss ignores it.
+    zero = torch.zeros_like(logprobs)
+    logprobs = torch.where(valid, logprobs, zero)
+    old_logprobs = torch.where(valid, old_logprobs, zero)
+    ref_logprobs = torch.where(valid, ref_logprobs, zero)
+    advantages = torch.where(valid, advantages, zero)
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)
+    surrogate = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    pg_loss = masked_mean(surrogate, mask)
+
+    kl = k3_kl(logprobs, ref_logprobs)
+    kl_mean = masked_mean(kl, mask)
+    loss = pg_loss + cfg.kl_coef * kl_mean
+
+    metrics: dict[str, float] = {}
+    if entropy is not None:
+        ent_mean = masked_mean(entropy, mask)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * ent_mean
+        metrics["entropy"] = float(ent_mean.detach())
+
+    with torch.no_grad():
+        # The clipped branch wins (and the gradient vanishes) only when the ratio has moved past the
+        # clip range in the direction the advantage pushes it.
+        clip_active = ((advantages > 0) & (ratio > 1.0 + cfg.clip)) | (
+            (advantages < 0) & (ratio < 1.0 - cfg.clip)
+        )
+        metrics.update(
+            pg_loss=float(pg_loss),
+            kl=float(kl_mean),
+            clip_frac=float(masked_mean(clip_active.to(ratio.dtype), mask)),
+            ratio_mean=float(masked_mean(ratio, mask)),
+            approx_kl_old=float(masked_mean(0.5 * log_ratio**2, mask)),
+            n_tokens=float(valid.sum()),
+        )
+    return loss, metrics
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """Log-probability of each chosen token: [B, T, V], [B, T] -> [B, T], computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution at each position: [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,254 @@
+"""The state-score HTTP service: FastAPI in front of the Redis score store.
+
+Routes: POST /v1/scores, POST /v1/leaves (bearer token), GET /v1/stats, /healthz, /metrics.
+Every input is validated before it reaches Redis, so no request can crash the service or
+change a count unless it is a well-formed, authorized commit.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from score_store.connection import EmbeddedRedis, StoreUnavailable, check_reachable, connect
+from score_store.score_math import ScoreParams
+from score_store.store import CommitResult, RedisScoreStore, ScoreBatch, StoreStats
+
+MAX_KEYS_PER_REQUEST = 4096
+MAX_PATH_LENGTH = 1024
+MAX_KEY_LENGTH = 256
+MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+class ServiceSettings(BaseSettings, ScoreParams):
+    """Service settings; every field can also come from the environment as SPO3_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="SPO3_", frozen=True)
+
+    redis_url: str = Field("", description="redis://, rediss:// or unix:// URL; empty starts an embedded Redis.")
+    run: str = Field("default", description="Run id: the prefix of every Redis key of this run.")
+    api_token: SecretStr | None = Field(None, description="Bearer token required by mutating routes.")
+    success_threshold: float = Field(1.0, ge=0, le=1, description="A leaf with success >= this counts as a success.")
+    leaf_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="How long leaf ids are remembered (0 = forever).")
+
+    @property
+    def score_params(self) -> ScoreParams:
+        return ScoreParams.model_validate(self.model_dump(include=set(ScoreParams.model_fields)))
+
+
+StateKeyStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
+
+
+class ScoresRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[StateKeyStr] = Field(min_length=1, max_length=MAX_KEYS_PER_REQUEST)
+
+
+class LeafRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    leaf_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
+    path: list[StateKeyStr] = Field(min_length=1, max_length=MAX_PATH_LENGTH)
+    success: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)
+
+
+class StatsResponse(StoreStats):
+    run: str
+    params: ScoreParams
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("spo3_score_requests", "HTTP requests", ["route", "status"], registry=registry)
+        self.latency = Histogram("spo3_score_request_seconds", "HTTP request latency", ["route"],
+                                 registry=registry,
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.keys_scored = Counter("spo3_score_keys_scored", "State keys scored", registry=registry)
+        self.leaves = Counter("spo3_score_leaves", "Leaf commits", ["counted"], registry=registry)
+        self.store_errors = Counter("spo3_score_store_errors", "Redis unreachable after retries",
+                                    registry=registry)
+
+
+class _StoreStatsCollector:
+    """Reads the store's totals at scrape time, so every replica reports the shared truth."""
+
+    def __init__(self, get_store) -> None:
+        self._get_store = get_store
+
+    def collect(self):
+        try:
+            s = self._get_store().stats()
+        except Exception:  # a scrape must not fail because Redis is briefly away
+            return
+        for name, value, doc in (("spo3_store_t", s.t, "Completed trajectories + 1"),
+                                 ("spo3_store_states", s.n_states, "States with statistics"),
+                                 ("spo3_store_truncated_states", s.truncated_states, "States with S = 0"),
+                                 ("spo3_store_leaves", s.leaves_counted, "Leaves counted"),
+                                 ("spo3_store_duplicate_commits", s.duplicate_commits, "Duplicate leaf commits ignored")):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _field_names(errors) -> list[str]:
+    names = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        names.append(".".join(loc) or "body")
+    return names
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over MAX_BODY_BYTES with 413 before they are parsed."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send):
+        resp = JSONResponse(status_code=413, content={
+            "detail": f"request body over {self.max_bytes} bytes", "fields": ["body"]})
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore | None = None) -> FastAPI:
+    """Build the service. Without `store`, it connects to settings.redis_url on first use
+    (or starts an embedded Redis when that is empty)."""
+    settings = settings or ServiceSettings()
+    if settings.api_token is None or not settings.api_token.get_secret_value():
+        raise ValueError("no API token: set SPO3_API_TOKEN (or pass --token) so that mutating routes are protected")
+    token = settings.api_token.get_secret_value().encode()
+    registry = CollectorRegistry()
+    metrics = _Metrics(registry)
+    state: dict = {"store": store, "embedded": None}
+    lock = threading.Lock()
+
+    def get_store() -> RedisScoreStore:
+        if state["store"] is None:
+            with lock:
+                if state["store"] is None:
+                    url = settings.redis_url
+                    if not url:
+                        state["embedded"] = EmbeddedRedis()
+                        url = state["embedded"].url
+                    client = connect(url)
+                    check_reachable(client, url)
+                    state["store"] = RedisScoreStore(
+                        client, settings.score_params, run=settings.run,
+                        success_threshold=settings.success_threshold, leaf_ttl_s=settings.leaf_ttl_s)
+        return state["store"]
+
+    registry.register(_StoreStatsCollector(get_store))
+    bearer = HTTPBearer(auto_error=False, description="SPO3_API_TOKEN of the service")
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token):
+            raise _Unauthorized()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if state["embedded"] is not None:
+            state["embedded"].close()
+
+    app = FastAPI(title="3SPO state-score service", version="1", lifespan=lifespan,
+                  description=__doc__)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = route.path if route is not None else "unmatched"
+        metrics.requests.labels(label, str(response.status_code)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(_BodyLimit)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        fields = _field_names(errors)
+        too_many = any(e.get("type") == "too_long" and len(e.get("loc", ())) == 2 for e in errors)
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        return JSONResponse(status_code=413 if too_many else 422,
+                            content={"detail": detail, "fields": fields,
+                                     "message": "invalid field(s): " + ", ".join(fields)})
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_: Request, __: Exception):
+        return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                            content={"detail": "missing or wrong bearer token (Authorization: Bearer $SPO3_API_TOKEN)"})
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(_: Request, exc: StoreUnavailable):
+        metrics.store_errors.inc()
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={"detail": str(exc)})
+
+    @app.post("/v1/scores", response_model=ScoreBatch, summary="Scores and n(s) of many states")
+    def scores(body: ScoresRequest) -> ScoreBatch:
+        batch = get_store().scores(body.keys)
+        metrics.keys_scored.inc(len(body.keys))
+        return batch
+
+    @app.post("/v1/leaves", response_model=CommitResult, dependencies=[Depends(require_token)],
+              summary="Count one finished root-to-leaf path (idempotent per leaf_id)")
+    def leaves(body: LeafRequest) -> CommitResult:
+        result = get_store().commit_leaf(body.leaf_id, body.path, body.success)
+        metrics.leaves.labels(str(result.counted).lower()).inc()
+        return result
+
+    @app.get("/v1/stats", response_model=StatsResponse)
+    def stats() -> StatsResponse:
+        s = get_store().stats()
+        return StatsResponse(**s.model_dump(), run=settings.run, params=settings.score_params)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        get_store().client.ping()
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.get_store = get_store
+    return app
+
+
+class _Unauthorized(Exception):
+    pass

@@ -1,0 +1,1 @@
+"""Process wiring shared by every part: Redis names, the CLI, launchers, metrics."""
