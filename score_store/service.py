@@ -16,6 +16,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -61,6 +62,12 @@ class LeafRequest(BaseModel):
     leaf_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
     path: list[StateKeyStr] = Field(min_length=1, max_length=MAX_PATH_LENGTH)
     success: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[dict]
+    fields: list[str] = []
+    message: str | None = None
 
 
 class StatsResponse(StoreStats):
@@ -209,6 +216,14 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
                             content={"detail": detail, "fields": fields,
                                      "message": "invalid field(s): " + ", ".join(fields)})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 for bodies it cannot decode; say which field that is.
+        content = {"detail": exc.detail}
+        if exc.status_code == 400:
+            content |= {"fields": ["body"], "message": "invalid field(s): body (not decodable JSON)"}
+        return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_: Request, __: Exception):
         return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
@@ -219,25 +234,32 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
         metrics.store_errors.inc()
         return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={"detail": str(exc)})
 
-    @app.post("/v1/scores", response_model=ScoreBatch, summary="Scores and n(s) of many states")
+    errors = {400: {"model": ErrorBody, "description": "Body is not decodable JSON"},
+              413: {"model": ErrorBody, "description": "Batch or body too large"},
+              422: {"model": ErrorBody, "description": "Invalid field(s), named in `fields`"},
+              503: {"model": ErrorBody, "description": "Redis unreachable after retries"}}
+
+    @app.post("/v1/scores", response_model=ScoreBatch, summary="Scores and n(s) of many states",
+              responses=errors)
     def scores(body: ScoresRequest) -> ScoreBatch:
         batch = get_store().scores(body.keys)
         metrics.keys_scored.inc(len(body.keys))
         return batch
 
     @app.post("/v1/leaves", response_model=CommitResult, dependencies=[Depends(require_token)],
-              summary="Count one finished root-to-leaf path (idempotent per leaf_id)")
+              summary="Count one finished root-to-leaf path (idempotent per leaf_id)",
+              responses={**errors, 401: {"model": ErrorBody, "description": "Missing or wrong bearer token"}})
     def leaves(body: LeafRequest) -> CommitResult:
         result = get_store().commit_leaf(body.leaf_id, body.path, body.success)
         metrics.leaves.labels(str(result.counted).lower()).inc()
         return result
 
-    @app.get("/v1/stats", response_model=StatsResponse)
+    @app.get("/v1/stats", response_model=StatsResponse, responses={503: errors[503]})
     def stats() -> StatsResponse:
         s = get_store().stats()
         return StatsResponse(**s.model_dump(), run=settings.run, params=settings.score_params)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: errors[503]})
     def healthz() -> dict:
         get_store().client.ping()
         return {"status": "ok"}

