@@ -1,0 +1,1 @@
+"""Policy serving: the interface actors sample from, its engines, and weight publishing."""

@@ -1,0 +1,104 @@
+"""The in-process engine: the policy contract, and versioned weight swaps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.contracts import SamplingParams
+from services.model_init import init_model
+from services.policy.inprocess import InProcessPolicy
+from services.policy.interface import PolicyError
+from services.policy.weights import weights_checksum
+from tests import policy_contract as contract
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("model"), "tiny", seed=0)
+
+
+@pytest.fixture
+def policy(model_dir):
+    return InProcessPolicy(model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def test_contract(policy, reference):
+    contract.check_n_samples_with_ids_and_logprobs(policy, reference, tol=1e-4)
+    contract.check_greedy_is_deterministic(policy)
+    contract.check_choice_mode(policy)
+
+
+def test_stop_strings_cut_text_and_say_stop(policy):
+    outs = policy.sample(contract.MESSAGES, SamplingParams(n=8, max_tokens=40, temperature=1.0, stop=["o"], seed=1))
+    for c in outs:
+        assert "o" not in c.text
+        assert c.finish_reason in ("stop", "length")
+    assert any(c.finish_reason == "stop" for c in outs)
+
+
+def perturbed(model_dir, scale=0.5, seed=1):
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return m
+
+
+def test_publish_changes_outputs_and_version(policy, model_dir):
+    before = contract.check_greedy_is_deterministic(policy)
+    assert policy.sample(contract.MESSAGES, SamplingParams())[0].policy_version == 0
+    new = perturbed(model_dir)
+    policy.publish(1, new.state_dict())
+    assert policy.checksum() == weights_checksum(new.state_dict())
+    after = policy.sample(contract.MESSAGES, SamplingParams(n=1, max_tokens=8, temperature=0.0))[0]
+    assert after.policy_version == 1
+    assert after.token_ids != before
+    with pytest.raises(PolicyError, match="go back"):
+        policy.publish(0, new.state_dict())
+    with pytest.raises(PolicyError, match="do not fit"):
+        policy.publish(2, {"not.a.param": torch.zeros(1)})
+    assert policy.version == 1
+
+
+def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
+    """Sampling in threads while weights flip between two versions: every greedy completion
+    is the one its reported version produces, never a mix."""
+    v0 = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    v1 = perturbed(model_dir).state_dict()
+    greedy = SamplingParams(n=1, max_tokens=6, temperature=0.0)
+    expected = {0: policy.sample(contract.MESSAGES, greedy)[0].token_ids}
+    policy.publish(1, v1)
+    expected[1] = policy.sample(contract.MESSAGES, greedy)[0].token_ids
+    assert expected[0] != expected[1]
+    policy.publish(2, v0)  # version 2 carries v0's weights
+    expected[2] = expected[0]
+    seen, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            c = policy.sample(contract.MESSAGES, greedy)[0]
+            seen.append((c.policy_version, c.token_ids))
+
+    threads = [threading.Thread(target=sampler) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for version in range(3, 9):
+        weights = v1 if version % 2 else v0
+        expected[version] = expected[1] if version % 2 else expected[0]
+        policy.publish(version, weights)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(seen) > 0
+    for version, ids in seen:
+        assert ids == expected[version], f"version {version} reported for other weights"
