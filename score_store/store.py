@@ -111,25 +111,28 @@ class RedisScoreStore:
     def commit_leaf(self, leaf_id: str, path: Sequence[str], success: float) -> CommitResult:
         """Count one finished path. path[0] is the task's root state (it is never truncated).
         Repeated states count once; a leaf id already committed changes nothing."""
-        return self.commit_leaves([LeafOutcome(leaf_id=leaf_id, path=list(path), success=success)])[0]
+        # One EVALSHA, not a pipeline: redis-py adds a SCRIPT EXISTS round trip to pipelines.
+        counted, leaves = self._call(self._commit, **self._commit_args(leaf_id, path, success))
+        return CommitResult(counted=bool(counted), t=int(leaves) + 1)
 
     def commit_leaves(self, leaves: Sequence[LeafOutcome]) -> list[CommitResult]:
         """Many commits in one round trip (a pipeline); each one is atomic on its own."""
-        n, p = self.names, self.params
         pipe = self.client.pipeline(transaction=False)
         for leaf in leaves:
-            if not leaf.path:
-                raise ValueError("a leaf's path holds at least the root state")
-            if not 0.0 <= leaf.success <= 1.0:
-                raise ValueError(f"success must lie in [0, 1], got {leaf.success}")
-            unique = list(dict.fromkeys(leaf.path))
-            keys = [n.leaf(leaf.leaf_id), n.leaves, n.n_states, n.truncated, n.duplicate_commits,
-                    *(n.state(k) for k in unique)]
-            won = 1 if leaf.success >= self.success_threshold else 0
-            self._commit(keys=keys, args=[won, self.leaf_ttl_s, p.xi, repr(p.zeta), repr(p.eps)],
-                         client=pipe)
+            self._commit(**self._commit_args(leaf.leaf_id, leaf.path, leaf.success), client=pipe)
         replies = self._call(pipe.execute)
         return [CommitResult(counted=bool(c), t=int(t) + 1) for c, t in replies]
+
+    def _commit_args(self, leaf_id: str, path: Sequence[str], success: float) -> dict:
+        if not path:
+            raise ValueError("a leaf's path holds at least the root state")
+        if not 0.0 <= success <= 1.0:
+            raise ValueError(f"success must lie in [0, 1], got {success}")
+        n, p = self.names, self.params
+        keys = [n.leaf(leaf_id), n.leaves, n.n_states, n.truncated, n.duplicate_commits,
+                *(n.state(k) for k in dict.fromkeys(path))]
+        won = 1 if success >= self.success_threshold else 0
+        return dict(keys=keys, args=[won, self.leaf_ttl_s, p.xi, repr(p.zeta), repr(p.eps)])
 
     def stats(self) -> StoreStats:
         n = self.names

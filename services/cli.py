@@ -73,6 +73,23 @@ def score_service(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
 
 
+@app.command("init-model")
+def init_model_cmd(
+    out: Annotated[str, typer.Argument(help="Directory to write the model to (Hugging Face format, safetensors).")],
+    preset: Annotated[str, typer.Option(help="Size: tiny (~0.1M parameters, tests) or small (~3.3M, demo).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed for the tokenizer corpus and the initial weights.")] = 0,
+) -> None:
+    """Create a small Qwen2-shaped model and a tokenizer trained locally (no downloads).
+
+    Any local Hugging Face checkpoint (e.g. Qwen2.5-1.5B-Instruct) can be used instead wherever
+    a model path is asked for.
+    """
+    from services.model_init import init_model
+
+    path = init_model(out, preset, seed)
+    typer.echo(f"wrote {preset} model to {path}")
+
+
 def main() -> None:
     app()
 
