@@ -37,3 +37,60 @@ class Completion(BaseModel):
     finish_reason: str | None = Field(description="'stop', 'length', or None when the server did not say.")
     policy_version: int = Field(ge=0, description="Version of the weights that produced every token here.")
     prompt_token_ids: list[int] | None = None
+
+
+# --- actor -> learner ------------------------------------------------------------------
+
+Algo = Literal["3spo", "grpo", "gigpo"]
+
+
+class Transition(BaseModel):
+    """One step an agent took: the tokens the policy produced at a state and what followed."""
+
+    state_key: str
+    next_state_key: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = Field(description="Generated tokens, exactly as the policy server returned them.")
+    logprobs: list[float] = Field(description="Sampler log-probs (diagnostics; the learner recomputes its own).")
+    action: str | None = Field(description="The admissible action parsed from the output; None if invalid.")
+    invalid: bool = False
+    reward: float = Field(description="3SPO step reward, or the environment's task reward for GRPO/GiGPO.")
+    done: bool = False
+    policy_version: int = Field(ge=0)
+
+
+class GroupMember(BaseModel):
+    """3SPO: one child of an expansion (one transition, score = its step reward).
+    GRPO/GiGPO: one episode of the task (its transitions, score = episode return)."""
+
+    transitions: list[Transition] = Field(min_length=1)
+    score: float
+
+
+class Group(BaseModel):
+    """The unit the learner trains on: members whose scores are compared with each other."""
+
+    schema_version: Literal[1] = 1
+    group_id: str = Field(min_length=1, max_length=512)
+    run: str
+    algo: Algo
+    task_id: str
+    node_id: str = Field(description="3SPO: the parent node expanded; GRPO/GiGPO: the task's root.")
+    depth: int = Field(ge=0)
+    members: list[GroupMember] = Field(min_length=1)
+    created_at: float
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest policy that contributed: staleness is judged by it."""
+        return min(t.policy_version for m in self.members for t in m.transitions)
+
+
+class WorkItem(BaseModel):
+    """A task for an actor to roll out, handed out by the work queue."""
+
+    item_id: str = Field(min_length=1, max_length=256)
+    env: str
+    task_id: str
+    algo: Algo = "3spo"
+    attempt: int = 0

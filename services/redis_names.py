@@ -49,5 +49,51 @@ class RedisNames:
         """Marker that makes commit_leaf idempotent per leaf id."""
         return f"{self.prefix}:leaf:{leaf_id}"
 
+    # --- actor -> learner stream ----------------------------------------------------------
+    @property
+    def groups_stream(self) -> str:
+        """Redis Stream of finished groups (one JSON `Group` per entry)."""
+        return f"{self.prefix}:groups"
+
+    def group_marker(self, group_id: str) -> str:
+        """Makes appending a group idempotent per group id."""
+        return f"{self.prefix}:gid:{group_id}"
+
+    @property
+    def learner_group(self) -> str:
+        """Consumer-group name of the learner on the groups stream."""
+        return "learner"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of entries the learner could not parse, kept for inspection."""
+        return f"{self.prefix}:groups:dead"
+
+    @property
+    def policy_version(self) -> str:
+        """The version of the policy the learner last published."""
+        return f"{self.prefix}:policy_version"
+
+    # --- work queue ---------------------------------------------------------------------
+    @property
+    def work_ready(self) -> str:
+        """List of work item ids waiting for an actor."""
+        return f"{self.prefix}:work:ready"
+
+    @property
+    def work_leased(self) -> str:
+        """Sorted set: item id -> lease deadline (unix seconds)."""
+        return f"{self.prefix}:work:leased"
+
+    @property
+    def work_items(self) -> str:
+        """Hash: item id -> WorkItem JSON."""
+        return f"{self.prefix}:work:items"
+
+    @property
+    def work_done(self) -> str:
+        """Set of finished item ids."""
+        return f"{self.prefix}:work:done"
+
     def all_keys_pattern(self) -> str:
         return f"{self.prefix}:*"

@@ -1,0 +1,1 @@
+"""One module per environment engine; `make_env` picks one by name."""

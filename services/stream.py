@@ -1,0 +1,66 @@
+"""The groups stream: actors append finished groups, the learner reads them.
+
+Appends are idempotent per group id (a retried append after a lost reply adds nothing) and
+bounded: when the stream holds `max_len` entries the learner has not removed yet, actors
+wait (back-pressure) instead of trimming, so no group is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from services.contracts import Group
+from services.redis_names import RedisNames
+
+# KEYS[1] stream, KEYS[2] group-id marker; ARGV[1] payload, ARGV[2] marker ttl, ARGV[3] max len.
+# Returns the entry id, "" if the group id was appended before, or "FULL".
+_APPEND = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 'FULL' end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[2])) then return '' end
+return redis.call('XADD', KEYS[1], '*', 'group', ARGV[1])
+"""
+
+
+class StreamFull(TimeoutError):
+    """The learner did not drain the stream within the wait limit."""
+
+
+class GroupStream:
+    def __init__(self, client: redis.Redis, run: str = "default", *, max_len: int = 10_000,
+                 marker_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.client = client
+        self.names = RedisNames(run)
+        self.max_len = max_len
+        self.marker_ttl_s = marker_ttl_s
+        self._append = client.register_script(_APPEND)
+        self.waited_s = 0.0  # total back-pressure wait, for metrics
+
+    def append(self, group: Group, *, wait_limit_s: float = 600.0) -> str | None:
+        """Append one group; returns its entry id, or None if this group id was already there.
+        Waits while the stream is full, raising StreamFull after `wait_limit_s`."""
+        n = self.names
+        payload = group.model_dump_json()
+        start = time.monotonic()
+        delay = 0.01
+        while True:
+            reply = self._append(keys=[n.groups_stream, n.group_marker(group.group_id)],
+                                 args=[payload, self.marker_ttl_s, self.max_len])
+            reply = reply.decode() if isinstance(reply, bytes) else reply
+            if reply != "FULL":
+                self.waited_s += time.monotonic() - start if delay > 0.01 else 0.0
+                return reply or None
+            if time.monotonic() - start > wait_limit_s:
+                raise StreamFull(f"groups stream {n.groups_stream} stayed at {self.max_len} entries for "
+                                 f"{wait_limit_s:.0f}s: is the learner running?")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def length(self) -> int:
+        return int(self.client.xlen(self.names.groups_stream))
+
+    def read_all(self) -> list[Group]:
+        """Every group in the stream, oldest first (tests, inspection)."""
+        return [Group.model_validate_json(fields[b"group"])
+                for _, fields in self.client.xrange(self.names.groups_stream)]

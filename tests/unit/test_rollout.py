@@ -1,0 +1,159 @@
+"""The branching rollout's logic on a tiny deterministic world (fakes); the same rollout runs
+on real TextWorld games in tests/integration/test_rollout_textworld.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.rollout import ReplayMismatch, Rollout, RolloutConfig
+from score_store.score_math import ScoreParams, n_rollouts, state_score, Counts
+from score_store.state_key import state_key
+from services.contracts import WorkItem
+from tests.fakes import LineWorld, ListSink, MemoryScoreStore, ScriptedPolicy, random_actions
+
+P = ScoreParams()
+
+
+def key(pos: int) -> str:
+    return state_key("lineworld", "line-1", f"mile {pos}")
+
+
+def make(script=None, *, cfg=None, env=None, store=None, params=P):
+    env = env or LineWorld(length=3)
+    store = store or MemoryScoreStore(params)
+    sink = ListSink()
+    policy = ScriptedPolicy(script or random_actions(0))
+    ro = Rollout(env, policy, store, sink, params, cfg or RolloutConfig(max_steps=6, max_leaves=200))
+    return ro, env, store, sink, policy
+
+
+def item(algo="3spo", attempt=0):
+    return WorkItem(item_id="task-1", env="lineworld", task_id="line-1", algo=algo, attempt=attempt)
+
+
+def test_first_visit_branches_g_max_and_emits_the_group():
+    ro, env, store, sink, policy = make(cfg=RolloutConfig(max_steps=6, max_leaves=1000, env_step_budget=8))
+    stats = ro.run(item())
+    assert policy.requests[0].n == 8  # unseen root: S = 1, n = ceil(8 * 1)
+    root_group = sink.groups[0]
+    assert root_group.node_id == "r" and len(root_group.members) == 8
+    assert {m.transitions[0].state_key for m in root_group.members} == {key(0)}
+    assert stats.env_steps <= 8
+
+
+def test_branching_follows_n_of_the_stored_counts():
+    store = MemoryScoreStore(P)
+    # Root seen 4 times, 2 successes, t = 5 after these commits.
+    for i, won in enumerate([1, 1, 0, 0]):
+        store.commit_leaf(f"pre-{i}", [key(0), f"other-{i}"], float(won))
+    expected = n_rollouts(state_score(Counts(4, 2), 5, P, is_root=True), P.g_max)
+    assert expected == 4  # S = exp(-ln 5 * 0.5) = 0.447 -> ceil(8 * 0.447) = ceil(3.58) = 4
+    ro, *_ , policy = make(store=store)
+    ro.run(item())
+    assert policy.requests[0].n == expected
+
+
+def test_truncated_state_stops_the_path():
+    store = MemoryScoreStore(P)
+    for i in range(10):  # mile 1 failed 10 times, never succeeded: N_fail >= xi, SR 0 <= zeta
+        store.commit_leaf(f"pre-{i}", [key(0), key(1)], 0.0)
+    forward_only = lambda m, p, i: "<action>forward</action>"
+    ro, env, store, sink, policy = make(forward_only, store=store)
+    stats = ro.run(item())
+    assert stats.truncated >= 1
+    # Nothing was ever sampled at mile 1: every request was made at the root.
+    assert len(policy.requests) == 1
+    assert all(path[-1] == key(1) for _, path, _ in store.commits[10:])
+
+
+def test_leaves_are_committed_once_with_stable_ids_and_groups_match_expansions():
+    ro, env, store, sink, policy = make(cfg=RolloutConfig(max_steps=5, max_leaves=40))
+    stats = ro.run(item(attempt=2))
+    ids = [c[0] for c in store.commits]
+    assert len(ids) == len(set(ids)) == stats.leaves
+    assert all(i.startswith("task-1:a2:") for i in ids)
+    assert stats.leaves <= 40
+    multi = sum(c for n, c in stats.branching.items() if n > 1)
+    assert stats.groups == len(sink.groups)
+    assert multi - 1 <= stats.groups <= multi  # the last expansion may be cut to one member by the budget
+    for g in sink.groups:
+        assert len(g.members) > 1
+        assert g.group_id.startswith("task-1:a2:")
+    assert len({g.group_id for g in sink.groups}) == len(sink.groups)
+    # Every committed path starts at the task's root.
+    assert all(path[0] == key(0) for _, path, _ in store.commits)
+
+
+def test_budget_holds():
+    for budget in (5, 13, 40):
+        ro, env, *_ = make(cfg=RolloutConfig(max_steps=6, max_leaves=1000, env_step_budget=budget))
+        stats = ro.run(item())
+        assert stats.env_steps <= budget
+
+
+def test_winning_child_gets_the_success_reward():
+    forward_only = lambda m, p, i: "<action>forward</action>"
+    ro, env, store, sink, _ = make(forward_only, cfg=RolloutConfig(max_steps=6))
+    stats = ro.run(item())
+    assert stats.successes == 1
+    last = sink.groups[-1].members[0].transitions[0]
+    assert last.done and last.next_state_key == key(3)
+    assert last.reward >= 0.5  # 0.5 * R_success, never the raw reward 10
+
+
+def test_replay_without_snapshots_gives_the_same_tree():
+    a = make(random_actions(3), env=LineWorld(3, snapshots=True))
+    b = make(random_actions(3), env=LineWorld(3, snapshots=False))
+    sa, sb = a[0].run(item()), b[0].run(item())
+    assert [g.model_dump(exclude={"created_at"}) for g in a[3].groups] == \
+        [g.model_dump(exclude={"created_at"}) for g in b[3].groups]
+    assert sa.replay_steps == 0 and sb.replay_steps > 0
+    assert sa.env_steps == sb.env_steps
+
+
+def test_replay_that_drifts_is_an_error():
+    class Drifting(LineWorld):
+        def reset(self, task_id):
+            obs = super().reset(task_id)
+            self.pos = self.steps % 2  # a different start on some resets
+            return self._obs()
+
+    ro, *_ = make(random_actions(1), env=Drifting(3, snapshots=False))
+    with pytest.raises(ReplayMismatch):
+        ro.run(item())
+
+
+@pytest.mark.parametrize("garbage", ["", "\x00\x01\x02", "é" * 5000, "<action>", "<action>fly</action>",
+                                     "no tags at all", "<think>" * 100])
+def test_garbage_outputs_are_penalized_invalid_actions(garbage):
+    ro, env, store, sink, _ = make(lambda m, p, i: garbage)
+    stats = ro.run(item())
+    assert stats.invalid_actions == stats.actions > 0
+    assert stats.env_steps == 0
+    g = sink.groups[0]
+    assert all(m.transitions[0].invalid and m.transitions[0].action is None for m in g.members)
+    assert all(m.score == pytest.approx(-P.invalid_penalty) for m in g.members)
+    assert stats.leaves == 1  # the root, a dead end
+
+
+def test_constrained_choice_mode():
+    ro, env, store, sink, policy = make(cfg=RolloutConfig(max_steps=4, choice_mode=True))
+    stats = ro.run(item())
+    assert policy.requests[0].choices == ["forward", "look", "jump"]
+    assert stats.invalid_actions == 0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "gigpo"])
+def test_grpo_episodes_one_group_same_budget(algo):
+    cfg = RolloutConfig(algo=algo, max_steps=5, group_size=8)
+    ro, env, store, sink, policy = make(cfg=cfg)
+    stats = ro.run(item(algo))
+    assert len(sink.groups) == 1
+    g = sink.groups[0]
+    assert g.algo == algo and len(g.members) == 8
+    assert all(1 <= len(m.transitions) <= 5 for m in g.members)
+    assert stats.env_steps <= cfg.budget(P.g_max)
+    assert stats.leaves == 8  # one leaf per episode
+    assert all(p.n == 1 for p in policy.requests)
+    for m in g.members:
+        assert m.score == pytest.approx(sum(t.reward for t in m.transitions))
