@@ -90,6 +90,78 @@ def init_model_cmd(
     typer.echo(f"wrote {preset} model to {path}")
 
 
+@app.command("actor")
+def actor_cmd(
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the score store, work queue and groups stream.")],
+    policy_url: Annotated[Optional[str], typer.Option(envvar="SPO3_POLICY_URL", help="vLLM server (OpenAI API) to sample from.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Instead of --policy-url: a local HF model directory run in-process.")] = None,
+    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
+    max_steps: Annotated[int, typer.Option(help="Deepest path in actions.")] = 15,
+    max_leaves: Annotated[int, typer.Option(help="Most leaves per task.")] = 64,
+    group_size: Annotated[int, typer.Option(help="GRPO/GiGPO episodes per task.")] = 8,
+    choice_mode: Annotated[bool, typer.Option(help="Constrain replies to the admissible actions (small models).")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 64,
+    alpha: Annotated[float, typer.Option(help="State-score alpha (must match the score service's).")] = 1.0,
+    g_max: Annotated[int, typer.Option(help="Most branches per state.")] = 8,
+    lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
+    exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+) -> None:
+    """Run a stateless environment actor: take tasks, branch by state score, stream groups.
+
+    SIGTERM finishes the current expansion, gives the task back and exits.
+    """
+    import logging
+
+    from actors.rollout import RolloutConfig
+    from actors.worker import ActorConfig, run_actor
+    from score_store.score_math import ScoreParams
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if bool(policy_url) == bool(model):
+        raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
+    if policy_url:
+        from services.policy.vllm_client import VLLMPolicy
+
+        policy = VLLMPolicy(policy_url)
+    else:
+        from services.policy.inprocess import InProcessPolicy
+
+        policy = InProcessPolicy(model)
+    cfg = ActorConfig(
+        redis_url=redis_url, run=run, params=ScoreParams(alpha=alpha, g_max=g_max),
+        rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
+                              choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
+        lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port)
+    finished = run_actor(cfg, policy)
+    typer.echo(f"actor finished {finished} work items")
+
+
+@app.command("enqueue")
+def enqueue_cmd(
+    env: Annotated[str, typer.Argument(help="Environment: textworld, twx, scienceworld or alfworld.")],
+    tasks: Annotated[list[str], typer.Argument(help="Task ids (game files, twx/scienceworld task specs, ALFWorld game dirs).")],
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis of the run.")] = "redis://127.0.0.1:6379/0",
+    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
+    algo: Annotated[str, typer.Option(help="3spo, grpo or gigpo.")] = "3spo",
+    repeat: Annotated[int, typer.Option(help="Enqueue every task this many times.")] = 1,
+) -> None:
+    """Put tasks on the run's work queue for actors to take."""
+    from score_store.connection import check_reachable, connect
+    from services.work_queue import WorkQueue
+
+    if algo not in ("3spo", "grpo", "gigpo"):
+        raise typer.BadParameter(f"algo must be 3spo, grpo or gigpo, not {algo!r}")
+    client = connect(redis_url)
+    check_reachable(client, redis_url)
+    queue = WorkQueue(client, run)
+    for _ in range(repeat):
+        for task in tasks:
+            queue.put(env, task, algo)
+    typer.echo(f"queued {repeat * len(tasks)} items; queue now {queue.counts()}")
+
+
 def main() -> None:
     app()
 

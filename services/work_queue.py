@@ -36,6 +36,17 @@ return held
 """
 
 
+# KEYS: ready list, leased zset, items hash. ARGV: item id. Back to the ready list, attempt + 1.
+_RELEASE = """
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+  local item = cjson.decode(redis.call('HGET', KEYS[3], ARGV[1]))
+  item['attempt'] = item['attempt'] + 1
+  redis.call('HSET', KEYS[3], ARGV[1], cjson.encode(item))
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+end
+"""
+
+
 class WorkQueue:
     def __init__(self, client: redis.Redis, run: str = "default", *, lease_s: float = 120.0) -> None:
         self.client = client
@@ -43,6 +54,7 @@ class WorkQueue:
         self.lease_s = lease_s
         self._take = client.register_script(_TAKE)
         self._finish = client.register_script(_FINISH)
+        self._release = client.register_script(_RELEASE)
 
     def _keys(self) -> list[str]:
         n = self.names
@@ -65,6 +77,10 @@ class WorkQueue:
         # XX: only an existing lease is renewed; CH: count it (the deadline always moves).
         return self.client.zadd(self.names.work_leased, {item.item_id: time.time() + self.lease_s},
                                 xx=True, ch=True) == 1
+
+    def release(self, item: WorkItem) -> None:
+        """Give an unfinished item back at once (clean shutdown), instead of waiting for its lease."""
+        self._release(keys=self._keys(), args=[item.item_id])
 
     def finish(self, item: WorkItem) -> bool:
         return bool(self._finish(keys=[self.names.work_leased, self.names.work_done], args=[item.item_id]))

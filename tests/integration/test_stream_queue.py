@@ -1,0 +1,77 @@
+"""The groups stream and the work queue on a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from score_store.connection import connect
+from services.contracts import Group, GroupMember, Transition
+from services.stream import GroupStream, StreamFull
+from services.work_queue import WorkQueue
+
+pytestmark = pytest.mark.redis
+
+
+def group(gid: str, version: int = 0) -> Group:
+    t = Transition(state_key="s", next_state_key="s2", prompt_token_ids=[1], token_ids=[2, 3], logprobs=[-1.0, -2.0],
+                   action="go", reward=0.5, policy_version=version)
+    return Group(group_id=gid, run="r", algo="3spo", task_id="t", node_id="r", depth=0,
+                 members=[GroupMember(transitions=[t], score=0.5)] * 2, created_at=time.time())
+
+
+def test_append_is_idempotent_per_group_id(redis_url):
+    s = GroupStream(connect(redis_url), "r")
+    assert s.append(group("g1")) is not None
+    assert s.append(group("g1")) is None  # a retried append adds nothing
+    s.append(group("g2", version=3))
+    got = s.read_all()
+    assert [g.group_id for g in got] == ["g1", "g2"]
+    assert got[1].policy_version == 3 and got[1].members[0].transitions[0].token_ids == [2, 3]
+
+
+def test_full_stream_makes_actors_wait_never_drop(redis_url):
+    client = connect(redis_url)
+    s = GroupStream(client, "r", max_len=3)
+    for i in range(3):
+        s.append(group(f"g{i}"))
+    with pytest.raises(StreamFull, match="learner"):
+        s.append(group("late"), wait_limit_s=0.3)
+    assert s.length() == 3
+
+    def drain():  # a learner consuming and deleting one entry after a while
+        time.sleep(0.5)
+        first = client.xrange(s.names.groups_stream, count=1)[0][0]
+        client.xdel(s.names.groups_stream, first)
+
+    threading.Thread(target=drain).start()
+    start = time.monotonic()
+    assert s.append(group("late"), wait_limit_s=10) is not None
+    assert time.monotonic() - start >= 0.4
+    assert [g.group_id for g in s.read_all()] == ["g1", "g2", "late"]
+
+
+def test_queue_hands_each_item_once_and_requeues_expired_leases(redis_url):
+    q = WorkQueue(connect(redis_url), "r", lease_s=0.5)
+    a, b = q.put("twx", "task-a"), q.put("twx", "task-b")
+    first, second = q.take(), q.take()
+    assert {first.item_id, second.item_id} == {a.item_id, b.item_id}
+    assert q.take() is None
+    assert q.finish(first) is True
+    time.sleep(0.6)  # the holder of `second` died: its lease runs out
+    again = q.take()
+    assert again.item_id == second.item_id and again.attempt == 1
+    assert q.extend(again) is True
+    assert q.finish(again) is True
+    assert q.counts() == {"ready": 0, "leased": 0, "done": 2}
+
+
+def test_release_gives_the_item_back_at_once(redis_url):
+    q = WorkQueue(connect(redis_url), "r", lease_s=60)
+    q.put("twx", "task-a")
+    item = q.take()
+    q.release(item)
+    back = q.take()
+    assert back.item_id == item.item_id and back.attempt == 1
