@@ -1,0 +1,59 @@
+"""From groups to training rows: the advantage of every transition, by algorithm.
+
+3SPO: members of a step group are compared by their step rewards. GRPO: episodes of a task by
+their returns, broadcast to every step. GiGPO: GRPO's episode advantage plus a step advantage
+among steps that share an anchor state. Rows with zero advantage are left out: they would cost
+a forward/backward pass and add no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from learner.advantages import gigpo_advantages, grpo_advantages, step_group_advantages
+from services.contracts import Group
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    sampler_logprobs: list[float]
+    policy_version: int
+    group_id: str
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    mean_only: bool = False
+    gamma: float = 0.95
+    """GiGPO discount."""
+    omega: float = 1.0
+    """GiGPO weight of the step advantage."""
+
+
+def group_rows(group: Group, cfg: AdvantageConfig = AdvantageConfig()) -> list[Row]:
+    scores = [m.score for m in group.members]
+    if group.algo == "3spo":
+        per_member = step_group_advantages(scores, mean_only=cfg.mean_only)
+        per_step = [[a] * len(m.transitions) for a, m in zip(per_member, group.members)]
+    elif group.algo == "grpo":
+        per_member = grpo_advantages(scores, mean_only=cfg.mean_only)
+        per_step = [[a] * len(m.transitions) for a, m in zip(per_member, group.members)]
+    else:
+        episodes = [[(t.state_key, t.reward) for t in m.transitions] for m in group.members]
+        per_step = [list(a) for a in gigpo_advantages(episodes, scores, gamma=cfg.gamma, omega=cfg.omega,
+                                                      mean_only=cfg.mean_only)]
+    rows = []
+    for member, advantages in zip(group.members, per_step):
+        for t, a in zip(member.transitions, advantages):
+            if a != 0.0 and t.token_ids:
+                rows.append(Row(t.prompt_token_ids, t.token_ids, float(a), t.logprobs, t.policy_version,
+                                group.group_id))
+    return rows
+
+
+def batch_rows(groups: Sequence[Group], cfg: AdvantageConfig = AdvantageConfig()) -> list[Row]:
+    return [row for g in groups for row in group_rows(g, cfg)]
