@@ -1,0 +1,165 @@
+"""The policy update on a DeepSpeed engine: PPO-clip + k3 KL to a frozen reference, token-mean
+over every response token of the batch, across micro-batches and data-parallel ranks.
+
+Rows are split across ranks; each micro-batch's loss is scaled by (its tokens / all tokens of
+the batch) x world size, so that after DeepSpeed averages gradients over ranks the gradient
+is exactly that of the token-mean over the whole batch, whatever the split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from learner.batch import Row
+from learner.loss import LossConfig, policy_loss, token_entropy, token_logprobs
+
+
+@dataclass
+class TrainerConfig:
+    model: str
+    """Hugging Face model directory (safetensors)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    zero_stage: int = 2
+    bf16: bool = False
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimizer state and step on the CPU (saves accelerator memory)."""
+    micro_batch_rows: int = 8
+    max_len: int = 1024
+    """Longest prompt + response; longer prompts lose their oldest tokens."""
+    grad_clip: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    seed: int = 0
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher (deepspeed / torchrun) set up, or a group of one."""
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile an op first (~35 s on CPU).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        zero: dict = {"stage": cfg.zero_stage}
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cfg.bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.pad_id = model.config.pad_token_id or 0
+
+    # --- one update ------------------------------------------------------------------
+    def update(self, rows: Sequence[Row]) -> dict[str, float]:
+        """One optimizer step on all rows (the same list on every rank)."""
+        mine = list(rows[self.rank::self.world])
+        local_tokens = torch.tensor([sum(len(r.response_ids) for r in mine)], dtype=torch.float64)
+        total = local_tokens.clone()
+        dist.all_reduce(total)
+        total_tokens = max(float(total.item()), 1.0)
+        micro = [mine[i:i + self.cfg.micro_batch_rows] for i in range(0, len(mine), self.cfg.micro_batch_rows)]
+        # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
+        # with no rows still runs one empty step so collectives line up.
+        micro = micro or [[]]
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for i, mb in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            loss, metrics, n_tok = self._micro_loss(mb)
+            self.engine.backward(loss * (n_tok / total_tokens) * self.world)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n_tok
+        self.engine.step()
+        out = torch.tensor([sums.get(k, 0.0) for k in _METRICS], dtype=torch.float64)
+        dist.all_reduce(out)
+        result = {k: float(v) / total_tokens for k, v in zip(_METRICS, out)}
+        result["tokens"] = total_tokens
+        result["rows"] = float(len(rows))
+        return result
+
+    def _micro_loss(self, rows: Sequence[Row]) -> tuple[torch.Tensor, dict[str, float], int]:
+        if not rows:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)
+            dummy = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+            return dummy, {}, 0
+        ids, mask, attn = self._pad(rows)
+        logits = self.engine(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        targets = ids[:, 1:]
+        resp_mask = mask[:, 1:]
+        logp = token_logprobs(logits, targets)
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            ref_logp = token_logprobs(ref_logits, targets)
+        entropy = token_entropy(logits) if self.cfg.loss.entropy_coef > 0 else None
+        adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device)
+        # One optimizer pass per batch: the learner's own log-probs before the step are the
+        # "old" ones (the sampler's are kept for diagnostics only).
+        loss, metrics = policy_loss(logp, logp.detach(), ref_logp, adv, resp_mask, self.cfg.loss, entropy=entropy)
+        return loss, metrics, int(resp_mask.sum().item())
+
+    def _pad(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seqs, masks = [], []
+        for r in rows:
+            prompt = r.prompt_ids[-max(1, self.cfg.max_len - len(r.response_ids)):]
+            seq = (prompt + r.response_ids)[: self.cfg.max_len]
+            seqs.append(seq)
+            masks.append([0] * len(prompt) + [1] * (len(seq) - len(prompt)))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+            attn[i, : len(s)] = 1
+        return ids.to(self.device), mask.to(self.device), attn.to(self.device)
+
+    # --- weights out -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights with Hugging Face names (gathered from every rank under ZeRO-3)."""
+        if self.cfg.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+_METRICS = ("pg_loss", "kl", "clip_frac", "ratio_mean", "approx_kl_old")

@@ -1,0 +1,105 @@
+"""The DeepSpeed update against a plain torch computation of the same loss, in one process and
+with two ZeRO-2 ranks (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from learner.batch import Row
+from learner.loss import LossConfig, policy_loss, token_logprobs
+from services.model_init import init_model
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fixed_rows(update: int) -> list[Row]:
+    rng = random.Random(update)
+    rows = []
+    for i in range(7):  # odd count: ranks get different numbers of rows and tokens
+        prompt = [rng.randrange(3, 200) for _ in range(rng.randint(3, 9))]
+        response = [rng.randrange(3, 200) for _ in range(rng.randint(1, 6))]
+        rows.append(Row(prompt, response, rng.choice([-1.5, -0.5, 0.7, 1.2]), [-1.0] * len(response), 0, f"g{i}"))
+    return rows
+
+
+def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for u in range(updates):
+        rows = fixed_rows(u)
+        width = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            seq = r.prompt_ids + r.response_ids
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, len(r.prompt_ids):len(seq)] = 1
+            attn[i, :len(seq)] = 1
+        logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+        adv = torch.tensor([r.advantage for r in rows])
+        loss, _ = policy_loss(logp, logp.detach(), ref_logp, adv, mask[:, 1:], LossConfig())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("ds-model"), "tiny", seed=0)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def run_ranks(model_dir, out: Path, nproc: int, updates: int, micro: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={_port()}", str(REPO / "tests/integration/scripts/ds_updates.py"), str(model_dir),
+           str(out), str(updates), str(micro)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _port() -> int:
+    from score_store.connection import free_port
+
+    return free_port()
+
+
+def test_two_zero2_ranks_match_each_other_and_plain_torch(model_dir, tmp_path):
+    updates = 3
+    reference = plain_torch_updates(model_dir, updates)
+    run_ranks(model_dir, tmp_path, nproc=2, updates=updates, micro=2)
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert max_diff(r0, r1) == 0.0  # identical on both ranks
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    moved = max_diff(r0, {k: v for k, v in initial.items()})
+    assert moved > 1e-3  # the updates really changed the weights
+    assert max_diff(r0, reference) < 1e-4 * max(1.0, moved)
+
+
+def test_one_rank_with_micro_batches_matches_plain_torch(model_dir, tmp_path):
+    run_ranks(model_dir, tmp_path, nproc=1, updates=2, micro=3)
+    got = load_file(str(tmp_path / "rank0.safetensors"))
+    assert max_diff(got, plain_torch_updates(model_dir, 2)) < 1e-5
