@@ -162,6 +162,58 @@ def enqueue_cmd(
     typer.echo(f"queued {repeat * len(tasks)} items; queue now {queue.counts()}")
 
 
+@app.command("learner")
+def learner_cmd(
+    model: Annotated[str, typer.Option(help="Hugging Face model directory to start from.")],
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the groups stream.")],
+    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
+    checkpoint_dir: Annotated[str, typer.Option(help="Where checkpoints go (HF safetensors + optimizer state).")] = "checkpoints",
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")] = False,
+    policy_url: Annotated[Optional[list[str]], typer.Option(help="vLLM server(s) to republish weights to (repeat the option).")] = None,
+    staging_dir: Annotated[str, typer.Option(help="Shared directory for weights published to vLLM.")] = "published-weights",
+    groups_per_update: Annotated[int, typer.Option(help="Step groups per optimizer step (post-step updates).")] = 8,
+    max_staleness: Annotated[int, typer.Option(help="Use a group only if current version - its version <= this.")] = 2,
+    publish_every: Annotated[int, typer.Option(help="Republish weights every k updates.")] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint (and acknowledge groups) every k updates.")] = 10,
+    max_updates: Annotated[Optional[int], typer.Option(help="Stop at this policy version.")] = None,
+    exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after the stream was empty this many seconds.")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage (0-3).")] = 2,
+    bf16: Annotated[bool, typer.Option(help="bf16 training.")] = False,
+    offload_optimizer: Annotated[bool, typer.Option(help="ZeRO-Offload the optimizer to the CPU.")] = False,
+    micro_batch_rows: Annotated[int, typer.Option(help="Rows per micro-batch (gradient accumulation inside a step).")] = 8,
+    mean_only: Annotated[bool, typer.Option(help="Advantages without the std division.")] = False,
+    kl_coef: Annotated[float, typer.Option(help="k3 KL penalty to the frozen reference.")] = 0.01,
+    entropy_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
+) -> None:
+    """Run the DeepSpeed learner: post-step updates from the groups stream, weight republishing,
+    checkpoints. Several processes: `torchrun --nproc_per_node N -m services.cli learner ...`."""
+    import logging
+
+    from learner.batch import AdvantageConfig
+    from learner.loop import LearnerConfig, run_learner
+    from learner.loss import LossConfig
+    from learner.trainer import TrainerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    publisher = None
+    if policy_url:
+        from services.policy.vllm_client import VLLMDiskPublisher
+
+        publisher = VLLMDiskPublisher(policy_url, model, staging_dir)
+    cfg = LearnerConfig(
+        redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, resume=resume,
+        groups_per_update=groups_per_update, max_staleness=max_staleness, publish_every=publish_every,
+        checkpoint_every=checkpoint_every, max_updates=max_updates, exit_when_idle_s=exit_when_idle,
+        advantages=AdvantageConfig(mean_only=mean_only),
+        trainer=TrainerConfig(model=model, lr=lr, zero_stage=zero_stage, bf16=bf16, offload_optimizer=offload_optimizer,
+                              micro_batch_rows=micro_batch_rows,
+                              loss=LossConfig(kl_coef=kl_coef, entropy_coef=entropy_coef)))
+    result = run_learner(cfg, publisher)
+    typer.echo(f"learner stopped at version {result.version}: {result.groups_used} groups used, "
+               f"{result.groups_dropped_stale} dropped as stale, {result.malformed} malformed")
+
+
 def main() -> None:
     app()
 

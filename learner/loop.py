@@ -1,0 +1,162 @@
+"""`spo3 learner`: post-step optimization from the groups stream (ALGORITHM.md section 5).
+
+    repeat:
+        take groups until `groups_per_update` usable ones (stale ones are dropped and counted)
+        rows = advantages of their members, broadcast to their tokens
+        one DeepSpeed step on the rows -> version + 1
+        publish the weights (every `publish_every` versions), record the version in Redis
+        checkpoint every `checkpoint_every` versions, then acknowledge the groups it covers
+
+Only rank 0 talks to Redis and to policy servers; the groups reach the other ranks through
+torch.distributed as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from prometheus_client import Counter, Gauge, Histogram
+
+from learner import checkpoint
+from learner.batch import AdvantageConfig, batch_rows
+from learner.consume import GroupConsumer
+from learner.staleness import StalenessFilter
+from learner.trainer import Trainer, TrainerConfig
+from services.contracts import Group
+from services.policy.interface import WeightSink
+from services.redis_names import RedisNames
+
+log = logging.getLogger("spo3.learner")
+
+UPDATES = Counter("spo3_learner_updates", "Optimizer steps")
+GROUPS = Counter("spo3_learner_groups", "Groups read", ["outcome"])
+TOKENS = Counter("spo3_learner_tokens", "Response tokens trained on")
+VERSION = Gauge("spo3_learner_policy_version", "Current policy version")
+LOSS = Gauge("spo3_learner_loss", "Last update's metrics", ["metric"])
+UPDATE_SECONDS = Histogram("spo3_learner_update_seconds", "Wall time of one update",
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+PUBLISH_SECONDS = Histogram("spo3_learner_publish_seconds", "Wall time of one weight publish",
+                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+
+
+@dataclass
+class LearnerConfig:
+    redis_url: str
+    trainer: TrainerConfig
+    run: str = "default"
+    checkpoint_dir: str = "checkpoints"
+    groups_per_update: int = 8
+    max_staleness: int = 2
+    publish_every: int = 1
+    checkpoint_every: int = 10
+    max_updates: int | None = None
+    exit_when_idle_s: float | None = None
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    resume: bool = False
+
+
+@dataclass
+class LearnerResult:
+    version: int
+    groups_used: int
+    groups_dropped_stale: int
+    malformed: int
+    history: list[dict] = field(default_factory=list)
+
+
+def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
+                stop: threading.Event | None = None) -> LearnerResult:
+    stop = stop or threading.Event()
+    trainer = Trainer(cfg.trainer)
+    leader = trainer.rank == 0
+    client = consumer = None
+    names = RedisNames(cfg.run)
+    if leader:
+        from score_store.connection import check_reachable, connect
+
+        client = connect(cfg.redis_url)
+        check_reachable(client, cfg.redis_url)
+        consumer = GroupConsumer(client, cfg.run, consumer=f"learner-{names.run}")
+    staleness = StalenessFilter(cfg.max_staleness)
+    version, used, unacked = 0, 0, []
+    resume_from = checkpoint.latest(cfg.checkpoint_dir) if cfg.resume else None
+    if resume_from is not None:
+        meta = checkpoint.load(trainer, resume_from)
+        version, used = meta.version, meta.groups_used
+        staleness.dropped = meta.groups_dropped_stale
+        if leader:
+            consumer.ack(meta.unacked)  # already inside the checkpoint: never used twice
+        log.info("resumed at version %d from %s", version, resume_from)
+    backlog = consumer.reclaim() if leader else []  # delivered before a crash, not yet in a checkpoint
+    history: list[dict] = []
+    idle_since = time.monotonic()
+    VERSION.set(version)
+
+    while cfg.max_updates is None or version < cfg.max_updates:
+        batch: list[Group] = []
+        if leader:
+            while len(batch) < cfg.groups_per_update and not stop.is_set():
+                entries = backlog[: cfg.groups_per_update] if backlog else consumer.read(cfg.groups_per_update, 500)
+                backlog = backlog[len(entries):] if backlog else backlog
+                for entry_id, group in entries:
+                    unacked.append(entry_id)
+                    if staleness.accept(group.policy_version, version):
+                        batch.append(group)
+                        GROUPS.labels("used").inc()
+                    else:
+                        GROUPS.labels("stale").inc()
+                if entries:
+                    idle_since = time.monotonic()
+                elif cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > cfg.exit_when_idle_s:
+                    break
+        batch, done = _share(batch, stop.is_set() or not batch)
+        if done:
+            break
+        start = time.perf_counter()
+        rows = batch_rows(batch, cfg.advantages)
+        metrics = trainer.update(rows) if rows else {"rows": 0.0, "tokens": 0.0}
+        version += 1
+        used += len(batch)
+        UPDATES.inc()
+        TOKENS.inc(metrics.get("tokens", 0))
+        VERSION.set(version)
+        for k, v in metrics.items():
+            LOSS.labels(k).set(v)
+        UPDATE_SECONDS.observe(time.perf_counter() - start)
+        if leader and publisher is not None and version % cfg.publish_every == 0:
+            t0 = time.perf_counter()
+            publisher.publish(version, trainer.state_dict())
+            PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+        if leader:
+            client.set(names.policy_version, version)
+        history.append({"version": version, "groups": len(batch), **metrics,
+                        "seconds": time.perf_counter() - start, "dropped_stale": staleness.dropped})
+        if version % cfg.checkpoint_every == 0:
+            _checkpoint(trainer, cfg, version, used, staleness, unacked, consumer)
+            unacked = []
+    if unacked or (version and version % cfg.checkpoint_every):
+        _checkpoint(trainer, cfg, version, used, staleness, unacked, consumer)
+    return LearnerResult(version, used, staleness.dropped, consumer.malformed if consumer else 0, history)
+
+
+def _checkpoint(trainer, cfg, version, used, staleness, unacked, consumer) -> None:
+    meta = checkpoint.CheckpointMeta(version=version, unacked=list(unacked), groups_used=used,
+                                     groups_dropped_stale=staleness.dropped)
+    checkpoint.save(trainer, cfg.checkpoint_dir, meta)
+    if consumer is not None:
+        consumer.ack(unacked)
+
+
+def _share(batch: list[Group], stop: bool) -> tuple[list[Group], bool]:
+    """Rank 0's batch (and whether to stop) for every rank, as JSON."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return batch, stop and not batch
+    payload = [json.dumps({"stop": stop and not batch, "groups": [g.model_dump_json() for g in batch]})]
+    dist.broadcast_object_list(payload, src=0)
+    data = json.loads(payload[0])
+    return [Group.model_validate_json(g) for g in data["groups"]], data["stop"]
