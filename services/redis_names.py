@@ -74,6 +74,11 @@ class RedisNames:
         """The version of the policy the learner last published."""
         return f"{self.prefix}:policy_version"
 
+    @property
+    def published_version(self) -> str:
+        """The newest weights version written by a DirectoryPublisher (in-process engines follow it)."""
+        return f"{self.prefix}:published_version"
+
     # --- work queue ---------------------------------------------------------------------
     @property
     def work_ready(self) -> str:

@@ -102,3 +102,23 @@ def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
     assert len(seen) > 0
     for version, ids in seen:
         assert ids == expected[version], f"version {version} reported for other weights"
+
+
+def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_url, tmp_path):
+    from score_store.connection import connect
+    from services.policy.weights_dir import DirectoryPublisher, FollowingPolicy
+
+    client = connect(redis_url)
+    publisher = DirectoryPublisher(tmp_path / "weights", client, "run1", keep=2)
+    follower = FollowingPolicy(policy, tmp_path / "weights", client, "run1")
+    greedy = SamplingParams(n=1, max_tokens=8, temperature=0.0)
+    before = follower.sample(contract.MESSAGES, greedy)[0]
+    assert before.policy_version == 0 and follower.reloads == 0
+    new = perturbed(model_dir)
+    for v in (1, 2, 3):
+        publisher.publish(v, new.state_dict())
+    after = follower.sample(contract.MESSAGES, greedy)[0]
+    assert after.policy_version == 3 and follower.reloads == 1  # jumps straight to the newest
+    assert after.token_ids != before.token_ids
+    assert policy.checksum() == weights_checksum(new.state_dict())
+    assert len(list((tmp_path / "weights").iterdir())) == 2
