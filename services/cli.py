@@ -214,6 +214,41 @@ def learner_cmd(
                f"{result.groups_dropped_stale} dropped as stale, {result.malformed} malformed")
 
 
+@app.command("train")
+def train_cmd(
+    config: Annotated[str, typer.Option(help="YAML run configuration (see configs/demo.yaml).")] = "configs/demo.yaml",
+    no_progress: Annotated[bool, typer.Option(help="No live progress bar (logs only).")] = False,
+) -> None:
+    """Train on one machine: embedded Redis, actor processes (Ray), the DeepSpeed learner, held-out
+    evaluation before and after; writes metrics.jsonl, plots, a summary and the final checkpoint."""
+    from services.launcher import TrainConfig, train
+
+    run_dir = train(TrainConfig.from_yaml(config), progress=not no_progress)
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[str, typer.Option(help="Hugging Face model directory (a run's checkpoints/v*/hf).")],
+    games: Annotated[list[str], typer.Argument(help="Held-out TextWorld game files (.z8).")],
+    max_steps: Annotated[int, typer.Option(help="Most actions per episode.")] = 15,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper evaluates at 0.4).")] = 0.4,
+    episodes: Annotated[int, typer.Option(help="Episodes per game.")] = 1,
+    choice_mode: Annotated[bool, typer.Option(help="Constrain replies to the admissible actions.")] = True,
+) -> None:
+    """Evaluate a checkpoint on held-out games: success rate, steps, invalid-action rate."""
+    from actors.envs.registry import make_env
+    from actors.evaluate import evaluate
+    from services.policy.inprocess import InProcessPolicy
+
+    env = make_env("textworld")
+    result = evaluate(env, InProcessPolicy(checkpoint), games, max_steps=max_steps, temperature=temperature,
+                      choice_mode=choice_mode, episodes=episodes)
+    env.close()
+    typer.echo(f"success {result.success_rate:.1%} over {len(result.per_task)} episodes, "
+               f"mean steps {result.mean_steps:.1f}, invalid actions {result.invalid_rate:.1%}")
+
+
 def main() -> None:
     app()
 

@@ -79,6 +79,16 @@ class RedisNames:
         """The newest weights version written by a DirectoryPublisher (in-process engines follow it)."""
         return f"{self.prefix}:published_version"
 
+    @property
+    def actor_totals(self) -> str:
+        """Hash of counters summed over every actor of the run (env_steps, leaves, ...)."""
+        return f"{self.prefix}:actors:totals"
+
+    @property
+    def actor_branching(self) -> str:
+        """Hash n(s) -> how many expansions sampled n actions, over every actor."""
+        return f"{self.prefix}:actors:branching"
+
     # --- work queue ---------------------------------------------------------------------
     @property
     def work_ready(self) -> str:

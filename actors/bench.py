@@ -1,0 +1,443 @@
+"""Actor benchmark: three figures from one run on TextWorld-Express, with a zero-cost random
+policy (uniform among the admissible actions, through the rollout's choice mode), against one
+real redis-server it starts itself.
+
+    .venv/bin/python -m actors.bench [--tasks 32] [--coverage-tasks 10] [--processes 2] \
+        [--max-steps 20] [--group-size 8] [--budget 160] [--out bench-results/actor.json]
+
+1. env steps/s through the whole actor loop (`run_actor` in its own OS process: work queue
+   filled with --tasks 3SPO items, real score store and groups stream, exit when the queue is
+   empty) vs raw engine stepping (same adapter, same tasks, random admissible actions, reset on
+   done or after --max-steps steps, no Redis). TWX has no snapshots, so the rollout resets and
+   replays action prefixes: new steps (stats.env_steps) and replay steps are counted apart, and
+   both ratios are reported; the target is on (new + replay) engine steps/s. Both sides' clocks
+   include one JVM start. Diagnostic: the same loop with GRPO items (no replay at all);
+2. --processes actor processes vs 1 (the 1-process run is figure 1's loop), same work queue
+   contents, same Redis: engine-step throughput ratio;
+3. unique (task, state key) pairs per 1,000 new env steps, 3SPO branching vs GRPO-style full
+   episodes with the same step budget (same tasks, same random policy, a fresh store for each),
+   by `Rollout.run` directly, with the time of the 3SPO rollouts split by component.
+
+Every phase uses its own run id (fresh store, queue and stream). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import random
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import typer
+
+from score_store.bench import Row, machine_busy_seconds, print_table, progress
+from score_store.connection import LocalRedisServer, connect, redis_server_binary
+from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
+
+LOOP_TARGET_RATIO = 0.9
+SCALE_TARGET_RATIO = 1.7
+PAPER_COVERAGE_RATIO = 2.4
+COOKING_PARAMS = "numLocations=1,numIngredients=2,numDistractorItems=0,includeDoors=0,limitInventorySize=0"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+# --- the zero-cost policy ------------------------------------------------------------------
+
+class RandomPolicy:
+    """Uniform among the admissible actions. In choice mode the choices are the admissible
+    actions; otherwise they are read from the prompt and wrapped in <action></action>.
+    Completions are built without validation: the policy should cost nothing measurable."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
+        if params.choices:
+            texts = [self.rng.choice(params.choices) for _ in range(params.n)]
+        else:
+            admissible = messages[-1].content.split("Admissible actions: ")[1].split("\n")[0].split(", ")
+            texts = [f"<action>{self.rng.choice(admissible)}</action>" for _ in range(params.n)]
+        return [Completion.model_construct(text=t, token_ids=[0], logprobs=[0.0], finish_reason="stop",
+                                           policy_version=0, prompt_token_ids=[0]) for t in texts]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def task_ids(n: int, offset: int = 0) -> list[str]:
+    """n TWX tasks, cookingworld (1 room, 2 ingredients) and coin alternating, seeds from offset."""
+    out = []
+    for i in range(n):
+        seed = offset + i // 2
+        out.append(f"cookingworld:seed={seed}:{COOKING_PARAMS}" if i % 2 == 0 else f"coin:seed={seed}")
+    return out
+
+
+def rollout_config(algo: str, max_steps: int, group_size: int, budget: int):
+    from actors.rollout import RolloutConfig
+
+    return RolloutConfig(algo=algo, max_steps=max_steps, group_size=group_size, env_step_budget=budget,
+                         choice_mode=True)
+
+
+def busy_cores(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """Run fn; return its result, its wall seconds and the machine's busy cores meanwhile."""
+    b0, t0 = machine_busy_seconds(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t0
+    return out, wall, (machine_busy_seconds() - b0) / wall if wall > 0 else 0.0
+
+
+def other_load(seconds: float = 1.0) -> float:
+    """Busy cores of the machine while this process sleeps: load from others (pytest, ...)."""
+    b0 = machine_busy_seconds()
+    time.sleep(seconds)
+    return (machine_busy_seconds() - b0) / seconds
+
+
+# --- the actor loop in OS processes --------------------------------------------------------
+
+def _metric(name: str, labels: dict | None = None) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def _actor_process(redis_url: str, run: str, algo: str, max_steps: int, group_size: int, budget: int,
+                   seed: int, go, results) -> None:
+    """One actor: imports done, it waits for `go`, runs `run_actor` until the queue is empty and
+    reports its clock and counters (read from the worker's Prometheus metrics)."""
+    from actors.worker import ActorConfig, run_actor
+
+    cfg = ActorConfig(redis_url=redis_url, run=run, rollout=rollout_config(algo, max_steps, group_size, budget),
+                      stream_max_len=10**8, exit_when_idle_s=0.05)
+    policy = RandomPolicy(seed)
+    results.put({"ready": os.getpid()})
+    go.wait()
+    cpu0, t0 = os.times(), time.time()
+    finished = run_actor(cfg, policy)
+    t1, cpu1 = time.time(), os.times()
+    results.put({
+        "pid": os.getpid(), "t0": t0, "t1": t1, "finished": finished,
+        "env_steps": _metric("spo3_actor_env_steps_total", {"algo": algo}),
+        "replay_steps": _metric("spo3_actor_replay_steps_total"),
+        "leaves": _metric("spo3_actor_leaves_total", {"algo": algo}),
+        "groups": _metric("spo3_actor_groups_total", {"algo": algo}),
+        "failed": _metric("spo3_actor_tasks_total", {"outcome": "failed"})
+        + _metric("spo3_actor_tasks_total", {"outcome": "gave_up"}),
+        "rollout_seconds": _metric("spo3_actor_task_seconds_sum"),
+        "python_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
+    })
+
+
+def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max_steps: int, group_size: int,
+             budget: int, seed: int, label: str) -> dict:
+    """Fill a fresh run's work queue with `tasks`, start `processes` actor processes (spawn), time
+    them from `go` to the last one's exit, and sum their counters."""
+    from actors import bench as this  # by module name: the children import it, not __main__
+    from services.stream import GroupStream
+    from services.work_queue import WorkQueue
+
+    run = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+    client = connect(redis_url)
+    work = WorkQueue(client, run)
+    for i, task in enumerate(tasks):
+        work.put("twx", task, algo=algo, item_id=f"{label}-{i}")
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=this._actor_process, name=f"bench-actor-{k}",
+                         args=(redis_url, run, algo, max_steps, group_size, budget, seed + 1000 * k, go, results))
+             for k in range(processes)]
+    reports: list[dict] = []
+    try:
+        for p in procs:
+            p.start()
+        ready, deadline = 0, time.monotonic() + 120
+        while ready < processes:
+            with contextlib.suppress(queue_mod.Empty):
+                ready += "ready" in results.get(timeout=0.5)
+            dead = [p for p in procs if p.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"actor processes did not start: {[(p.name, p.exitcode) for p in procs]}")
+        b0 = machine_busy_seconds()
+        t_go = time.time()
+        go.set()
+        with progress(len(tasks), f"{label}: {processes} actor process(es), {len(tasks)} {algo} items") as advance:
+            done = 0
+            while len(reports) < processes:
+                with contextlib.suppress(queue_mod.Empty):
+                    reports.append(results.get(timeout=0.5))
+                now = work.counts()["done"]
+                advance(now - done)
+                done = now
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"actor process {dead[0].name} exited with {dead[0].exitcode}")
+            advance(work.counts()["done"] - done)
+        busy_s = machine_busy_seconds() - b0
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+        results.close()
+    wall = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+    counts = work.counts()
+    stream_len = GroupStream(client, run).length()
+    client.close()
+    total = {k: sum(r[k] for r in reports) for k in ("finished", "env_steps", "replay_steps", "leaves", "groups",
+                                                     "failed", "rollout_seconds", "python_cpu_s")}
+    engine = total["env_steps"] + total["replay_steps"]
+    if counts["done"] != len(tasks) or counts["ready"] or counts["leased"]:
+        raise RuntimeError(f"{label}: the queue was not emptied: {counts}")
+    return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "wall_s": wall,
+            "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
+            "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
+            "items_per_s": total["finished"] / wall, "stream_len": stream_len,
+            "machine_busy_cores": busy_s / max(wall, 1e-9), "per_process": reports}
+
+
+# --- raw engine stepping -------------------------------------------------------------------
+
+def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int) -> dict:
+    """Random admissible actions on the same adapter and tasks, no Redis, no rollout: tasks in
+    turn, one episode each (reset on done or after max_steps), until `steps` steps. The clock
+    includes the JVM start and close, as the loop's does."""
+    from actors.envs.registry import make_env
+
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    env = make_env("twx")
+    jvm_s = time.perf_counter() - t0
+    done_steps, resets, episodes = 0, 0, 0
+    reset_s = 0.0
+    with progress(steps, f"raw engine stepping, {len(tasks)} tasks") as advance:
+        i = 0
+        while done_steps < steps:
+            r0 = time.perf_counter()
+            obs = env.reset(tasks[i % len(tasks)])
+            reset_s += time.perf_counter() - r0
+            resets += 1
+            i += 1
+            n = 0
+            while n < max_steps and done_steps < steps and obs.admissible_actions:
+                result = env.step(rng.choice(obs.admissible_actions))
+                n += 1
+                obs = result.observation
+                if result.done:
+                    break
+            episodes += 1
+            done_steps += n
+            advance(n)
+    env.close()
+    wall = time.perf_counter() - t0
+    step_s = wall - jvm_s - reset_s
+    return {"steps": done_steps, "resets": resets, "episodes": episodes, "wall_s": wall, "jvm_start_s": jvm_s,
+            "steps_per_s": done_steps / wall, "reset_ms": 1e3 * reset_s / resets,
+            "step_ms": 1e3 * step_s / max(done_steps, 1)}
+
+
+# --- coverage: 3SPO vs GRPO ----------------------------------------------------------------
+
+class Timed:
+    """Forwards every attribute; calls to methods are timed per method name."""
+
+    def __init__(self, inner: Any, clock: dict[str, float], calls: dict[str, int], prefix: str) -> None:
+        self._inner, self._clock, self._calls, self._prefix = inner, clock, calls, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+        key = f"{self._prefix}.{name}"
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._clock[key] += time.perf_counter() - t0
+                self._calls[key] += 1
+
+        return timed
+
+
+def run_coverage(redis_url: str, tasks: list[str], *, max_steps: int, group_size: int, budget: int,
+                 seed: int) -> dict:
+    """Each algorithm on every task once, a fresh store (own run id) per algorithm, the same
+    policy seed per task. Unique states are (task, state key) pairs seen after a reset or a new step."""
+    from actors.envs.registry import make_env
+    from actors.rollout import Rollout
+    from score_store.score_math import ScoreParams
+    from score_store.store import RedisScoreStore
+    from services.stream import GroupStream
+
+    client = connect(redis_url)
+    env = make_env("twx")
+    params = ScoreParams()
+    out: dict = {"tasks": tasks, "max_steps": max_steps, "group_size": group_size, "budget": budget}
+    with progress(2 * len(tasks), f"coverage: 3spo and grpo on {len(tasks)} tasks") as advance:
+        for algo in ("3spo", "grpo"):
+            run = f"bench-cov-{algo}-{uuid.uuid4().hex[:8]}"
+            clock: dict[str, float] = defaultdict(float)
+            calls: dict[str, int] = defaultdict(int)
+            store = Timed(RedisScoreStore(client, params, run=run), clock, calls, "store")
+            sink = Timed(GroupStream(client, run, max_len=10**8), clock, calls, "stream")
+            timed_env = Timed(env, clock, calls, "env")
+            cfg = rollout_config(algo, max_steps, group_size, budget)
+            visited: set[tuple[str, str]] = set()
+            per_task, tot = [], defaultdict(int)
+            t0 = time.perf_counter()
+            for i, task in enumerate(tasks):
+                policy = Timed(RandomPolicy(seed + i), clock, calls, "policy")
+                item = WorkItem(item_id=f"cov-{algo}-{i}", env="twx", task_id=task, algo=algo)
+                st = Rollout(timed_env, policy, store, sink, params, cfg, run=run).run(item)
+                visited |= {(task, k) for k in st.visited}
+                per_task.append({"task": task, "env_steps": st.env_steps, "replay_steps": st.replay_steps,
+                                 "unique_states": len(st.visited), "leaves": st.leaves,
+                                 "successes": st.successes, "groups": st.groups})
+                for k in ("env_steps", "replay_steps", "leaves", "successes", "groups"):
+                    tot[k] += getattr(st, k)
+                advance(1)
+            seconds = time.perf_counter() - t0
+            parts = {"env.reset": clock["env.reset"], "env.step": clock["env.step"],
+                     "store": clock["store.scores"] + clock["store.commit_leaf"], "stream": clock["stream.append"],
+                     "policy": clock["policy.sample"]}
+            parts["rollout (prompts, parsing, keys, ...)"] = seconds - sum(parts.values())
+            out[algo] = {"run": run, **tot, "unique_states": len(visited),
+                         "unique_per_1k_new_steps": 1000 * len(visited) / max(tot["env_steps"], 1),
+                         "seconds": seconds, "env_resets": calls["env.reset"],
+                         "engine_steps_per_s": (tot["env_steps"] + tot["replay_steps"]) / seconds,
+                         "time_split_s": parts, "calls": dict(calls), "per_task": per_task}
+    env.close()
+    client.close()
+    out["ratio_3spo_to_grpo"] = out["3spo"]["unique_per_1k_new_steps"] / max(out["grpo"]["unique_per_1k_new_steps"], 1e-9)
+    return out
+
+
+# --- driver --------------------------------------------------------------------------------
+
+@app.command()
+def main(
+    tasks: Annotated[int, typer.Option(help="Work items (distinct TWX tasks) for figures 1 and 2.", min=2)] = 32,
+    coverage_tasks: Annotated[int, typer.Option(help="Tasks for figure 3.", min=1)] = 10,
+    processes: Annotated[int, typer.Option(help="Actor processes compared with 1 in figure 2.", min=2)] = 2,
+    max_steps: Annotated[int, typer.Option(help="Deepest path / episode length.", min=1)] = 20,
+    group_size: Annotated[int, typer.Option(help="GRPO episodes per task.", min=1)] = 8,
+    budget: Annotated[int, typer.Option(help="New env steps per task (3SPO); group_size * max_steps is fair.",
+                                        min=1)] = 160,
+    seed: Annotated[int, typer.Option(help="Seed of the random policies.")] = 0,
+    redis_server: Annotated[Optional[str], typer.Option(help="redis-server binary (default: the system one).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path("actor_bench.json"),
+) -> None:
+    """Benchmark the actor loop on TextWorld-Express with a zero-cost random policy."""
+    t_start = time.perf_counter()
+    binary = redis_server or redis_server_binary()
+    loop_tasks, cov_tasks = task_ids(tasks), task_ids(coverage_tasks, offset=500)
+    results: dict = {"args": {"tasks": tasks, "coverage_tasks": coverage_tasks, "processes": processes,
+                              "max_steps": max_steps, "group_size": group_size, "budget": budget, "seed": seed},
+                     "cpus": os.cpu_count()}
+    load = other_load()
+    results["other_load_cores_at_start"] = load
+    if load > 0.25:
+        print(f"warning: {load:.2f} cores busy before the benchmark started (other processes): "
+              "figures will be low and noisy", flush=True)
+    phase_s: dict[str, float] = {}
+    common = dict(max_steps=max_steps, group_size=group_size, budget=budget)
+    with LocalRedisServer(binary=binary) as server:
+        client = connect(server.url)
+        info = client.info("server")
+        client.close()
+        print(f"redis-server {info.get('redis_version')} at {server.url}, {os.cpu_count()} CPUs", flush=True)
+        phases = (
+            ("loop1", "1 actor loop, 1 process, 3spo",
+             lambda: run_loop(server.url, processes=1, tasks=loop_tasks, algo="3spo", seed=seed, label="loop1",
+                              **common)),
+            ("raw", "1 raw engine stepping",
+             lambda: run_raw(loop_tasks, steps=int(results["loop1"]["engine_steps"]), max_steps=max_steps,
+                             seed=seed)),
+            ("loop_grpo", "1 (diag) actor loop, 1 process, grpo",
+             lambda: run_loop(server.url, processes=1, tasks=loop_tasks, algo="grpo", seed=seed, label="grpo1",
+                              **common)),
+            ("loopN", f"2 actor loop, {processes} processes, 3spo",
+             lambda: run_loop(server.url, processes=processes, tasks=loop_tasks, algo="3spo", seed=seed,
+                              label=f"loop{processes}", **common)),
+            ("coverage", "3 coverage 3spo vs grpo",
+             lambda: run_coverage(server.url, cov_tasks, seed=seed, **common)),
+        )
+        for key, label, fn in phases:
+            print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
+            results[key], phase_s[key], busy = busy_cores(fn)
+            results[key]["machine_busy_cores_phase"] = busy
+    total = time.perf_counter() - t_start
+
+    raw, l1, lg, ln, cov = (results[k] for k in ("raw", "loop1", "loop_grpo", "loopN", "coverage"))
+    engine_ratio = l1["engine_steps_per_s"] / raw["steps_per_s"]
+    new_ratio = l1["new_steps_per_s"] / raw["steps_per_s"]
+    scale = ln["engine_steps_per_s"] / l1["engine_steps_per_s"]
+    results["figures"] = {
+        "loop_engine_steps_ratio": engine_ratio, "loop_new_steps_ratio": new_ratio,
+        "loop_target_ratio": LOOP_TARGET_RATIO, "loop_pass": engine_ratio >= LOOP_TARGET_RATIO,
+        "grpo_loop_ratio": lg["engine_steps_per_s"] / raw["steps_per_s"],
+        "scale_ratio": scale, "scale_new_steps_ratio": ln["new_steps_per_s"] / l1["new_steps_per_s"],
+        "scale_items_ratio": ln["items_per_s"] / l1["items_per_s"],
+        "scale_target_ratio": SCALE_TARGET_RATIO, "scale_pass": scale >= SCALE_TARGET_RATIO,
+        "coverage_ratio": cov["ratio_3spo_to_grpo"], "paper_coverage_ratio": PAPER_COVERAGE_RATIO,
+    }
+    results["phase_seconds"], results["total_seconds"] = phase_s, total
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+
+    f = results["figures"]
+    s3, sg = cov["3spo"], cov["grpo"]
+    split = s3["time_split_s"]
+    rows = [
+        Row(f"1 raw engine steps, random, reset on done/{max_steps}", f"{raw['steps_per_s']:,.0f} steps/s", "-",
+            "baseline"),
+        Row("1 loop (new + replay) engine steps, 3spo", f"{l1['engine_steps_per_s']:,.0f} steps/s",
+            f">= {LOOP_TARGET_RATIO} x raw", f"{engine_ratio:.2f} {'PASS' if f['loop_pass'] else 'FAIL'}"),
+        Row("1 loop new env steps only, 3spo", f"{l1['new_steps_per_s']:,.0f} steps/s", "-", f"{new_ratio:.2f} x raw"),
+        Row("1   replay steps per new step", f"{l1['replay_steps'] / max(l1['env_steps'], 1):.1f} "
+            f"({l1['replay_steps']:,.0f} / {l1['env_steps']:,.0f})"),
+        Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
+            f"{f['grpo_loop_ratio']:.2f} x raw"),
+        Row("1   (diag) raw: JVM start / reset / step",
+            f"{raw['jvm_start_s']:.2f} s / {raw['reset_ms']:.2f} ms / {raw['step_ms']:.3f} ms"),
+        Row("2 loop, 1 process, engine steps", f"{l1['engine_steps_per_s']:,.0f} steps/s", "-", "baseline"),
+        Row(f"2 loop, {processes} processes, engine steps", f"{ln['engine_steps_per_s']:,.0f} steps/s",
+            f">= {SCALE_TARGET_RATIO} x 1 proc", f"{scale:.2f} {'PASS' if f['scale_pass'] else 'FAIL'}"),
+        Row(f"2   {processes} processes: new steps, items", f"{ln['new_steps_per_s']:,.0f} steps/s, "
+            f"{ln['items_per_s']:.2f} items/s", "-",
+            f"{f['scale_new_steps_ratio']:.2f}, {f['scale_items_ratio']:.2f} x 1 proc"),
+        Row("2   (diag) machine busy cores, 1 / N procs",
+            f"{l1['machine_busy_cores']:.2f} / {ln['machine_busy_cores']:.2f} of {os.cpu_count()}"),
+        Row(f"3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
+            f"({s3['unique_states']:,} in {s3['env_steps']:,} steps)"),
+        Row(f"3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
+            f"({sg['unique_states']:,} in {sg['env_steps']:,} steps)"),
+        Row("3 3spo vs grpo", f"{f['coverage_ratio']:.2f} x", f"{PAPER_COVERAGE_RATIO} x (paper)",
+            "at/above paper" if f["coverage_ratio"] >= PAPER_COVERAGE_RATIO else "below paper"),
+        Row("3   (diag) 3spo time: reset/step/store/stream",
+            f"{split['env.reset']:.1f} / {split['env.step']:.1f} / {split['store']:.1f} / {split['stream']:.1f} s"),
+        Row("3   (diag) 3spo time: policy/rollout, total",
+            f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.1f} s, of {s3['seconds']:.1f} s "
+            f"({s3['env_resets']:,} resets)"),
+    ]
+    print()
+    print_table(rows, f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "
+                      f"budget {budget}, {os.cpu_count()} CPUs, total {total:.0f} s")
+    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_s.items()))
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    app()
