@@ -203,41 +203,43 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
             "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
             "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
             "items_per_s": total["finished"] / wall, "stream_len": stream_len,
+            "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
             "machine_busy_cores": busy_s / max(wall, 1e-9), "per_process": reports}
 
 
 # --- raw engine stepping -------------------------------------------------------------------
 
 def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int) -> dict:
-    """Random admissible actions on the same adapter and tasks, no Redis, no rollout: tasks in
-    turn, one episode each (reset on done or after max_steps), until `steps` steps. The clock
-    includes the JVM start and close, as the loop's does."""
+    """Random admissible actions on the same adapter and tasks, no Redis, no rollout: each task
+    in turn for an equal share of `steps` (as the loop works one item at a time), episodes reset
+    on done or after max_steps. The clock includes the JVM start and close, as the loop's does."""
     from actors.envs.registry import make_env
 
     rng = random.Random(seed)
     t0 = time.perf_counter()
     env = make_env("twx")
     jvm_s = time.perf_counter() - t0
-    done_steps, resets, episodes = 0, 0, 0
-    reset_s = 0.0
-    with progress(steps, f"raw engine stepping, {len(tasks)} tasks") as advance:
-        i = 0
-        while done_steps < steps:
-            r0 = time.perf_counter()
-            obs = env.reset(tasks[i % len(tasks)])
-            reset_s += time.perf_counter() - r0
-            resets += 1
-            i += 1
-            n = 0
-            while n < max_steps and done_steps < steps and obs.admissible_actions:
-                result = env.step(rng.choice(obs.admissible_actions))
-                n += 1
-                obs = result.observation
-                if result.done:
-                    break
-            episodes += 1
-            done_steps += n
-            advance(n)
+    done_steps, resets, episodes, reset_s = 0, 0, 0, 0.0
+    quota = -(-steps // len(tasks))
+    with progress(quota * len(tasks), f"raw engine stepping, {len(tasks)} tasks") as advance:
+        for task in tasks:
+            task_steps = 0
+            while task_steps < quota:
+                r0 = time.perf_counter()
+                obs = env.reset(task)
+                reset_s += time.perf_counter() - r0
+                resets += 1
+                n = 0
+                while n < max_steps and task_steps + n < quota and obs.admissible_actions:
+                    result = env.step(rng.choice(obs.admissible_actions))
+                    n += 1
+                    obs = result.observation
+                    if result.done:
+                        break
+                episodes += 1
+                task_steps += n
+                advance(n)
+            done_steps += task_steps
     env.close()
     wall = time.perf_counter() - t0
     step_s = wall - jvm_s - reset_s
@@ -408,8 +410,12 @@ def main(
         Row("1 loop new env steps only, 3spo", f"{l1['new_steps_per_s']:,.0f} steps/s", "-", f"{new_ratio:.2f} x raw"),
         Row("1   replay steps per new step", f"{l1['replay_steps'] / max(l1['env_steps'], 1):.1f} "
             f"({l1['replay_steps']:,.0f} / {l1['env_steps']:,.0f})"),
+        Row("1   (diag) same, inside rollouts only", f"{l1['engine_steps_per_rollout_s']:,.0f} steps/s", "-",
+            f"{l1['engine_steps_per_rollout_s'] / raw['steps_per_s']:.2f} x raw"),
         Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
             f"{f['grpo_loop_ratio']:.2f} x raw"),
+        Row("1   (diag) same, inside rollouts only", f"{lg['engine_steps_per_rollout_s']:,.0f} steps/s", "-",
+            f"{lg['engine_steps_per_rollout_s'] / raw['steps_per_s']:.2f} x raw"),
         Row("1   (diag) raw: JVM start / reset / step",
             f"{raw['jvm_start_s']:.2f} s / {raw['reset_ms']:.2f} ms / {raw['step_ms']:.3f} ms"),
         Row("2 loop, 1 process, engine steps", f"{l1['engine_steps_per_s']:,.0f} steps/s", "-", "baseline"),

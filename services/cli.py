@@ -107,6 +107,7 @@ def actor_cmd(
     lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads of an in-process model (1 is fastest when several processes share the cores).")] = 1,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -128,7 +129,7 @@ def actor_cmd(
     else:
         from services.policy.inprocess import InProcessPolicy
 
-        policy = InProcessPolicy(model)
+        policy = InProcessPolicy(model, threads=threads)
     cfg = ActorConfig(
         redis_url=redis_url, run=run, params=ScoreParams(alpha=alpha, g_max=g_max),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
@@ -171,6 +172,7 @@ def learner_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")] = False,
     policy_url: Annotated[Optional[list[str]], typer.Option(help="vLLM server(s) to republish weights to (repeat the option).")] = None,
     staging_dir: Annotated[str, typer.Option(help="Shared directory for weights published to vLLM.")] = "published-weights",
+    publish_dtype: Annotated[Optional[str], typer.Option(help="Cast published weights to the servers' dtype (e.g. bfloat16).")] = None,
     groups_per_update: Annotated[int, typer.Option(help="Step groups per optimizer step (post-step updates).")] = 8,
     max_staleness: Annotated[int, typer.Option(help="Use a group only if current version - its version <= this.")] = 2,
     publish_every: Annotated[int, typer.Option(help="Republish weights every k updates.")] = 1,
@@ -200,7 +202,7 @@ def learner_cmd(
     if policy_url:
         from services.policy.vllm_client import VLLMDiskPublisher
 
-        publisher = VLLMDiskPublisher(policy_url, model, staging_dir)
+        publisher = VLLMDiskPublisher(policy_url, model, staging_dir, dtype=publish_dtype)
     cfg = LearnerConfig(
         redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, resume=resume,
         groups_per_update=groups_per_update, max_staleness=max_staleness, publish_every=publish_every,

@@ -149,9 +149,11 @@ class VLLMDiskPublisher:
     """
 
     def __init__(self, base_urls: Sequence[str], model_dir: str | Path, staging_dir: str | Path,
-                 *, keep: int = 2, timeout_s: float = 120.0) -> None:
+                 *, keep: int = 2, timeout_s: float = 120.0, dtype: str | None = None) -> None:
+        """`dtype`: cast weights to the servers' dtype before writing (half the bytes for bf16)."""
         from safetensors import safe_open
 
+        self.dtype = dtype
         self.servers = [_Http(u, timeout_s, attempts=3) for u in base_urls]
         self.staging = Path(staging_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,11 @@ class VLLMDiskPublisher:
         target = self.staging / f"v{version:08d}"
         tmp = target.with_suffix(".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        import torch
+
+        cast = getattr(torch, self.dtype) if self.dtype else None
+        save_file({k: v.detach().to("cpu", dtype=cast).contiguous() for k, v in weights.items()},
+                  str(tmp / "model.safetensors"))
         tmp.replace(target)  # the server never sees a half-written file
         for server in self.servers:
             self._swap(server, target, version)
