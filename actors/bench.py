@@ -3,22 +3,30 @@ policy (uniform among the admissible actions, through the rollout's choice mode)
 real redis-server it starts itself.
 
     .venv/bin/python -m actors.bench [--tasks 32] [--coverage-tasks 10] [--processes 2] \
-        [--max-steps 20] [--group-size 8] [--budget 160] [--out bench-results/actor.json]
+        [--warmup-steps 60000] [--max-steps 20] [--group-size 8] [--budget 160] \
+        [--out bench-results/actor.json]
 
 1. env steps/s through the whole actor loop (`run_actor` in its own OS process: work queue
    filled with --tasks 3SPO items, real score store and groups stream, exit when the queue is
    empty) vs raw engine stepping (same adapter, same tasks, random admissible actions, reset on
    done or after --max-steps steps, no Redis). TWX has no snapshots, so the rollout resets and
    replays action prefixes: new steps (stats.env_steps) and replay steps are counted apart, and
-   both ratios are reported; the target is on (new + replay) engine steps/s. Both sides' clocks
-   include one JVM start. Diagnostic: the same loop with GRPO items (no replay at all);
+   both ratios are reported; the target is on (new + replay) engine steps/s. Diagnostics: the
+   same loop with GRPO items (no replay at all), and both sides cold (a fresh JVM, its start
+   and JIT warm-up inside the clock);
 2. --processes actor processes vs 1 (the 1-process run is figure 1's loop), same work queue
    contents, same Redis: engine-step throughput ratio;
 3. unique (task, state key) pairs per 1,000 new env steps, 3SPO branching vs GRPO-style full
    episodes with the same step budget (same tasks, same random policy, a fresh store for each),
    by `Rollout.run` directly, with the time of the 3SPO rollouts split by component.
 
-Every phase uses its own run id (fresh store, queue and stream). Prints a table and writes JSON.
+The TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first steps'),
+and a real actor keeps its engine for hours. So every engine of the headline figures is warmed
+first with --warmup-steps random steps on the same tasks, outside the clock: the actor
+processes build and warm theirs before `go`, and `run_actor` is handed it (the worker's
+`make_env` is swapped, in the actor process only, for one that returns the warmed engine the
+first time). Every phase uses its own run id (fresh store, queue and stream). Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -102,6 +110,46 @@ def other_load(seconds: float = 1.0) -> float:
     return (machine_busy_seconds() - b0) / seconds
 
 
+def random_walk(env, tasks: list[str], steps: int, *, max_steps: int, rng: random.Random,
+                advance: Callable[[int], None] = lambda n: None) -> dict:
+    """Random admissible actions, each task in turn for an equal share of `steps` (as the loop
+    works one item at a time), episodes reset on done or after max_steps."""
+    done_steps, resets, reset_s = 0, 0, 0.0
+    quota = -(-steps // len(tasks))
+    for task in tasks:
+        task_steps = 0
+        while task_steps < quota:
+            r0 = time.perf_counter()
+            obs = env.reset(task)
+            reset_s += time.perf_counter() - r0
+            resets += 1
+            n = 0
+            while n < max_steps and task_steps + n < quota and obs.admissible_actions:
+                result = env.step(rng.choice(obs.admissible_actions))
+                n += 1
+                obs = result.observation
+                if result.done:
+                    break
+            task_steps += n
+            advance(n)
+        done_steps += task_steps
+    return {"steps": done_steps, "resets": resets, "reset_s": reset_s}
+
+
+def start_engine(tasks: list[str], *, warmup_steps: int, max_steps: int, seed: int) -> tuple[Any, dict]:
+    """A TWX adapter (its own JVM), warmed with `warmup_steps` random steps on `tasks`."""
+    from actors.envs.registry import make_env
+
+    t0 = time.perf_counter()
+    env = make_env("twx")
+    t1 = time.perf_counter()
+    walk = random_walk(env, tasks, warmup_steps, max_steps=max_steps, rng=random.Random(seed + 7)) \
+        if warmup_steps else {"steps": 0}
+    t2 = time.perf_counter()
+    return env, {"jvm_start_s": t1 - t0, "warmup_steps": walk["steps"], "warmup_s": t2 - t1,
+                 "warmup_steps_per_s": walk["steps"] / (t2 - t1) if walk["steps"] else 0.0}
+
+
 # --- the actor loop in OS processes --------------------------------------------------------
 
 def _metric(name: str, labels: dict | None = None) -> float:
@@ -111,21 +159,31 @@ def _metric(name: str, labels: dict | None = None) -> float:
 
 
 def _actor_process(redis_url: str, run: str, algo: str, max_steps: int, group_size: int, budget: int,
-                   seed: int, go, results) -> None:
-    """One actor: imports done, it waits for `go`, runs `run_actor` until the queue is empty and
-    reports its clock and counters (read from the worker's Prometheus metrics)."""
-    from actors.worker import ActorConfig, run_actor
+                   seed: int, warmup_steps: int, tasks: list[str], go, results) -> None:
+    """One actor: imports done and engine warmed (if asked), it waits for `go`, runs `run_actor`
+    until the queue is empty and reports its clock and counters (the worker's Prometheus metrics)."""
+    from actors import worker
 
-    cfg = ActorConfig(redis_url=redis_url, run=run, rollout=rollout_config(algo, max_steps, group_size, budget),
-                      stream_max_len=10**8, exit_when_idle_s=0.05)
+    cfg = worker.ActorConfig(redis_url=redis_url, run=run,
+                             rollout=rollout_config(algo, max_steps, group_size, budget),
+                             stream_max_len=10**8, exit_when_idle_s=0.05)
     policy = RandomPolicy(seed)
-    results.put({"ready": os.getpid()})
+    warm: dict = {}
+    if warmup_steps:
+        env, warm = start_engine(tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+        spare, fresh = [env], worker.make_env
+
+        def make_env_warm(name: str, **options: Any):
+            return spare.pop() if spare and name == "twx" and not options else fresh(name, **options)
+
+        worker.make_env = make_env_warm
+    results.put({"ready": os.getpid(), **warm})
     go.wait()
     cpu0, t0 = os.times(), time.time()
-    finished = run_actor(cfg, policy)
+    finished = worker.run_actor(cfg, policy)
     t1, cpu1 = time.time(), os.times()
     results.put({
-        "pid": os.getpid(), "t0": t0, "t1": t1, "finished": finished,
+        "pid": os.getpid(), "t0": t0, "t1": t1, "finished": finished, "warm": warm,
         "env_steps": _metric("spo3_actor_env_steps_total", {"algo": algo}),
         "replay_steps": _metric("spo3_actor_replay_steps_total"),
         "leaves": _metric("spo3_actor_leaves_total", {"algo": algo}),
@@ -134,11 +192,12 @@ def _actor_process(redis_url: str, run: str, algo: str, max_steps: int, group_si
         + _metric("spo3_actor_tasks_total", {"outcome": "gave_up"}),
         "rollout_seconds": _metric("spo3_actor_task_seconds_sum"),
         "python_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
+        "children_cpu_s": cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system,
     })
 
 
 def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max_steps: int, group_size: int,
-             budget: int, seed: int, label: str) -> dict:
+             budget: int, seed: int, label: str, warmup_steps: int) -> dict:
     """Fill a fresh run's work queue with `tasks`, start `processes` actor processes (spawn), time
     them from `go` to the last one's exit, and sum their counters."""
     from actors import bench as this  # by module name: the children import it, not __main__
@@ -153,16 +212,22 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
     ctx = mp.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=this._actor_process, name=f"bench-actor-{k}",
-                         args=(redis_url, run, algo, max_steps, group_size, budget, seed + 1000 * k, go, results))
+                         args=(redis_url, run, algo, max_steps, group_size, budget, seed + 1000 * k, warmup_steps,
+                               tasks, go, results))
              for k in range(processes)]
     reports: list[dict] = []
     try:
         for p in procs:
             p.start()
-        ready, deadline = 0, time.monotonic() + 120
-        while ready < processes:
+        if warmup_steps:
+            print(f"  {label}: warming {processes} engine(s), {warmup_steps:,} random steps each", flush=True)
+        warm: list[dict] = []
+        deadline = time.monotonic() + 120 + warmup_steps / 500
+        while len(warm) < processes:
             with contextlib.suppress(queue_mod.Empty):
-                ready += "ready" in results.get(timeout=0.5)
+                msg = results.get(timeout=0.5)
+                if "ready" in msg:
+                    warm.append(msg)
             dead = [p for p in procs if p.exitcode is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"actor processes did not start: {[(p.name, p.exitcode) for p in procs]}")
@@ -195,11 +260,14 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
     stream_len = GroupStream(client, run).length()
     client.close()
     total = {k: sum(r[k] for r in reports) for k in ("finished", "env_steps", "replay_steps", "leaves", "groups",
-                                                     "failed", "rollout_seconds", "python_cpu_s")}
+                                                     "failed", "rollout_seconds", "python_cpu_s",
+                                                     "children_cpu_s")}
     engine = total["env_steps"] + total["replay_steps"]
     if counts["done"] != len(tasks) or counts["ready"] or counts["leased"]:
         raise RuntimeError(f"{label}: the queue was not emptied: {counts}")
-    return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "wall_s": wall,
+    if total["failed"]:
+        print(f"warning: {label}: {total['failed']:.0f} work item attempts failed (see the log above)", flush=True)
+    return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "warmup": warm, "wall_s": wall,
             "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
             "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
             "items_per_s": total["finished"] / wall, "stream_len": stream_len,
@@ -209,43 +277,26 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
 
 # --- raw engine stepping -------------------------------------------------------------------
 
-def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int) -> dict:
-    """Random admissible actions on the same adapter and tasks, no Redis, no rollout: each task
-    in turn for an equal share of `steps` (as the loop works one item at a time), episodes reset
-    on done or after max_steps. The clock includes the JVM start and close, as the loop's does."""
+def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int, env: Any = None) -> dict:
+    """Random admissible actions on the same adapter and tasks, no Redis, no rollout. With `env`
+    (a warmed engine) only the stepping is timed; without, a fresh engine is started inside the
+    clock and closed at the end, as a cold actor loop's is."""
     from actors.envs.registry import make_env
 
-    rng = random.Random(seed)
     t0 = time.perf_counter()
-    env = make_env("twx")
+    own = env is None
+    if own:
+        env = make_env("twx")
     jvm_s = time.perf_counter() - t0
-    done_steps, resets, episodes, reset_s = 0, 0, 0, 0.0
-    quota = -(-steps // len(tasks))
-    with progress(quota * len(tasks), f"raw engine stepping, {len(tasks)} tasks") as advance:
-        for task in tasks:
-            task_steps = 0
-            while task_steps < quota:
-                r0 = time.perf_counter()
-                obs = env.reset(task)
-                reset_s += time.perf_counter() - r0
-                resets += 1
-                n = 0
-                while n < max_steps and task_steps + n < quota and obs.admissible_actions:
-                    result = env.step(rng.choice(obs.admissible_actions))
-                    n += 1
-                    obs = result.observation
-                    if result.done:
-                        break
-                episodes += 1
-                task_steps += n
-                advance(n)
-            done_steps += task_steps
-    env.close()
+    with progress(-(-steps // len(tasks)) * len(tasks), f"raw engine stepping, {len(tasks)} tasks") as advance:
+        walk = random_walk(env, tasks, steps, max_steps=max_steps, rng=random.Random(seed), advance=advance)
+    if own:
+        env.close()
     wall = time.perf_counter() - t0
-    step_s = wall - jvm_s - reset_s
-    return {"steps": done_steps, "resets": resets, "episodes": episodes, "wall_s": wall, "jvm_start_s": jvm_s,
-            "steps_per_s": done_steps / wall, "reset_ms": 1e3 * reset_s / resets,
-            "step_ms": 1e3 * step_s / max(done_steps, 1)}
+    step_s = wall - jvm_s - walk["reset_s"]
+    return {"cold": own, "steps": walk["steps"], "resets": walk["resets"], "wall_s": wall,
+            "jvm_start_s": jvm_s if own else 0.0, "steps_per_s": walk["steps"] / wall,
+            "reset_ms": 1e3 * walk["reset_s"] / walk["resets"], "step_ms": 1e3 * step_s / max(walk["steps"], 1)}
 
 
 # --- coverage: 3SPO vs GRPO ----------------------------------------------------------------
@@ -273,18 +324,16 @@ class Timed:
         return timed
 
 
-def run_coverage(redis_url: str, tasks: list[str], *, max_steps: int, group_size: int, budget: int,
+def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, group_size: int, budget: int,
                  seed: int) -> dict:
     """Each algorithm on every task once, a fresh store (own run id) per algorithm, the same
     policy seed per task. Unique states are (task, state key) pairs seen after a reset or a new step."""
-    from actors.envs.registry import make_env
     from actors.rollout import Rollout
     from score_store.score_math import ScoreParams
     from score_store.store import RedisScoreStore
     from services.stream import GroupStream
 
     client = connect(redis_url)
-    env = make_env("twx")
     params = ScoreParams()
     out: dict = {"tasks": tasks, "max_steps": max_steps, "group_size": group_size, "budget": budget}
     with progress(2 * len(tasks), f"coverage: 3spo and grpo on {len(tasks)} tasks") as advance:
@@ -320,7 +369,6 @@ def run_coverage(redis_url: str, tasks: list[str], *, max_steps: int, group_size
                          "seconds": seconds, "env_resets": calls["env.reset"],
                          "engine_steps_per_s": (tot["env_steps"] + tot["replay_steps"]) / seconds,
                          "time_split_s": parts, "calls": dict(calls), "per_task": per_task}
-    env.close()
     client.close()
     out["ratio_3spo_to_grpo"] = out["3spo"]["unique_per_1k_new_steps"] / max(out["grpo"]["unique_per_1k_new_steps"], 1e-9)
     return out
@@ -333,6 +381,9 @@ def main(
     tasks: Annotated[int, typer.Option(help="Work items (distinct TWX tasks) for figures 1 and 2.", min=2)] = 32,
     coverage_tasks: Annotated[int, typer.Option(help="Tasks for figure 3.", min=1)] = 10,
     processes: Annotated[int, typer.Option(help="Actor processes compared with 1 in figure 2.", min=2)] = 2,
+    warmup_steps: Annotated[int, typer.Option(help="Random steps that warm each engine (JVM JIT) before the "
+                                              "clock; 0 = cold engines.", min=0)] = 60_000,
+    cold: Annotated[bool, typer.Option(help="Also time a cold loop and cold raw stepping (fresh JVMs).")] = True,
     max_steps: Annotated[int, typer.Option(help="Deepest path / episode length.", min=1)] = 20,
     group_size: Annotated[int, typer.Option(help="GRPO episodes per task.", min=1)] = 8,
     budget: Annotated[int, typer.Option(help="New env steps per task (3SPO); group_size * max_steps is fair.",
@@ -346,8 +397,9 @@ def main(
     binary = redis_server or redis_server_binary()
     loop_tasks, cov_tasks = task_ids(tasks), task_ids(coverage_tasks, offset=500)
     results: dict = {"args": {"tasks": tasks, "coverage_tasks": coverage_tasks, "processes": processes,
-                              "max_steps": max_steps, "group_size": group_size, "budget": budget, "seed": seed},
-                     "cpus": os.cpu_count()}
+                              "warmup_steps": warmup_steps, "max_steps": max_steps, "group_size": group_size,
+                              "budget": budget, "seed": seed},
+                     "cpus": os.cpu_count(), "loop_tasks": loop_tasks}
     load = other_load()
     results["other_load_cores_at_start"] = load
     if load > 0.25:
@@ -355,31 +407,47 @@ def main(
               "figures will be low and noisy", flush=True)
     phase_s: dict[str, float] = {}
     common = dict(max_steps=max_steps, group_size=group_size, budget=budget)
+    engine: list[Any] = []  # this process's warmed engine: raw stepping and coverage
+
+    def warm_here() -> dict:
+        env, info = start_engine(loop_tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+        engine.append(env)
+        return info
+
     with LocalRedisServer(binary=binary) as server:
         client = connect(server.url)
         info = client.info("server")
         client.close()
         print(f"redis-server {info.get('redis_version')} at {server.url}, {os.cpu_count()} CPUs", flush=True)
-        phases = (
-            ("loop1", "1 actor loop, 1 process, 3spo",
-             lambda: run_loop(server.url, processes=1, tasks=loop_tasks, algo="3spo", seed=seed, label="loop1",
-                              **common)),
+        loop = lambda n, algo, label, warm: run_loop(server.url, processes=n, tasks=loop_tasks, algo=algo,  # noqa: E731
+                                                      seed=seed, label=label, warmup_steps=warm, **common)
+        phases = [
+            ("loop1", "1 actor loop, 1 process, 3spo", lambda: loop(1, "3spo", "loop1", warmup_steps)),
+            ("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here),
             ("raw", "1 raw engine stepping",
              lambda: run_raw(loop_tasks, steps=int(results["loop1"]["engine_steps"]), max_steps=max_steps,
-                             seed=seed)),
-            ("loop_grpo", "1 (diag) actor loop, 1 process, grpo",
-             lambda: run_loop(server.url, processes=1, tasks=loop_tasks, algo="grpo", seed=seed, label="grpo1",
-                              **common)),
+                             seed=seed, env=engine[0])),
+            ("loop_grpo", "1 (diag) actor loop, 1 process, grpo", lambda: loop(1, "grpo", "grpo1", warmup_steps)),
             ("loopN", f"2 actor loop, {processes} processes, 3spo",
-             lambda: run_loop(server.url, processes=processes, tasks=loop_tasks, algo="3spo", seed=seed,
-                              label=f"loop{processes}", **common)),
+             lambda: loop(processes, "3spo", f"loop{processes}", warmup_steps)),
             ("coverage", "3 coverage 3spo vs grpo",
-             lambda: run_coverage(server.url, cov_tasks, seed=seed, **common)),
-        )
-        for key, label, fn in phases:
-            print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
-            results[key], phase_s[key], busy = busy_cores(fn)
-            results[key]["machine_busy_cores_phase"] = busy
+             lambda: run_coverage(server.url, cov_tasks, engine[0], seed=seed, **common)),
+        ]
+        if cold:
+            phases += [
+                ("loop1_cold", "1 (diag) cold actor loop, 1 process, 3spo", lambda: loop(1, "3spo", "cold1", 0)),
+                ("raw_cold", "1 (diag) cold raw engine stepping",
+                 lambda: run_raw(loop_tasks, steps=int(results["loop1_cold"]["engine_steps"]), max_steps=max_steps,
+                                 seed=seed)),
+            ]
+        try:
+            for key, label, fn in phases:
+                print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
+                results[key], phase_s[key], busy = busy_cores(fn)
+                results[key]["machine_busy_cores_phase"] = busy
+        finally:
+            for env in engine:
+                env.close()
     total = time.perf_counter() - t_start
 
     raw, l1, lg, ln, cov = (results[k] for k in ("raw", "loop1", "loop_grpo", "loopN", "coverage"))
@@ -395,13 +463,17 @@ def main(
         "scale_target_ratio": SCALE_TARGET_RATIO, "scale_pass": scale >= SCALE_TARGET_RATIO,
         "coverage_ratio": cov["ratio_3spo_to_grpo"], "paper_coverage_ratio": PAPER_COVERAGE_RATIO,
     }
+    if cold:
+        results["figures"]["cold_loop_engine_steps_ratio"] = \
+            results["loop1_cold"]["engine_steps_per_s"] / results["raw_cold"]["steps_per_s"]
     results["phase_seconds"], results["total_seconds"] = phase_s, total
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
 
-    f = results["figures"]
+    f, eng = results["figures"], results["engine"]
     s3, sg = cov["3spo"], cov["grpo"]
     split = s3["time_split_s"]
+    cores = lambda r: sum(p["python_cpu_s"] for p in r["per_process"]) / r["wall_s"]  # noqa: E731
     rows = [
         Row(f"1 raw engine steps, random, reset on done/{max_steps}", f"{raw['steps_per_s']:,.0f} steps/s", "-",
             "baseline"),
@@ -414,28 +486,35 @@ def main(
             f"{l1['engine_steps_per_rollout_s'] / raw['steps_per_s']:.2f} x raw"),
         Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
             f"{f['grpo_loop_ratio']:.2f} x raw"),
-        Row("1   (diag) same, inside rollouts only", f"{lg['engine_steps_per_rollout_s']:,.0f} steps/s", "-",
-            f"{lg['engine_steps_per_rollout_s'] / raw['steps_per_s']:.2f} x raw"),
-        Row("1   (diag) raw: JVM start / reset / step",
-            f"{raw['jvm_start_s']:.2f} s / {raw['reset_ms']:.2f} ms / {raw['step_ms']:.3f} ms"),
+    ]
+    if cold:
+        lc, rc = results["loop1_cold"], results["raw_cold"]
+        rows.append(Row("1   (diag) cold JVM: loop / raw engine steps",
+                        f"{lc['engine_steps_per_s']:,.0f} / {rc['steps_per_s']:,.0f} steps/s", "-",
+                        f"{f['cold_loop_engine_steps_ratio']:.2f} x raw"))
+    rows += [
+        Row("1   (diag) engine: JVM start / warm-up / reset / step",
+            f"{eng['jvm_start_s']:.2f} s / {eng['warmup_steps']:,} steps at {eng['warmup_steps_per_s']:,.0f}/s / "
+            f"{raw['reset_ms']:.2f} ms / {raw['step_ms']:.3f} ms"),
         Row("2 loop, 1 process, engine steps", f"{l1['engine_steps_per_s']:,.0f} steps/s", "-", "baseline"),
         Row(f"2 loop, {processes} processes, engine steps", f"{ln['engine_steps_per_s']:,.0f} steps/s",
             f">= {SCALE_TARGET_RATIO} x 1 proc", f"{scale:.2f} {'PASS' if f['scale_pass'] else 'FAIL'}"),
         Row(f"2   {processes} processes: new steps, items", f"{ln['new_steps_per_s']:,.0f} steps/s, "
             f"{ln['items_per_s']:.2f} items/s", "-",
             f"{f['scale_new_steps_ratio']:.2f}, {f['scale_items_ratio']:.2f} x 1 proc"),
-        Row("2   (diag) machine busy cores, 1 / N procs",
-            f"{l1['machine_busy_cores']:.2f} / {ln['machine_busy_cores']:.2f} of {os.cpu_count()}"),
-        Row(f"3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
+        Row("2   (diag) busy cores 1 / N procs: all, actor Python",
+            f"{l1['machine_busy_cores']:.2f} / {ln['machine_busy_cores']:.2f}, "
+            f"{cores(l1):.2f} / {cores(ln):.2f} of {os.cpu_count()}"),
+        Row("3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
             f"({s3['unique_states']:,} in {s3['env_steps']:,} steps)"),
-        Row(f"3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
+        Row("3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
             f"({sg['unique_states']:,} in {sg['env_steps']:,} steps)"),
         Row("3 3spo vs grpo", f"{f['coverage_ratio']:.2f} x", f"{PAPER_COVERAGE_RATIO} x (paper)",
             "at/above paper" if f["coverage_ratio"] >= PAPER_COVERAGE_RATIO else "below paper"),
         Row("3   (diag) 3spo time: reset/step/store/stream",
-            f"{split['env.reset']:.1f} / {split['env.step']:.1f} / {split['store']:.1f} / {split['stream']:.1f} s"),
+            f"{split['env.reset']:.2f} / {split['env.step']:.2f} / {split['store']:.2f} / {split['stream']:.2f} s"),
         Row("3   (diag) 3spo time: policy/rollout, total",
-            f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.1f} s, of {s3['seconds']:.1f} s "
+            f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.2f} s, of {s3['seconds']:.2f} s "
             f"({s3['env_resets']:,} resets)"),
     ]
     print()

@@ -463,8 +463,9 @@ def bench_publish(trainer, model_dir: str, rows: list[TrainRow], *, reps: int, w
         Row("2   (diag) then first completion (1 token)", ms(result["first_completion_after_visible_s"])),
         Row("2   served logprobs vs trainer weights", f"max |diff| {vs_trainer:.1e} (vs initial {vs_initial:.1e})",
             f"< {LOGPROB_TOL:g}", "PASS" if ok else "FAIL"),
-        Row("2   (diag) CPU while vLLM idles: vLLM / all others",
-            f"{idle_load['vllm_cores']:.2f} / {idle_load['other_processes_cores']:.2f} of {os.cpu_count()} cores"),
+        Row("2   (diag) CPU while vLLM idles: vLLM / rest of machine",
+            f"{idle_load['vllm_cores']:.2f} / {max(0.0, idle_load['other_processes_cores'] - idle_load['vllm_cores']):.2f}"
+            f" of {os.cpu_count()} cores"),
     ]
     return result, rows_out
 

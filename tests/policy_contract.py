@@ -51,3 +51,7 @@ def check_choice_mode(policy) -> None:
     for c in outs:
         assert c.text in choices
         assert len(c.logprobs) == len(c.token_ids) >= 1
+    # Token-by-token constrained sampling: a random model does not pin every sample to the
+    # choice with the fewest tokens (scoring whole sequences would).
+    many = policy.sample(MESSAGES, SamplingParams(n=48, choices=choices, temperature=1.0, max_tokens=16, seed=3))
+    assert len({c.text for c in many}) >= 2

@@ -93,8 +93,9 @@ class InProcessPolicy:
         return text[:cut], ids, "stop"
 
     def _sample_choices(self, prompt: list[int], p: SamplingParams) -> list[Completion]:
-        """Constrained mode: score every choice (its tokens + end of turn) under the model, then
-        sample choices from the sequence probabilities at the given temperature."""
+        """Constrained mode, as guided decoding does it: token by token, the next token is drawn
+        from the model's distribution restricted to tokens that keep the text a prefix of some
+        choice. One teacher-forced pass over all choices gives every logit this needs."""
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in p.choices]
         width = max(map(len, choice_ids))
         pad = self.tokenizer.pad_token_id
@@ -102,15 +103,31 @@ class InProcessPolicy:
         mask = torch.tensor([[1] * (len(prompt) + len(ids)) + [0] * (width - len(ids)) for ids in choice_ids],
                             device=self.device)
         logits = self.model(input_ids=rows, attention_mask=mask).logits[:, len(prompt) - 1: -1].float()
-        token_lp = logits.log_softmax(-1).gather(-1, rows[:, len(prompt):].unsqueeze(-1)).squeeze(-1)
-        per_choice = [token_lp[i, : len(ids)] for i, ids in enumerate(choice_ids)]
-        totals = torch.stack([lp.sum() for lp in per_choice])
+        allowed: dict[tuple[int, ...], list[int]] = {}
+        for ids in choice_ids:
+            for j, tok in enumerate(ids):
+                nxt = allowed.setdefault(tuple(ids[:j]), [])
+                if tok not in nxt:
+                    nxt.append(tok)
+        temperature = p.temperature if p.temperature > 0 else 1.0
+        seq_logp, token_logps = [], []
+        for i, ids in enumerate(choice_ids):
+            total, per_token = 0.0, []
+            for j, tok in enumerate(ids):
+                cand = allowed[tuple(ids[:j])]
+                restricted = logits[i, j, cand]
+                k = cand.index(tok)
+                per_token.append(float(restricted.log_softmax(-1)[k]))
+                total += float((restricted / temperature).log_softmax(-1)[k])
+            seq_logp.append(total)
+            token_logps.append(per_token)
         if p.temperature == 0:
-            picks = [int(totals.argmax())] * p.n
+            best = max(range(len(choice_ids)), key=lambda i: token_logps[i])  # greedy walk down the trie
+            picks = [best] * p.n
         else:
-            probs = (totals / p.temperature).softmax(-1)
-            picks = torch.multinomial(probs, p.n, replacement=True).tolist()
-        return [Completion(text=p.choices[i], token_ids=choice_ids[i], logprobs=per_choice[i].tolist(),
+            probs = torch.tensor(seq_logp).exp()
+            picks = torch.multinomial(probs / probs.sum(), p.n, replacement=True).tolist()
+        return [Completion(text=p.choices[i], token_ids=choice_ids[i], logprobs=token_logps[i],
                            finish_reason="stop", policy_version=0) for i in picks]
 
     # --- publish ------------------------------------------------------------------------
