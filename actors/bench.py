@@ -52,6 +52,7 @@ from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 LOOP_TARGET_RATIO = 0.9
 SCALE_TARGET_RATIO = 1.7
 PAPER_COVERAGE_RATIO = 2.4
+OTHER_LOAD_WARN = 0.2  # cores used by other processes above which a phase's figures are flagged
 COOKING_PARAMS = "numLocations=1,numIngredients=2,numDistractorItems=0,includeDoors=0,limitInventorySize=0"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -95,12 +96,42 @@ def rollout_config(algo: str, max_steps: int, group_size: int, budget: int):
                          choice_mode=True)
 
 
-def busy_cores(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """Run fn; return its result, its wall seconds and the machine's busy cores meanwhile."""
-    b0, t0 = machine_busy_seconds(), time.perf_counter()
+def process_cpu() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process on the machine (/proc)."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def foreign_cores(before: dict, after: dict, wall: float) -> float:
+    """Cores used meanwhile by processes that are not this one or its descendants (other jobs
+    on the machine: their load makes every figure here low and noisy)."""
+    parent = {pid: v[0] for pid, v in {**before, **after}.items()}
+    ours, me = set(), os.getpid()
+    for pid in parent:
+        chain, p = [], pid
+        while p and p not in ours and p != me and p in parent and len(chain) < 64:
+            chain.append(p)
+            p = parent[p]
+        if p == me or p in ours:
+            ours.update(chain)
+    used = sum(after[p][1] - before[p][1] for p in after.keys() & before.keys() if p not in ours and p != me)
+    return used / wall if wall > 0 else 0.0
+
+
+def busy_cores(fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
+    """Run fn; return its result, its wall seconds, the machine's busy cores meanwhile and the
+    cores used by other processes than ours."""
+    b0, p0, t0 = machine_busy_seconds(), process_cpu(), time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t0
-    return out, wall, (machine_busy_seconds() - b0) / wall if wall > 0 else 0.0
+    return out, wall, (machine_busy_seconds() - b0) / wall, foreign_cores(p0, process_cpu(), wall)
 
 
 def other_load(seconds: float = 1.0) -> float:
@@ -231,7 +262,7 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
             dead = [p for p in procs if p.exitcode is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"actor processes did not start: {[(p.name, p.exitcode) for p in procs]}")
-        b0 = machine_busy_seconds()
+        b0, p0 = machine_busy_seconds(), process_cpu()
         t_go = time.time()
         go.set()
         with progress(len(tasks), f"{label}: {processes} actor process(es), {len(tasks)} {algo} items") as advance:
@@ -246,7 +277,7 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
                 if dead:
                     raise RuntimeError(f"actor process {dead[0].name} exited with {dead[0].exitcode}")
             advance(work.counts()["done"] - done)
-        busy_s = machine_busy_seconds() - b0
+        busy_s, p1 = machine_busy_seconds() - b0, process_cpu()
         for p in procs:
             p.join(timeout=30)
     finally:
@@ -256,6 +287,7 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
                 p.join(timeout=10)
         results.close()
     wall = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+    foreign = foreign_cores(p0, p1, time.time() - t_go)
     counts = work.counts()
     stream_len = GroupStream(client, run).length()
     client.close()
@@ -272,7 +304,8 @@ def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max
             "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
             "items_per_s": total["finished"] / wall, "stream_len": stream_len,
             "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
-            "machine_busy_cores": busy_s / max(wall, 1e-9), "per_process": reports}
+            "machine_busy_cores": busy_s / max(wall, 1e-9), "other_processes_cores": foreign,
+            "per_process": reports}
 
 
 # --- raw engine stepping -------------------------------------------------------------------
@@ -402,7 +435,7 @@ def main(
                      "cpus": os.cpu_count(), "loop_tasks": loop_tasks}
     load = other_load()
     results["other_load_cores_at_start"] = load
-    if load > 0.25:
+    if load > OTHER_LOAD_WARN:
         print(f"warning: {load:.2f} cores busy before the benchmark started (other processes): "
               "figures will be low and noisy", flush=True)
     phase_s: dict[str, float] = {}
@@ -443,8 +476,11 @@ def main(
         try:
             for key, label, fn in phases:
                 print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
-                results[key], phase_s[key], busy = busy_cores(fn)
+                results[key], phase_s[key], busy, foreign = busy_cores(fn)
                 results[key]["machine_busy_cores_phase"] = busy
+                results[key]["other_processes_cores_phase"] = foreign
+                if foreign > OTHER_LOAD_WARN:
+                    print(f"  warning: other processes used {foreign:.2f} cores during this phase", flush=True)
         finally:
             for env in engine:
                 env.close()
@@ -471,6 +507,11 @@ def main(
     out.write_text(json.dumps(results, indent=2, default=str))
 
     f, eng = results["figures"], results["engine"]
+    worst_phase = max(phase_s, key=lambda k: results[k]["other_processes_cores_phase"])
+    worst_other = results[worst_phase]["other_processes_cores_phase"]
+    if load > worst_other:
+        worst_phase, worst_other = "at start", load
+    results["other_processes_cores_worst"] = worst_other
     s3, sg = cov["3spo"], cov["grpo"]
     split = s3["time_split_s"]
     cores = lambda r: sum(p["python_cpu_s"] for p in r["per_process"]) / r["wall_s"]  # noqa: E731
@@ -516,6 +557,8 @@ def main(
         Row("3   (diag) 3spo time: policy/rollout, total",
             f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.2f} s, of {s3['seconds']:.2f} s "
             f"({s3['env_resets']:,} resets)"),
+        Row("* other processes' CPU, worst phase", f"{worst_other:.2f} cores ({worst_phase})",
+            f"<= {OTHER_LOAD_WARN}", "quiet" if worst_other <= OTHER_LOAD_WARN else "NOISY: figures unreliable"),
     ]
     print()
     print_table(rows, f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "

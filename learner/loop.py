@@ -95,6 +95,7 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
     backlog = consumer.reclaim() if leader else []  # delivered before a crash, not yet in a checkpoint
     history: list[dict] = []
     idle_since = time.monotonic()
+    malformed_seen = 0
     VERSION.set(version)
 
     while cfg.max_updates is None or version < cfg.max_updates:
@@ -105,12 +106,16 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
                 entries = backlog[: cfg.groups_per_update] if backlog else consumer.read(cfg.groups_per_update, 500)
                 backlog = backlog[len(entries):] if backlog else backlog
                 for entry_id, group in entries:
-                    read_ids.append(entry_id)
                     if staleness.accept(group.policy_version, version):
                         batch.append(group)
+                        read_ids.append(entry_id)
                         GROUPS.labels("used").inc()
-                    else:
+                    else:  # decided for good: acknowledged with the next checkpoint
+                        unacked.append(entry_id)
                         GROUPS.labels("stale").inc()
+                if consumer.malformed > malformed_seen:
+                    GROUPS.labels("malformed").inc(consumer.malformed - malformed_seen)
+                    malformed_seen = consumer.malformed
                 if entries:
                     idle_since = time.monotonic()
                 elif cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > cfg.exit_when_idle_s:

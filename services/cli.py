@@ -251,6 +251,29 @@ def eval_cmd(
                f"mean steps {result.mean_steps:.1f}, invalid actions {result.invalid_rate:.1%}")
 
 
+@app.command("make-games")
+def make_games_cmd(
+    out: Annotated[str, typer.Argument(help="Directory for the .z8 games (and their .json sidecars).")],
+    kind: Annotated[str, typer.Option(help="tw-coin_collector, tw-treasure_hunter, tw-simple or tw-cooking.")] = "tw-coin_collector",
+    n: Annotated[int, typer.Option(help="How many games (seeds seed, seed+1, ...).")] = 8,
+    seed: Annotated[int, typer.Option(help="First seed; the same seed always gives the same game.")] = 0,
+    setting: Annotated[Optional[list[str]], typer.Option(help="Generator setting KEY=VALUE, e.g. level=3 (repeatable).")] = None,
+) -> None:
+    """Generate TextWorld games offline with tw-make's generators and print their paths."""
+    import yaml
+
+    from actors.envs.textworld_env import generate_games
+
+    settings = {}
+    for item in setting or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--setting wants KEY=VALUE, got {item!r}")
+        settings[key] = yaml.safe_load(value)
+    for path in generate_games(out, kind, n, seed=seed, **settings):
+        typer.echo(path)
+
+
 def main() -> None:
     app()
 

@@ -106,3 +106,12 @@ def test_ray_serve_deployment(redis_url):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+
+
+def test_make_games_is_deterministic(tmp_path):
+    a = subprocess.run([SPO3, "make-games", str(tmp_path / "a"), "--n", "2", "--seed", "4", "--setting", "level=2"],
+                       capture_output=True, text=True, check=True).stdout.split()
+    b = subprocess.run([SPO3, "make-games", str(tmp_path / "b"), "--n", "2", "--seed", "4", "--setting", "level=2"],
+                       capture_output=True, text=True, check=True).stdout.split()
+    assert len(a) == 2 and all(p.endswith(".z8") for p in a)
+    assert [Path(p).read_bytes() for p in a] == [Path(p).read_bytes() for p in b]

@@ -84,3 +84,26 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(redis_url, tmp_path):
     # Nothing left behind: every entry acknowledged and deleted.
     assert client.xlen(RedisNames("crash").groups_stream) == 0
     assert client.xpending(RedisNames("crash").groups_stream, "learner")["pending"] == 0
+
+
+def test_stale_and_malformed_groups_are_dropped_and_counted(redis_url, tmp_path):
+    from learner.loop import LearnerConfig, run_learner
+    from learner.trainer import TrainerConfig
+
+    model_dir = init_model(tmp_path / "model", "tiny", seed=0)
+    client = connect(redis_url)
+    stream = GroupStream(client, "stale")
+    batch = groups()  # all produced by policy version 0
+    for g in batch[:2]:
+        stream.append(g)
+    client.xadd(stream.names.groups_stream, {"group": b'{"schema_version": 1, "group_id": 5}'})
+    cfg = LearnerConfig(redis_url=redis_url, run="stale", checkpoint_dir=str(tmp_path / "ck"), groups_per_update=2,
+                        max_staleness=0, exit_when_idle_s=1.5, trainer=TrainerConfig(model=str(model_dir), lr=0.01))
+    first = run_learner(cfg)
+    assert first.version == 1 and first.malformed == 1
+    for g in batch[2:7]:  # version 0, while the learner is now at version 1: 1 - 0 > max_staleness 0
+        stream.append(g)
+    second = run_learner(LearnerConfig(**{**cfg.__dict__, "resume": True}))
+    assert second.groups_dropped_stale == 5 and second.version == 1
+    assert client.xlen(stream.names.groups_stream) == 0  # dropped groups are acknowledged, not left behind
+    assert len(client.xrange(stream.names.dead_letters)) == 1
