@@ -183,129 +183,158 @@ def start_engine(tasks: list[str], *, warmup_steps: int, max_steps: int, seed: i
 
 # --- the actor loop in OS processes --------------------------------------------------------
 
-def _metric(name: str, labels: dict | None = None) -> float:
+_COUNTERS = {  # figure -> (Prometheus sample of actors.worker, labels); algo labels filled in
+    "env_steps": ("spo3_actor_env_steps_total", {"algo": None}),
+    "replay_steps": ("spo3_actor_replay_steps_total", {}),
+    "leaves": ("spo3_actor_leaves_total", {"algo": None}),
+    "groups": ("spo3_actor_groups_total", {"algo": None}),
+    "finished_items": ("spo3_actor_tasks_total", {"outcome": "finished"}),
+    "failed": ("spo3_actor_tasks_total", {"outcome": "failed"}),
+    "gave_up": ("spo3_actor_tasks_total", {"outcome": "gave_up"}),
+    "rollout_seconds": ("spo3_actor_task_seconds_sum", {}),
+}
+
+
+def _counters(algo: str) -> dict[str, float]:
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+    return {k: REGISTRY.get_sample_value(name, {l: algo if v is None else v for l, v in labels.items()}) or 0.0
+            for k, (name, labels) in _COUNTERS.items()}
 
 
-def _actor_process(redis_url: str, run: str, algo: str, max_steps: int, group_size: int, budget: int,
-                   seed: int, warmup_steps: int, tasks: list[str], go, results) -> None:
-    """One actor: imports done and engine warmed (if asked), it waits for `go`, runs `run_actor`
-    until the queue is empty and reports its clock and counters (the worker's Prometheus metrics)."""
+def _actor_process(k: int, redis_url: str, cfg: dict, warmup_steps: int, tasks: list[str], commands,
+                   results) -> None:
+    """One long-lived actor process. It warms its engine (if asked), says ready, then for every
+    command {"run", "algo"} runs `run_actor` on that run's queue until it is empty and reports
+    its clock and the worker's Prometheus counters (deltas). None ends it."""
     from actors import worker
 
-    cfg = worker.ActorConfig(redis_url=redis_url, run=run,
-                             rollout=rollout_config(algo, max_steps, group_size, budget),
-                             stream_max_len=10**8, exit_when_idle_s=0.05)
-    policy = RandomPolicy(seed)
+    policy = RandomPolicy(cfg["seed"] + 1000 * k)
     warm: dict = {}
+    env = None
     if warmup_steps:
-        env, warm = start_engine(tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
-        spare, fresh = [env], worker.make_env
-
-        def make_env_warm(name: str, **options: Any):
-            return spare.pop() if spare and name == "twx" and not options else fresh(name, **options)
-
-        worker.make_env = make_env_warm
-    results.put({"ready": os.getpid(), **warm})
-    go.wait()
-    cpu0, t0 = os.times(), time.time()
-    finished = worker.run_actor(cfg, policy)
-    t1, cpu1 = time.time(), os.times()
-    results.put({
-        "pid": os.getpid(), "t0": t0, "t1": t1, "finished": finished, "warm": warm,
-        "env_steps": _metric("spo3_actor_env_steps_total", {"algo": algo}),
-        "replay_steps": _metric("spo3_actor_replay_steps_total"),
-        "leaves": _metric("spo3_actor_leaves_total", {"algo": algo}),
-        "groups": _metric("spo3_actor_groups_total", {"algo": algo}),
-        "failed": _metric("spo3_actor_tasks_total", {"outcome": "failed"})
-        + _metric("spo3_actor_tasks_total", {"outcome": "gave_up"}),
-        "rollout_seconds": _metric("spo3_actor_task_seconds_sum"),
-        "python_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
-        "children_cpu_s": cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system,
-    })
-
-
-def run_loop(redis_url: str, *, processes: int, tasks: list[str], algo: str, max_steps: int, group_size: int,
-             budget: int, seed: int, label: str, warmup_steps: int) -> dict:
-    """Fill a fresh run's work queue with `tasks`, start `processes` actor processes (spawn), time
-    them from `go` to the last one's exit, and sum their counters."""
-    from actors import bench as this  # by module name: the children import it, not __main__
-    from services.stream import GroupStream
-    from services.work_queue import WorkQueue
-
-    run = f"bench-{label}-{uuid.uuid4().hex[:8]}"
-    client = connect(redis_url)
-    work = WorkQueue(client, run)
-    for i, task in enumerate(tasks):
-        work.put("twx", task, algo=algo, item_id=f"{label}-{i}")
-    ctx = mp.get_context("spawn")
-    go, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=this._actor_process, name=f"bench-actor-{k}",
-                         args=(redis_url, run, algo, max_steps, group_size, budget, seed + 1000 * k, warmup_steps,
-                               tasks, go, results))
-             for k in range(processes)]
-    reports: list[dict] = []
+        env, warm = start_engine(tasks, warmup_steps=warmup_steps, max_steps=cfg["max_steps"], seed=cfg["seed"] + k)
+        env.close = lambda: None  # run_actor closes its engines on exit; this one serves every command
+        fresh = worker.make_env
+        worker.make_env = lambda name, **options: env if name == "twx" and not options else fresh(name, **options)
+    results.put({"ready": k, **warm})
     try:
-        for p in procs:
+        while (cmd := commands.get()) is not None:
+            actor_cfg = worker.ActorConfig(
+                redis_url=redis_url, run=cmd["run"], stream_max_len=10**8, exit_when_idle_s=0.05,
+                rollout=rollout_config(cmd["algo"], cfg["max_steps"], cfg["group_size"], cfg["budget"]))
+            before, cpu0, t0 = _counters(cmd["algo"]), os.times(), time.time()
+            worker.run_actor(actor_cfg, policy)
+            t1, cpu1, after = time.time(), os.times(), _counters(cmd["algo"])
+            results.put({"actor": k, "t0": t0, "t1": t1, **{c: after[c] - before[c] for c in after},
+                         "python_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system})
+    finally:
+        if env is not None:
+            del env.close  # the class's close again
+            env.close()
+
+
+class ActorPool:
+    """`size` actor processes (spawn), each with its own engine, kept across measurements so
+    that they can be interleaved with the raw stepping (the machine's speed drifts)."""
+
+    def __init__(self, redis_url: str, size: int, *, warmup_steps: int, tasks: list[str], cfg: dict) -> None:
+        from actors import bench as this  # by module name: the children import it, not __main__
+
+        self.redis_url, self.size = redis_url, size
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(size)]
+        self.procs = [ctx.Process(target=this._actor_process, name=f"bench-actor-{k}", daemon=True,
+                                  args=(k, redis_url, cfg, warmup_steps, tasks, self.commands[k], self.results))
+                      for k in range(size)]
+        for p in self.procs:
             p.start()
         if warmup_steps:
-            print(f"  {label}: warming {processes} engine(s), {warmup_steps:,} random steps each", flush=True)
-        warm: list[dict] = []
+            print(f"  warming {size} actor engine(s), {warmup_steps:,} random steps each", flush=True)
+        self.warm: list[dict] = []
         deadline = time.monotonic() + 120 + warmup_steps / 500
-        while len(warm) < processes:
-            with contextlib.suppress(queue_mod.Empty):
-                msg = results.get(timeout=0.5)
-                if "ready" in msg:
-                    warm.append(msg)
-            dead = [p for p in procs if p.exitcode is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"actor processes did not start: {[(p.name, p.exitcode) for p in procs]}")
-        b0, p0 = machine_busy_seconds(), process_cpu()
-        t_go = time.time()
-        go.set()
+        while len(self.warm) < size:
+            self.warm.append(self._get(deadline))
+        self.warm.sort(key=lambda w: w["ready"])
+
+    def _poll(self, timeout: float = 0.5) -> dict | None:
+        """The next report, or None after `timeout`; raises if an actor process died."""
+        with contextlib.suppress(queue_mod.Empty):
+            return self.results.get(timeout=timeout)
+        dead = [p for p in self.procs if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(f"actor processes failed: {[(p.name, p.exitcode) for p in self.procs]}")
+        return None
+
+    def _get(self, deadline: float) -> dict:
+        while (msg := self._poll()) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("actor processes did not answer in time")
+        return msg
+
+    def run(self, processes: int, tasks: list[str], algo: str, label: str) -> dict:
+        """Fill a fresh run's queue with `tasks`, let the first `processes` actors empty it; time
+        from the first start to the last exit, counters summed."""
+        from services.stream import GroupStream
+        from services.work_queue import WorkQueue
+
+        run = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+        client = connect(self.redis_url)
+        work = WorkQueue(client, run)
+        for i, task in enumerate(tasks):
+            work.put("twx", task, algo=algo, item_id=f"{label}-{i}")
+        b0, p0, t_go = machine_busy_seconds(), process_cpu(), time.time()
+        for k in range(processes):
+            self.commands[k].put({"run": run, "algo": algo})
+        reports: list[dict] = []
         with progress(len(tasks), f"{label}: {processes} actor process(es), {len(tasks)} {algo} items") as advance:
             done = 0
+            deadline = time.monotonic() + 1800
             while len(reports) < processes:
-                with contextlib.suppress(queue_mod.Empty):
-                    reports.append(results.get(timeout=0.5))
+                if (msg := self._poll()) is not None:
+                    reports.append(msg)
+                elif time.monotonic() > deadline:
+                    raise RuntimeError(f"{label}: the actors did not empty the queue in time")
                 now = work.counts()["done"]
                 advance(now - done)
                 done = now
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"actor process {dead[0].name} exited with {dead[0].exitcode}")
-            advance(work.counts()["done"] - done)
-        busy_s, p1 = machine_busy_seconds() - b0, process_cpu()
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
+        t_end = time.time()
+        busy, foreign = (machine_busy_seconds() - b0) / (t_end - t_go), foreign_cores(p0, process_cpu(), t_end - t_go)
+        wall = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+        counts, stream_len = work.counts(), GroupStream(client, run).length()
+        client.close()
+        total = {c: sum(r[c] for r in reports) for c in (*_COUNTERS, "python_cpu_s")}
+        if counts["done"] != len(tasks) or counts["ready"] or counts["leased"]:
+            raise RuntimeError(f"{label}: the queue was not emptied: {counts}")
+        if total["failed"] or total["gave_up"]:
+            print(f"  warning: {label}: {total['failed'] + total['gave_up']:.0f} work item attempts failed "
+                  "(see the log above)", flush=True)
+        engine = total["env_steps"] + total["replay_steps"]
+        return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "wall_s": wall,
+                "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
+                "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
+                "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
+                "items_per_s": total["finished_items"] / wall, "stream_len": stream_len,
+                "machine_busy_cores": busy, "other_processes_cores": foreign,
+                "actor_python_cores": total["python_cpu_s"] / wall, "per_process": reports}
+
+    def close(self) -> None:
+        for q in self.commands:
+            with contextlib.suppress(Exception):
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=20)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)
-        results.close()
-    wall = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
-    foreign = foreign_cores(p0, p1, time.time() - t_go)
-    counts = work.counts()
-    stream_len = GroupStream(client, run).length()
-    client.close()
-    total = {k: sum(r[k] for r in reports) for k in ("finished", "env_steps", "replay_steps", "leaves", "groups",
-                                                     "failed", "rollout_seconds", "python_cpu_s",
-                                                     "children_cpu_s")}
-    engine = total["env_steps"] + total["replay_steps"]
-    if counts["done"] != len(tasks) or counts["ready"] or counts["leased"]:
-        raise RuntimeError(f"{label}: the queue was not emptied: {counts}")
-    if total["failed"]:
-        print(f"warning: {label}: {total['failed']:.0f} work item attempts failed (see the log above)", flush=True)
-    return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "warmup": warm, "wall_s": wall,
-            "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
-            "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
-            "items_per_s": total["finished"] / wall, "stream_len": stream_len,
-            "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
-            "machine_busy_cores": busy_s / max(wall, 1e-9), "other_processes_cores": foreign,
-            "per_process": reports}
+        self.results.close()
+
+    def __enter__(self) -> "ActorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- raw engine stepping -------------------------------------------------------------------

@@ -40,6 +40,11 @@ class TrainerConfig:
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher (deepspeed / torchrun) set up, or a group of one."""
+    import sys
+
+    # DeepSpeed compiles a small op on first use; a cache per virtualenv keeps two checkouts
+    # from rebuilding it for each other (~30 s each time).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
