@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps test test-fast bench-score bench-actor bench-policy bench-learner clean
+.PHONY: help install vllm-venv system-deps demo test test-fast bench-score bench-actor bench-policy bench-learner clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
