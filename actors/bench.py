@@ -3,30 +3,36 @@ policy (uniform among the admissible actions, through the rollout's choice mode)
 real redis-server it starts itself.
 
     .venv/bin/python -m actors.bench [--tasks 32] [--coverage-tasks 10] [--processes 2] \
-        [--warmup-steps 60000] [--max-steps 20] [--group-size 8] [--budget 160] \
+        [--rounds 3] [--warmup-steps 60000] [--max-steps 20] [--group-size 8] [--budget 160] \
         [--out bench-results/actor.json]
 
-1. env steps/s through the whole actor loop (`run_actor` in its own OS process: work queue
-   filled with --tasks 3SPO items, real score store and groups stream, exit when the queue is
-   empty) vs raw engine stepping (same adapter, same tasks, random admissible actions, reset on
-   done or after --max-steps steps, no Redis). TWX has no snapshots, so the rollout resets and
-   replays action prefixes: new steps (stats.env_steps) and replay steps are counted apart, and
-   both ratios are reported; the target is on (new + replay) engine steps/s. Diagnostics: the
-   same loop with GRPO items (no replay at all), and both sides cold (a fresh JVM, its start
-   and JIT warm-up inside the clock);
+1. env steps/s through the whole actor loop (`run_actor` in an OS process of its own: a fresh
+   run's work queue filled with --tasks 3SPO items, real score store and groups stream, exit
+   when the queue is empty) vs raw engine stepping (same adapter, same tasks, random admissible
+   actions, reset on done or after --max-steps steps, no Redis). TWX has no snapshots, so the
+   rollout resets and replays action prefixes: new steps (stats.env_steps) and replay steps are
+   counted apart and both ratios are reported; the target is on (new + replay) engine steps/s.
+   Diagnostics: the same loop with GRPO items (no replay at all), and both sides cold (a fresh
+   JVM, its start and JIT warm-up inside the clock);
 2. --processes actor processes vs 1 (the 1-process run is figure 1's loop), same work queue
    contents, same Redis: engine-step throughput ratio;
 3. unique (task, state key) pairs per 1,000 new env steps, 3SPO branching vs GRPO-style full
    episodes with the same step budget (same tasks, same random policy, a fresh store for each),
    by `Rollout.run` directly, with the time of the 3SPO rollouts split by component.
 
-The TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first steps'),
-and a real actor keeps its engine for hours. So every engine of the headline figures is warmed
-first with --warmup-steps random steps on the same tasks, outside the clock: the actor
-processes build and warm theirs before `go`, and `run_actor` is handed it (the worker's
-`make_env` is swapped, in the actor process only, for one that returns the warmed engine the
-first time). Every phase uses its own run id (fresh store, queue and stream). Prints a table
-and writes JSON.
+Measurement choices, because the machine's speed is not steady:
+- the TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first
+  steps'), and a real actor keeps its engine for hours; so every engine of the headline figures
+  is warmed first with --warmup-steps random steps on the same tasks, outside the clock. The
+  actor processes are started once, warm their engine, and serve every measurement: in each,
+  the worker's `make_env` is swapped (in that process only) for one that returns the warmed
+  engine, whose close() is a no-op until the process ends;
+- loop (1 process), raw and loop (N processes) run interleaved for --rounds rounds; the
+  figures are medians of the per-round ratios, and every round is shown;
+- CPU used by other processes than this benchmark's is measured per phase and flagged.
+
+Every measurement uses its own run id (fresh store, queue and stream). Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import random
+import statistics
 import time
 import uuid
 from collections import defaultdict
@@ -141,6 +148,20 @@ def other_load(seconds: float = 1.0) -> float:
     return (machine_busy_seconds() - b0) / seconds
 
 
+def pin_with_engine(cpus: set[int] | None) -> None:
+    """Pin this process and its engine JVM(s) (child processes named java), every thread, to
+    `cpus`; None: back to every CPU. Other children (redis-server, actors) are left alone."""
+    cpus = cpus or set(range(os.cpu_count() or 1))
+    me = os.getpid()
+    pids = [me] + [pid for pid, (ppid, _) in process_cpu().items() if ppid == me
+                   and Path(f"/proc/{pid}/comm").read_text().strip() == "java"]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
 def random_walk(env, tasks: list[str], steps: int, *, max_steps: int, rng: random.Random,
                 advance: Callable[[int], None] = lambda n: None) -> dict:
     """Random admissible actions, each task in turn for an equal share of `steps` (as the loop
@@ -223,9 +244,13 @@ def _actor_process(k: int, redis_url: str, cfg: dict, warmup_steps: int, tasks: 
             actor_cfg = worker.ActorConfig(
                 redis_url=redis_url, run=cmd["run"], stream_max_len=10**8, exit_when_idle_s=0.05,
                 rollout=rollout_config(cmd["algo"], cfg["max_steps"], cfg["group_size"], cfg["budget"]))
+            if cmd.get("pin"):
+                pin_with_engine(set(cmd["pin"]))
             before, cpu0, t0 = _counters(cmd["algo"]), os.times(), time.time()
             worker.run_actor(actor_cfg, policy)
             t1, cpu1, after = time.time(), os.times(), _counters(cmd["algo"])
+            if cmd.get("pin"):
+                pin_with_engine(None)
             results.put({"actor": k, "t0": t0, "t1": t1, **{c: after[c] - before[c] for c in after},
                          "python_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system})
     finally:
@@ -273,7 +298,7 @@ class ActorPool:
                 raise RuntimeError("actor processes did not answer in time")
         return msg
 
-    def run(self, processes: int, tasks: list[str], algo: str, label: str) -> dict:
+    def run(self, processes: int, tasks: list[str], algo: str, label: str, pin: int | None = None) -> dict:
         """Fill a fresh run's queue with `tasks`, let the first `processes` actors empty it; time
         from the first start to the last exit, counters summed."""
         from services.stream import GroupStream
@@ -286,7 +311,7 @@ class ActorPool:
             work.put("twx", task, algo=algo, item_id=f"{label}-{i}")
         b0, p0, t_go = machine_busy_seconds(), process_cpu(), time.time()
         for k in range(processes):
-            self.commands[k].put({"run": run, "algo": algo})
+            self.commands[k].put({"run": run, "algo": algo, "pin": None if pin is None else [pin]})
         reports: list[dict] = []
         with progress(len(tasks), f"{label}: {processes} actor process(es), {len(tasks)} {algo} items") as advance:
             done = 0
@@ -311,7 +336,8 @@ class ActorPool:
             print(f"  warning: {label}: {total['failed'] + total['gave_up']:.0f} work item attempts failed "
                   "(see the log above)", flush=True)
         engine = total["env_steps"] + total["replay_steps"]
-        return {"run": run, "processes": processes, "algo": algo, "items": len(tasks), "wall_s": wall,
+        return {"run": run, "processes": processes, "algo": algo, "pinned_cpu": pin, "items": len(tasks),
+                "wall_s": wall,
                 "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
                 "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
                 "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
@@ -339,7 +365,8 @@ class ActorPool:
 
 # --- raw engine stepping -------------------------------------------------------------------
 
-def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int, env: Any = None) -> dict:
+def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int, env: Any = None,
+            pin: int | None = None) -> dict:
     """Random admissible actions on the same adapter and tasks, no Redis, no rollout. With `env`
     (a warmed engine) only the stepping is timed; without, a fresh engine is started inside the
     clock and closed at the end, as a cold actor loop's is."""
@@ -350,13 +377,19 @@ def run_raw(tasks: list[str], *, steps: int, max_steps: int, seed: int, env: Any
     if own:
         env = make_env("twx")
     jvm_s = time.perf_counter() - t0
-    with progress(-(-steps // len(tasks)) * len(tasks), f"raw engine stepping, {len(tasks)} tasks") as advance:
-        walk = random_walk(env, tasks, steps, max_steps=max_steps, rng=random.Random(seed), advance=advance)
+    if pin is not None:
+        pin_with_engine({pin})
+    try:
+        with progress(-(-steps // len(tasks)) * len(tasks), f"raw engine stepping, {len(tasks)} tasks") as advance:
+            walk = random_walk(env, tasks, steps, max_steps=max_steps, rng=random.Random(seed), advance=advance)
+    finally:
+        if pin is not None:
+            pin_with_engine(None)
     if own:
         env.close()
     wall = time.perf_counter() - t0
     step_s = wall - jvm_s - walk["reset_s"]
-    return {"cold": own, "steps": walk["steps"], "resets": walk["resets"], "wall_s": wall,
+    return {"cold": own, "pinned_cpu": pin, "steps": walk["steps"], "resets": walk["resets"], "wall_s": wall,
             "jvm_start_s": jvm_s if own else 0.0, "steps_per_s": walk["steps"] / wall,
             "reset_ms": 1e3 * walk["reset_s"] / walk["resets"], "step_ms": 1e3 * step_s / max(walk["steps"], 1)}
 
@@ -432,19 +465,26 @@ def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, 
                          "engine_steps_per_s": (tot["env_steps"] + tot["replay_steps"]) / seconds,
                          "time_split_s": parts, "calls": dict(calls), "per_task": per_task}
     client.close()
-    out["ratio_3spo_to_grpo"] = out["3spo"]["unique_per_1k_new_steps"] / max(out["grpo"]["unique_per_1k_new_steps"], 1e-9)
+    out["ratio_3spo_to_grpo"] = (out["3spo"]["unique_per_1k_new_steps"]
+                                 / max(out["grpo"]["unique_per_1k_new_steps"], 1e-9))
     return out
 
 
 # --- driver --------------------------------------------------------------------------------
+
+def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    return " / ".join(fmt.format(v) for v in values)
+
 
 @app.command()
 def main(
     tasks: Annotated[int, typer.Option(help="Work items (distinct TWX tasks) for figures 1 and 2.", min=2)] = 32,
     coverage_tasks: Annotated[int, typer.Option(help="Tasks for figure 3.", min=1)] = 10,
     processes: Annotated[int, typer.Option(help="Actor processes compared with 1 in figure 2.", min=2)] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of loop / raw / N-process loop (medians).",
+                                        min=1)] = 3,
     warmup_steps: Annotated[int, typer.Option(help="Random steps that warm each engine (JVM JIT) before the "
-                                              "clock; 0 = cold engines.", min=0)] = 60_000,
+                                              "clock.", min=0)] = 60_000,
     cold: Annotated[bool, typer.Option(help="Also time a cold loop and cold raw stepping (fresh JVMs).")] = True,
     max_steps: Annotated[int, typer.Option(help="Deepest path / episode length.", min=1)] = 20,
     group_size: Annotated[int, typer.Option(help="GRPO episodes per task.", min=1)] = 8,
@@ -458,105 +498,147 @@ def main(
     t_start = time.perf_counter()
     binary = redis_server or redis_server_binary()
     loop_tasks, cov_tasks = task_ids(tasks), task_ids(coverage_tasks, offset=500)
+    cfg = {"max_steps": max_steps, "group_size": group_size, "budget": budget, "seed": seed}
     results: dict = {"args": {"tasks": tasks, "coverage_tasks": coverage_tasks, "processes": processes,
-                              "warmup_steps": warmup_steps, "max_steps": max_steps, "group_size": group_size,
-                              "budget": budget, "seed": seed},
-                     "cpus": os.cpu_count(), "loop_tasks": loop_tasks}
+                              "rounds": rounds, "warmup_steps": warmup_steps, "cold": cold, **cfg},
+                     "cpus": os.cpu_count(), "loop_tasks": loop_tasks, "coverage_task_ids": cov_tasks}
     load = other_load()
     results["other_load_cores_at_start"] = load
     if load > OTHER_LOAD_WARN:
         print(f"warning: {load:.2f} cores busy before the benchmark started (other processes): "
               "figures will be low and noisy", flush=True)
     phase_s: dict[str, float] = {}
-    common = dict(max_steps=max_steps, group_size=group_size, budget=budget)
+    phase_other: dict[str, float] = {}
+    runs: dict[str, list[dict]] = defaultdict(list)
     engine: list[Any] = []  # this process's warmed engine: raw stepping and coverage
+
+    def phase(key: str, label: str, fn: Callable[[], dict]) -> dict:
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
+        out_, phase_s[key], busy, phase_other[key] = busy_cores(fn)
+        out_["machine_busy_cores_phase"], out_["other_processes_cores_phase"] = busy, phase_other[key]
+        if phase_other[key] > OTHER_LOAD_WARN:
+            print(f"  warning: other processes used {phase_other[key]:.2f} cores during this phase", flush=True)
+        return out_
 
     def warm_here() -> dict:
         env, info = start_engine(loop_tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
         engine.append(env)
         return info
 
-    with LocalRedisServer(binary=binary) as server:
+    with LocalRedisServer(binary=binary) as server, contextlib.ExitStack() as stack:
         client = connect(server.url)
         info = client.info("server")
         client.close()
         print(f"redis-server {info.get('redis_version')} at {server.url}, {os.cpu_count()} CPUs", flush=True)
-        loop = lambda n, algo, label, warm: run_loop(server.url, processes=n, tasks=loop_tasks, algo=algo,  # noqa: E731
-                                                      seed=seed, label=label, warmup_steps=warm, **common)
-        phases = [
-            ("loop1", "1 actor loop, 1 process, 3spo", lambda: loop(1, "3spo", "loop1", warmup_steps)),
-            ("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here),
-            ("raw", "1 raw engine stepping",
-             lambda: run_raw(loop_tasks, steps=int(results["loop1"]["engine_steps"]), max_steps=max_steps,
-                             seed=seed, env=engine[0])),
-            ("loop_grpo", "1 (diag) actor loop, 1 process, grpo", lambda: loop(1, "grpo", "grpo1", warmup_steps)),
-            ("loopN", f"2 actor loop, {processes} processes, 3spo",
-             lambda: loop(processes, "3spo", f"loop{processes}", warmup_steps)),
-            ("coverage", "3 coverage 3spo vs grpo",
-             lambda: run_coverage(server.url, cov_tasks, engine[0], seed=seed, **common)),
-        ]
-        if cold:
-            phases += [
-                ("loop1_cold", "1 (diag) cold actor loop, 1 process, 3spo", lambda: loop(1, "3spo", "cold1", 0)),
-                ("raw_cold", "1 (diag) cold raw engine stepping",
-                 lambda: run_raw(loop_tasks, steps=int(results["loop1_cold"]["engine_steps"]), max_steps=max_steps,
-                                 seed=seed)),
-            ]
-        try:
-            for key, label, fn in phases:
-                print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
-                results[key], phase_s[key], busy, foreign = busy_cores(fn)
-                results[key]["machine_busy_cores_phase"] = busy
-                results[key]["other_processes_cores_phase"] = foreign
-                if foreign > OTHER_LOAD_WARN:
-                    print(f"  warning: other processes used {foreign:.2f} cores during this phase", flush=True)
-        finally:
-            for env in engine:
-                env.close()
-    total = time.perf_counter() - t_start
+        stack.callback(lambda: [env.close() for env in engine])
+        pools: list[ActorPool] = []
 
-    raw, l1, lg, ln, cov = (results[k] for k in ("raw", "loop1", "loop_grpo", "loopN", "coverage"))
-    engine_ratio = l1["engine_steps_per_s"] / raw["steps_per_s"]
-    new_ratio = l1["new_steps_per_s"] / raw["steps_per_s"]
-    scale = ln["engine_steps_per_s"] / l1["engine_steps_per_s"]
+        def start_pool() -> dict:
+            pools.append(stack.enter_context(ActorPool(server.url, processes, warmup_steps=warmup_steps,
+                                                       tasks=loop_tasks, cfg=cfg)))
+            return {"warm": pools[0].warm}
+
+        results["actor_engines"] = phase("actors", f"starting {processes} actor processes", start_pool)["warm"]
+        results["engine"] = phase("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here)
+        pool = pools[0]
+        cpu = min(os.sched_getaffinity(0))
+        for r in range(rounds):
+            runs["loop1"].append(phase(f"loop1.{r}", f"round {r + 1}/{rounds}: 1 actor loop, 1 process, 3spo",
+                                       lambda: pool.run(1, loop_tasks, "3spo", f"loop1-r{r}")))
+            runs["raw"].append(phase(f"raw.{r}", f"round {r + 1}/{rounds}: 1 raw engine stepping",
+                                     lambda: run_raw(loop_tasks, steps=int(runs["loop1"][0]["engine_steps"]),
+                                                     max_steps=max_steps, seed=seed + r, env=engine[0])))
+            runs["loop1_pinned"].append(phase(
+                f"loop1p.{r}", f"round {r + 1}/{rounds}: 1 (diag) actor loop, 1 process + its JVM pinned to CPU {cpu}",
+                lambda: pool.run(1, loop_tasks, "3spo", f"loop1p-r{r}", pin=cpu)))
+            runs["raw_pinned"].append(phase(
+                f"rawp.{r}", f"round {r + 1}/{rounds}: 1 (diag) raw engine stepping, pinned to CPU {cpu}",
+                lambda: run_raw(loop_tasks, steps=int(runs["loop1"][0]["engine_steps"]), max_steps=max_steps,
+                                seed=seed + r, env=engine[0], pin=cpu)))
+            runs["loopN"].append(phase(
+                f"loopN.{r}", f"round {r + 1}/{rounds}: 2 actor loop, {processes} processes, 3spo",
+                lambda: pool.run(processes, loop_tasks, "3spo", f"loop{processes}-r{r}")))
+        results["loop_grpo"] = phase("loop_grpo", "1 (diag) actor loop, 1 process, grpo",
+                                     lambda: pool.run(1, loop_tasks, "grpo", "grpo1"))
+        results["coverage"] = phase("coverage", "3 coverage 3spo vs grpo",
+                                    lambda: run_coverage(server.url, cov_tasks, engine[0], **cfg))
+        if cold:
+            def cold_loop() -> dict:
+                with ActorPool(server.url, 1, warmup_steps=0, tasks=loop_tasks, cfg=cfg) as cold_pool:
+                    return cold_pool.run(1, loop_tasks, "3spo", "cold1")
+
+            results["loop1_cold"] = phase("loop1_cold", "1 (diag) cold actor loop, 1 process, 3spo", cold_loop)
+            results["raw_cold"] = phase("raw_cold", "1 (diag) cold raw engine stepping",
+                                        lambda: run_raw(loop_tasks, steps=int(results["loop1_cold"]["engine_steps"]),
+                                                        max_steps=max_steps, seed=seed))
+    total = time.perf_counter() - t_start
+    results["rounds"] = runs
+
+    med = statistics.median
+    raw_rate = [x["steps_per_s"] for x in runs["raw"]]
+    l1_rate = [x["engine_steps_per_s"] for x in runs["loop1"]]
+    l1_new = [x["new_steps_per_s"] for x in runs["loop1"]]
+    ln_rate = [x["engine_steps_per_s"] for x in runs["loopN"]]
+    engine_ratios = [a / b for a, b in zip(l1_rate, raw_rate)]
+    new_ratios = [a / b for a, b in zip(l1_new, raw_rate)]
+    scale_ratios = [a / b for a, b in zip(ln_rate, l1_rate)]
+    rawp_rate = [x["steps_per_s"] for x in runs["raw_pinned"]]
+    l1p_rate = [x["engine_steps_per_s"] for x in runs["loop1_pinned"]]
+    pinned_ratios = [a / b for a, b in zip(l1p_rate, rawp_rate)]
+    scale_pinned = [a / b for a, b in zip(ln_rate, l1p_rate)]
+    lg, cov = results["loop_grpo"], results["coverage"]
+    engine_ratio, new_ratio, scale = med(engine_ratios), med(new_ratios), med(scale_ratios)
+    worst_phase = max(phase_other, key=phase_other.get)
+    worst_other = phase_other[worst_phase]
+    if load > worst_other:
+        worst_phase, worst_other = "at start", load
     results["figures"] = {
-        "loop_engine_steps_ratio": engine_ratio, "loop_new_steps_ratio": new_ratio,
+        "raw_steps_per_s": med(raw_rate), "loop_engine_steps_per_s": med(l1_rate),
+        "loop_new_steps_per_s": med(l1_new), "loopN_engine_steps_per_s": med(ln_rate),
+        "loop_engine_steps_ratio": engine_ratio, "loop_engine_steps_ratio_per_round": engine_ratios,
+        "loop_new_steps_ratio": new_ratio, "loop_new_steps_ratio_per_round": new_ratios,
         "loop_target_ratio": LOOP_TARGET_RATIO, "loop_pass": engine_ratio >= LOOP_TARGET_RATIO,
-        "grpo_loop_ratio": lg["engine_steps_per_s"] / raw["steps_per_s"],
-        "scale_ratio": scale, "scale_new_steps_ratio": ln["new_steps_per_s"] / l1["new_steps_per_s"],
-        "scale_items_ratio": ln["items_per_s"] / l1["items_per_s"],
+        "grpo_loop_ratio": lg["engine_steps_per_s"] / med(raw_rate),
+        "scale_ratio": scale, "scale_ratio_per_round": scale_ratios,
         "scale_target_ratio": SCALE_TARGET_RATIO, "scale_pass": scale >= SCALE_TARGET_RATIO,
+        "raw_pinned_steps_per_s": med(rawp_rate), "loop_pinned_engine_steps_per_s": med(l1p_rate),
+        "pinned_loop_engine_steps_ratio": med(pinned_ratios), "pinned_loop_ratio_per_round": pinned_ratios,
+        "scale_vs_pinned_ratio": med(scale_pinned), "scale_vs_pinned_per_round": scale_pinned,
         "coverage_ratio": cov["ratio_3spo_to_grpo"], "paper_coverage_ratio": PAPER_COVERAGE_RATIO,
+        "other_processes_cores_worst": worst_other, "other_processes_worst_phase": worst_phase,
     }
+    f = results["figures"]
     if cold:
-        results["figures"]["cold_loop_engine_steps_ratio"] = \
-            results["loop1_cold"]["engine_steps_per_s"] / results["raw_cold"]["steps_per_s"]
+        f["cold_loop_engine_steps_ratio"] = (results["loop1_cold"]["engine_steps_per_s"]
+                                             / results["raw_cold"]["steps_per_s"])
     results["phase_seconds"], results["total_seconds"] = phase_s, total
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
 
-    f, eng = results["figures"], results["engine"]
-    worst_phase = max(phase_s, key=lambda k: results[k]["other_processes_cores_phase"])
-    worst_other = results[worst_phase]["other_processes_cores_phase"]
-    if load > worst_other:
-        worst_phase, worst_other = "at start", load
-    results["other_processes_cores_worst"] = worst_other
+    l1, ln, eng = runs["loop1"], runs["loopN"], results["engine"]
     s3, sg = cov["3spo"], cov["grpo"]
     split = s3["time_split_s"]
-    cores = lambda r: sum(p["python_cpu_s"] for p in r["per_process"]) / r["wall_s"]  # noqa: E731
+    replay, new = sum(x["replay_steps"] for x in l1), sum(x["env_steps"] for x in l1)
     rows = [
-        Row(f"1 raw engine steps, random, reset on done/{max_steps}", f"{raw['steps_per_s']:,.0f} steps/s", "-",
+        Row(f"1 raw engine steps, random, reset on done/{max_steps}", f"{med(raw_rate):,.0f} steps/s", "-",
             "baseline"),
-        Row("1 loop (new + replay) engine steps, 3spo", f"{l1['engine_steps_per_s']:,.0f} steps/s",
+        Row("1 loop (new + replay) engine steps, 3spo", f"{med(l1_rate):,.0f} steps/s",
             f">= {LOOP_TARGET_RATIO} x raw", f"{engine_ratio:.2f} {'PASS' if f['loop_pass'] else 'FAIL'}"),
-        Row("1 loop new env steps only, 3spo", f"{l1['new_steps_per_s']:,.0f} steps/s", "-", f"{new_ratio:.2f} x raw"),
-        Row("1   replay steps per new step", f"{l1['replay_steps'] / max(l1['env_steps'], 1):.1f} "
-            f"({l1['replay_steps']:,.0f} / {l1['env_steps']:,.0f})"),
-        Row("1   (diag) same, inside rollouts only", f"{l1['engine_steps_per_rollout_s']:,.0f} steps/s", "-",
-            f"{l1['engine_steps_per_rollout_s'] / raw['steps_per_s']:.2f} x raw"),
+        Row("1 loop new env steps only, 3spo", f"{med(l1_new):,.0f} steps/s", "-", f"{new_ratio:.3f} x raw"),
+        Row("1   per round: raw; loop steps/s, ratio",
+            f"{spread(raw_rate, '{:,.0f}')}; {spread(l1_rate, '{:,.0f}')}", "-", spread(engine_ratios)),
+        Row("1   replay steps per new step",
+            f"{replay / max(new, 1):.1f} ({replay / len(l1):,.0f} / {new / len(l1):,.0f})"),
+        Row("1   (diag) loop, inside rollouts only",
+            f"{med(x['engine_steps_per_rollout_s'] for x in l1):,.0f} steps/s", "-",
+            f"{med(x['engine_steps_per_rollout_s'] for x in l1) / med(raw_rate):.2f} x raw"),
         Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
             f"{f['grpo_loop_ratio']:.2f} x raw"),
     ]
+    rows.append(Row("1   (diag) pinned to 1 CPU: raw; loop steps/s",
+                    f"{med(rawp_rate):,.0f}; {med(l1p_rate):,.0f} ({med(rawp_rate) / med(raw_rate):.1f}x, "
+                    f"{med(l1p_rate) / med(l1_rate):.1f}x unpinned)", "-",
+                    f"{f['pinned_loop_engine_steps_ratio']:.2f} x raw"))
     if cold:
         lc, rc = results["loop1_cold"], results["raw_cold"]
         rows.append(Row("1   (diag) cold JVM: loop / raw engine steps",
@@ -565,16 +647,22 @@ def main(
     rows += [
         Row("1   (diag) engine: JVM start / warm-up / reset / step",
             f"{eng['jvm_start_s']:.2f} s / {eng['warmup_steps']:,} steps at {eng['warmup_steps_per_s']:,.0f}/s / "
-            f"{raw['reset_ms']:.2f} ms / {raw['step_ms']:.3f} ms"),
-        Row("2 loop, 1 process, engine steps", f"{l1['engine_steps_per_s']:,.0f} steps/s", "-", "baseline"),
-        Row(f"2 loop, {processes} processes, engine steps", f"{ln['engine_steps_per_s']:,.0f} steps/s",
+            f"{med(x['reset_ms'] for x in runs['raw']):.2f} ms / {med(x['step_ms'] for x in runs['raw']):.3f} ms"),
+        Row("2 loop, 1 process, engine steps", f"{med(l1_rate):,.0f} steps/s", "-", "baseline"),
+        Row(f"2 loop, {processes} processes, engine steps", f"{med(ln_rate):,.0f} steps/s",
             f">= {SCALE_TARGET_RATIO} x 1 proc", f"{scale:.2f} {'PASS' if f['scale_pass'] else 'FAIL'}"),
-        Row(f"2   {processes} processes: new steps, items", f"{ln['new_steps_per_s']:,.0f} steps/s, "
-            f"{ln['items_per_s']:.2f} items/s", "-",
-            f"{f['scale_new_steps_ratio']:.2f}, {f['scale_items_ratio']:.2f} x 1 proc"),
-        Row("2   (diag) busy cores 1 / N procs: all, actor Python",
-            f"{l1['machine_busy_cores']:.2f} / {ln['machine_busy_cores']:.2f}, "
-            f"{cores(l1):.2f} / {cores(ln):.2f} of {os.cpu_count()}"),
+        Row(f"2   per round: {processes}-process steps/s, ratio", spread(ln_rate, "{:,.0f}"), "-",
+            spread(scale_ratios)),
+        Row(f"2   (diag) {processes} processes vs 1 pinned process", f"{med(l1p_rate):,.0f} steps/s pinned",
+            f">= {SCALE_TARGET_RATIO} x", f"{f['scale_vs_pinned_ratio']:.2f} "
+            f"{'PASS' if f['scale_vs_pinned_ratio'] >= SCALE_TARGET_RATIO else 'FAIL'} ({spread(scale_pinned)})"),
+        Row(f"2   {processes} processes: new steps, items",
+            f"{med(x['new_steps_per_s'] for x in ln):,.0f} steps/s, {med(x['items_per_s'] for x in ln):.2f} items/s",
+            "-", f"{med(a['items_per_s'] / b['items_per_s'] for a, b in zip(ln, l1)):.2f} x 1 proc (items)"),
+        Row(f"2   (diag) busy cores 1 / {processes} procs: all, actor Python",
+            f"{med(x['machine_busy_cores'] for x in l1):.2f} / {med(x['machine_busy_cores'] for x in ln):.2f}, "
+            f"{med(x['actor_python_cores'] for x in l1):.2f} / {med(x['actor_python_cores'] for x in ln):.2f} "
+            f"of {os.cpu_count()}"),
         Row("3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
             f"({s3['unique_states']:,} in {s3['env_steps']:,} steps)"),
         Row("3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
@@ -591,7 +679,7 @@ def main(
     ]
     print()
     print_table(rows, f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "
-                      f"budget {budget}, {os.cpu_count()} CPUs, total {total:.0f} s")
+                      f"budget {budget}, {rounds} rounds (medians), {os.cpu_count()} CPUs, total {total:.0f} s")
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_s.items()))
     print(f"JSON: {out}")
 

@@ -139,6 +139,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
                 TASKS.labels("released").inc()
             log.info("item %s: %d env steps, %d leaves (%d won), %d groups, %.1fs", item.item_id,
                      stats.env_steps, stats.leaves, stats.successes, stats.groups, stats.seconds)
+            idle_since = time.monotonic()  # idle time counts from the end of the last item
     finally:
         for env in envs.values():
             env.close()
