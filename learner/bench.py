@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Sequence
 
@@ -52,15 +51,9 @@ QWEN2_0_5B_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_hea
                         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
+from score_store.bench import Row, print_table  # noqa: E402 - the benchmarks' shared table
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    target: str = "-"
-    verdict: str = ""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -485,20 +478,6 @@ def gpu_model(out_dir: Path, seed: int = 0) -> Path:
 
 
 # --- driver ------------------------------------------------------------------------------
-
-def print_table(rows: list[Row], header: str) -> None:
-    cols = [("figure", [r.figure for r in rows]), ("value", [r.value for r in rows]),
-            ("target", [r.target for r in rows]), ("ratio / pass", [r.verdict for r in rows])]
-    widths = [max(len(title), *(len(v) for v in values)) for title, values in cols]
-    line = "+".join("-" * (w + 2) for w in widths)
-    print(header)
-    print(" | ".join(title.ljust(w) for (title, _), w in zip(cols, widths)))
-    print(line)
-    for i, r in enumerate(rows):
-        if i and r.figure[0] != rows[i - 1].figure[0]:
-            print(line)
-        print(" | ".join(v.ljust(w) for v, w in zip((r.figure, r.value, r.target, r.verdict), widths)))
-
 
 def versions() -> dict:
     out = {}

@@ -19,7 +19,6 @@ binds to loopback only and is stopped in a finally. Prints a table and writes JS
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -30,12 +29,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Sequence
+from typing import Annotated, Callable, Sequence
 
 import httpx
 import typer
 
-from score_store.bench import Row, machine_busy_seconds, percentile, print_table
+from score_store.bench import Row, machine_busy_seconds, percentile, print_table, progress
 from services.contracts import ChatMessage, SamplingParams
 from services.model_init import PRESETS, init_model
 from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
@@ -48,29 +47,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar when rich is importable, else a line every 10%."""
-    try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    except ImportError:
-        done, next_mark, start = 0, 0.1, time.perf_counter()
-
-        def advance(n: int) -> None:
-            nonlocal done, next_mark
-            done += n
-            while done >= next_mark * total and next_mark <= 1.0:
-                print(f"  {label}: {done:,}/{total:,} ({time.perf_counter() - start:.1f} s)", flush=True)
-                next_mark += 0.1
-
-        yield advance
-        return
-    with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
