@@ -51,21 +51,12 @@ QWEN2_0_5B_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_hea
                         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
-from score_store.bench import Row, print_table  # noqa: E402 - the benchmarks' shared table
+from score_store.bench import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine spent busy (/proc/stat), to see other load."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
 
 def process_tree_cpu_seconds(root: int) -> float:
     """utime + stime of a process and all its live descendants (/proc); 0 where /proc is missing."""

