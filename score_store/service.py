@@ -18,14 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from score_store.connection import EmbeddedRedis, StoreUnavailable, check_reachable, connect
 from score_store.score_math import ScoreParams
 from score_store.store import CommitResult, RedisScoreStore, ScoreBatch, StoreStats
+from services.metrics import ScoreServiceMetrics
 
 MAX_KEYS_PER_REQUEST = 4096
 MAX_PATH_LENGTH = 1024
@@ -73,37 +73,6 @@ class ErrorBody(BaseModel):
 class StatsResponse(StoreStats):
     run: str
     params: ScoreParams
-
-
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("spo3_score_requests", "HTTP requests", ["route", "status"], registry=registry)
-        self.latency = Histogram("spo3_score_request_seconds", "HTTP request latency", ["route"],
-                                 registry=registry,
-                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
-        self.keys_scored = Counter("spo3_score_keys_scored", "State keys scored", registry=registry)
-        self.leaves = Counter("spo3_score_leaves", "Leaf commits", ["counted"], registry=registry)
-        self.store_errors = Counter("spo3_score_store_errors", "Redis unreachable after retries",
-                                    registry=registry)
-
-
-class _StoreStatsCollector:
-    """Reads the store's totals at scrape time, so every replica reports the shared truth."""
-
-    def __init__(self, get_store) -> None:
-        self._get_store = get_store
-
-    def collect(self):
-        try:
-            s = self._get_store().stats()
-        except Exception:  # a scrape must not fail because Redis is briefly away
-            return
-        for name, value, doc in (("spo3_store_t", s.t, "Completed trajectories + 1"),
-                                 ("spo3_store_states", s.n_states, "States with statistics"),
-                                 ("spo3_store_truncated_states", s.truncated_states, "States with S = 0"),
-                                 ("spo3_store_leaves", s.leaves_counted, "Leaves counted"),
-                                 ("spo3_store_duplicate_commits", s.duplicate_commits, "Duplicate leaf commits ignored")):
-            yield GaugeMetricFamily(name, doc, value=value)
 
 
 def _field_names(errors) -> list[str]:
@@ -159,7 +128,6 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
         raise ValueError("no API token: set SPO3_API_TOKEN (or pass --token) so that mutating routes are protected")
     token = settings.api_token.get_secret_value().encode()
     registry = CollectorRegistry()
-    metrics = _Metrics(registry)
     state: dict = {"store": store, "embedded": None}
     lock = threading.Lock()
 
@@ -178,7 +146,7 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
                         success_threshold=settings.success_threshold, leaf_ttl_s=settings.leaf_ttl_s)
         return state["store"]
 
-    registry.register(_StoreStatsCollector(get_store))
+    metrics = ScoreServiceMetrics(registry, lambda: get_store().stats())
     bearer = HTTPBearer(auto_error=False, description="SPO3_API_TOKEN of the service")
 
     def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -95,6 +96,8 @@ def actor_cmd(
     redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the score store, work queue and groups stream.")],
     policy_url: Annotated[Optional[str], typer.Option(envvar="SPO3_POLICY_URL", help="vLLM server (OpenAI API) to sample from.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Instead of --policy-url: a local HF model directory run in-process.")] = None,
+    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help="With --model: follow the weights the "
+                                                       "learner publishes to this (shared) directory (`spo3 learner --weights-dir`).")] = None,
     run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
     max_steps: Annotated[int, typer.Option(help="Deepest path in actions.")] = 15,
     max_leaves: Annotated[int, typer.Option(help="Most leaves per task.")] = 64,
@@ -106,8 +109,12 @@ def actor_cmd(
     g_max: Annotated[int, typer.Option(help="Most branches per state.")] = 8,
     lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics (deployments use 9100).")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
     threads: Annotated[int, typer.Option(help="Torch threads of an in-process model (1 is fastest when several processes share the cores).")] = 1,
+    eval_task: Annotated[Optional[list[str]], typer.Option(help="Held-out ENV:TASK_ID played as an evaluation episode "
+                                                           "(temperature 0.4, no learning; repeatable), counted in spo3_actor_eval_*.")] = None,
+    eval_every: Annotated[int, typer.Option(help="One evaluation episode after every N finished work items (0: none).")] = 0,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -122,6 +129,14 @@ def actor_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if bool(policy_url) == bool(model):
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
+    if weights_dir and not model:
+        raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
+    evals = []
+    for item in eval_task or []:
+        env_name, sep, task_id = item.partition(":")
+        if not sep or not task_id:
+            raise typer.BadParameter(f"--eval-task wants ENV:TASK_ID (e.g. textworld:/games/g.z8), got {item!r}")
+        evals.append((env_name, task_id))
     if policy_url:
         from services.policy.vllm_client import VLLMPolicy
 
@@ -130,11 +145,17 @@ def actor_cmd(
         from services.policy.inprocess import InProcessPolicy
 
         policy = InProcessPolicy(model, threads=threads)
+        if weights_dir:
+            from score_store.connection import connect
+            from services.policy.weights_dir import FollowingPolicy
+
+            policy = FollowingPolicy(policy, weights_dir, connect(redis_url), run)
     cfg = ActorConfig(
         redis_url=redis_url, run=run, params=ScoreParams(alpha=alpha, g_max=g_max),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
-        lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port)
+        lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
+        eval_tasks=evals, eval_every=eval_every)
     finished = run_actor(cfg, policy)
     typer.echo(f"actor finished {finished} work items")
 
@@ -173,6 +194,8 @@ def learner_cmd(
     policy_url: Annotated[Optional[list[str]], typer.Option(help="vLLM server(s) to republish weights to (repeat the option).")] = None,
     staging_dir: Annotated[str, typer.Option(help="Shared directory for weights published to vLLM.")] = "published-weights",
     publish_dtype: Annotated[Optional[str], typer.Option(help="Cast published weights to the servers' dtype (e.g. bfloat16).")] = None,
+    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help="Instead of --policy-url: publish to this "
+                                                       "(shared) directory for in-process actors (`spo3 actor --model M --weights-dir D`).")] = None,
     groups_per_update: Annotated[int, typer.Option(help="Step groups per optimizer step (post-step updates).")] = 8,
     max_staleness: Annotated[int, typer.Option(help="Use a group only if current version - its version <= this.")] = 2,
     publish_every: Annotated[int, typer.Option(help="Republish weights every k updates.")] = 1,
@@ -187,6 +210,8 @@ def learner_cmd(
     mean_only: Annotated[bool, typer.Option(help="Advantages without the std division.")] = False,
     kl_coef: Annotated[float, typer.Option(help="k3 KL penalty to the frozen reference.")] = 0.01,
     entropy_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics from rank 0 (deployments use 9200).")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
 ) -> None:
     """Run the DeepSpeed learner: post-step updates from the groups stream, weight republishing,
     checkpoints. Several processes: `torchrun --nproc_per_node N -m services.cli learner ...`."""
@@ -199,15 +224,22 @@ def learner_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     publisher = None
+    if policy_url and weights_dir:
+        raise typer.BadParameter("give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both")
     if policy_url:
         from services.policy.vllm_client import VLLMDiskPublisher
 
         publisher = VLLMDiskPublisher(policy_url, model, staging_dir, dtype=publish_dtype)
+    elif weights_dir:
+        from score_store.connection import connect
+        from services.policy.weights_dir import DirectoryPublisher
+
+        publisher = DirectoryPublisher(weights_dir, connect(redis_url), run)
     cfg = LearnerConfig(
         redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, resume=resume,
         groups_per_update=groups_per_update, max_staleness=max_staleness, publish_every=publish_every,
         checkpoint_every=checkpoint_every, max_updates=max_updates, exit_when_idle_s=exit_when_idle,
-        advantages=AdvantageConfig(mean_only=mean_only),
+        advantages=AdvantageConfig(mean_only=mean_only), metrics_port=metrics_port, metrics_host=metrics_host,
         trainer=TrainerConfig(model=model, lr=lr, zero_stage=zero_stage, bf16=bf16, offload_optimizer=offload_optimizer,
                               micro_batch_rows=micro_batch_rows,
                               loss=LossConfig(kl_coef=kl_coef, entropy_coef=entropy_coef)))
@@ -219,20 +251,28 @@ def learner_cmd(
 @app.command("train")
 def train_cmd(
     config: Annotated[str, typer.Option(help="YAML run configuration (see configs/demo.yaml).")] = "configs/demo.yaml",
+    engine: Annotated[Optional[str], typer.Option(help="Policy engine: inprocess, or vllm (a vLLM server from "
+                                                       ".venv-vllm; `make vllm-venv`). Default: the config's.")] = None,
     no_progress: Annotated[bool, typer.Option(help="No live progress bar (logs only).")] = False,
 ) -> None:
     """Train on one machine: embedded Redis, actor processes (Ray), the DeepSpeed learner, held-out
     evaluation before and after; writes metrics.jsonl, plots, a summary and the final checkpoint."""
     from services.launcher import TrainConfig, train
 
-    run_dir = train(TrainConfig.from_yaml(config), progress=not no_progress)
+    cfg = TrainConfig.from_yaml(config)
+    if engine:
+        if engine not in ("inprocess", "vllm"):
+            raise typer.BadParameter(f"--engine must be inprocess or vllm, not {engine!r}")
+        cfg.engine = engine
+    run_dir = train(cfg, progress=not no_progress)
     typer.echo(f"run directory: {run_dir}")
 
 
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[str, typer.Option(help="Hugging Face model directory (a run's checkpoints/v*/hf).")],
-    games: Annotated[list[str], typer.Argument(help="Held-out TextWorld game files (.z8).")],
+    games: Annotated[list[str], typer.Argument(help="Held-out task ids (TextWorld .z8 files by default; see --env).")],
+    env: Annotated[str, typer.Option(help="Environment of the tasks: textworld, twx, scienceworld or alfworld.")] = "textworld",
     max_steps: Annotated[int, typer.Option(help="Most actions per episode.")] = 15,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper evaluates at 0.4).")] = 0.4,
     episodes: Annotated[int, typer.Option(help="Episodes per game.")] = 1,
@@ -243,12 +283,41 @@ def eval_cmd(
     from actors.evaluate import evaluate
     from services.policy.inprocess import InProcessPolicy
 
-    env = make_env("textworld")
+    env = make_env(env)
     result = evaluate(env, InProcessPolicy(checkpoint), games, max_steps=max_steps, temperature=temperature,
                       choice_mode=choice_mode, episodes=episodes)
     env.close()
     typer.echo(f"success {result.success_rate:.1%} over {len(result.per_task)} episodes, "
                f"mean steps {result.mean_steps:.1f}, invalid actions {result.invalid_rate:.1%}")
+
+
+@app.command("bench")
+def bench_cmd(
+    config: Annotated[str, typer.Option(help="Suites and shared run settings (YAML, see configs/bench.yaml).")] = "configs/bench.yaml",
+    suite: Annotated[Optional[list[str]], typer.Option(help="Only this suite (repeatable). Default: every suite in the config.")] = None,
+    algo: Annotated[Optional[list[str]], typer.Option(help="Only this algorithm: 3spo, grpo, gigpo (repeatable).")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Seeds (repeatable; default the config's, 3 seeds).")] = None,
+    env_steps: Annotated[Optional[int], typer.Option(help="Budget of new env steps per run (overrides the config).")] = None,
+    time_limit_s: Annotated[Optional[float], typer.Option(help="Time limit per run in seconds (overrides the config).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one resumes "
+                                                    "after the runs already recorded there.")] = None,
+    no_progress: Annotated[bool, typer.Option(help="No live progress bar.")] = False,
+) -> None:
+    """3SPO vs GRPO vs GiGPO on the same env-step budget over several seeds and suites: a table per
+    suite (held-out success, unique states per 1k steps, steps to a success threshold, generated
+    tokens, wall time; mean and spread), the ratios behind the paper's claims, and plots."""
+    from services.benchmark import BenchConfig, now_tag, run_bench, select
+
+    for a in algo or []:
+        if a not in ("3spo", "grpo", "gigpo"):
+            raise typer.BadParameter(f"--algo must be 3spo, grpo or gigpo, not {a!r}")
+    try:
+        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
+    run_bench(bench, out_dir, progress=not no_progress)
+    typer.echo(f"results: {out_dir / 'summary.md'}")
 
 
 @app.command("make-games")

