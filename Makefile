@@ -41,7 +41,7 @@ system-deps: ## Install redis-server, redis-benchmark, Java (TextWorld-Express, 
 	@missing=""; \
 	command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || missing="redis-server redis-tools"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $$missing"; \

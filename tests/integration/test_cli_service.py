@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,21 @@ def test_ray_serve_deployment(redis_url):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+        _kill_ray_session_of(proc.pid)
+
+
+def _kill_ray_session_of(driver_pid: int) -> None:
+    """Kill the Ray processes of the cluster that `driver_pid` started (its session name ends with
+    that pid), and no other: `ray stop` would also kill every other Ray user on the machine."""
+    import psutil
+
+    mine = re.compile(rf"session_[0-9_-]+_{driver_pid}(\b|/)")
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if mine.search(" ".join(p.info["cmdline"] or [])):
+                p.kill()
+        except psutil.Error:
+            pass
 
 
 def test_make_games_is_deterministic(tmp_path):
