@@ -48,7 +48,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # A group of one needs no agreed port; an inherited MASTER_PORT may still be held by the
+        # process that set it (a parent that ran a learner itself).
+        os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -272,9 +272,24 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True) -> dict:
 
 
 def select(bench: BenchConfig, suites: list[str] | None, algos: list[str] | None, seeds: list[int] | None,
-           env_steps: int | None, time_limit_s: float | None) -> BenchConfig:
-    """`bench` narrowed and overridden by command-line choices (unknown suite names are an error)."""
+           env_steps: int | None, time_limit_s: float | None, sets: list[str] | None = None) -> BenchConfig:
+    """`bench` narrowed and overridden by command-line choices (unknown suite names are an error).
+    `sets`: "dotted.key=value" overrides of every run's settings, e.g. "score.alpha=50" (a sweep)."""
     b = bench.model_copy(deep=True)
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants KEY=VALUE (e.g. score.alpha=50), got {item!r}")
+        *path, leaf = key.split(".")
+        parsed = yaml.safe_load(value)
+        for target in [b.base, *b.suites.values()]:  # suites that set the key would win over base
+            node = target
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set {key}: {part!r} is not a section")
+            if target is b.base or leaf in node:
+                node[leaf] = parsed
     if suites:
         unknown = [s for s in suites if s not in b.suites]
         if unknown:

@@ -299,6 +299,8 @@ def bench_cmd(
     seed: Annotated[Optional[list[int]], typer.Option(help="Seeds (repeatable; default the config's, 3 seeds).")] = None,
     env_steps: Annotated[Optional[int], typer.Option(help="Budget of new env steps per run (overrides the config).")] = None,
     time_limit_s: Annotated[Optional[float], typer.Option(help="Time limit per run in seconds (overrides the config).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a run setting for every run, "
+                                                       "KEY=VALUE with a dotted key (repeatable), e.g. score.alpha=50.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one resumes "
                                                     "after the runs already recorded there.")] = None,
     no_progress: Annotated[bool, typer.Option(help="No live progress bar.")] = False,
@@ -312,7 +314,7 @@ def bench_cmd(
         if a not in ("3spo", "grpo", "gigpo"):
             raise typer.BadParameter(f"--algo must be 3spo, grpo or gigpo, not {a!r}")
     try:
-        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s)
+        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"

@@ -75,6 +75,13 @@ def variable_queries() -> list[tuple[str, str, str]]:
     return out
 
 
+def actor_reloaded(prom) -> bool:
+    """The actor has loaded at least one version the learner published (it may be mid-task when
+    every panel already has data, so the run goes on until it has)."""
+    result = query(prom, "sum(spo3_policy_reloads_total)")
+    return bool(result) and float(result[0]["value"][1]) >= 1
+
+
 def test_dashboards_are_well_formed():
     boards = dashboards()
     assert set(boards) == {"exploration.json", "success.json", "learner.json", "system.json"}
@@ -241,7 +248,7 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
             except httpx.TransportError:
                 continue
             failed, problems = missing_data(prom), rule_problems(prom)
-            if not failed and not problems:
+            if not failed and not problems and actor_reloaded(prom):
                 break
         print(f"\n{len(panel_queries())} panel queries checked in {time.monotonic() - start:.0f} s")
         for line in failed + problems:

@@ -67,6 +67,12 @@ def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
     assert narrowed.run_config("b", "3spo", 7, tmp_path).env_steps == 300  # the command line wins
     with pytest.raises(ValueError, match="unknown suite"):
         select(bench, ["nope"], None, None, None, None)
+    swept = select(bench, None, None, None, None, None, ["score.alpha=50", "rollout.max_steps=5"])
+    assert swept.run_config("a", "3spo", 0, tmp_path).score == {"alpha": 50}
+    assert swept.run_config("a", "3spo", 0, tmp_path).rollout["max_steps"] == 5  # the suite's own value too
+    assert bench.base.get("score") is None  # the original is untouched
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        select(bench, None, None, None, None, None, ["alpha"])
 
 
 def test_the_shipped_bench_config_is_valid(tmp_path):
