@@ -78,11 +78,14 @@ def run_figures(run_dir: Path, threshold: float, window: int) -> dict:
     snaps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     steps = max(summary["env_steps"], 1)
     last = snaps[-1] if snaps else {}
+    # Small games run out of new states before the budget does: the first half shows the pace.
+    half = next((x for x in snaps if x["env_steps"] >= steps / 2), last)
     return {
         "final_success": summary["held_out_success_after"],
         "initial_success": summary["held_out_success_before"],
         "train_success": last.get("successes", 0) / max(last.get("leaves", 0), 1),
         "unique_states_per_1k": 1000 * summary["unique_states"] / steps,
+        "unique_states_per_1k_half": 1000 * half.get("unique_states", 0) / max(half.get("env_steps", 0), 1),
         "steps_to_threshold": steps_to_threshold(snaps, threshold, window),
         "generated_tokens": summary["generated_tokens"],
         "wall_time_s": summary["wall_time_s"],
@@ -97,6 +100,7 @@ def run_figures(run_dir: Path, threshold: float, window: int) -> dict:
 FIGURES = [  # (key, column title, format)
     ("final_success", "held-out success", "{:.1%}"),
     ("unique_states_per_1k", "unique states / 1k steps", "{:.1f}"),
+    ("unique_states_per_1k_half", "... in the first half", "{:.1f}"),
     ("steps_to_threshold", "steps to threshold", "{:,.0f}"),
     ("generated_tokens", "generated tokens", "{:,.0f}"),
     ("wall_time_s", "wall time s", "{:.0f}"),
@@ -122,7 +126,8 @@ def suite_table(records: list[dict], algos: list[str]) -> dict[str, dict[str, tu
 
 def claim_ratios(table: dict[str, dict[str, tuple]], ours: str = "3spo") -> dict[str, dict[str, float | None]]:
     """The paper's three claims against each baseline, from the per-suite means:
-    exploration = unique states per 1k steps, ours / theirs (paper: 2.4x vs GRPO);
+    exploration = unique states per 1k steps, ours / theirs (paper: 2.4x vs GRPO), over the whole
+    budget and over its first half;
     convergence = steps to threshold, theirs / ours (paper: 1.8x vs GRPO; None when either
     side never reached the threshold); success = held-out success, ours - theirs (points)."""
     out = {}
@@ -131,10 +136,13 @@ def claim_ratios(table: dict[str, dict[str, tuple]], ours: str = "3spo") -> dict
             continue
         a, b = table[ours], table[base]
         ua, ub = a["unique_states_per_1k"][0], b["unique_states_per_1k"][0]
+        ha, hb = a["unique_states_per_1k_half"][0], b["unique_states_per_1k_half"][0]
         sa, sb = a["steps_to_threshold"][0], b["steps_to_threshold"][0]
         fa, fb = a["final_success"][0], b["final_success"][0]
         out[base] = {
+            "reached": (a["steps_to_threshold"][2], b["steps_to_threshold"][2], a["steps_to_threshold"][3]),
             "exploration": ua / ub if ua is not None and ub else None,
+            "exploration_half": ha / hb if ha is not None and hb else None,
             "convergence": sb / sa if sa and sb else None,
             "success_points": 100 * (fa - fb) if fa is not None and fb is not None else None,
         }
@@ -161,8 +169,11 @@ def markdown(results: dict) -> str:
             lines.append(f"| {algo} | " + " | ".join(_cell(figs[k], f) for k, _, f in FIGURES) + " |")
         lines.append("")
         for base, r in data["ratios"].items():
-            parts = [f"exploration {r['exploration']:.2f}x" if r["exploration"] is not None else "exploration n/a",
-                     f"convergence {r['convergence']:.2f}x" if r["convergence"] is not None else "convergence n/a",
+            parts = [(f"exploration {r['exploration']:.2f}x" if r["exploration"] is not None else "exploration n/a")
+                     + (f" ({r['exploration_half']:.2f}x in the first half)" if r.get("exploration_half") else ""),
+                     (f"convergence {r['convergence']:.2f}x" if r["convergence"] is not None else "convergence n/a")
+                     + " (threshold reached in {}/{} vs {}/{} runs)".format(r["reached"][0], r["reached"][2],
+                                                                         r["reached"][1], r["reached"][2]),
                      f"success {r['success_points']:+.1f} points" if r["success_points"] is not None else "success n/a"]
             lines.append(f"- 3SPO vs {base}: " + ", ".join(parts))
         lines += ["", f"![{suite}]({suite}.png)", ""]
@@ -217,7 +228,9 @@ def summarize(bench: BenchConfig, records: list[dict], env_steps: int) -> dict:
             "success_threshold": bench.success_threshold, "window": bench.window, "suites": suites}
 
 
-def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True) -> dict:
+def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_only: bool = False) -> dict:
+    """Run every (suite, seed, algo) not yet recorded in `out` (none with `report_only`), then write
+    the tables and plots from all recorded runs of the plan."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -238,7 +251,7 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True) -> dict:
         finished = 0
         for i, (suite, seed, algo) in enumerate(plan):
             cfg = bench.run_config(suite, algo, seed, out)
-            if (suite, seed, algo) in done:
+            if (suite, seed, algo) in done or report_only:
                 finished += cfg.env_steps
                 bar.update(task, completed=finished)
                 continue
@@ -260,14 +273,16 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True) -> dict:
             bar.update(task, completed=finished)
             console.print(f"{info}: held-out {record['final_success']:.0%}, "
                           f"{record['unique_states_per_1k']:.1f} states/1k steps, {record['wall_time_s']:.0f} s")
-    records = [done[k] for k in plan if k in done]
+    # Figures are recomputed from each run's files, so a report uses the current definitions.
+    records = [{**done[k], **run_figures(Path(done[k]["run_dir"]), bench.success_threshold, bench.window)}
+               if (Path(done[k]["run_dir"]) / "summary.json").is_file() else done[k] for k in plan if k in done]
     results = summarize(bench, records, max(r["env_steps"] for r in records) if records else 0)
     results["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in records]
     for suite in results["suites"]:
         plot_suite(out / f"{suite}.png", suite, [r for r in records if r["suite"] == suite], bench.algos, bench.window)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
-    console.print(markdown(results))
+    console.print(markdown(results), markup=False, highlight=False)
     return results
 
 

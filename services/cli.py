@@ -303,6 +303,8 @@ def bench_cmd(
                                                        "KEY=VALUE with a dotted key (repeatable), e.g. score.alpha=50.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one resumes "
                                                     "after the runs already recorded there.")] = None,
+    report_only: Annotated[bool, typer.Option(help="Run nothing: write the tables and plots from the runs "
+                                                   "already recorded in --out.")] = False,
     no_progress: Annotated[bool, typer.Option(help="No live progress bar.")] = False,
 ) -> None:
     """3SPO vs GRPO vs GiGPO on the same env-step budget over several seeds and suites: a table per
@@ -317,8 +319,10 @@ def bench_cmd(
         bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if report_only and not out:
+        raise typer.BadParameter("--report-only needs --out (the directory of an earlier bench)")
     out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
-    run_bench(bench, out_dir, progress=not no_progress)
+    run_bench(bench, out_dir, progress=not no_progress, report_only=report_only)
     typer.echo(f"results: {out_dir / 'summary.md'}")
 
 

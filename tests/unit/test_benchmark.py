@@ -30,6 +30,7 @@ def test_steps_to_threshold_does_not_credit_early_failures_to_late_success():
 
 def record(algo, seed, final, unique, steps):
     return {"algo": algo, "seed": seed, "final_success": final, "unique_states_per_1k": unique,
+            "unique_states_per_1k_half": 2 * unique,
             "steps_to_threshold": steps, "generated_tokens": 100, "wall_time_s": 10.0}
 
 
@@ -45,7 +46,7 @@ def test_table_and_ratios_follow_the_paper_directions():
     assert r["success_points"] == pytest.approx(30.0)
     text = markdown({"algos": ["3spo", "grpo"], "seeds": [0, 1, 2], "env_steps": 1500, "success_threshold": 0.5,
                      "window": 32, "suites": {"s": {"table": table, "ratios": {"grpo": r}}}})
-    assert "(2/3 reached)" in text and "exploration 2.00x" in text and "success +30.0 points" in text
+    assert "(2/3 reached)" in text and "exploration 2.00x" in text and "(threshold reached in 3/3 vs 2/3 runs)" in text and "success +30.0 points" in text
 
 
 def test_ratios_are_none_when_a_side_never_converged():
