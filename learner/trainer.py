@@ -48,9 +48,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # A group of one needs no agreed port; an inherited MASTER_PORT may still be held by the
-        # process that set it (a parent that ran a learner itself).
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A group of one that no launcher set up needs no agreed port; an inherited MASTER_PORT
+        # may still be held by the process that set it (a parent that ran a learner itself).
+        # (torchrun's agent hosts the store on its port: keep that one.)
         os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")

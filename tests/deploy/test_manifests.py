@@ -440,11 +440,14 @@ def test_compose_config_is_valid(env_file, profile):
     assert res.returncode == 0, res.stderr
 
 
-def test_compose_refuses_to_start_without_secrets(tmp_path):
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    res = compose(empty, "--profile", "cpu", "config", "-q")
-    assert res.returncode != 0 and "REDIS_PASSWORD" in res.stderr
+@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "SPO3_API_TOKEN", "GRAFANA_ADMIN_PASSWORD"])
+def test_compose_refuses_to_start_without_secrets(tmp_path, missing):
+    # One secret left out at a time: Compose names the first missing variable it meets, in no set order.
+    partial = tmp_path / "partial.env"
+    partial.write_text("".join(f"{k}=x{i}\n" for i, k in enumerate(
+        ("REDIS_PASSWORD", "SPO3_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")) if k != missing))
+    res = compose(partial, "--profile", "cpu", "config", "-q")
+    assert res.returncode != 0 and missing in res.stderr, res.stderr
 
 
 def test_compose_file_passes_the_compose_spec_schema():
