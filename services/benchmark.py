@@ -158,12 +158,11 @@ def _cell(stats: tuple, fmt: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# spo3 bench: {', '.join(results['algos'])} at {results['env_steps']:,} env steps per run, "
-             f"seeds {results['seeds']}", "",
+    lines = [f"# spo3 bench: {', '.join(results['algos'])}, seeds {results['seeds']}", "",
              f"mean ± std over seeds. Steps to threshold: env steps until the training success rate over "
              f"the last {results['window']} leaves first reached {results['success_threshold']:.0%}.", ""]
     for suite, data in results["suites"].items():
-        lines += [f"## {suite}", "", "| algo | " + " | ".join(t for _, t, _ in FIGURES) + " |",
+        lines += [f"## {suite} ({data['budget']:,} env steps per run)", "", "| algo | " + " | ".join(t for _, t, _ in FIGURES) + " |",
                   "|---" * (len(FIGURES) + 1) + "|"]
         for algo, figs in data["table"].items():
             lines.append(f"| {algo} | " + " | ".join(_cell(figs[k], f) for k, _, f in FIGURES) + " |")
@@ -218,13 +217,15 @@ def plot_suite(path: Path, suite: str, records: list[dict], algos: list[str], wi
     plt.close(fig)
 
 
-def summarize(bench: BenchConfig, records: list[dict], env_steps: int) -> dict:
+def summarize(bench: BenchConfig, records: list[dict], budgets: dict[str, int]) -> dict:
+    """Tables and ratios per suite; `budgets`: the env-step budget of each suite's runs."""
     suites = {}
     for suite in dict.fromkeys(r["suite"] for r in records):
         rs = [r for r in records if r["suite"] == suite]
         table = suite_table(rs, [a for a in bench.algos if any(r["algo"] == a for r in rs)])
-        suites[suite] = {"table": table, "ratios": claim_ratios(table) if "3spo" in table else {}}
-    return {"algos": bench.algos, "seeds": bench.seeds, "env_steps": env_steps,
+        suites[suite] = {"table": table, "ratios": claim_ratios(table) if "3spo" in table else {},
+                         "budget": budgets.get(suite, 0)}
+    return {"algos": bench.algos, "seeds": bench.seeds,
             "success_threshold": bench.success_threshold, "window": bench.window, "suites": suites}
 
 
@@ -276,7 +277,8 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_on
     # Figures are recomputed from each run's files, so a report uses the current definitions.
     records = [{**done[k], **run_figures(Path(done[k]["run_dir"]), bench.success_threshold, bench.window)}
                if (Path(done[k]["run_dir"]) / "summary.json").is_file() else done[k] for k in plan if k in done]
-    results = summarize(bench, records, max(r["env_steps"] for r in records) if records else 0)
+    results = summarize(bench, records, {s: bench.run_config(s, bench.algos[0], bench.seeds[0], out).env_steps
+                                         for s in bench.suites})
     results["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in records]
     for suite in results["suites"]:
         plot_suite(out / f"{suite}.png", suite, [r for r in records if r["suite"] == suite], bench.algos, bench.window)

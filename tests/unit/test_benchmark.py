@@ -44,9 +44,9 @@ def test_table_and_ratios_follow_the_paper_directions():
     assert r["exploration"] == pytest.approx(2.0)
     assert r["convergence"] == pytest.approx(900 / 400)
     assert r["success_points"] == pytest.approx(30.0)
-    text = markdown({"algos": ["3spo", "grpo"], "seeds": [0, 1, 2], "env_steps": 1500, "success_threshold": 0.5,
-                     "window": 32, "suites": {"s": {"table": table, "ratios": {"grpo": r}}}})
-    assert "(2/3 reached)" in text and "exploration 2.00x" in text and "(threshold reached in 3/3 vs 2/3 runs)" in text and "success +30.0 points" in text
+    text = markdown({"algos": ["3spo", "grpo"], "seeds": [0, 1, 2], "success_threshold": 0.5,
+                     "window": 32, "suites": {"s": {"table": table, "ratios": {"grpo": r}, "budget": 1500}}})
+    assert "## s (1,500 env steps per run)" in text and "(2/3 reached)" in text and "exploration 2.00x" in text and "(threshold reached in 3/3 vs 2/3 runs)" in text and "success +30.0 points" in text
 
 
 def test_ratios_are_none_when_a_side_never_converged():
