@@ -204,9 +204,16 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
     train_games = generate_games(tmp_path / "games", "tw-coin_collector", 2, seed=40, level=1)
     eval_game = generate_games(tmp_path / "games", "tw-coin_collector", 1, seed=90, level=1)[0]
     queue = WorkQueue(connect(redis_url), run)
-    for _ in range(50):
-        for g in train_games:
-            queue.put("textworld", g)
+
+    def keep_the_actor_busy() -> None:
+        # As the score statistics settle, 3SPO stops branching and items take a fraction of a
+        # second: without more work the actor would idle (and never sample, so never reload)
+        # before the learner's first version.
+        while queue.counts()["ready"] < 20:
+            for g in train_games:
+                queue.put("textworld", g)
+
+    keep_the_actor_busy()
     ports = {"score-service": free_port(), "actor": free_port(), "learner": free_port()}
     prom_port = free_port()
     weights = tmp_path / "weights"
@@ -234,6 +241,7 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
         while time.monotonic() < deadline:
             time.sleep(3)
             procs.check_alive()
+            keep_the_actor_busy()
             if not learner_up:  # its first start compiles a DeepSpeed op: the budget counts from its start
                 try:
                     httpx.get(f"http://127.0.0.1:{ports['learner']}/metrics", timeout=2)
@@ -267,7 +275,7 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
         assert not problems, "rules that do not evaluate cleanly:\n" + "\n".join(problems)
         # The learner really updated and published; the actor followed and evaluated.
         assert float(query(prom, "max(spo3_learner_published_version)")[0]["value"][1]) >= 1
-        assert float(query(prom, "sum(spo3_policy_reloads_total)")[0]["value"][1]) >= 1
+        assert float(query(prom, "sum(spo3_policy_reloads_total)")[0]["value"][1]) >= 1, procs.tail("actor", 1500)
         assert float(query(prom, "sum(spo3_actor_eval_episodes_total)")[0]["value"][1]) >= 1
         assert float(query(prom, "sum(spo3_policy_checksum_failures_total)")[0]["value"][1]) == 0
     finally:
