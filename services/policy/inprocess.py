@@ -97,12 +97,7 @@ class InProcessPolicy:
         from the model's distribution restricted to tokens that keep the text a prefix of some
         choice. One teacher-forced pass over all choices gives every logit this needs."""
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in p.choices]
-        width = max(map(len, choice_ids))
-        pad = self.tokenizer.pad_token_id
-        rows = torch.tensor([prompt + ids + [pad] * (width - len(ids)) for ids in choice_ids], device=self.device)
-        mask = torch.tensor([[1] * (len(prompt) + len(ids)) + [0] * (width - len(ids)) for ids in choice_ids],
-                            device=self.device)
-        logits = self.model(input_ids=rows, attention_mask=mask).logits[:, len(prompt) - 1: -1].float()
+        logits = self._choice_logits(prompt, choice_ids)
         allowed: dict[tuple[int, ...], list[int]] = {}
         for ids in choice_ids:
             for j, tok in enumerate(ids):
@@ -129,6 +124,22 @@ class InProcessPolicy:
             picks = torch.multinomial(probs / probs.sum(), p.n, replacement=True).tolist()
         return [Completion(text=p.choices[i], token_ids=choice_ids[i], logprobs=token_logps[i],
                            finish_reason="stop", policy_version=0) for i in picks]
+
+    def _choice_logits(self, prompt: list[int], choice_ids: list[list[int]]) -> torch.Tensor:
+        """[choice, position, vocab]: the logits that predict each token of each choice. The prompt
+        runs once and every choice row reads its KV cache: environments offer tens of commands and
+        a prompt with history runs to hundreds of tokens, so a prompt per row cost tens of times more."""
+        width = max(map(len, choice_ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        head = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(choice_ids))
+        rows = torch.tensor([ids + [pad] * (width - len(ids)) for ids in choice_ids], device=self.device)
+        mask = torch.tensor([[1] * (len(prompt) + len(ids)) + [0] * (width - len(ids)) for ids in choice_ids],
+                            device=self.device)
+        tail = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        first = head.logits[:, -1:].expand(len(choice_ids), 1, -1)  # predicts every choice's first token
+        return torch.cat([first, tail[:, :-1]], dim=1).float()
 
     # --- publish ------------------------------------------------------------------------
     def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:

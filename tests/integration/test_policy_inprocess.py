@@ -37,6 +37,36 @@ def test_contract(policy, reference):
     contract.check_choice_mode(policy)
 
 
+def test_choice_logprobs_match_a_full_forward_of_prompt_and_choice(policy, reference):
+    """Choice mode reuses one prompt pass for every choice: each choice token's logprob (restricted
+    to the tokens that keep the text a prefix of some choice) equals the one a plain forward of
+    prompt + choice gives, for choices of different lengths (padded rows)."""
+    # Shared prefixes, so that later tokens are drawn among several too (not forced).
+    choices = ["go north", "go south", "take apple", "take apple from table", "take red apple", "take red pen", "look"]
+    outs = policy.sample(contract.MESSAGES, SamplingParams(n=64, choices=choices, temperature=1.0, seed=1))
+    prompt = outs[0].prompt_token_ids
+    choice_ids = {c: policy.tokenizer.encode(c, add_special_tokens=False) + [policy.eos_id] for c in choices}
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    for ids in choice_ids.values():
+        for j, tok in enumerate(ids):
+            allowed.setdefault(tuple(ids[:j]), set()).add(tok)
+    checked = set()
+    for c in outs:
+        if c.text in checked:
+            continue
+        ids = choice_ids[c.text]
+        assert c.token_ids == ids
+        with torch.no_grad():
+            logits = reference(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1: -1].float()
+        for j, tok in enumerate(ids):
+            cand = sorted(allowed[tuple(ids[:j])])
+            expect = float(logits[j, cand].log_softmax(-1)[cand.index(tok)])
+            assert abs(c.logprobs[j] - expect) < 1e-4, (c.text, j, c.logprobs[j], expect)
+        checked.add(c.text)
+    assert len(checked) >= 4
+    assert any(lp < 0 for c in outs for lp in c.logprobs[1:]), "no choice token after the first was drawn"
+
+
 def test_stop_strings_cut_text_and_say_stop(policy):
     outs = policy.sample(contract.MESSAGES, SamplingParams(n=8, max_tokens=40, temperature=1.0, stop=["o"], seed=1))
     for c in outs:
