@@ -38,6 +38,8 @@ class ActorConfig:
     """Per environment name, keyword arguments for its adapter."""
     lease_s: float = 120.0
     stream_max_len: int = 10_000
+    stream_max_unread: int = 0
+    """Wait while the learner has this many groups not read yet (0: no bound; see services.stream)."""
     exit_when_idle_s: float | None = None
     """Stop after the queue stayed empty this long (None: wait for work forever)."""
     metrics_port: int | None = None
@@ -177,7 +179,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
     client = connect(cfg.redis_url)
     check_reachable(client, cfg.redis_url)
     store = RedisScoreStore(client, cfg.params, run=cfg.run)
-    stream = GroupStream(client, cfg.run, max_len=cfg.stream_max_len)
+    stream = GroupStream(client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread)
     queue = WorkQueue(client, cfg.run, lease_s=cfg.lease_s)
     envs: dict[str, Env] = {}
     finished, evaluated, idle_since = 0, 0, time.monotonic()

@@ -115,6 +115,8 @@ def actor_cmd(
     eval_task: Annotated[Optional[list[str]], typer.Option(help="Held-out ENV:TASK_ID played as an evaluation episode "
                                                            "(temperature 0.4, no learning; repeatable), counted in spo3_actor_eval_*.")] = None,
     eval_every: Annotated[int, typer.Option(help="One evaluation episode after every N finished work items (0: none).")] = 0,
+    max_unread: Annotated[int, typer.Option(envvar="SPO3_MAX_UNREAD", help="Wait while the learner has this many groups "
+                                            "not read yet, so actors do not outrun it (0: no bound; e.g. 2x its --groups-per-update).")] = 0,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -155,7 +157,7 @@ def actor_cmd(
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
-        eval_tasks=evals, eval_every=eval_every)
+        eval_tasks=evals, eval_every=eval_every, stream_max_unread=max_unread)
     finished = run_actor(cfg, policy)
     typer.echo(f"actor finished {finished} work items")
 

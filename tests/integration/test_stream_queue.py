@@ -53,6 +53,30 @@ def test_full_stream_makes_actors_wait_never_drop(redis_url):
     assert [g.group_id for g in s.read_all()] == ["g1", "g2", "late"]
 
 
+def test_unread_bound_waits_for_the_learner_to_read_not_to_checkpoint(redis_url):
+    """max_unread counts only what the learner has not read: entries it read but has not
+    acknowledged yet (they stay until a checkpoint) do not hold actors back."""
+    from learner.consume import GroupConsumer
+
+    client = connect(redis_url)
+    s = GroupStream(client, "u", max_len=100, max_unread=2)
+    s.append(group("a")), s.append(group("b"))
+    with pytest.raises(StreamFull):  # no learner yet: both are unread
+        s.append(group("c"), wait_limit_s=0.3)
+    consumer = GroupConsumer(client, "u")
+    with pytest.raises(StreamFull):  # a consumer group alone reads nothing
+        s.append(group("c"), wait_limit_s=0.3)
+    assert [g.group_id for _, g in consumer.read(1, 100)] == ["a"]
+    assert s.append(group("c"), wait_limit_s=1) is not None  # "a" read, not acknowledged: room for one
+    with pytest.raises(StreamFull):
+        s.append(group("d"), wait_limit_s=0.3)
+    assert s.length() == 3 and consumer.pending() == 1
+    read = consumer.read(10, 100)
+    assert [g.group_id for _, g in read] == ["b", "c"]
+    s.append(group("d")), s.append(group("e"))
+    assert [g.group_id for g in s.read_all()] == ["a", "b", "c", "d", "e"]
+
+
 def test_queue_hands_each_item_once_and_requeues_expired_leases(redis_url):
     q = WorkQueue(connect(redis_url), "r", lease_s=0.5)
     a, b = q.put("twx", "task-a"), q.put("twx", "task-b")
