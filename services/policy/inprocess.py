@@ -95,7 +95,8 @@ class InProcessPolicy:
     def _sample_choices(self, prompt: list[int], p: SamplingParams) -> list[Completion]:
         """Constrained mode, as guided decoding does it: token by token, the next token is drawn
         from the model's distribution restricted to tokens that keep the text a prefix of some
-        choice. One teacher-forced pass over all choices gives every logit this needs."""
+        choice. One pass over the prompt and one teacher-forced pass over all choices give every logit
+        this needs."""
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in p.choices]
         logits = self._choice_logits(prompt, choice_ids)
         allowed: dict[tuple[int, ...], list[int]] = {}
