@@ -103,7 +103,7 @@ class Trainer:
     def update(self, rows: Sequence[Row]) -> dict[str, float]:
         """One optimizer step on all rows (the same list on every rank)."""
         mine = list(rows[self.rank::self.world])
-        local_tokens = torch.tensor([sum(len(r.response_ids) for r in mine)], dtype=torch.float64)
+        local_tokens = torch.tensor([sum(len(r.response_ids) for r in mine)], dtype=torch.float64, device=self.device)
         total = local_tokens.clone()
         dist.all_reduce(total)
         total_tokens = max(float(total.item()), 1.0)
@@ -123,7 +123,7 @@ class Trainer:
         own_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         names = _METRICS + (("entropy",) if self.cfg.loss.entropy_coef > 0 else ())
-        out = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
+        out = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=self.device)
         dist.all_reduce(out)
         result = {k: float(v) / total_tokens for k, v in zip(names, out)}
         loss_cfg = self.cfg.loss
