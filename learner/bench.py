@@ -42,6 +42,7 @@ import typer
 
 from learner.batch import Row as TrainRow
 from learner.loss import LossConfig, policy_loss, token_logprobs
+from learner.trainer import micro_batches, padding_counts
 
 UPDATE_TARGET_RATIO = 0.8
 LOGPROB_TOL = 1e-3  # float32 vLLM vs transformers, as in tests/integration/test_policy_vllm.py
@@ -123,16 +124,12 @@ def make_rows(n: int, prompt_len: int, response_len: int, vocab: int, seed: int 
     return rows
 
 
-def micro_batches(rows: Sequence[TrainRow], size: int) -> list[list[TrainRow]]:
-    return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
-
-
 def token_counts(rows: Sequence[TrainRow], micro_rows: int) -> dict:
-    padded = sum(len(mb) * max(len(r.prompt_ids) + len(r.response_ids) for r in mb)
-                 for mb in micro_batches(rows, micro_rows))
+    """Tokens of the batch; padded as the Trainer groups rows (by length) and in arrival order."""
+    real, padded = padding_counts(micro_batches(rows, micro_rows))
+    _, unsorted = padding_counts([list(rows[i:i + micro_rows]) for i in range(0, len(rows), micro_rows)])
     return {"rows": len(rows), "response_tokens": sum(len(r.response_ids) for r in rows),
-            "total_tokens": sum(len(r.prompt_ids) + len(r.response_ids) for r in rows),
-            "padded_tokens": padded}
+            "total_tokens": real, "padded_tokens": padded, "padded_tokens_arrival_order": unsorted}
 
 
 def max_diff(a: dict, b: dict) -> float:

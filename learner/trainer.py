@@ -103,11 +103,11 @@ class Trainer:
     def update(self, rows: Sequence[Row]) -> dict[str, float]:
         """One optimizer step on all rows (the same list on every rank)."""
         mine = list(rows[self.rank::self.world])
-        local_tokens = torch.tensor([sum(len(r.response_ids) for r in mine)], dtype=torch.float64, device=self.device)
-        total = local_tokens.clone()
-        dist.all_reduce(total)
-        total_tokens = max(float(total.item()), 1.0)
-        micro = [mine[i:i + self.cfg.micro_batch_rows] for i in range(0, len(mine), self.cfg.micro_batch_rows)]
+        micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
+        real, padded = padding_counts(micro, self.cfg.max_len)
+        local = [sum(len(r.response_ids) for r in mine), real, padded]
+        response_tokens, real, padded = self._sum_across_ranks(local)
+        total_tokens = max(response_tokens, 1.0)
         # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
         # with no rows still runs one empty step so collectives line up.
         micro = micro or [[]]
@@ -123,9 +123,8 @@ class Trainer:
         own_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         names = _METRICS + (("entropy",) if self.cfg.loss.entropy_coef > 0 else ())
-        out = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=self.device)
-        dist.all_reduce(out)
-        result = {k: float(v) / total_tokens for k, v in zip(names, out)}
+        out = self._sum_across_ranks([sums.get(k, 0.0) for k in names])
+        result = {k: v / total_tokens for k, v in zip(names, out)}
         loss_cfg = self.cfg.loss
         result["loss"] = result["pg_loss"] + loss_cfg.kl_coef * result["kl"] - loss_cfg.entropy_coef * result.get("entropy", 0.0)
         grad_norm = self.engine.get_global_grad_norm()  # before clipping; the same on every rank
@@ -135,7 +134,15 @@ class Trainer:
             result["grad_norm"] = float(grad_norm)
         result["tokens"] = total_tokens
         result["rows"] = float(len(rows))
+        result["seq_tokens"], result["padded_tokens"] = real, padded
         return result
+
+    def _sum_across_ranks(self, values: Sequence[float]) -> list[float]:
+        """Sums over the data-parallel ranks. The tensor lives on the engine's device: NCCL has
+        no CPU backend, so a CPU tensor here kills every GPU learner at its first update."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
     def _grad_norm(self) -> float:
         """2-norm of the (already averaged across ranks) gradients, before clipping."""
@@ -162,21 +169,23 @@ class Trainer:
         return loss, metrics, int(resp_mask.sum().item())
 
     def _pad(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seqs, masks = [], []
+        """Right-padded ids, response mask and attention mask, built on the host and moved to the
+        engine's device in one copy each."""
+        seqs, starts = [], []
         for r in rows:
             prompt = r.prompt_ids[-max(1, self.cfg.max_len - len(r.response_ids)):]
-            seq = (prompt + r.response_ids)[: self.cfg.max_len]
-            seqs.append(seq)
-            masks.append([0] * len(prompt) + [1] * (len(seq) - len(prompt)))
+            seqs.append((prompt + r.response_ids)[: self.cfg.max_len])
+            starts.append(len(prompt))
         width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, m) in enumerate(zip(seqs, masks)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(seqs), width), dtype=torch.float32, device="cpu")
+        attn = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
+            mask[i, start: len(s)] = 1.0
             attn[i, : len(s)] = 1
-        return ids.to(self.device), mask.to(self.device), attn.to(self.device)
+        return (ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
+                attn.to(self.device, non_blocking=True))
 
     # --- weights out -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -184,6 +193,27 @@ class Trainer:
         if self.cfg.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+def micro_batches(rows: Sequence[Row], size: int, max_len: int | None = None) -> list[list[Row]]:
+    """Rows sorted by length, longest first, then cut every `size` rows: rows of like length
+    share a micro-batch, so padding to the longest row costs little. The loss weights each
+    micro-batch by its share of the batch's response tokens, so the grouping does not change the
+    gradient."""
+    order = sorted(rows, key=lambda r: _seq_len(r, max_len), reverse=True)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def padding_counts(micro: Sequence[Sequence[Row]], max_len: int | None = None) -> tuple[int, int]:
+    """(tokens of the sequences, tokens computed once every micro-batch is padded to its longest row)."""
+    real = sum(_seq_len(r, max_len) for mb in micro for r in mb)
+    padded = sum(len(mb) * max(_seq_len(r, max_len) for r in mb) for mb in micro if mb)
+    return real, padded
+
+
+def _seq_len(row: Row, max_len: int | None) -> int:
+    n = len(row.prompt_ids) + len(row.response_ids)
+    return min(n, max_len) if max_len else n
 
 
 _METRICS = ("pg_loss", "kl", "clip_frac", "ratio_mean", "approx_kl_old")
