@@ -4,6 +4,7 @@ reference the vLLM client is tested against."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -12,6 +13,16 @@ import torch
 from services.contracts import ChatMessage, Completion, SamplingParams
 from services.policy.interface import PolicyError
 from services.policy.weights import weights_checksum
+
+
+@dataclass(eq=False)
+class _Request:
+    """A free-form request waiting for the engine; whoever runs the batch fills in one of the two."""
+
+    prompt: list[int]
+    params: SamplingParams
+    result: list[Completion] | None = None
+    error: BaseException | None = None
 
 
 class InProcessPolicy:
@@ -34,6 +45,8 @@ class InProcessPolicy:
         self.device = device
         self.version = version
         self._lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Request] = []
         self.eos_id = self.tokenizer.eos_token_id
 
     # --- sample -------------------------------------------------------------------------
@@ -43,30 +56,72 @@ class InProcessPolicy:
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
     def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
+        """`params.n` completions. Free-form requests that threads of this process make at the same
+        time run as one batched `generate` (the n samples of each are rows of it too): the
+        thread that gets the engine first takes every request waiting, so on a GPU a request
+        costs about what the slowest row of the batch costs, not a pass of its own."""
         prompt = self.prompt_ids(messages)
-        with self._lock, torch.no_grad():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            if params.choices:
-                out = self._sample_choices(prompt, params)
-            else:
-                out = self._generate(prompt, params)
-            return [c.model_copy(update={"policy_version": self.version, "prompt_token_ids": prompt}) for c in out]
+        if params.choices:
+            with self._lock, torch.no_grad():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                return self._stamp(self._sample_choices(prompt, params), prompt)
+        request = _Request(prompt, params)
+        with self._pending_lock:
+            self._pending.append(request)
+        with self._lock:
+            if request.result is None and request.error is None:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._run_batch(batch)
+        if request.error is not None:
+            raise request.error
+        return request.result
 
-    def _generate(self, prompt: list[int], p: SamplingParams) -> list[Completion]:
-        input_ids = torch.tensor([prompt], device=self.device)
+    def _stamp(self, completions: list[Completion], prompt: list[int]) -> list[Completion]:
+        return [c.model_copy(update={"policy_version": self.version, "prompt_token_ids": prompt}) for c in completions]
+
+    def _run_batch(self, batch: list["_Request"]) -> None:
+        """Requests that can share a `generate` (same temperature, top-p, length; a seeded one runs
+        alone, so its seed means what it says) run together; every request gets its answer or the error."""
+        by_settings: dict[tuple, list[_Request]] = {}
+        for r in batch:
+            p = r.params
+            key = ("seeded", id(r)) if p.seed is not None else (p.temperature, p.top_p, p.max_tokens)
+            by_settings.setdefault(key, []).append(r)
+        for requests in by_settings.values():
+            try:
+                with torch.no_grad():
+                    if requests[0].params.seed is not None:
+                        torch.manual_seed(requests[0].params.seed)
+                    for r, out in zip(requests, self._generate([(r.prompt, r.params) for r in requests])):
+                        r.result = self._stamp(out, r.prompt)
+            except Exception as e:  # noqa: BLE001 - handed to every waiting caller, not swallowed
+                for r in requests:
+                    r.error = e
+
+    def _generate(self, requests: Sequence[tuple[list[int], SamplingParams]]) -> list[list[Completion]]:
+        """One left-padded `generate` over every sample of every request (all with the same settings)."""
+        p = requests[0][1]
         sampling = p.temperature > 0
+        rows = [(prompt, q) for prompt, q in requests for _ in range(q.n if sampling else 1)]
+        prompts = [prompt for prompt, _ in rows]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device)
         out = self.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=p.max_tokens,
+            input_ids, attention_mask=attention, max_new_tokens=p.max_tokens,
             do_sample=sampling, temperature=p.temperature if sampling else None,
             top_p=p.top_p if sampling else None, top_k=0 if sampling else None,
-            num_return_sequences=p.n if sampling else 1, eos_token_id=self.eos_id, pad_token_id=self.tokenizer.pad_token_id,
-            return_dict_in_generate=True, output_logits=True,
+            eos_token_id=self.eos_id, pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
         )
-        gen = out.sequences[:, len(prompt):]
-        # Raw-model logprobs (before temperature/top-p), as vLLM reports by default.
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
-        chosen = logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+        gen = out.sequences[:, width:]
+        # Raw-model logprobs (before temperature/top-p), as vLLM reports by default; one step at a
+        # time, so a large vocabulary never needs a [rows, steps, vocab] float32 copy.
+        chosen = torch.stack([step.float().log_softmax(-1).gather(-1, gen[:, t:t + 1]).squeeze(-1)
+                              for t, step in enumerate(out.logits)], dim=1).cpu()
+        gen = gen.cpu()
         completions = []
         for row in range(gen.shape[0]):
             ids = gen[row].tolist()
@@ -75,11 +130,18 @@ class InProcessPolicy:
                 ids = ids[: ids.index(self.eos_id) + 1]
                 finish = "stop"
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text, ids, finish = self._apply_stop(text, ids, finish, p.stop)
+            text, ids, finish = self._apply_stop(text, ids, finish, rows[row][1].stop)
             completions.append(Completion(text=text, token_ids=ids, logprobs=chosen[row, : len(ids)].tolist(),
                                           finish_reason=finish, policy_version=0))
-        # Greedy decoding gives one answer; n greedy samples are n copies of it.
-        return completions if sampling else completions * p.n
+        per_request, start = [], 0
+        for _, q in requests:
+            if sampling:
+                per_request.append(completions[start:start + q.n])
+                start += q.n
+            else:  # greedy decoding gives one answer; n greedy samples are n copies of it
+                per_request.append([completions[start]] * q.n)
+                start += 1
+        return per_request
 
     def _apply_stop(self, text: str, ids: list[int], finish: str, stops: list[str]):
         """Cut at the first stop string: the text excludes it, the tokens end with the one that
@@ -121,7 +183,7 @@ class InProcessPolicy:
             best = max(range(len(choice_ids)), key=lambda i: token_logps[i])  # greedy walk down the trie
             picks = [best] * p.n
         else:
-            probs = torch.tensor(seq_logp).exp()
+            probs = torch.tensor(seq_logp, device="cpu").exp()
             picks = torch.multinomial(probs / probs.sum(), p.n, replacement=True).tolist()
         return [Completion(text=p.choices[i], token_ids=choice_ids[i], logprobs=token_logps[i],
                            finish_reason="stop", policy_version=0) for i in picks]

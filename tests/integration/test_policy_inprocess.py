@@ -152,3 +152,44 @@ def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_
     assert after.token_ids != before.token_ids
     assert policy.checksum() == weights_checksum(new.state_dict())
     assert len(list((tmp_path / "weights").iterdir())) == 2
+
+
+def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, reference):
+    """Threads asking at once run as one left-padded `generate`; every row's logprobs are still
+    those of a plain forward of its own prompt + tokens, and greedy answers equal solo ones."""
+    from services.contracts import ChatMessage
+
+    prompts = [[ChatMessage(role="user", content="You are in the kitchen." + " You see a box." * k)] for k in range(4)]
+    calls = []
+    real_generate = policy.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_generate(*args, **kwargs)
+
+    policy.model.generate = counting_generate
+    results: dict[int, list] = {}
+    params = [SamplingParams(n=3, max_tokens=12, temperature=1.0)] * 3 + [SamplingParams(n=2, max_tokens=12, temperature=0.0)]
+    policy._lock.acquire()  # hold the engine so that all four requests are waiting together
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, policy.sample(prompts[i], params[i])))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    while len(policy._pending) < 4:
+        threading.Event().wait(0.01)
+    policy._lock.release()
+    for t in threads:
+        t.join(timeout=60)
+    # one generate for the three sampled requests (3 x 3 rows), one for the greedy one
+    assert sorted(shape[0] for shape in calls) == [1, 9]
+    for i, outs in results.items():
+        assert len(outs) == params[i].n
+        for c in outs:
+            ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+            with torch.no_grad():
+                logits = reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1:-1].float()
+            expect = logits.log_softmax(-1).gather(-1, ids[0, len(c.prompt_token_ids):, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(c.logprobs), expect, atol=1e-4), i
+    policy.model.generate = real_generate
+    solo = policy.sample(prompts[3], SamplingParams(n=1, max_tokens=12, temperature=0.0))[0]
+    assert results[3][0].token_ids == solo.token_ids
