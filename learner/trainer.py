@@ -56,6 +56,10 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    if torch.cuda.is_available():
+        # One GPU per rank, chosen before NCCL starts: without it every rank of a node would put
+        # its tensors (and the reference model) on GPU 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
