@@ -36,6 +36,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
+    deepspeed: dict = field(default_factory=dict)
+    """Extra DeepSpeed config, merged key by key over the one built from the fields above
+    (e.g. {"zero_optimization": {"overlap_comm": True}})."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -100,7 +103,8 @@ class Trainer:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=_merged(ds_config, cfg.deepspeed))
         self.pad_id = model.config.pad_token_id or 0
 
     # --- one update ------------------------------------------------------------------
@@ -197,6 +201,13 @@ class Trainer:
         if self.cfg.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def micro_batches(rows: Sequence[Row], size: int, max_len: int | None = None) -> list[list[Row]]:

@@ -127,7 +127,37 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
 
 # --- stage 1: update throughput -------------------------------------------------------------
 
-def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: Callable[[str], None]) -> dict:
+# Other DeepSpeed settings timed beside the default (`--zero-variants`, first shape only).
+ZERO_VARIANTS: dict[str, dict] = {
+    "zero2+overlap_comm": {"deepspeed": {"zero_optimization": {"overlap_comm": True}}},
+    "zero1": {"zero_stage": 1},
+    "zero0": {"zero_stage": 0},
+}
+
+
+def profile_update(fn: Callable[[], object], device: torch.device, path: Path) -> dict:
+    """One update under torch.profiler: how much of the wall time the GPU is busy, and how many
+    kernels it took (a launch-bound update keeps the GPU idle between small kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - t0  # includes the profiler's own overhead
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    busy_us = sum(getattr(e, attr) for e in events)
+    kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    sort = attr if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=30))
+    return {"wall_s": wall, "device_busy_s": busy_us / 1e6, "kernels": kernels, "table": path.name}
+
+
+def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: Callable[[str], None],
+                  variants: dict[str, dict] | None = None, profile_dir: Path | None = None) -> dict:
     from learner.trainer import Trainer, TrainerConfig
 
     shape, b = SHAPES[name], BATCHES[name]
@@ -136,20 +166,23 @@ def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: C
     counts = token_counts(rows, b.micro_rows)
     log(f"  {name}: {n_params / 1e6:.0f}M parameters, {b.rows} rows, {counts['total_tokens']} tokens")
     plain = PlainTorch(str(model_dir), device=device, bf16=True, lr=1e-5, micro_rows=b.micro_rows)
-    trainer = Trainer(TrainerConfig(model=str(model_dir), lr=1e-5, zero_stage=2, bf16=True,
-                                    micro_batch_rows=b.micro_rows))
-    variants = {"plain": lambda: plain.update(rows), "trainer": lambda: trainer.update(rows)}
-    first = {k: timed(device, fn) for k, fn in variants.items()}  # warm-up: allocator, kernels
+    trainers = {k: Trainer(TrainerConfig(**{"model": str(model_dir), "lr": 1e-5, "zero_stage": 2, "bf16": True,
+                                            "micro_batch_rows": b.micro_rows, **kw}))
+                for k, kw in {"trainer": {}, **(variants or {})}.items()}
+    trainer = trainers["trainer"]
+    fns: dict[str, Callable[[], object]] = {"plain": lambda: plain.update(rows)}
+    fns.update({k: (lambda t: lambda: t.update(rows))(t) for k, t in trainers.items()})
+    first = {k: timed(device, fn) for k, fn in fns.items()}  # warm-up: allocator, kernels
     # The two took the same step from the same weights: they should agree (bf16 noise aside).
     moved = diff = 0.0
-    initial = {k: v for k, v in plain.reference.state_dict().items()}
+    initial = dict(plain.reference.state_dict())
     got = dict(trainer.engine.module.named_parameters())
     for k, p in plain.model.named_parameters():
         moved = max(moved, (p.detach().float() - initial[k].float()).abs().max().item())
         diff = max(diff, (p.detach().float() - got[k].detach().float()).abs().max().item())
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for k, fn in variants.items():
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):  # interleaved, so that anything else on the machine hits all alike
+        for k, fn in fns.items():
             times[k].append(timed(device, fn))
     # Where the trainer's time goes: one more update with the optimizer step timed apart.
     step_s: list[float] = []
@@ -164,9 +197,11 @@ def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: C
         return out
 
     trainer.engine.step = timed_step
-    total_s = timed(device, variants["trainer"])
+    total_s = timed(device, fns["trainer"])
     trainer.engine.step = engine_step
     out_metrics = trainer.update(rows)
+    profiles = ({k: profile_update(fns[k], device, profile_dir / f"profile-{name}-{k}.txt") for k in ("plain", "trainer")}
+                if profile_dir is not None else None)
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = update_flops(shape, n_params, counts["total_tokens"])
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -177,13 +212,15 @@ def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: C
         "response_tokens_per_s": {k: counts["response_tokens"] / med[k] for k in med},
         "total_tokens_per_s": {k: counts["total_tokens"] / med[k] for k in med},
         "ratio_trainer_to_plain": med["plain"] / med["trainer"],
+        "variants": {k: {"settings": kw, "ratio_to_plain": med["plain"] / med[k]} for k, kw in (variants or {}).items()},
         "tflops": {k: flops / med[k] / 1e12 for k in med},
         "peak_tflops": peak,
         "mfu": {k: flops / med[k] / 1e12 / peak for k in med} if peak else None,
         "trainer_step_share": sum(step_s) / total_s if total_s else None,
+        "profile": profiles,
         "weights_after_one_update": {"max_abs_diff_trainer_vs_plain": diff, "max_abs_move": moved},
     }
-    del plain, trainer, variants, initial, got
+    del plain, trainer, trainers, fns, initial, got
     free_device_memory()
     return result
 
@@ -205,6 +242,10 @@ def rows_updates(name: str, r: dict) -> list[Row]:
             f"{c['total_tokens']:,} / {c['padded_tokens']:,} / {c['padded_tokens_arrival_order']:,}"),
         Row("1   trainer: optimizer step share of an update",
             f"{100 * r['trainer_step_share']:.0f}%" if r["trainer_step_share"] is not None else "-"),
+        *[Row(f"1   DeepSpeed variant {k}", f"{tok[k]:,.0f} resp tok/s", "-", f"{v['ratio_to_plain']:.2f} x plain")
+          for k, v in r["variants"].items()],
+        *[Row(f"1   profile {k}: device busy / wall, kernels",
+              f"{p['device_busy_s']:.3f} / {p['wall_s']:.3f} s, {p['kernels']:,}") for k, p in (r["profile"] or {}).items()],
         Row("1   weights after one update: |trainer - plain| (moved)",
             f"{r['weights_after_one_update']['max_abs_diff_trainer_vs_plain']:.1e} "
             f"({r['weights_after_one_update']['max_abs_move']:.1e})"),
@@ -343,8 +384,13 @@ def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, to
     seq_s = time.perf_counter() - t0
 
     results: list = [None] * prompts
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.sample(chats[i], params)))
-               for i in range(prompts)]
+    start = threading.Barrier(prompts)  # requests made at the same moment, as concurrent callers make them
+
+    def ask(i: int) -> None:
+        start.wait()
+        results[i] = engine.sample(chats[i], params)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(prompts)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -452,6 +498,9 @@ def main(
     engine_prompts: Annotated[int, typer.Option(help="Stage 4: prompts (each its own request).", min=1)] = 16,
     engine_n: Annotated[int, typer.Option(help="Stage 4: samples per prompt.", min=1)] = 8,
     engine_tokens: Annotated[int, typer.Option(help="Stage 4: new tokens per sample.", min=1)] = 64,
+    zero_variants: Annotated[bool, typer.Option(help="Stage 1, first shape: also time ZeRO-2 with overlap_comm, "
+                                                     "ZeRO-1 and ZeRO-0.")] = False,
+    profile: Annotated[bool, typer.Option(help="Stage 1, first shape: profile one update of each (tables beside --out).")] = False,
     out: Annotated[Path, typer.Option(help="Where to write the figures as JSON.")] = Path("bench-results/gpu-check.json"),
 ) -> None:
     """Run the GPU path end to end and print what it measured (see the module docstring)."""
@@ -500,8 +549,12 @@ def main(
     with tempfile.TemporaryDirectory(prefix="spo3-gpu-check-") as tmp:
         work = Path(tmp)
         if "updates" in wanted:
-            for name in shape_names:
-                r = run(f"updates/{name}", lambda: stage_updates(name, work, dev, reps, log))
+            for i, name in enumerate(shape_names):
+                extra = ZERO_VARIANTS if zero_variants and i == 0 else None
+                prof = out.parent if profile and i == 0 else None
+                if prof is not None:
+                    prof.mkdir(parents=True, exist_ok=True)
+                r = run(f"updates/{name}", lambda: stage_updates(name, work, dev, reps, log, extra, prof))
                 table += rows_updates(name, r) if "error" not in r else [Row(f"1 {name}", r["error"][:80], "-", "FAIL")]
         model_dir = None
         if set(wanted) & {"checkpoint", "publish", "engine", "learner"}:

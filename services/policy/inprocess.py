@@ -4,6 +4,7 @@ reference the vLLM client is tested against."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -33,7 +34,7 @@ class InProcessPolicy:
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                 version: int = 0, threads: int | None = None) -> None:
+                 version: int = 0, threads: int | None = None, batch_window_s: float = 0.02) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -47,6 +48,8 @@ class InProcessPolicy:
         self._lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Request] = []
+        self._callers = 0  # free-form callers inside sample() now
+        self.batch_window_s = batch_window_s
         self.eos_id = self.tokenizer.eos_token_id
 
     # --- sample -------------------------------------------------------------------------
@@ -60,23 +63,40 @@ class InProcessPolicy:
         time run as one batched `generate` (the n samples of each are rows of it too): the
         thread that gets the engine first takes every request waiting, so on a GPU a request
         costs about what the slowest row of the batch costs, not a pass of its own."""
-        prompt = self.prompt_ids(messages)
         if params.choices:
+            prompt = self.prompt_ids(messages)
             with self._lock, torch.no_grad():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 return self._stamp(self._sample_choices(prompt, params), prompt)
-        request = _Request(prompt, params)
         with self._pending_lock:
-            self._pending.append(request)
-        with self._lock:
-            if request.result is None and request.error is None:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                self._run_batch(batch)
+            self._callers += 1  # counted before tokenizing: a leader waits for this request
+        try:
+            request = _Request(self.prompt_ids(messages), params)
+            with self._pending_lock:
+                self._pending.append(request)
+            with self._lock:
+                if request.result is None and request.error is None:
+                    self._gather()
+                    with self._pending_lock:
+                        batch, self._pending = self._pending, []
+                    self._run_batch(batch)
+        finally:
+            with self._pending_lock:
+                self._callers -= 1
         if request.error is not None:
             raise request.error
         return request.result
+
+    def _gather(self) -> None:
+        """Wait (at most `batch_window_s`) for callers already inside `sample` to queue their
+        requests, so that requests made together run together. A lone caller never waits."""
+        deadline = time.monotonic() + self.batch_window_s
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if len(self._pending) >= self._callers:
+                    return
+            time.sleep(0.0005)
 
     def _stamp(self, completions: list[Completion], prompt: list[int]) -> list[Completion]:
         return [c.model_copy(update={"policy_version": self.version, "prompt_token_ids": prompt}) for c in completions]
