@@ -142,6 +142,33 @@ class _TooLarge(Exception):
     pass
 
 
+class _Observe:
+    """ASGI middleware: count and time every request by route template and status. Plain ASGI
+    (not @app.middleware, which runs each request through an extra task and stream)."""
+
+    def __init__(self, app, metrics: ScoreServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+
 def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore | None = None) -> FastAPI:
     """Build the service. Without `store`, it connects to settings.redis_url on first use
     (or starts an embedded Redis when that is empty)."""
@@ -184,17 +211,8 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
     app = FastAPI(title="3SPO state-score service", version="1", lifespan=lifespan,
                   description=__doc__)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = route.path if route is not None else "unmatched"
-        metrics.requests.labels(label, str(response.status_code)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - start)
-        return response
-
     app.add_middleware(_BodyLimit)
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: it times the body limit too
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
