@@ -18,7 +18,11 @@ real redis-server it starts itself.
    contents, same Redis: engine-step throughput ratio;
 3. unique (task, state key) pairs per 1,000 new env steps, 3SPO branching vs GRPO-style full
    episodes with the same step budget (same tasks, same random policy, a fresh store for each),
-   by `Rollout.run` directly, with the time of the 3SPO rollouts split by component.
+   by `Rollout.run` directly, with the time of the 3SPO rollouts split by component;
+4. the 1-process actor loop through the state-score service (`spo3 score-service` as its own
+   process, the actor's ServiceScoreStore: one POST /v1/batch per scoring) vs the same loop on
+   the direct path (the store's Lua on Redis), interleaved for --service-rounds rounds; and the
+   service's requests per expansion. `--service-only` measures figure 4 alone.
 
 Measurement choices, because the machine's speed is not steady:
 - the TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first
@@ -44,6 +48,8 @@ import os
 import queue as queue_mod
 import random
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -57,6 +63,7 @@ from score_store.connection import LocalRedisServer, connect, redis_server_binar
 from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 
 LOOP_TARGET_RATIO = 0.9
+SERVICE_TARGET_RATIO = 0.8
 SCALE_TARGET_RATIO = 1.7
 PAPER_COVERAGE_RATIO = 2.4
 OTHER_LOAD_WARN = 0.2  # cores used by other processes above which a phase's figures are flagged
@@ -243,6 +250,7 @@ def _actor_process(k: int, redis_url: str, cfg: dict, warmup_steps: int, tasks: 
         while (cmd := commands.get()) is not None:
             actor_cfg = worker.ActorConfig(
                 redis_url=redis_url, run=cmd["run"], stream_max_len=10**8, exit_when_idle_s=0.05,
+                score_url=cmd.get("score_url"), score_token=cmd.get("score_token"),
                 rollout=rollout_config(cmd["algo"], cfg["max_steps"], cfg["group_size"], cfg["budget"]))
             if cmd.get("pin"):
                 pin_with_engine(set(cmd["pin"]))
@@ -298,20 +306,23 @@ class ActorPool:
                 raise RuntimeError("actor processes did not answer in time")
         return msg
 
-    def run(self, processes: int, tasks: list[str], algo: str, label: str, pin: int | None = None) -> dict:
+    def run(self, processes: int, tasks: list[str], algo: str, label: str, pin: int | None = None,
+            run: str | None = None, score: dict | None = None) -> dict:
         """Fill a fresh run's queue with `tasks`, let the first `processes` actors empty it; time
-        from the first start to the last exit, counters summed."""
+        from the first start to the last exit, counters summed. `score`: score_url and
+        score_token of a score service serving `run` (None: the direct path)."""
+        from services.redis_names import RedisNames
         from services.stream import GroupStream
         from services.work_queue import WorkQueue
 
-        run = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+        run = run or f"bench-{label}-{uuid.uuid4().hex[:8]}"
         client = connect(self.redis_url)
         work = WorkQueue(client, run)
         for i, task in enumerate(tasks):
             work.put("twx", task, algo=algo, item_id=f"{label}-{i}")
         b0, p0, t_go = machine_busy_seconds(), process_cpu(), time.time()
         for k in range(processes):
-            self.commands[k].put({"run": run, "algo": algo, "pin": None if pin is None else [pin]})
+            self.commands[k].put({"run": run, "algo": algo, "pin": None if pin is None else [pin], **(score or {})})
         reports: list[dict] = []
         with progress(len(tasks), f"{label}: {processes} actor process(es), {len(tasks)} {algo} items") as advance:
             done = 0
@@ -328,6 +339,7 @@ class ActorPool:
         busy, foreign = (machine_busy_seconds() - b0) / (t_end - t_go), foreign_cores(p0, process_cpu(), t_end - t_go)
         wall = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
         counts, stream_len = work.counts(), GroupStream(client, run).length()
+        expansions = sum(int(v) for v in client.hvals(RedisNames(run).actor_branching))
         client.close()
         total = {c: sum(r[c] for r in reports) for c in (*_COUNTERS, "python_cpu_s")}
         if counts["done"] != len(tasks) or counts["ready"] or counts["leased"]:
@@ -341,7 +353,7 @@ class ActorPool:
                 "start_lag_s": min(r["t0"] for r in reports) - t_go, **total, "engine_steps": engine,
                 "new_steps_per_s": total["env_steps"] / wall, "engine_steps_per_s": engine / wall,
                 "engine_steps_per_rollout_s": engine / max(total["rollout_seconds"], 1e-9),
-                "items_per_s": total["finished_items"] / wall, "stream_len": stream_len,
+                "items_per_s": total["finished_items"] / wall, "stream_len": stream_len, "expansions": expansions,
                 "machine_busy_cores": busy, "other_processes_cores": foreign,
                 "actor_python_cores": total["python_cpu_s"] / wall, "per_process": reports}
 
@@ -361,6 +373,74 @@ class ActorPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- the state-score service as its own process --------------------------------------------
+
+class ScoreServiceProcess:
+    """`spo3 score-service` (uvicorn) for one run, on a free port; its /metrics read back."""
+
+    def __init__(self, redis_url: str, run: str) -> None:
+        from score_store.connection import free_port
+
+        self.token, self.port = uuid.uuid4().hex, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        spo3 = str(Path(sys.executable).with_name("spo3"))
+        self.proc = subprocess.Popen([spo3, "score-service", "--redis-url", redis_url, "--run", run, "--port",
+                                      str(self.port), "--token", self.token],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"score service exited: {self.proc.stderr.read().decode()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("score service did not become healthy in 60 s")
+            time.sleep(0.1)
+
+    def requests(self) -> dict[str, float]:
+        """route -> requests answered 2xx (spo3_score_requests_total)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = defaultdict(float)
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=5).text):
+            for sample in family.samples:
+                if sample.name == "spo3_score_requests_total" and sample.labels["status"].startswith("2"):
+                    out[sample.labels["route"]] += sample.value
+        return dict(out)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "ScoreServiceProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_through_service(pool: "ActorPool", redis_url: str, tasks: list[str], label: str) -> dict:
+    """One 1-process loop whose score store is a score service started (outside the clock) for
+    a fresh run; adds the service's requests per expansion."""
+    run = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+    with ScoreServiceProcess(redis_url, run) as service:
+        before = service.requests()
+        out = pool.run(1, tasks, "3spo", label, run=run, score={"score_url": service.url, "score_token": service.token})
+        served = {route: n - before.get(route, 0) for route, n in service.requests().items()}
+    out["service_requests"] = served
+    out["service_batch_requests"] = served.get("/v1/batch", 0.0)
+    out["requests_per_expansion"] = out["service_batch_requests"] / max(out["expansions"], 1)
+    return out
 
 
 # --- raw engine stepping -------------------------------------------------------------------
@@ -470,6 +550,33 @@ def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, 
     return out
 
 
+def service_figures(runs: dict[str, list[dict]]) -> tuple[dict, list[Row]]:
+    """Figure 4 from the interleaved direct / service rounds: medians of the per-round ratios."""
+    med = statistics.median
+    direct, service = runs["loop1_direct"], runs["loop1_service"]
+    ratios = [s["engine_steps_per_s"] / d["engine_steps_per_s"] for d, s in zip(direct, service)]
+    item_ratios = [s["items_per_s"] / d["items_per_s"] for d, s in zip(direct, service)]
+    per_exp = [s["requests_per_expansion"] for s in service]
+    f = {"service_loop_engine_steps_ratio": med(ratios), "service_loop_ratio_per_round": ratios,
+         "service_loop_items_ratio": med(item_ratios), "service_requests_per_expansion": med(per_exp),
+         "service_target_ratio": SERVICE_TARGET_RATIO, "service_pass": med(ratios) >= SERVICE_TARGET_RATIO}
+    rows = [
+        Row("4 loop, direct path (Lua on Redis), engine steps", f"{med(d['engine_steps_per_s'] for d in direct):,.0f} "
+            "steps/s", "-", "baseline"),
+        Row("4 loop through the score service, engine steps", f"{med(s['engine_steps_per_s'] for s in service):,.0f} "
+            "steps/s", f">= {SERVICE_TARGET_RATIO} x direct",
+            f"{f['service_loop_engine_steps_ratio']:.2f} {'PASS' if f['service_pass'] else 'FAIL'}"),
+        Row("4   per round: direct; service steps/s, ratio",
+            f"{spread([d['engine_steps_per_s'] for d in direct], '{:,.0f}')}; "
+            f"{spread([s['engine_steps_per_s'] for s in service], '{:,.0f}')}", "-", spread(ratios)),
+        Row("4   items/s through the service vs direct", f"{f['service_loop_items_ratio']:.2f} x"),
+        Row("4   service requests per expansion (POST /v1/batch)", f"{f['service_requests_per_expansion']:.2f} "
+            f"({sum(s['service_batch_requests'] for s in service):,.0f} requests, "
+            f"{sum(s['expansions'] for s in service):,} expansions)"),
+    ]
+    return f, rows
+
+
 # --- driver --------------------------------------------------------------------------------
 
 def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
@@ -491,6 +598,10 @@ def main(
     budget: Annotated[int, typer.Option(help="New env steps per task (3SPO); group_size * max_steps is fair.",
                                         min=1)] = 160,
     seed: Annotated[int, typer.Option(help="Seed of the random policies.")] = 0,
+    service_rounds: Annotated[int, typer.Option(help="Interleaved rounds of figure 4: the loop on the direct path, "
+                                                "then through the score service (0: skip figure 4).", min=0)] = 3,
+    service_only: Annotated[bool, typer.Option(help="Measure figure 4 alone (1 actor process, no raw stepping, "
+                                               "no coverage).")] = False,
     redis_server: Annotated[Optional[str], typer.Option(help="redis-server binary (default: the system one).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path("actor_bench.json"),
 ) -> None:
@@ -538,9 +649,30 @@ def main(
                                                        tasks=loop_tasks, cfg=cfg)))
             return {"warm": pools[0].warm}
 
+        if service_only:
+            processes = 1
         results["actor_engines"] = phase("actors", f"starting {processes} actor processes", start_pool)["warm"]
-        results["engine"] = phase("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here)
         pool = pools[0]
+        for r in range(service_rounds):
+            runs["loop1_direct"].append(phase(f"direct.{r}", f"round {r + 1}/{service_rounds}: 4 actor loop, direct "
+                                              "path (Lua on Redis)", lambda: pool.run(1, loop_tasks, "3spo", f"direct-r{r}")))
+            runs["loop1_service"].append(phase(f"service.{r}", f"round {r + 1}/{service_rounds}: 4 actor loop through "
+                                               "the score service", lambda: run_through_service(
+                                                   pool, server.url, loop_tasks, f"service-r{r}")))
+        if service_only:
+            stack.close()
+            results["rounds"], results["total_seconds"] = runs, time.perf_counter() - t_start
+            results["figures"], rows = service_figures(runs)
+            results["phase_seconds"] = phase_s
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2, default=str))
+            print()
+            print_table(rows, f"actor benchmark, figure 4 only: twx, random policy (choice mode), max_steps {max_steps}, "
+                              f"budget {budget}, {len(loop_tasks)} items, {service_rounds} rounds (medians), "
+                              f"{os.cpu_count()} CPUs, total {results['total_seconds']:.0f} s")
+            print(f"JSON: {out}")
+            return
+        results["engine"] = phase("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here)
         cpu = min(os.sched_getaffinity(0))
         for r in range(rounds):
             runs["loop1"].append(phase(f"loop1.{r}", f"round {r + 1}/{rounds}: 1 actor loop, 1 process, 3spo",
@@ -608,6 +740,8 @@ def main(
         "other_processes_cores_worst": worst_other, "other_processes_worst_phase": worst_phase,
     }
     f = results["figures"]
+    if service_rounds:
+        f.update(service_figures(runs)[0])
     if cold:
         f["cold_loop_engine_steps_ratio"] = (results["loop1_cold"]["engine_steps_per_s"]
                                              / results["raw_cold"]["steps_per_s"])
@@ -674,6 +808,7 @@ def main(
         Row("3   (diag) 3spo time: policy/rollout, total",
             f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.2f} s, of {s3['seconds']:.2f} s "
             f"({s3['env_resets']:,} resets)"),
+        *(service_figures(runs)[1] if service_rounds else []),
         Row("* other processes' CPU, worst phase", f"{worst_other:.2f} cores ({worst_phase})",
             f"<= {OTHER_LOAD_WARN}", "quiet" if worst_other <= OTHER_LOAD_WARN else "NOISY: figures unreliable"),
     ]

@@ -1,6 +1,10 @@
 """`spo3 actor`: a stateless worker. It takes tasks from the work queue, rolls them out, streams
 groups to the learner and commits leaves to the score store. Kill it at any moment: its task's
 lease expires and another actor runs the task again; everything it finished is already in Redis.
+
+The score store is the state-score service when `score_url` is set (scores, leaf commits and the
+score parameters all come from it: one source of truth per run), else the store's Lua on Redis
+directly. The work queue, the groups stream and the run totals are on Redis either way.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from actors.envs.base import Env
 from actors.envs.registry import make_env
 from actors.evaluate import evaluate
 from actors.rollout import Rollout, RolloutConfig, RolloutStats
+from score_store.client import ScoreServiceError, ServiceScoreStore, reconcile_params
 from score_store.connection import check_reachable, connect
 from score_store.score_math import ScoreParams
-from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, StoreStats
+from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, ScoreStore, StoreStats
 from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 from services.metrics import actor_metrics, serve, stop_serving, task_type
 from services.policy.interface import Policy
+from services.redis_names import RedisNames
 from services.stream import GroupStream
 from services.work_queue import WorkQueue
 
@@ -31,8 +37,17 @@ log = logging.getLogger("spo3.actor")
 @dataclass
 class ActorConfig:
     redis_url: str
+    """Redis of the work queue and the groups stream (and of the score store without score_url)."""
     run: str = "default"
     params: ScoreParams = field(default_factory=ScoreParams)
+    """With score_url, the service's parameters are used; fields set explicitly here (pydantic's
+    model_fields_set) must equal them or the actor does not start (client.reconcile_params)."""
+    score_url: str | None = None
+    """The state-score service (http://host:8100); None: the score store's Lua on redis_url directly."""
+    score_token: str | None = None
+    """Bearer token of the score service (its SPO3_API_TOKEN)."""
+    score_retry_s: float = 30.0
+    """How long the score client retries an unreachable service before the work item fails."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     env_options: dict = field(default_factory=dict)
     """Per environment name, keyword arguments for its adapter."""
@@ -97,8 +112,8 @@ class _ObservedStore:
     reached yet when this rollout first met them (a state's first scoring, or its first commit).
     Concurrent actors that find the same fresh state both count it: a slight overcount."""
 
-    def __init__(self, store: RedisScoreStore) -> None:
-        self.store, self.names = store, store.names
+    def __init__(self, store: ScoreStore) -> None:
+        self.store = store
         self.first_seen: dict[str, bool] = {}  # key -> new when first met
 
     def _note(self, batch: ScoreBatch) -> None:
@@ -128,6 +143,26 @@ class _ObservedStore:
 
     def new_states(self) -> int:
         return sum(self.first_seen.values())
+
+
+def open_score_store(cfg: ActorConfig, client) -> tuple[ScoreStore, ScoreParams, ServiceScoreStore | None]:
+    """The actor's score store and the parameters it runs with. Through the service: its
+    parameters (explicit local ones must agree) and its run id (must be the actor's)."""
+    if not cfg.score_url:
+        return RedisScoreStore(client, cfg.params, run=cfg.run), cfg.params, None
+    service = ServiceScoreStore(cfg.score_url, cfg.score_token or "", retry_s=cfg.score_retry_s)
+    try:
+        served_run = service.served_run()
+        if served_run != cfg.run:
+            raise ScoreServiceError(f"the score service at {cfg.score_url} serves run {served_run!r}, this actor works on "
+                             f"run {cfg.run!r}: start both with the same --run")
+        params = reconcile_params(cfg.params, service.params(), source=f"the score service at {cfg.score_url}")
+    except Exception:
+        service.close()
+        raise
+    log.info("score store: service at %s (run %s); parameters from it: %s", cfg.score_url, served_run,
+             ", ".join(f"{k}={v}" for k, v in params.model_dump().items()))
+    return service, params, service
 
 
 class _ObservedPolicy:
@@ -178,7 +213,8 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
     policy = _ObservedPolicy(policy)
     client = connect(cfg.redis_url)
     check_reachable(client, cfg.redis_url)
-    store = RedisScoreStore(client, cfg.params, run=cfg.run)
+    store, params, service = open_score_store(cfg, client)
+    names = RedisNames(cfg.run)
     stream = GroupStream(client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread)
     queue = WorkQueue(client, cfg.run, lease_s=cfg.lease_s)
     envs: dict[str, Env] = {}
@@ -198,10 +234,12 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
                 RolloutConfig(**{**cfg.rollout.__dict__, "algo": item.algo})
             observed = _ObservedStore(store)
             waited = stream.waited_s
-            rollout = Rollout(envs[item.env], policy, observed, stream, cfg.params, rollout_cfg, run=cfg.run,
+            rollout = Rollout(envs[item.env], policy, observed, stream, params, rollout_cfg, run=cfg.run,
                               heartbeat=lambda: queue.extend(item), should_stop=stop.is_set)
             try:
                 stats = rollout.run(item)
+                if service is not None:
+                    service.flush()  # the item's last leaves, before the item counts as done
             except Exception:
                 log.exception("work item %s (%s %s) failed on attempt %d", item.item_id, item.env, item.task_id,
                               item.attempt + 1)
@@ -216,7 +254,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
             record(stats, item)
             metrics.new_states.labels(item.env, task_type(item.env, item.task_id), item.algo).inc(observed.new_states())
             metrics.stream_wait.inc(stream.waited_s - waited)
-            record_totals(client, store.names, stats)
+            record_totals(client, names, stats)
             if stats.complete:
                 queue.finish(item)
                 finished += 1
@@ -233,5 +271,11 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
     finally:
         for env in envs.values():
             env.close()
+        if service is not None:
+            try:
+                service.flush()  # leaves of a failed item that were queued when it failed
+            except Exception as e:
+                log.error("%d finished leaves could not be sent to the score service: %s", len(service.pending), e)
+            service.close()
         stop_serving(server)
     return finished

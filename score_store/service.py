@@ -1,6 +1,9 @@
 """The state-score HTTP service: FastAPI in front of the Redis score store.
 
-Routes: POST /v1/scores, POST /v1/leaves (bearer token), GET /v1/stats, /healthz, /metrics.
+Routes: POST /v1/scores, POST /v1/leaves and POST /v1/batch (bearer token), GET /v1/params,
+GET /v1/stats, /healthz, /metrics. Actors use /v1/batch (the leaves they finished since their last
+call, then the scores they need: one round trip) and take their parameters from /v1/params, so
+the service is the one source of truth for both.
 Every input is validated before it reaches Redis, so no request can crash the service or
 change a count unless it is a well-formed, authorized commit.
 """
@@ -24,12 +27,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from score_store.connection import EmbeddedRedis, StoreUnavailable, check_reachable, connect
 from score_store.score_math import ScoreParams
-from score_store.store import CommitResult, RedisScoreStore, ScoreBatch, StoreStats
+from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, StoreStats
 from services.metrics import ScoreServiceMetrics
 
 MAX_KEYS_PER_REQUEST = 4096
 MAX_PATH_LENGTH = 1024
 MAX_KEY_LENGTH = 256
+MAX_LEAVES_PER_REQUEST = 256
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
@@ -62,6 +66,24 @@ class LeafRequest(BaseModel):
     leaf_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]
     path: list[StateKeyStr] = Field(min_length=1, max_length=MAX_PATH_LENGTH)
     success: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)
+
+
+class BatchRequest(BaseModel):
+    """What an actor sends once per expansion: the leaves it finished since its last call, then
+    the states it needs scored (both may be empty)."""
+
+    model_config = ConfigDict(extra="forbid")
+    leaves: list[LeafRequest] = Field(
+        default_factory=list, max_length=MAX_LEAVES_PER_REQUEST,
+        description="Finished root-to-leaf paths, committed in this order (idempotent per leaf_id).")
+    keys: list[StateKeyStr] = Field(
+        default_factory=list, max_length=MAX_KEYS_PER_REQUEST,
+        description="States to score after the leaves are counted (the scores include those leaves).")
+
+
+class BatchResponse(BaseModel):
+    committed: list[CommitResult] = Field(description="One result per leaf, in request order.")
+    scores: ScoreBatch | None = Field(description="Scores of `keys` in request order; null when none were asked.")
 
 
 class ErrorBody(BaseModel):
@@ -120,6 +142,33 @@ class _TooLarge(Exception):
     pass
 
 
+class _Observe:
+    """ASGI middleware: count and time every request by route template and status. Plain ASGI
+    (not @app.middleware, which runs each request through an extra task and stream)."""
+
+    def __init__(self, app, metrics: ScoreServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+
 def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore | None = None) -> FastAPI:
     """Build the service. Without `store`, it connects to settings.redis_url on first use
     (or starts an embedded Redis when that is empty)."""
@@ -162,23 +211,15 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
     app = FastAPI(title="3SPO state-score service", version="1", lifespan=lifespan,
                   description=__doc__)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = route.path if route is not None else "unmatched"
-        metrics.requests.labels(label, str(response.status_code)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - start)
-        return response
-
     app.add_middleware(_BodyLimit)
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: it times the body limit too
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         fields = _field_names(errors)
-        too_many = any(e.get("type") == "too_long" and len(e.get("loc", ())) == 2 for e in errors)
+        # A list over its bound (keys, leaves, a leaf's path) is a batch too large: 413.
+        too_many = any(e.get("type") == "too_long" for e in errors)
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
         return JSONResponse(status_code=413 if too_many else 422,
                             content={"detail": detail, "fields": fields,
@@ -221,6 +262,24 @@ def create_app(settings: ServiceSettings | None = None, store: RedisScoreStore |
         result = get_store().commit_leaf(body.leaf_id, body.path, body.success)
         metrics.leaves.labels(str(result.counted).lower()).inc()
         return result
+
+    @app.post("/v1/batch", response_model=BatchResponse, dependencies=[Depends(require_token)],
+              summary="Commit leaves (idempotent per leaf_id), then score states: one round trip per expansion",
+              responses={**errors, 401: {"model": ErrorBody, "description": "Missing or wrong bearer token"}})
+    def batch(body: BatchRequest) -> BatchResponse:
+        store = get_store()
+        committed = store.commit_leaves([LeafOutcome(leaf_id=x.leaf_id, path=x.path, success=x.success)
+                                         for x in body.leaves]) if body.leaves else []
+        for result in committed:
+            metrics.leaves.labels(str(result.counted).lower()).inc()
+        scores = store.scores(body.keys) if body.keys else None
+        metrics.keys_scored.inc(len(body.keys))
+        return BatchResponse(committed=committed, scores=scores)
+
+    @app.get("/v1/params", response_model=ScoreParams,
+             summary="The score parameters of this run (actors take theirs from here)")
+    def params() -> ScoreParams:
+        return settings.score_params
 
     @app.get("/v1/stats", response_model=StatsResponse, responses={503: errors[503]})
     def stats() -> StatsResponse:

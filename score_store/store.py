@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from score_store.connection import StoreUnavailable, redact
 from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
@@ -38,8 +38,10 @@ class LeafOutcome(BaseModel):
 
 
 class CommitResult(BaseModel):
-    counted: bool
-    t: int
+    counted: bool | None = Field(description="True: this commit counted the leaf; False: its leaf id was counted "
+                                             "before (nothing changed); null: queued by a client that sends it "
+                                             "with its next request (score_store.client), outcome not known yet.")
+    t: int | None = Field(description="t after this commit (leaves counted + 1); null while queued.")
 
 
 class StoreStats(BaseModel):

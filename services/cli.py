@@ -93,7 +93,13 @@ def init_model_cmd(
 
 @app.command("actor")
 def actor_cmd(
-    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the score store, work queue and groups stream.")],
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the work queue and groups stream "
+                                           "(and the score store, used directly, unless --score-url is given).")],
+    score_url: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_URL", help="State-score service "
+                                                     "(`spo3 score-service`, http://HOST:8100): scores, leaf commits and the score "
+                                                     "parameters come from it. Unset: the score store on --redis-url directly.")] = None,
+    score_token: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_TOKEN", help="Bearer token of the score service "
+                                                       "(its SPO3_API_TOKEN); needed with --score-url.")] = None,
     policy_url: Annotated[Optional[str], typer.Option(envvar="SPO3_POLICY_URL", help="vLLM server (OpenAI API) to sample from.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Instead of --policy-url: a local HF model directory run in-process.")] = None,
     weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help="With --model: follow the weights the "
@@ -105,8 +111,9 @@ def actor_cmd(
     choice_mode: Annotated[bool, typer.Option(help="Constrain replies to the admissible actions (small models).")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 64,
-    alpha: Annotated[float, typer.Option(help="State-score alpha (must match the score service's).")] = 1.0,
-    g_max: Annotated[int, typer.Option(help="Most branches per state.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option(help="State-score alpha (default 1). With --score-url the service's is "
+                                                   "used; a value given here must equal it or the actor does not start.")] = None,
+    g_max: Annotated[Optional[int], typer.Option(help="Most branches per state (default 8). With --score-url: as --alpha.")] = None,
     lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics (deployments use 9100).")] = None,
@@ -133,6 +140,8 @@ def actor_cmd(
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
+    if score_url and not score_token:
+        raise typer.BadParameter("--score-url needs --score-token (or SPO3_SCORE_TOKEN): the service's SPO3_API_TOKEN")
     evals = []
     for item in eval_task or []:
         env_name, sep, task_id = item.partition(":")
@@ -153,12 +162,21 @@ def actor_cmd(
 
             policy = FollowingPolicy(policy, weights_dir, connect(redis_url), run)
     cfg = ActorConfig(
-        redis_url=redis_url, run=run, params=ScoreParams(alpha=alpha, g_max=g_max),
+        redis_url=redis_url, run=run, score_url=score_url, score_token=score_token,
+        # Only the fields given here are set: with --score-url they are checked against the service's.
+        params=ScoreParams(**{k: v for k, v in dict(alpha=alpha, g_max=g_max).items() if v is not None}),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
         eval_tasks=evals, eval_every=eval_every, stream_max_unread=max_unread)
-    finished = run_actor(cfg, policy)
+    from score_store.client import ParamsMismatch, ScoreServiceError
+    from score_store.connection import StoreUnavailable
+
+    try:
+        finished = run_actor(cfg, policy)
+    except (ParamsMismatch, ScoreServiceError, StoreUnavailable) as e:  # at start: settings or reachability
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"actor finished {finished} work items")
 
 

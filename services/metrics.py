@@ -167,6 +167,36 @@ def actor_metrics() -> ActorMetrics:
     return ActorMetrics()
 
 
+# --- the score-service client in actors (score_store.client, actor port 9100) ---------------
+SCORE_CLIENT_ERRORS = ("transport", "unavailable", "refused")
+
+
+class ScoreClientMetrics:
+    """An actor's side of its requests to the state-score service (the service counts its own
+    side in spo3_score_requests_total / spo3_score_request_seconds)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter("spo3_actor_score_requests", "Requests sent to the score service, retries included",
+                                ["route"], registry=registry)
+        self.latency = Histogram("spo3_actor_score_request_seconds",
+                                 "Wall time of one request to the score service, as the actor sees it", ["route"],
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                                 registry=registry)
+        self.errors = Counter("spo3_actor_score_errors",
+                              "Failed requests to the score service: transport (no answer), unavailable "
+                              "(502/503/504; both retried), refused (other 4xx, not retried)",
+                              ["kind"], registry=registry)
+        self.gave_up = Counter("spo3_actor_score_gave_up",
+                               "Requests abandoned after the client's whole retry window", registry=registry)
+        for kind in SCORE_CLIENT_ERRORS:
+            self.errors.labels(kind)
+
+
+@functools.cache
+def score_client_metrics() -> ScoreClientMetrics:
+    return ScoreClientMetrics()
+
+
 # --- policy engines that follow published weights (actor processes) --------------------------
 class FollowerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:

@@ -285,6 +285,29 @@ def test_only_our_redis_clients_reach_redis(rendered):
         assert {"actors", "learner", "bootstrap"} <= admitted
 
 
+def test_actors_use_the_score_service_and_take_its_parameters(rendered, compose_config):
+    """Actors reach the score statistics through the service (one source of truth for counts and
+    parameters): its URL and token, and no score parameter of their own to drift from it."""
+    score_flags = ("--alpha", "--g-max", "--xi", "--zeta", "--omega-k")
+    for overlay in ("gpu", "cpu"):
+        assert ingress_sources(rendered, overlay, "score-service", 8100) == {"actors", "prometheus"}
+        templates = pod_templates(rendered, overlay)
+        (actor,) = templates["actors"]["spec"]["containers"]
+        (service,) = templates["score-service"]["spec"]["containers"]
+        env = {e["name"]: e for e in actor["env"]}
+        assert env["SPO3_SCORE_URL"]["value"] == "http://score-service:8100"
+        token = {e["name"]: e for e in service["env"]}["SPO3_API_TOKEN"]["valueFrom"]
+        assert env["SPO3_SCORE_TOKEN"]["valueFrom"] == token
+        assert not [a for a in actor["args"] if a.split("=")[0] in score_flags], actor["args"]
+    services = compose_config["services"]
+    for name in ("actors-cpu", "actors-gpu"):
+        svc = services[name]
+        assert svc["environment"]["SPO3_SCORE_URL"] == "http://score-service:8100"
+        assert svc["environment"]["SPO3_SCORE_TOKEN"] == services["score-service"]["environment"]["SPO3_API_TOKEN"]
+        assert "score-service" in svc["depends_on"]
+        assert not [a for a in svc["command"] if a.split("=")[0] in score_flags], svc["command"]
+
+
 def test_actors_are_scaled_by_kubectl_scale(rendered):
     for overlay in ("gpu", "cpu"):
         actors = one(rendered, overlay, "Deployment", "actors")

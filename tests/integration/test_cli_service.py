@@ -41,6 +41,14 @@ def _exercise(url: str, token: str) -> None:
     assert httpx.post(f"{url}/v1/leaves", json={"leaf_id": "x", "path": ["r"], "success": 1.0}).status_code == 401
     scores = httpx.post(f"{url}/v1/scores", json={"keys": ["a"]}).json()
     assert scores["scores"][0]["n_total"] == 1
+    # What actors use: one batch (leaves, then scores) and the parameters.
+    batch = httpx.post(f"{url}/v1/batch", headers=auth, json={
+        "leaves": [{"leaf_id": "cli-1", "path": ["r", "a"], "success": 1.0},
+                   {"leaf_id": "cli-2", "path": ["r", "b"], "success": 0.0}], "keys": ["a", "b"]}).json()
+    assert batch["committed"] == [{"counted": False, "t": 2}, {"counted": True, "t": 3}]
+    assert [s["n_total"] for s in batch["scores"]["scores"]] == [1, 1]
+    assert httpx.post(f"{url}/v1/batch", json={"keys": ["a"]}).status_code == 401
+    assert httpx.get(f"{url}/v1/params").json()["g_max"] == 8
 
 
 def test_help_explains_commands():

@@ -1,6 +1,7 @@
 """Observability end to end. A short real run (Redis, the score service, an actor process on real
-TextWorld games with the in-process policy, the DeepSpeed learner updating and publishing to a
-weights directory) is scraped every second by a real Prometheus that loads
+TextWorld games with the in-process policy that scores and commits through the service, the
+DeepSpeed learner updating and publishing to a weights directory) is scraped every second by a
+real Prometheus that loads
 deploy/prometheus/rules.yml. Then every query of every panel of every Grafana dashboard must
 return data, and every rule must evaluate without error. Nothing is left running."""
 
@@ -225,8 +226,10 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
                                 "--weights-dir", str(weights), "--checkpoint-dir", str(tmp_path / "ckpt"),
                                 "--groups-per-update", "2", "--max-staleness", "4", "--checkpoint-every", "3",
                                 "--lr", "0.01", "--micro-batch-rows", "16", "--metrics-port", str(ports["learner"])])
+        # The actor scores states and commits leaves through the score service, as deployed.
         procs.start("actor", [SPO3, "actor", "--model", str(model), "--weights-dir", str(weights), "--redis-url",
-                              redis_url, "--run", run, "--max-steps", "5", "--max-leaves", "12", "--choice-mode",
+                              redis_url, "--run", run, "--score-url", f"http://127.0.0.1:{ports['score-service']}",
+                              "--score-token", token, "--max-steps", "5", "--max-leaves", "12", "--choice-mode",
                               "--metrics-port", str(ports["actor"]), "--eval-task", f"textworld:{eval_game}",
                               "--eval-every", "1"])
         procs.start("prometheus", [PROMETHEUS, f"--config.file={prometheus_config(tmp_path / 'prometheus.yml', ports)}",

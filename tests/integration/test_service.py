@@ -9,7 +9,9 @@ from fastapi.testclient import TestClient
 
 from score_store.connection import LocalRedisServer
 from score_store.score_math import Counts, state_score
-from score_store.service import MAX_BODY_BYTES, MAX_KEY_LENGTH, MAX_KEYS_PER_REQUEST, ServiceSettings, create_app
+from score_store.score_math import ScoreParams
+from score_store.service import (MAX_BODY_BYTES, MAX_KEY_LENGTH, MAX_KEYS_PER_REQUEST, MAX_LEAVES_PER_REQUEST,
+                                 ServiceSettings, create_app)
 
 pytestmark = pytest.mark.redis
 
@@ -108,6 +110,54 @@ def test_bad_leaf_requests_name_the_field_and_change_nothing(client, raw, field,
     assert any(f == field or f.startswith(field + ".") or field == "body" for f in r.json()["fields"]), r.json()
     stats = client.get("/v1/stats").json()
     assert (stats["t"], stats["n_states"]) == (1, 0)
+
+
+def test_batch_commits_leaves_then_scores_in_one_request(client):
+    leaves = [{"leaf_id": "b1", "path": ["r", "a"], "success": 1.0},
+              {"leaf_id": "b2", "path": ["r", "b"], "success": 0.0},
+              {"leaf_id": "b1", "path": ["r", "a"], "success": 1.0}]  # a retry of b1 in the same batch
+    body = client.post("/v1/batch", json={"leaves": leaves, "keys": ["a", "b", "c"]}, headers=AUTH).json()
+    assert body["committed"] == [{"counted": True, "t": 2}, {"counted": True, "t": 3}, {"counted": False, "t": 3}]
+    assert body["scores"]["t"] == 3  # the scores include this request's leaves
+    assert [(s["key"], s["n_total"], s["n_success"]) for s in body["scores"]["scores"]] == \
+        [("a", 1, 1), ("b", 1, 0), ("c", 0, 0)]
+    only_leaves = client.post("/v1/batch", json={"leaves": leaves[:1]}, headers=AUTH).json()
+    assert only_leaves == {"committed": [{"counted": False, "t": 3}], "scores": None}
+    assert client.post("/v1/batch", json={"keys": ["a"]}, headers=AUTH).json()["committed"] == []
+    text = client.get("/metrics").text
+    assert 'spo3_score_leaves_total{counted="false"} 2.0' in text and "spo3_score_keys_scored_total 4.0" in text
+
+
+@pytest.mark.parametrize("body,field,status", [
+    ({"leaves": [{"leaf_id": "l", "path": ["r"], "success": 1}] * (MAX_LEAVES_PER_REQUEST + 1)}, "leaves", 413),
+    ({"keys": ["k"] * (MAX_KEYS_PER_REQUEST + 1)}, "keys", 413),
+    ({"leaves": [{"leaf_id": "l", "path": ["s"] * 1025, "success": 1}]}, "leaves.0.path", 413),
+    ({"leaves": [{"leaf_id": "ok", "path": ["r"], "success": 1}, {"leaf_id": "l", "path": ["r"], "success": 2}]},
+     "leaves.1.success", 422),
+    ({"leaves": [{"leaf_id": "l", "path": [], "success": 1}]}, "leaves.0.path", 422),
+    ({"keys": [""]}, "keys.0", 422),
+    ({"leaves": [], "keys": ["a"], "extra": 1}, "extra", 422),
+])
+def test_bad_batches_name_the_field_and_change_nothing(client, body, field, status):
+    r = client.post("/v1/batch", json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert field in r.json()["fields"], r.json()
+    stats = client.get("/v1/stats").json()
+    assert (stats["t"], stats["n_states"]) == (1, 0)  # not even the valid first leaf counted
+
+
+def test_batch_needs_the_token(client):
+    r = client.post("/v1/batch", json={"leaves": [{"leaf_id": "l", "path": ["r"], "success": 1}]})
+    assert r.status_code == 401 and client.get("/v1/stats").json()["t"] == 1
+
+
+def test_params_serve_the_whole_model(redis_url):
+    settings = ServiceSettings(redis_url=redis_url, api_token=TOKEN, alpha=50, xi=3)
+    with TestClient(create_app(settings)) as c:
+        served = c.get("/v1/params").json()
+    assert set(served) == set(ScoreParams.model_fields)  # every field, including ones added later
+    assert ScoreParams.model_validate(served) == settings.score_params
+    assert (served["alpha"], served["xi"]) == (50.0, 3)
 
 
 def test_oversized_body_is_refused_before_parsing(client):

@@ -37,9 +37,9 @@ def _schema_violating(case) -> bool:
     request models refuse must be rejected."""
     from pydantic import ValidationError
 
-    from score_store.service import LeafRequest, ScoresRequest
+    from score_store.service import BatchRequest, LeafRequest, ScoresRequest
 
-    model = {"/v1/scores": ScoresRequest, "/v1/leaves": LeafRequest}.get(case.path)
+    model = {"/v1/scores": ScoresRequest, "/v1/leaves": LeafRequest, "/v1/batch": BatchRequest}.get(case.path)
     if model is None:
         return False
     try:
@@ -77,6 +77,6 @@ def test_without_token_nothing_changes(case):
     before = _counts(app)
     response = case.call()
     assert response.status_code < 500, response.text
-    if case.path == "/v1/leaves" and case.method.upper() == "POST":
+    if case.path in ("/v1/leaves", "/v1/batch") and case.method.upper() == "POST":
         assert response.status_code in (400, 401, 413, 422)
     assert _counts(app) == before
