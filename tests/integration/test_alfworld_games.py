@@ -95,3 +95,14 @@ def test_same_seed_same_games_and_bad_input(made, tmp_path):
     r = subprocess.run([SPO3, "make-games", str(tmp_path / "x"), "--env", "alfworld", "--setting", "level=3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--setting is for --env textworld" in r.stderr
+
+
+def test_suite_reads_the_two_splits(made):
+    out, _ = made
+    from services.launcher import GamesConfig, task_lists
+
+    games = GamesConfig(env="alfworld", train=10, eval=6,
+                        settings={"data_dir": str(out / "train"), "eval_data_dir": str(out / "heldout")})
+    train, held = task_lists(games, out)
+    assert len(train) == 10 and len(held) == 6 and not set(train) & set(held)
+    assert all("/train/" in t for t in train) and all("/heldout/" in t for t in held)
