@@ -348,15 +348,41 @@ def bench_cmd(
 
 @app.command("make-games")
 def make_games_cmd(
-    out: Annotated[str, typer.Argument(help="Directory for the .z8 games (and their .json sidecars).")],
-    kind: Annotated[str, typer.Option(help="tw-coin_collector, tw-treasure_hunter, tw-simple or tw-cooking.")] = "tw-coin_collector",
-    n: Annotated[int, typer.Option(help="How many games (seeds seed, seed+1, ...).")] = 8,
+    out: Annotated[str, typer.Argument(help="Directory for the games (TextWorld: .z8 + .json sidecars; "
+                                            "ALFWorld: train/ and heldout/ game folders).")],
+    env: Annotated[str, typer.Option(help="textworld or alfworld.")] = "textworld",
+    kind: Annotated[str, typer.Option(help="TextWorld: tw-coin_collector, tw-treasure_hunter, tw-simple or tw-cooking.")] = "tw-coin_collector",
+    n: Annotated[int, typer.Option(help="TextWorld: how many games (seeds seed, seed+1, ...). "
+                                        "ALFWorld: training games per task type.")] = 8,
+    heldout: Annotated[Optional[int], typer.Option(help="ALFWorld: held-out games per task type (other floor plans; default n/2).")] = None,
+    task_type: Annotated[Optional[list[str]], typer.Option(help="ALFWorld: pick, clean, heat, cool, two, light "
+                                                                "(repeatable; default all six).")] = None,
     seed: Annotated[int, typer.Option(help="First seed; the same seed always gives the same game.")] = 0,
-    setting: Annotated[Optional[list[str]], typer.Option(help="Generator setting KEY=VALUE, e.g. level=3 (repeatable).")] = None,
+    setting: Annotated[Optional[list[str]], typer.Option(help="TextWorld generator setting KEY=VALUE, e.g. level=3 (repeatable).")] = None,
 ) -> None:
-    """Generate TextWorld games offline with tw-make's generators and print their paths."""
+    """Generate games offline and print their paths: TextWorld games with tw-make's generators, or
+    ALFWorld-format games (from ALFWorld's floor-plan layouts), each won by ALFWorld's hand-coded expert."""
     import yaml
 
+    if env == "alfworld":
+        if setting:
+            raise typer.BadParameter("--setting is for --env textworld")
+        from actors.envs.alfworld_gen import make_games
+        from actors.envs.base import EnvError
+
+        def show(g) -> None:
+            typer.echo(f"{g.split}\t{g.task_type}\texpert {g.expert_steps} steps\t{g.path}")
+
+        try:
+            make_games(out, n_train=n, n_heldout=n // 2 if heldout is None else heldout, seed=seed,
+                       task_types=task_type, progress=show)
+        except EnvError as e:
+            raise typer.BadParameter(str(e)) from None
+        return
+    if env != "textworld":
+        raise typer.BadParameter(f"--env must be textworld or alfworld, not {env!r}")
+    if heldout is not None or task_type:
+        raise typer.BadParameter("--heldout and --task-type are for --env alfworld")
     from actors.envs.textworld_env import generate_games
 
     settings = {}

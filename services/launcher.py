@@ -42,7 +42,8 @@ class GamesConfig(BaseModel):
     seed: int = 0
     settings: dict[str, Any] = Field(default_factory=dict, description=(
         "textworld: generator settings, e.g. {level: 3}; twx: generation properties, e.g. {numLocations: 4}; "
-        "alfworld: {data_dir: ..., task_types: [1, 2]} (data_dir empty: $ALFWORLD_DATA)."))
+        "alfworld: {data_dir: ..., eval_data_dir: ..., task_types: [1, 2]} (data_dir empty: $ALFWORLD_DATA; "
+        "eval_data_dir: held-out games from there, else both come from data_dir)."))
     tasks: list[str] = Field(default_factory=list, description="Explicit training task ids (game files, twx ids, "
                              "alfworld game folders); they replace the generated ones.")
     eval_tasks: list[str] = Field(default_factory=list, description=(
@@ -75,6 +76,12 @@ def task_lists(games: GamesConfig, default_dir: Path) -> tuple[list[str], list[s
         from actors.envs.alfworld_env import list_games
 
         found = list_games(games.settings.get("data_dir"), task_types=games.settings.get("task_types"))
+        if games.settings.get("eval_data_dir"):  # a held-out split of its own (spo3 make-games --env alfworld)
+            held = list_games(games.settings["eval_data_dir"], task_types=games.settings.get("task_types"))
+            rng = random.Random(games.seed)
+            rng.shuffle(found)
+            rng.shuffle(held)
+            return found[:games.train], held[:games.eval]
         if len(found) < games.train + games.eval:  # too few games for a split: evaluate in distribution
             return found, found
         rng = random.Random(games.seed)

@@ -1,0 +1,280 @@
+"""Benchmark statistics, counted the same way for every algorithm (ALGORITHM.md "Metrics").
+
+Pure functions (no torch, no I/O): a run's record in, curves and figures out; per suite, paired
+bootstrap intervals across seeds. `spo3 bench` feeds them (see README, "results.json (new format)").
+
+- **Exploration**: unique `(task, state key)` pairs *visited* (stepped into, whether or not a leaf was
+  committed through them) as a curve over env steps: `visited_state_curve`.
+- **Convergence**: held-out success at fixed env-step checkpoints (`checkpoint_steps`, 8 or more per
+  run, the first at step 0 = before training), each with its episode count (`held_out_curve`); the env
+  steps until that curve first reaches a threshold (`steps_to_threshold`), whether it already did at
+  step 0 (`threshold_met_at_start`), and the area under it (`area_under_curve`).
+- **Statistics**: seeds are paired (one initial model and task split per seed for all algorithms);
+  `paired_bootstrap` gives the mean paired difference (or the ratio of means) with a percentile
+  bootstrap 95% interval over seeds, and says whether the interval includes "no difference".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MIN_CHECKPOINTS = 8
+"""Held-out checkpoints after step 0 that a run's curve needs (ALGORITHM.md: 8 or more per run)."""
+
+Curve = list[list[float]]
+"""[[env_steps, value], ...] with env_steps strictly increasing."""
+
+
+# --- exploration --------------------------------------------------------------------------------
+
+def _visit(v: Any) -> tuple[int, str, str]:
+    if isinstance(v, Mapping):
+        return int(v["env_steps"]), str(v["task"]), str(v["key"])
+    steps, task, key = v
+    return int(steps), str(task), str(key)
+
+
+def visited_state_curve(visits: Iterable[Any], checkpoints: Sequence[int]) -> Curve:
+    """Unique (task, key) pairs visited by each checkpoint: [[env_steps, pairs], ...].
+
+    `visits`: the run's record of every state stepped into, in order, each as
+    `{"env_steps": n, "task": id, "key": state key}` (or a tuple in that order), where `env_steps` is the
+    run's count of new env steps when the state was entered (a reset's initial state: the count at the
+    reset). States re-entered by replay count once like any other; replay steps are not new env steps.
+    A visit at step n counts at every checkpoint >= n. Raises ValueError when the steps go backwards
+    or the checkpoints are not increasing.
+    """
+    cps = _checked_checkpoints(checkpoints)
+    seen: set[tuple[str, str]] = set()
+    out: Curve = []
+    i, last = 0, -1
+    events = [_visit(v) for v in visits]
+    for steps, _, _ in events:
+        if steps < last:
+            raise ValueError(f"visits go back in env steps ({last} then {steps}); record them in order")
+        if steps < 0:
+            raise ValueError(f"negative env_steps {steps}")
+        last = steps
+    for cp in cps:
+        while i < len(events) and events[i][0] <= cp:
+            seen.add((events[i][1], events[i][2]))
+            i += 1
+        out.append([cp, len(seen)])
+    return out
+
+
+def checkpoint_steps(budget: int, n: int = MIN_CHECKPOINTS) -> list[int]:
+    """`n` + 1 evenly spaced env-step checkpoints from 0 (before training) to `budget` inclusive."""
+    if budget < n or n < 1:
+        raise ValueError(f"need budget >= n >= 1 (budget {budget}, n {n})")
+    return [round(budget * i / n) for i in range(n + 1)]
+
+
+def _checked_checkpoints(checkpoints: Sequence[int]) -> list[int]:
+    cps = [int(c) for c in checkpoints]
+    if not cps or any(b <= a for a, b in zip(cps, cps[1:])) or cps[0] < 0:
+        raise ValueError(f"checkpoints must be non-negative and strictly increasing, got {list(checkpoints)}")
+    return cps
+
+
+# --- convergence --------------------------------------------------------------------------------
+
+def held_out_curve(evaluations: Iterable[tuple[int, Sequence[float]]], *,
+                   min_checkpoints: int = MIN_CHECKPOINTS) -> list[list[float]]:
+    """[[env_steps, success rate, episodes], ...] from held-out evaluations, each
+    `(env_steps, per-episode successes in [0, 1])`. The first must be at step 0 (the initial policy),
+    steps strictly increasing, every evaluation non-empty, and at least `min_checkpoints` after step 0."""
+    out = []
+    for steps, successes in evaluations:
+        s = [float(x) for x in successes]
+        if not s:
+            raise ValueError(f"held-out evaluation at env step {steps} has no episodes")
+        if any(not 0.0 <= x <= 1.0 for x in s):
+            raise ValueError(f"held-out successes at env step {steps} must lie in [0, 1]")
+        out.append([int(steps), sum(s) / len(s), len(s)])
+    _check_curve(out, min_checkpoints)
+    return out
+
+
+def _check_curve(curve: Sequence[Sequence[float]], min_checkpoints: int = 0) -> None:
+    if not curve:
+        raise ValueError("empty curve")
+    if curve[0][0] != 0:
+        raise ValueError(f"a held-out curve starts at env step 0 (the initial policy), not {curve[0][0]}")
+    _checked_checkpoints([p[0] for p in curve])
+    if len(curve) - 1 < min_checkpoints:
+        raise ValueError(f"{len(curve) - 1} held-out checkpoints after step 0; need >= {min_checkpoints}")
+
+
+def steps_to_threshold(curve: Sequence[Sequence[float]], threshold: float) -> int | None:
+    """Env steps of the first checkpoint whose held-out success is >= `threshold` (0 when the initial
+    policy already meets it; None when the curve never does). No interpolation between checkpoints."""
+    _check_curve(curve)
+    return next((int(p[0]) for p in curve if p[1] >= threshold), None)
+
+
+def threshold_met_at_start(curve: Sequence[Sequence[float]], threshold: float) -> bool:
+    """True when the initial policy (the step-0 point) already meets the threshold: its steps-to-threshold
+    of 0 says nothing about learning and is flagged in the tables."""
+    _check_curve(curve)
+    return curve[0][1] >= threshold
+
+
+def area_under_curve(curve: Sequence[Sequence[float]]) -> float:
+    """Trapezoidal area under [[env_steps, value, ...], ...] divided by its env-step span: the mean
+    value over the budget (for a success curve, in [0, 1]; faster learning gives more area)."""
+    _check_curve(curve)
+    if len(curve) == 1:
+        return float(curve[0][1])
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(curve, curve[1:]))
+    return area / (curve[-1][0] - curve[0][0])
+
+
+def value_at(curve: Sequence[Sequence[float]], env_steps: int) -> float:
+    """The curve's value at `env_steps` (the last checkpoint at or before it), for comparing runs at equal
+    env steps. Raises ValueError before the first point."""
+    best = None
+    for p in curve:
+        if p[0] <= env_steps:
+            best = p[1]
+    if best is None:
+        raise ValueError(f"no point at or before env step {env_steps}")
+    return float(best)
+
+
+# --- paired statistics --------------------------------------------------------------------------
+
+class Interval(BaseModel):
+    """A paired comparison across seeds: ours vs a baseline on one figure."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["difference", "ratio"] = Field(description="difference: mean of (ours - baseline) over "
+                                                 "seeds; ratio: mean(ours) / mean(baseline).")
+    estimate: float | None = Field(description="The statistic on the observed pairs (None: ratio over a zero mean).")
+    low: float | None = Field(description="2.5th percentile of the bootstrap distribution (None: infinite).")
+    high: float | None = Field(description="97.5th percentile of the bootstrap distribution (None: infinite, a ratio over resamples whose baseline mean is 0).")
+    level: float = Field(description="Coverage of the interval (0.95).")
+    pairs: int = Field(description="Seeds with a value for both algorithms.")
+    resamples: int = Field(description="Bootstrap resamples of the seed pairs.")
+    includes_no_difference: bool = Field(description="The interval contains 0 (difference) or 1 (ratio): "
+                                         "the seeds do not tell the two apart.")
+
+
+def paired_bootstrap(ours: Sequence[float], theirs: Sequence[float], *, kind: Literal["difference", "ratio"]
+                     = "difference", resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap over seed pairs: resample the pairs with replacement `resamples` times,
+    compute the statistic each time, and take the central `level` of those values.
+
+    `ours[i]` and `theirs[i]` come from the same seed (same initial model and task split). The
+    difference is mean(ours - theirs); the ratio is mean(ours) / mean(theirs) (a resample with a zero
+    denominator is infinite, written None). Identical pairs give exactly [0, 0] (ratio [1, 1]); a
+    constant shift c gives [c, c]. Needs 2 or more pairs.
+    """
+    a, b = np.asarray(ours, dtype=float), np.asarray(theirs, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values must be two lists of the same length, got {a.shape} and {b.shape}")
+    if len(a) < 2:
+        raise ValueError(f"a paired bootstrap needs >= 2 seed pairs, got {len(a)}")
+    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        raise ValueError("paired values must be finite")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError("need 0 < level < 1 and resamples >= 1")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    if kind == "difference":
+        d = a - b
+        stats = d[idx].mean(axis=1)
+        estimate: float | None = float(d.mean())
+        null = 0.0
+    elif kind == "ratio":
+        num, den = a[idx].sum(axis=1), b[idx].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.inf)
+        estimate = float(a.sum() / b.sum()) if b.sum() != 0 else None
+        null = 1.0
+    else:
+        raise ValueError(f"kind must be 'difference' or 'ratio', not {kind!r}")
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(stats, [tail, 1 - tail], method="inverted_cdf")
+
+    def finite(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return Interval(kind=kind, estimate=estimate, low=finite(lo), high=finite(hi), level=level, pairs=len(a),
+                    resamples=resamples, includes_no_difference=bool(lo <= null <= hi))
+
+
+def pair_by_seed(ours: Mapping[int, float | None], theirs: Mapping[int, float | None]) -> tuple[list[float], list[float], list[int]]:
+    """The values of the seeds both algorithms have (not None), in seed order, and those seeds."""
+    seeds = sorted(s for s in ours if s in theirs and ours[s] is not None and theirs[s] is not None)
+    return [float(ours[s]) for s in seeds], [float(theirs[s]) for s in seeds], seeds
+
+
+# --- results.json (new format) -------------------------------------------------------------------
+
+class RunResult(BaseModel):
+    """One run (suite x algorithm x seed) in results.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    suite: str = Field(description="Suite name from the bench config.")
+    algo: str = Field(description="3spo, grpo or gigpo.")
+    seed: int = Field(description="Seed; runs with the same suite and seed share the initial model and task split.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The run's full settings (TrainConfig as a dict).")
+    visited_states: list[list[float]] = Field(description="[[env_steps, unique (task, key) pairs visited], ...].")
+    held_out: list[list[float]] = Field(description="[[env_steps, held-out success, episodes], ...], "
+                                        "the first at step 0 (before training).")
+    new_env_steps: int = Field(description="Env steps that entered a state from its parent (the budget counts these).")
+    replay_env_steps: int = Field(0, description="Env steps spent replaying a prefix to restore a node.")
+    generated_tokens: int = Field(0, description="Tokens sampled by the actors.")
+    learner_tokens: int = Field(0, description="Tokens the learner trained on (real, not padding).")
+    updates: int = Field(0, description="Learner updates (policy versions published).")
+    wall_time_s: float = Field(0.0, description="Wall time of the run.")
+
+
+def run_figures(run: RunResult, threshold: float) -> dict[str, Any]:
+    """The per-run figures the tables and the paired comparisons use."""
+    budget = run.new_env_steps
+    return {
+        "final_success": run.held_out[-1][1],
+        "initial_success": run.held_out[0][1],
+        "visited_states": value_at(run.visited_states, budget),
+        "visited_per_1k_steps": 1000 * value_at(run.visited_states, budget) / max(budget, 1),
+        "steps_to_threshold": steps_to_threshold(run.held_out, threshold),
+        "threshold_met_at_start": threshold_met_at_start(run.held_out, threshold),
+        "success_auc": area_under_curve(run.held_out),
+    }
+
+
+COMPARED = {  # figure -> kinds of paired comparison
+    "final_success": ("difference",),
+    "success_auc": ("difference",),
+    "visited_states": ("ratio", "difference"),
+    "steps_to_threshold": ("ratio",),
+}
+
+
+def suite_comparisons(runs: Sequence[RunResult], threshold: float, *, ours: str = "3spo",
+                      resamples: int = 10_000, seed: int = 0) -> dict[str, dict[str, dict[str, Interval | None]]]:
+    """baseline -> figure -> kind -> Interval over the seeds both have (None with fewer than 2 pairs).
+    steps_to_threshold pairs only seeds where both reached the threshold, and compares theirs / ours
+    (how many times fewer steps ours needed); the other ratios are ours / theirs."""
+    figs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        figs.setdefault(r.algo, {})[r.seed] = run_figures(r, threshold)
+    out: dict[str, dict[str, dict[str, Interval | None]]] = {}
+    for base in sorted(a for a in figs if a != ours):
+        out[base] = {}
+        for fig, kinds in COMPARED.items():
+            mine = {s: f[fig] for s, f in figs.get(ours, {}).items()}
+            theirs = {s: f[fig] for s, f in figs[base].items()}
+            a, b, _ = pair_by_seed(mine, theirs)
+            if fig == "steps_to_threshold":
+                a, b = b, a
+            out[base][fig] = {k: (paired_bootstrap(a, b, kind=k, resamples=resamples, seed=seed)
+                                  if len(a) >= 2 else None) for k in kinds}
+    return out
