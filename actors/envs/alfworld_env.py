@@ -16,11 +16,15 @@ an empty game list, this adapter refuses instead. A folder with `traj_data.json`
 
 Texts: `text` is ALFWorld's observation (on reset the intro: the receptacles in view and "Your
 task is to: ..."; the "-= Welcome to TextWorld, ALFRED! =-" banner is dropped).
-`state_text` (ALGORITHM.md: ALFWorld's observation) is that observation without the banner and
-without the task sentence, so the key is the observation of the state, not of the intro's
-decoration. `state="facts"` instead keys on the engine's true state: the sorted PDDL facts,
-bookkeeping facts (`checked`, `examined`) excluded, so `look`, `inventory`, `examine` and invalid
-actions ("Nothing happens.") keep the key, and two routes to the same world state share it.
+`state_text` (the state key's text, ALGORITHM.md "State key") is by default (`state="facts"`) the
+world state: the engine's sorted PDDL facts (the agent's location, what it holds, where every object
+is, which receptacles are open, which devices are on), bookkeeping facts (`checked`, `examined`)
+excluded, so `look`, `inventory`, `help`, `examine` and invalid actions ("Nothing happens.") keep
+the key, two routes to the same world state share it, and two world states with the same feedback
+("You arrive at fridge 1." with and without the apple in hand) get different keys. Objects are the
+engine's own ids, so two apples are never merged. `state="observation"` keys on the action's
+feedback instead (without the banner and the task sentence): it merges and splits world states
+as just described, and is kept only for comparison.
 
 success = 1.0 if the game is won (the PDDL goal holds), else 0.0. raw_reward = 10.0 when won (the
 ALFWorld reward of verl-agent/GiGPO; TextWorld's own score is info["score"]), never the success.
@@ -114,7 +118,7 @@ def list_games(data_dir: str | os.PathLike | None = None, *, task_types: Iterabl
 class AlfWorldEnv:
     name = "alfworld"
 
-    def __init__(self, data_dir: str | os.PathLike | None = None, *, state: str = "observation",
+    def __init__(self, data_dir: str | os.PathLike | None = None, *, state: str = "facts",
                  check_data: bool = True, max_loaded_games: int = 8) -> None:
         try:
             import textworld  # noqa: F401

@@ -340,7 +340,8 @@ def alf_games():
 @pytest.fixture(scope="module")
 def alf_env():
     pytest.importorskip("alfworld")
-    env = make_env("alfworld", data_dir=str(ALF_DATA), state="facts")
+    env = make_env("alfworld", data_dir=str(ALF_DATA))  # state="facts", the default
+    assert env.state_mode == "facts"
     yield env
     env.close()
 
@@ -348,9 +349,48 @@ def alf_env():
 @pytest.fixture(scope="module")
 def alf_env_obs():
     pytest.importorskip("alfworld")
-    env = make_env("alfworld", data_dir=str(ALF_DATA))
+    env = make_env("alfworld", data_dir=str(ALF_DATA), state="observation")
     yield env
     env.close()
+
+
+def _walk(env, task, actions):
+    obs = env.reset(task)
+    for a in actions:
+        result = env.step(a)
+        assert result.info["valid"], a
+        obs = result.observation
+    return obs
+
+
+def test_alfworld_world_states_with_the_same_feedback_get_different_keys(alf_env, alf_env_obs, alf_games):
+    """At the fridge with empty hands and at the fridge holding the apple: the same feedback text,
+    two world states. The default (facts) keys tell them apart; the feedback-text keys merge them."""
+    task = next(g for g in alf_games if "Apple" in g)
+    empty = ["go to fridge 1"]
+    holding = ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1"]
+    a, b = _walk(alf_env, task, empty), _walk(alf_env, task, holding)
+    assert a.text == b.text and a.text.startswith("You arrive at fridge 1")
+    assert _key(alf_env, task, a) != _key(alf_env, task, b)
+    assert "holds(agent1: agent, apple" in b.state_text and "holds(" not in a.state_text
+    merged = [_key(alf_env_obs, task, _walk(alf_env_obs, task, p)) for p in (empty, holding)]
+    assert merged[0] == merged[1]  # why the feedback text is no state key
+
+
+def test_alfworld_look_and_inventory_create_no_new_keys(alf_env, alf_games):
+    """look / inventory / help replies differ from each other and from the arrival text, in every
+    state of the expert's path, but the key stays the world state's."""
+    task = next(g for g in alf_games if "Apple" in g)
+    expert = (alf_env.reset(task), alf_env.walkthrough())[1]
+    for i in range(len(expert)):
+        obs = _walk(alf_env, task, expert[:i])
+        key = _key(alf_env, task, obs)
+        texts = {obs.text}
+        for read in ("look", "inventory", "help", "look"):
+            r = alf_env.step(read)
+            texts.add(r.observation.text)
+            assert _key(alf_env, task, r.observation) == key, (expert[:i], read)
+        assert len(texts) >= 3  # the replies themselves differ
 
 
 def test_alfworld_expert_wins_every_game(alf_env, alf_games):
