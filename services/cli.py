@@ -107,6 +107,10 @@ def actor_cmd(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 64,
     alpha: Annotated[float, typer.Option(help="State-score alpha (must match the score service's).")] = 1.0,
     g_max: Annotated[int, typer.Option(help="Most branches per state.")] = 8,
+    reward_score: Annotated[str, typer.Option(help="Score in the step reward's difference: raw (S~ = exp(-lambda SR), "
+                                              "no truncation indicator) or truncated (S, the literal formula).")] = "raw",
+    novelty: Annotated[str, typer.Option(help="R_novel: path (the next state is new to the path from the root) or "
+                                         "parent (it differs from the current state).")] = "path",
     lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics (deployments use 9100).")] = None,
@@ -131,6 +135,10 @@ def actor_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if bool(policy_url) == bool(model):
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
+    if reward_score not in ("raw", "truncated"):
+        raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
+    if novelty not in ("path", "parent"):
+        raise typer.BadParameter(f"--novelty must be path or parent, not {novelty!r}")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
     evals = []
@@ -153,7 +161,8 @@ def actor_cmd(
 
             policy = FollowingPolicy(policy, weights_dir, connect(redis_url), run)
     cfg = ActorConfig(
-        redis_url=redis_url, run=run, params=ScoreParams(alpha=alpha, g_max=g_max),
+        redis_url=redis_url, run=run,
+        params=ScoreParams(alpha=alpha, g_max=g_max, reward_score=reward_score, novelty=novelty),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
