@@ -25,16 +25,27 @@ success = 1.0 if the engine reports `tasksuccess`, else 0.0. done = tasksuccess 
 Admissible actions: the engine's `validActions` (sorted for a stable prompt order).
 
 Snapshots: not supported (the engine has no state copy; the Python package's `clone()` starts a
-new JVM and replays). `snapshot()` returns None and the rollout resets and replays, which is cheap
-here (thousands of steps/s). One JVM per adapter instance, reused across resets; the step path
+new JVM and replays). `snapshot()` returns None and the rollout restores a node with `replay()`:
+reset and replay the action prefix. One engine step costs ~40 us, almost all of it the Py4J round
+trip, so replay runs inside the JVM (actors/envs/java/TwxReplay.java: one call per restore,
+whatever the prefix's length), compiled once per machine into $SPO3_CACHE_DIR (default
+~/.cache/spo3) when a JDK's `javac` is on the PATH; without one, `replay()` steps from Python
+(`fast_replay` tells which). One JVM per adapter instance, reused across resets; the step path
 calls the engine directly (one call + one JSON parse per step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from actors.envs.base import EnvError, Observation, StepResult
@@ -44,6 +55,33 @@ ROOM_GAMES = frozenset({"cookingworld", "coin", "twc", "mapreader"})
 FOLDS = ("train", "dev", "test")
 
 _PARAM = re.compile(r"^[A-Za-z][A-Za-z0-9_]*=-?\d+$")
+_REPLAY_SOURCE = Path(__file__).with_name("java") / "TwxReplay.java"
+log = logging.getLogger("spo3.twx")
+
+
+def replay_classpath(jar: str) -> str | None:
+    """The directory holding spo3/TwxReplay.class compiled against `jar` (compiled on first use,
+    cached per source and jar), or None when no `javac` is available or compiling fails."""
+    javac = shutil.which("javac")
+    if javac is None or not _REPLAY_SOURCE.is_file():
+        return None
+    digest = hashlib.blake2b(_REPLAY_SOURCE.read_bytes() + str(os.path.getsize(jar)).encode(), digest_size=8).hexdigest()
+    cache = Path(os.environ.get("SPO3_CACHE_DIR") or Path.home() / ".cache" / "spo3") / f"twx-replay-{digest}"
+    if (cache / "spo3" / "TwxReplay.class").is_file():
+        return str(cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache.parent, prefix=".build-")
+        subprocess.run([javac, "--release", "11", "-cp", jar, "-d", tmp, str(_REPLAY_SOURCE)], check=True,
+                       capture_output=True, timeout=120)
+        try:
+            os.rename(tmp, cache)  # atomic: concurrent actors either win or find it there
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("twx: cannot compile the in-JVM replay (%s); replaying from Python", e)
+        return None
+    return str(cache) if (cache / "spo3" / "TwxReplay.class").is_file() else None
 
 
 @dataclass(frozen=True)
@@ -105,9 +143,10 @@ def parse_task_id(task_id: str) -> TwxTask:
 class TwxEnv:
     name = "twx"
 
-    def __init__(self, *, include_task_in_reset_text: bool = True) -> None:
+    def __init__(self, *, include_task_in_reset_text: bool = True, fast_replay: bool = True) -> None:
         try:
             from textworld_express import TextWorldExpressEnv
+            from textworld_express.textworld_express import JAR_PATH
         except ImportError as e:  # pragma: no cover - depends on the install
             raise EnvError("twx: textworld-express is not installed (pip install textworld-express)") from e
         try:
@@ -119,11 +158,16 @@ class TwxEnv:
 
             self._loads = json.loads
         self.include_task_in_reset_text = include_task_in_reset_text
-        try:
-            self._env = TextWorldExpressEnv(envStepLimit=10**9)  # the rollout enforces max steps
+        extra = replay_classpath(JAR_PATH) if fast_replay else None
+        try:  # the rollout enforces max steps
+            self._env = TextWorldExpressEnv(serverPath=f"{JAR_PATH}{os.pathsep}{extra}" if extra else None,
+                                            envStepLimit=10**9)
         except Exception as e:
             raise EnvError(f"twx: cannot start the TextWorld-Express engine (Java 11+ needed): {e}") from e
         self._server = self._env.server
+        self._replay = self._env._gateway.jvm.spo3.TwxReplay if extra else None
+        self.fast_replay = self._replay is not None
+        """True when replay() runs inside the JVM (one Py4J call per restore)."""
         self._loaded: tuple[str, str] | None = None
         self._task: TwxTask | None = None
         self._done = False
@@ -172,6 +216,35 @@ class TwxEnv:
             info={"tasksuccess": won, "taskfailure": failed, "score": info.get("score"),
                   "score_raw": info.get("scoreRaw")},
         )
+
+    def replay(self, task_id: str, actions: list[str]) -> Observation:
+        """Reset `task_id` and apply `actions`; the observation after the last one (the rollout's
+        restore of a node: one engine call when `fast_replay`). A replayed prefix never ends the
+        episode before its last action (the rollout only extends live paths)."""
+        if self._replay is None or any("\n" in a for a in actions):
+            obs = self.reset(task_id)
+            for a in actions:
+                obs = self.step(a).observation
+            return obs
+        task = parse_task_id(task_id)
+        if self._loaded != (task.game, task.params) or self._server is None:
+            obs = self.reset(task_id)  # loads the game (and checks the id) the slow way once
+            if not actions:
+                return obs
+        try:
+            info = self._loads(self._replay.replay(self._server, task.seed, task.fold, "\n".join(actions)))
+        except Exception as e:
+            raise EnvError(f"twx: cannot replay {len(actions)} actions of {task_id!r}: {e}") from e
+        self._task, self._gold = task, None
+        self._task_description = str(self._server.getTaskDescription() or "").strip()
+        obs = self._observation(info)
+        if actions:
+            self._done = bool(info.get("tasksuccess")) or bool(info.get("taskfailure"))
+        else:
+            self._done = False
+            if self.include_task_in_reset_text and self._task_description:
+                obs = Observation(f"{self._task_description}\n\n{obs.text}", obs.state_text, obs.admissible_actions)
+        return obs
 
     def snapshot(self) -> None:
         return None

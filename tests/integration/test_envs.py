@@ -414,7 +414,42 @@ def test_alfworld_facts_state_ignores_reads_and_invalid_actions(alf_env, alf_gam
     assert_noops_keep_key(alf_env, task, ["look", "inventory", "help", "examine bed 1", "fly away", "look"])
     r = alf_env.step("fly away")
     assert r.observation.text == "Nothing happens." and r.info["valid"] is False
-    assert alf_env.snapshot() is None
+
+
+def test_alfworld_snapshots_reproduce_replay(alf_env, alf_games):
+    """Restore any state of the expert's path, take a random admissible action, then another: the
+    same observations (texts, world-state keys, admissible actions) as resetting and replaying
+    on a second engine. A snapshot taken before a reset of its game cannot be restored."""
+    import random
+
+    replayer = make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False)
+    rng = random.Random(0)
+    try:
+        for task in alf_games:
+            obs = [alf_env.reset(task)]
+            expert = alf_env.walkthrough()
+            snaps = [alf_env.snapshot()]
+            for a in expert[:-1]:
+                obs.append(alf_env.step(a).observation)
+                snaps.append(alf_env.snapshot())
+            for _ in range(25):
+                i = rng.randrange(len(snaps))
+                assert alf_env.restore(snaps[i]) == obs[i]
+                replayed = replayer.reset(task)
+                for a in expert[:i]:
+                    replayed = replayer.step(a).observation
+                assert replayed == obs[i] and replayer.snapshot() is None
+                for _ in range(2):
+                    a = rng.choice(obs[i].admissible_actions if _ == 0 else mine.observation.admissible_actions)
+                    mine, theirs = alf_env.step(a), replayer.step(a)
+                    assert mine.observation == theirs.observation and mine.done == theirs.done, (task, i, a)
+                    if mine.done:
+                        break
+            alf_env.reset(task)
+            with pytest.raises(EnvError, match="reset"):
+                alf_env.restore(snaps[1])
+    finally:
+        replayer.close()
 
 
 def test_alfworld_observation_state_has_no_banner_or_task(alf_env_obs, alf_games):
