@@ -245,6 +245,41 @@ def test_twx_gold_path_wins(twx_env, game):
 
 
 @needs_java
+def test_twx_replay_in_the_jvm_equals_stepping(twx_env, tmp_path, monkeypatch):
+    """replay(task, prefix) gives the observation of stepping the prefix, for every game and random
+    prefixes, inside the JVM (javac here) and from Python (no javac); stepping on afterwards
+    continues the same game."""
+    import random
+
+    if shutil.which("javac") is None:
+        pytest.skip("needs a JDK's javac for the in-JVM replay")
+    monkeypatch.setenv("SPO3_CACHE_DIR", str(tmp_path))  # compiled here, from the source
+    fast = make_env("twx")
+    slow = make_env("twx", fast_replay=False)
+    rng = random.Random(1)
+    try:
+        assert fast.fast_replay and not slow.fast_replay
+        assert list(tmp_path.glob("twx-replay-*/spo3/TwxReplay.class"))
+        for task in TWX_TASKS.values():
+            for _ in range(10):
+                obs, prefix = twx_env.reset(task), []
+                for _ in range(rng.randrange(6)):
+                    action = rng.choice(obs.admissible_actions)
+                    result = twx_env.step(action)
+                    if result.done:
+                        break
+                    prefix.append(action)
+                    obs = result.observation
+                for env in (fast, slow):
+                    assert env.replay(task, prefix) == obs, (task, prefix)
+                nxt = rng.choice(obs.admissible_actions)
+                assert fast.step(nxt).observation == slow.step(nxt).observation
+    finally:
+        fast.close()
+        slow.close()
+
+
+@needs_java
 def test_twx_other_games_win(twx_env):
     for task in ("arithmetic:seed=1", "sorting:seed=2", "simonsays:seed=3", "peckingorder:seed=4",
                  "coin:seed=10001:fold=dev:numLocations=2"):
