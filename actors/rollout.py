@@ -328,7 +328,7 @@ class Rollout:
         if node.snapshot is not None:
             obs = self.env.restore(node.snapshot)
         else:
-            actions = [a for a in node.actions if a]  # "" marks an invalid turn (no environment step)
+            actions = self._replayed(node)
             replay = getattr(self.env, "replay", None)
             if replay is not None:  # the adapter resets and replays in one engine call
                 obs = replay(self.item.task_id, actions)
@@ -336,16 +336,30 @@ class Rollout:
                 obs = self.env.reset(self.item.task_id)
                 for action in actions:
                     obs = self.env.step(action).observation
-            self.stats.replay_steps += len(actions)
-            self.stats.restores += 1
+        self._arrived(node, obs)
+
+    def _replayed(self, node: _Node) -> list[str]:
+        """The actions that reset + replay steps to restore `node` (counted as replay)."""
+        actions = [a for a in node.actions if a]  # "" marks an invalid turn (no environment step)
+        self.stats.replay_steps += len(actions)
+        self.stats.restores += 1
+        return actions
+
+    def _arrived(self, node: _Node, obs: Observation) -> None:
         if self._key(obs) != node.key:
             raise ReplayMismatch(f"restoring node {node.node_id} of task {self.item.task_id} gave another state "
                                  f"than recorded; the environment is not deterministic under replay")
         self._at = node.node_id
 
     def _step_from(self, node: _Node, action: str, child_id: str) -> tuple[StepResult, str, Any | None]:
-        self._goto(node)
-        result = self.env.step(action)
+        replay_step = getattr(self.env, "replay_step", None)
+        if self._at != node.node_id and node.snapshot is None and replay_step is not None:
+            # Restore and step in one engine call; the restored state is still checked.
+            obs, result = replay_step(self.item.task_id, self._replayed(node), action)
+            self._arrived(node, obs)
+        else:
+            self._goto(node)
+            result = self.env.step(action)
         self._at = child_id
         self.stats.env_steps += 1
         key = self._key(result.observation)

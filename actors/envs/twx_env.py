@@ -165,7 +165,10 @@ class TwxEnv:
         except Exception as e:
             raise EnvError(f"twx: cannot start the TextWorld-Express engine (Java 11+ needed): {e}") from e
         self._server = self._env.server
-        self._replay = self._env._gateway.jvm.spo3.TwxReplay if extra else None
+        helper = self._env._gateway.jvm.spo3.TwxReplay if extra else None
+        # Bound once: each attribute lookup on a Py4J class is a round trip of its own.
+        self._replay = helper.replay if helper is not None else None
+        self._replay_step = helper.replayStep if helper is not None else None
         self.fast_replay = self._replay is not None
         """True when replay() runs inside the JVM (one Py4J call per restore)."""
         self._loaded: tuple[str, str] | None = None
@@ -206,6 +209,9 @@ class TwxEnv:
             info = self._loads(self._server.stepJSON(action))
         except Exception as e:
             raise EnvError(f"twx: step({action!r}) failed: {e}") from e
+        return self._result(info)
+
+    def _result(self, info: dict[str, Any]) -> StepResult:
         won, failed = bool(info.get("tasksuccess")), bool(info.get("taskfailure"))
         self._done = won or failed
         return StepResult(
@@ -221,24 +227,51 @@ class TwxEnv:
         """Reset `task_id` and apply `actions`; the observation after the last one (the rollout's
         restore of a node: one engine call when `fast_replay`). A replayed prefix never ends the
         episode before its last action (the rollout only extends live paths)."""
-        if self._replay is None or any("\n" in a for a in actions):
+        if not self._can_replay(task_id, actions):
             obs = self.reset(task_id)
             for a in actions:
                 obs = self.step(a).observation
             return obs
         task = parse_task_id(task_id)
-        if self._loaded != (task.game, task.params) or self._server is None:
-            obs = self.reset(task_id)  # loads the game (and checks the id) the slow way once
-            if not actions:
-                return obs
         try:
-            info = self._loads(self._replay.replay(self._server, task.seed, task.fold, "\n".join(actions)))
+            info = self._loads(self._replay(self._server, task.seed, task.fold, "\n".join(actions)))
         except Exception as e:
             raise EnvError(f"twx: cannot replay {len(actions)} actions of {task_id!r}: {e}") from e
+        return self._replayed(task, info, bool(actions))
+
+    def replay_step(self, task_id: str, actions: list[str], action: str) -> tuple[Observation, StepResult]:
+        """`replay(task_id, actions)` then `step(action)`: (the observation the prefix reached, the new
+        step's result), in one engine call when `fast_replay` (a new step from any node costs one
+        Py4J round trip, like a step from the current state)."""
+        if not self._can_replay(task_id, actions + [action]):
+            obs = self.replay(task_id, actions)
+            return obs, self.step(action)
+        task = parse_task_id(task_id)
+        try:
+            before, after = self._replay_step(self._server, task.seed, task.fold, "\n".join(actions),
+                                                    action).split("\0", 1)
+        except Exception as e:
+            raise EnvError(f"twx: cannot replay {len(actions)} actions of {task_id!r} and step: {e}") from e
+        obs = self._replayed(task, self._loads(before), bool(actions))
+        if self._done:
+            raise EnvError(f"twx: the replayed prefix of {task_id!r} ended the episode; cannot step {action!r}")
+        return obs, self._result(self._loads(after))
+
+    def _can_replay(self, task_id: str, actions: list[str]) -> bool:
+        if self._replay is None or any("\n" in a or "\0" in a for a in actions):
+            return False
+        task = parse_task_id(task_id)
+        if self._loaded != (task.game, task.params) or self._server is None:
+            self.reset(task_id)  # loads the game (and checks the id) the slow way once
+        return True
+
+    def _replayed(self, task: TwxTask, info: dict[str, Any], stepped: bool) -> Observation:
+        """The adapter's state after an in-JVM replay that ended with `info`."""
+        if self._task != task:
+            self._task_description = str(self._server.getTaskDescription() or "").strip()
         self._task, self._gold = task, None
-        self._task_description = str(self._server.getTaskDescription() or "").strip()
         obs = self._observation(info)
-        if actions:
+        if stepped:
             self._done = bool(info.get("tasksuccess")) or bool(info.get("taskfailure"))
         else:
             self._done = False

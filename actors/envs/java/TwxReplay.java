@@ -24,4 +24,13 @@ public final class TwxReplay {
         }
         return game.stepJSON(list[list.length - 1]);
     }
+
+    /**
+     * replay(game, seed, fold, prefix), then step `action`: the JSON of the prefix's end and the JSON
+     * of the new step, separated by a NUL character. A new step from any node in one call.
+     */
+    public static String replayStep(PythonInterface game, int seed, String fold, String prefix, String action) {
+        String before = replay(game, seed, fold, prefix);
+        return before + "\0" + game.stepJSON(action);
+    }
 }
