@@ -352,19 +352,25 @@ class Rollout:
         self._at = node.node_id
 
     def _step_from(self, node: _Node, action: str, child_id: str) -> tuple[StepResult, str, Any | None]:
+        step_from = getattr(self.env, "step_from", None)
         replay_step = getattr(self.env, "replay_step", None)
-        if self._at != node.node_id and node.snapshot is None and replay_step is not None:
+        here = self._at == node.node_id
+        if step_from is not None and (here or node.snapshot is not None):
+            # Restore the snapshot (unless already there), step and snapshot the child: one engine call.
+            result, snap = step_from(None if here else node.snapshot, action)
+        elif not here and node.snapshot is None and replay_step is not None:
             # Restore and step in one engine call; the restored state is still checked.
             obs, result = replay_step(self.item.task_id, self._replayed(node), action)
             self._arrived(node, obs)
+            snap = None if result.done else self.env.snapshot()
         else:
             self._goto(node)
             result = self.env.step(action)
+            snap = None if result.done else self.env.snapshot()
         self._at = child_id
         self.stats.env_steps += 1
         key = self._key(result.observation)
         self.stats.visited.add(key)
-        snap = None if result.done else self.env.snapshot()
         return result, key, snap
 
     def _transition(self, node: _Node, c: Completion, p: ParsedAction, next_key: str, reward: float,

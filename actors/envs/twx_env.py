@@ -72,7 +72,8 @@ def replay_classpath(jar: str) -> str | None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache.parent, prefix=".build-")
-        subprocess.run([javac, "--release", "11", "-cp", jar, "-d", tmp, str(_REPLAY_SOURCE)], check=True,
+        subprocess.run([javac, "--release", "17", "-nowarn", "-XDignore.symbol.file", "-cp", jar, "-d", tmp,
+                        str(_REPLAY_SOURCE)], check=True,
                        capture_output=True, timeout=120)
         try:
             os.rename(tmp, cache)  # atomic: concurrent actors either win or find it there
@@ -140,13 +141,26 @@ def parse_task_id(task_id: str) -> TwxTask:
     return TwxTask(game, seed, fold, ",".join(params))
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    task: TwxTask
+    id: int
+    """The id of the JVM's copy of the game and its last step (TwxReplay.save)."""
+    generation: int
+    """Resets of the adapter when it was taken: a reset releases every snapshot."""
+    observation: Observation
+    task_description: str
+
+
 class TwxEnv:
     name = "twx"
 
-    def __init__(self, *, include_task_in_reset_text: bool = True, fast_replay: bool = True) -> None:
+    def __init__(self, *, include_task_in_reset_text: bool = True, fast_replay: bool = True,
+                 snapshots: bool = True, max_snapshots: int = 4096) -> None:
         try:
             from textworld_express import TextWorldExpressEnv
             from textworld_express.textworld_express import JAR_PATH
+            from py4j.java_gateway import JavaClass
         except ImportError as e:  # pragma: no cover - depends on the install
             raise EnvError("twx: textworld-express is not installed (pip install textworld-express)") from e
         try:
@@ -166,11 +180,25 @@ class TwxEnv:
             raise EnvError(f"twx: cannot start the TextWorld-Express engine (Java 11+ needed): {e}") from e
         self._server = self._env.server
         helper = self._env._gateway.jvm.spo3.TwxReplay if extra else None
+        if helper is not None and not isinstance(helper, JavaClass):  # not loadable (Java < 17)
+            log.warning("twx: the JVM cannot load the in-JVM replay helper; replaying from Python")
+            helper = None
         # Bound once: each attribute lookup on a Py4J class is a round trip of its own.
         self._replay = helper.replay if helper is not None else None
         self._replay_step = helper.replayStep if helper is not None else None
+        self._save = helper.save if helper is not None and snapshots else None
+        self._load = helper.restore if helper is not None and snapshots else None
+        self._step_from = helper.stepFrom if helper is not None and snapshots else None
+        self._clear = helper.clear if helper is not None else None
+        self.max_snapshots = max(0, max_snapshots)
+        """Most snapshots kept in the JVM at once (the memory bound); beyond it snapshot() is None."""
+        self._generation = 0
+        self._saved = 0
         self.fast_replay = self._replay is not None
         """True when replay() runs inside the JVM (one Py4J call per restore)."""
+        self.snapshots = self._save is not None
+        """True when snapshot() copies the game inside the JVM (else None: the rollout replays)."""
+        self._last_obs: Observation | None = None
         self._loaded: tuple[str, str] | None = None
         self._task: TwxTask | None = None
         self._done = False
@@ -193,11 +221,13 @@ class TwxEnv:
         except Exception as e:
             raise EnvError(f"twx: cannot generate {task_id!r}: {e}") from e
         self._task, self._done = task, False
+        self._release()
         self._task_description = str(self._server.getTaskDescription() or "").strip()
         self._gold = list(self._server.getGoldActionSequence()) if gold else None
         obs = self._observation(info)
         if self.include_task_in_reset_text and self._task_description:
             obs = Observation(f"{self._task_description}\n\n{obs.text}", obs.state_text, obs.admissible_actions)
+        self._last_obs = obs
         return obs
 
     def step(self, action: str) -> StepResult:
@@ -214,8 +244,9 @@ class TwxEnv:
     def _result(self, info: dict[str, Any]) -> StepResult:
         won, failed = bool(info.get("tasksuccess")), bool(info.get("taskfailure"))
         self._done = won or failed
+        self._last_obs = self._observation(info)
         return StepResult(
-            observation=self._observation(info),
+            observation=self._last_obs,
             done=self._done,
             success=1.0 if won else 0.0,
             raw_reward=float(info.get("score") or 0.0),
@@ -277,13 +308,72 @@ class TwxEnv:
             self._done = False
             if self.include_task_in_reset_text and self._task_description:
                 obs = Observation(f"{self._task_description}\n\n{obs.text}", obs.state_text, obs.admissible_actions)
+        self._last_obs = obs
         return obs
 
-    def snapshot(self) -> None:
-        return None
+    def snapshot(self) -> _Snapshot | None:
+        """A deep copy of the game kept inside the JVM (one Py4J call), valid until the next reset();
+        None without the helper, after the episode ended, or with max_snapshots kept already."""
+        if self._save is None or self._task is None or self._done or self._last_obs is None:
+            return None
+        try:
+            sid = int(self._save(self._server, self.max_snapshots))
+        except Exception as e:
+            raise EnvError(f"twx: cannot copy the game state: {e}") from e
+        return self._snapshot(sid)
 
-    def restore(self, snapshot: Any) -> Observation:
-        raise EnvError("twx: snapshots are not supported (snapshot() returns None); reset and replay")
+    def restore(self, snapshot: _Snapshot) -> Observation:
+        self._check(snapshot)
+        try:
+            self._load(self._server, snapshot.id)
+        except Exception as e:
+            raise EnvError(f"twx: cannot restore the game state: {e}") from e
+        self._restored(snapshot)
+        return snapshot.observation
+
+    def step_from(self, snapshot: _Snapshot | None, action: str) -> tuple[StepResult, _Snapshot | None]:
+        """restore(snapshot) (None: from the current state), step(action), snapshot(): one Py4J call."""
+        if self._step_from is None:
+            if snapshot is not None:
+                self.restore(snapshot)
+            result = self.step(action)
+            return result, None if result.done else self.snapshot()
+        if snapshot is not None:
+            self._check(snapshot)
+        elif self._task is None or self._done:
+            raise EnvError("twx: step() before reset() or after the episode ended")
+        try:
+            sid, payload = self._step_from(self._server, snapshot.id if snapshot else -1, action,
+                                           self.max_snapshots).split("\0", 1)
+        except Exception as e:
+            raise EnvError(f"twx: step({action!r}) from a snapshot failed: {e}") from e
+        if snapshot is not None:
+            self._restored(snapshot)
+        result = self._result(self._loads(payload))
+        return result, None if result.done else self._snapshot(int(sid))
+
+    def _snapshot(self, sid: int) -> _Snapshot | None:
+        if sid < 0:
+            return None
+        self._saved += 1
+        return _Snapshot(self._task, sid, self._generation, self._last_obs, self._task_description)
+
+    def _check(self, snapshot: _Snapshot) -> None:
+        if not isinstance(snapshot, _Snapshot) or self._load is None:
+            raise EnvError("twx: restore() needs a snapshot taken by this adapter")
+        if snapshot.generation != self._generation:
+            raise EnvError("twx: the snapshot was released by a reset() since it was taken")
+
+    def _restored(self, snapshot: _Snapshot) -> None:
+        self._task, self._done, self._gold = snapshot.task, False, None
+        self._task_description, self._last_obs = snapshot.task_description, snapshot.observation
+
+    def _release(self) -> None:
+        """A reset releases the JVM's snapshots (a rollout resets once, at its root)."""
+        self._generation += 1
+        if self._saved and self._clear is not None:
+            self._clear(self._server)
+            self._saved = 0
 
     def close(self) -> None:
         if self._env is not None:
