@@ -24,14 +24,19 @@ not) the observation is appended to the state text, so distinct states are not m
 success = 1.0 if the engine reports `tasksuccess`, else 0.0. done = tasksuccess or taskfailure.
 Admissible actions: the engine's `validActions` (sorted for a stable prompt order).
 
-Snapshots: not supported (the engine has no state copy; the Python package's `clone()` starts a
-new JVM and replays). `snapshot()` returns None and the rollout restores a node with `replay()`:
-reset and replay the action prefix. One engine step costs ~40 us, almost all of it the Py4J round
-trip, so replay runs inside the JVM (actors/envs/java/TwxReplay.java: one call per restore,
-whatever the prefix's length), compiled once per machine into $SPO3_CACHE_DIR (default
-~/.cache/spo3) when a JDK's `javac` is on the PATH; without one, `replay()` steps from Python
-(`fast_replay` tells which). One JVM per adapter instance, reused across resets; the step path
-calls the engine directly (one call + one JSON parse per step).
+Snapshots: the engine has no state copy of its own (the Python package's `clone()` starts a new
+JVM and replays), so a small helper compiled into the JVM does it (actors/envs/java/TwxReplay.java,
+compiled once per machine into $SPO3_CACHE_DIR, default ~/.cache/spo3, when a JDK's `javac` is on
+the PATH): `snapshot()` deep-copies the game's object graph inside the JVM and keeps it under an id
+(one Py4J call, ~0.1 ms), `restore()` copies it back, and `step_from(snapshot, action)` restores,
+steps and snapshots the new state in one call, so a new step from any node costs one round trip
+like a plain step. A reset() releases the adapter's snapshots (a rollout resets once, at its
+root), and at most `max_snapshots` are kept (the memory bound; beyond it `snapshot()` is None and
+the rollout replays). Without the helper (no JDK, `snapshots=False`), `snapshot()` is None and the
+rollout restores a node with `replay()` / `replay_step()`: reset and replay the action prefix,
+inside the JVM in one call when the helper is there (`fast_replay`), else step by step from Python
+(~40 us per step, almost all of it the Py4J round trip). One JVM per adapter instance, reused across
+resets; the step path calls the engine directly (one call + one JSON parse per step).
 """
 
 from __future__ import annotations

@@ -240,7 +240,8 @@ def test_twx_gold_path_wins(twx_env, game):
     result, keys = play(twx_env, task, gold)
     assert_won(result)
     assert_noops_keep_key(twx_env, task, ["look around", "inventory"])
-    assert twx_env.snapshot() is None
+    # Snapshots are copies of the game inside the JVM when the helper could be compiled (a JDK).
+    assert (twx_env.snapshot() is not None) == twx_env.snapshots == (shutil.which("javac") is not None)
     assert_replay_deterministic(twx_env, task, gold[:-1], keys)
 
 
@@ -521,3 +522,49 @@ def test_alfworld_bad_task_ids_and_empty_data(alf_env, tmp_path):
         list_games(tmp_path / "half")
     with pytest.raises(EnvError):
         make_env("alfworld", state="pixels")
+
+
+# --- the rollout restores nodes without replay where the engine allows it --------------------------
+@pytest.mark.redis
+@pytest.mark.parametrize("name", ["twx", "alfworld"])
+def test_rollout_with_snapshots_equals_rollout_with_replay(name, redis_url):
+    """The same 3SPO rollout (same policy draws, fresh stores) with snapshots (TWX: copies of the
+    game inside the JVM; ALFWorld: Fast Downward's state id) and with reset + replay: the same
+    groups, the same new steps, and no replay step with snapshots."""
+    from actors.rollout import Rollout, RolloutConfig
+    from score_store.connection import connect
+    from score_store.score_math import ScoreParams
+    from score_store.store import RedisScoreStore
+    from services.contracts import WorkItem
+    from services.stream import GroupStream
+    from tests.fakes import ScriptedPolicy, random_actions
+
+    if name == "twx":
+        pytest.importorskip("textworld_express")
+        if shutil.which("javac") is None:
+            pytest.skip("TWX snapshots need the helper compiled by a JDK's javac")
+        task, envs = TWX_TASKS["coin"], (make_env("twx"), make_env("twx", snapshots=False, fast_replay=False))
+    else:
+        pytest.importorskip("alfworld")
+        from actors.envs.alfworld_env import list_games
+
+        task = next(g for g in list_games(ALF_DATA) if "Apple" in g)
+        envs = (make_env("alfworld", data_dir=str(ALF_DATA)), make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False))
+    params, client = ScoreParams(), connect(redis_url)
+    cfg = RolloutConfig(max_steps=6, max_leaves=64, choice_mode=True, env_step_budget=60 if name == "twx" else 30)
+    out = []
+    try:
+        for i, env in enumerate(envs):
+            run = f"snap-{name}-{i}"
+            stream = GroupStream(client, run)
+            stats = Rollout(env, ScriptedPolicy(random_actions(4)), RedisScoreStore(client, params, run=run), stream,
+                            params, cfg, run=run).run(WorkItem(item_id="s", env=name, task_id=task))
+            out.append((stats, [g.model_dump(exclude={"created_at", "run"}) for g in stream.read_all()]))
+    finally:
+        for env in envs:
+            env.close()
+    (snap, groups_snap), (replay, groups_replay) = out
+    assert envs[0].snapshot is not None and snap.env_steps == replay.env_steps > 10
+    assert groups_snap == groups_replay and len(groups_snap) > 2
+    assert snap.replay_steps == 0 and snap.restores == 0
+    assert replay.replay_steps > 0 and replay.restores > 0
