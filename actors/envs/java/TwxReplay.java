@@ -110,8 +110,14 @@ public final class TwxReplay {
         return kept == null ? 0 : kept.size();
     }
 
+    private static final Map<Class<?>, Boolean> SHARED = new ConcurrentHashMap<>();
+
     /** Shared, not copied: immutable values, classes, Scala singleton objects, lambdas, generators. */
     private static boolean shared(Class<?> c) {
+        return SHARED.computeIfAbsent(c, TwxReplay::isShared);
+    }
+
+    private static boolean isShared(Class<?> c) {
         if (c == String.class || c == Class.class || Number.class.isAssignableFrom(c) || c == Boolean.class
                 || c == Character.class || c.isEnum() || c.isHidden() || c.isSynthetic()) {
             return true;
