@@ -9,9 +9,10 @@ real redis-server it starts itself.
 1. env steps/s through the whole actor loop (`run_actor` in an OS process of its own: a fresh
    run's work queue filled with --tasks 3SPO items, real score store and groups stream, exit
    when the queue is empty) vs raw engine stepping (same adapter, same tasks, random admissible
-   actions, reset on done or after --max-steps steps, no Redis). TWX has no snapshots, so the
-   rollout resets and replays action prefixes: new steps (stats.env_steps) and replay steps are
-   counted apart and both ratios are reported; the target is on (new + replay) engine steps/s.
+   actions, reset on done or after --max-steps steps, no Redis). The TWX adapter restores
+   nodes from game copies inside the JVM when a JDK compiled its helper, else by reset + replay
+   of action prefixes: new steps (stats.env_steps), replay steps and restores are counted apart
+   and both ratios are reported; the target is on (new + replay) engine steps/s.
    Diagnostics: the same loop with GRPO items (no replay at all), and both sides cold (a fresh
    JVM, its start and JIT warm-up inside the clock);
 2. --processes actor processes vs 1 (the 1-process run is figure 1's loop), same work queue
