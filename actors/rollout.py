@@ -286,7 +286,7 @@ class Rollout:
                                  node.history, node.snapshot)
                     continue
                 child_id = f"{node.node_id}.{g}"
-                result, child_key, snap = self._step_from(node, p.action, child_id)
+                result, child_key, snap = self._step_from(node, p.action, child_id, keep=False)
                 reward = result.success if result.done else 0.0
                 transitions.append(self._transition(node, c, p, child_key, reward, result.done))
                 node = _Node(child_id, node.actions + (p.action,), node.keys + (child_key,),
@@ -351,22 +351,25 @@ class Rollout:
                                  f"than recorded; the environment is not deterministic under replay")
         self._at = node.node_id
 
-    def _step_from(self, node: _Node, action: str, child_id: str) -> tuple[StepResult, str, Any | None]:
+    def _step_from(self, node: _Node, action: str, child_id: str, *,
+                   keep: bool = True) -> tuple[StepResult, str, Any | None]:
+        """Step `action` from `node`; (result, child key, the child's snapshot if `keep` and the
+        engine has snapshots: GRPO/GiGPO episodes never come back to a child)."""
         step_from = getattr(self.env, "step_from", None)
         replay_step = getattr(self.env, "replay_step", None)
         here = self._at == node.node_id
         if step_from is not None and (here or node.snapshot is not None):
             # Restore the snapshot (unless already there), step and snapshot the child: one engine call.
-            result, snap = step_from(None if here else node.snapshot, action)
+            result, snap = step_from(None if here else node.snapshot, action, save=keep)
         elif not here and node.snapshot is None and replay_step is not None:
             # Restore and step in one engine call; the restored state is still checked.
             obs, result = replay_step(self.item.task_id, self._replayed(node), action)
             self._arrived(node, obs)
-            snap = None if result.done else self.env.snapshot()
+            snap = None if result.done or not keep else self.env.snapshot()
         else:
             self._goto(node)
             result = self.env.step(action)
-            snap = None if result.done else self.env.snapshot()
+            snap = None if result.done or not keep else self.env.snapshot()
         self._at = child_id
         self.stats.env_steps += 1
         key = self._key(result.observation)

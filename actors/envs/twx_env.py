@@ -336,20 +336,22 @@ class TwxEnv:
         self._restored(snapshot)
         return snapshot.observation
 
-    def step_from(self, snapshot: _Snapshot | None, action: str) -> tuple[StepResult, _Snapshot | None]:
-        """restore(snapshot) (None: from the current state), step(action), snapshot(): one Py4J call."""
+    def step_from(self, snapshot: _Snapshot | None, action: str, *,
+                  save: bool = True) -> tuple[StepResult, _Snapshot | None]:
+        """restore(snapshot) (None: from the current state), step(action), snapshot() if `save`: one
+        Py4J call."""
         if self._step_from is None:
             if snapshot is not None:
                 self.restore(snapshot)
             result = self.step(action)
-            return result, None if result.done else self.snapshot()
+            return result, None if result.done or not save else self.snapshot()
         if snapshot is not None:
             self._check(snapshot)
         elif self._task is None or self._done:
             raise EnvError("twx: step() before reset() or after the episode ended")
         try:
             sid, payload = self._step_from(self._server, snapshot.id if snapshot else -1, action,
-                                           self.max_snapshots).split("\0", 1)
+                                           self.max_snapshots if save else 0).split("\0", 1)
         except Exception as e:
             raise EnvError(f"twx: step({action!r}) from a snapshot failed: {e}") from e
         if snapshot is not None:
