@@ -413,6 +413,19 @@ def test_alfworld_world_states_with_the_same_feedback_get_different_keys(alf_env
     assert merged[0] == merged[1]  # why the feedback text is no state key
 
 
+def test_alfworld_two_objects_of_one_kind_are_two_world_states(alf_env, alf_env_obs):
+    """Two apples on the countertop (tests/data/alfworld-multi): at the fridge holding apple 1 or
+    apple 2 gives the same feedback text and two different world-state keys."""
+    task = str(next((ALF_DATA.parent / "alfworld-multi").glob("*/*/game.tw-pddl")).parent)
+    first = ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1"]
+    second = ["go to countertop 1", "take apple 2 from countertop 1", "go to fridge 1"]
+    a, b = _walk(alf_env, task, first), _walk(alf_env, task, second)
+    assert a.text == b.text
+    assert _key(alf_env, task, a) != _key(alf_env, task, b)
+    merged = [_key(alf_env_obs, task, _walk(alf_env_obs, task, p)) for p in (first, second)]
+    assert merged[0] == merged[1]
+
+
 def test_alfworld_look_and_inventory_create_no_new_keys(alf_env, alf_games):
     """look / inventory / help replies differ from each other and from the arrival text, in every
     state of the expert's path, but the key stays the world state's."""
