@@ -232,24 +232,28 @@ def test_novelty_path_vs_parent(env, game, redis_url, novelty):
     assert stats.not_pushed["on_path"] == 2  # back to the shower, and look: neither is pushed
 
 
-def test_actor_killed_mid_task_another_finishes_it(two_exits, redis_url, tmp_path):
+def test_actor_killed_mid_task_another_finishes_it(env, two_exits, redis_url, tmp_path):
     """SIGKILL an actor process mid-task: after its lease runs out a second actor runs the task
     again; every leaf counts once and no group id repeats in the stream.
 
-    (Since leaves are only real path ends, a rollout commits few of them, mostly at its end: the
-    first actor is held mid-task by the groups stream's back-pressure, --max-unread 1 with no
-    learner reading, and killed there.)"""
+    (Since leaves are only real path ends, a rollout commits few of them: the first actor is held
+    mid-task by the groups stream's back-pressure, --max-unread 1 with no learner reading, and
+    killed there. The east exit of the first room is made a dead end beforehand, and 32 actions
+    are sampled per state, so that every attempt reaches it and commits that failed leaf.)"""
     game = two_exits
     client = connect(redis_url)
+    store = RedisScoreStore(client, run="kill")
+    root_key, east_key = keys_after(env, game, "go east")
+    for i in range(P.xi):
+        store.commit_leaf(f"pre-{i}", [root_key, east_key], 0.0)
     model = init_model(tmp_path / "model", "tiny", seed=0)
     queue = WorkQueue(client, "kill")
     queue.put("textworld", game, item_id="task-1")
     args = [SPO3, "actor", "--redis-url", redis_url, "--model", str(model), "--run", "kill", "--choice-mode",
-            "--max-steps", "4", "--max-leaves", "400", "--lease-s", "4", "--exit-when-idle", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(args + ["--max-unread", "1"], env=env, stdout=subprocess.PIPE,
+            "--max-steps", "4", "--g-max", "32", "--max-leaves", "400", "--lease-s", "4", "--exit-when-idle", "6"]
+    proc_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(args + ["--max-unread", "1"], env=proc_env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    store = RedisScoreStore(client, run="kill")
     stream = GroupStream(client, "kill")
     deadline = time.monotonic() + 120
     while stream.length() < 1:
@@ -262,7 +266,7 @@ def test_actor_killed_mid_task_another_finishes_it(two_exits, redis_url, tmp_pat
     leaves_before = store.stats().leaves_counted
     assert queue.counts()["done"] == 0  # the task died with the actor
 
-    second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(args, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
     assert "actor finished 1 work items" in out
