@@ -38,10 +38,10 @@ $(VLLM_STAMP): constraints.txt
 	$(VLLM_VENV)/bin/uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
-system-deps: ## Install redis-server, redis-benchmark, Java (TextWorld-Express, ScienceWorld) and promtool when root and missing
+system-deps: ## Install redis-server, redis-benchmark, a JDK (TextWorld-Express, ScienceWorld; javac builds the TWX snapshot helper) and promtool when root and missing
 	@missing=""; \
 	command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || missing="redis-server redis-tools"; \
-	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -9,9 +9,10 @@ real redis-server it starts itself.
 1. env steps/s through the whole actor loop (`run_actor` in an OS process of its own: a fresh
    run's work queue filled with --tasks 3SPO items, real score store and groups stream, exit
    when the queue is empty) vs raw engine stepping (same adapter, same tasks, random admissible
-   actions, reset on done or after --max-steps steps, no Redis). TWX has no snapshots, so the
-   rollout resets and replays action prefixes: new steps (stats.env_steps) and replay steps are
-   counted apart and both ratios are reported; the target is on (new + replay) engine steps/s.
+   actions, reset on done or after --max-steps steps, no Redis). The TWX adapter restores
+   nodes from game copies inside the JVM when a JDK compiled its helper, else by reset + replay
+   of action prefixes: new steps (stats.env_steps), replay steps and restores are counted apart
+   and both ratios are reported; the target is on (new + replay) engine steps/s.
    Diagnostics: the same loop with GRPO items (no replay at all), and both sides cold (a fresh
    JVM, its start and JIT warm-up inside the clock);
 2. --processes actor processes vs 1 (the 1-process run is figure 1's loop), same work queue
@@ -214,6 +215,7 @@ def start_engine(tasks: list[str], *, warmup_steps: int, max_steps: int, seed: i
 _COUNTERS = {  # figure -> (Prometheus sample of actors.worker, labels); algo labels filled in
     "env_steps": ("spo3_actor_env_steps_total", {"algo": None}),
     "replay_steps": ("spo3_actor_replay_steps_total", {}),
+    "restores": ("spo3_actor_restores_total", {}),
     "leaves": ("spo3_actor_leaves_total", {"algo": None}),
     "groups": ("spo3_actor_groups_total", {"algo": None}),
     "finished_items": ("spo3_actor_tasks_total", {"outcome": "finished"}),
@@ -535,7 +537,7 @@ def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, 
                     tot[k] += getattr(st, k)
                 advance(1)
             seconds = time.perf_counter() - t0
-            parts = {"env.reset": clock["env.reset"], "env.step": clock["env.step"],
+            parts = {"env.reset": clock["env.reset"], "env.step": clock["env.step"], "env.replay": clock["env.replay"],
                      "store": clock["store.scores"] + clock["store.commit_leaf"], "stream": clock["stream.append"],
                      "policy": clock["policy.sample"]}
             parts["rollout (prompts, parsing, keys, ...)"] = seconds - sum(parts.values())
@@ -763,6 +765,8 @@ def main(
             f"{spread(raw_rate, '{:,.0f}')}; {spread(l1_rate, '{:,.0f}')}", "-", spread(engine_ratios)),
         Row("1   replay steps per new step",
             f"{replay / max(new, 1):.1f} ({replay / len(l1):,.0f} / {new / len(l1):,.0f})"),
+        Row("1   restores (reset + replay engine calls) per new step",
+            f"{sum(x['restores'] for x in l1) / max(new, 1):.2f}"),
         Row("1   (diag) loop, inside rollouts only",
             f"{med(x['engine_steps_per_rollout_s'] for x in l1):,.0f} steps/s", "-",
             f"{med(x['engine_steps_per_rollout_s'] for x in l1) / med(raw_rate):.2f} x raw"),

@@ -4,8 +4,17 @@ budget accounting so that comparisons are fair.
 3SPO: ranked backtracking DFS. Pop a node, restore the environment to it, ask the score store
 for n(s), sample n actions in one policy request, step one environment copy per distinct
 action, reward each child with the step reward, emit the children as a group (n > 1), and push
-the non-terminal children so the best one is expanded next. Every leaf (terminal, truncated,
-depth or budget limit) is committed to the score store once, under a stable leaf id.
+the children worth expanding so the best one is expanded next.
+
+What the DFS spends no budget on (ALGORITHM.md section 2): a state key is expanded at most once
+per rollout (a transposition set); a child that returns to a state on its path, or to a state
+already expanded, stays a member of its group but is not pushed; a child that lands on a
+truncated state (S = 0) is one failed leaf, committed when reached, never pushed.
+
+Leaves are only real path ends (ALGORITHM.md section 6): a terminal state, a truncated state
+reached, or the depth limit, each committed to the score store once under a stable leaf id.
+Nodes still on the stack when the budget or the leaf cap runs out are not leaves: they add no
+statistics. `RolloutStats` carries the diagnostics that check these rules on every rollout.
 
 GRPO/GiGPO: G full episodes per task from the root, one group of G members.
 """
@@ -19,9 +28,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 from actors.envs.base import Env, Observation, StepResult
 from actors.prompts import ParsedAction, build_messages, parse_action
-from score_store.score_math import ScoreParams, step_reward
+from score_store.score_math import Counts, ScoreParams, step_reward
 from score_store.state_key import KeyScope, state_key
-from score_store.store import ScoreStore
+from score_store.store import ScoreStore, StateScore
 from services.contracts import Algo, Completion, Group, GroupMember, SamplingParams, Transition, WorkItem
 from services.policy.interface import Policy
 
@@ -55,10 +64,18 @@ class RolloutConfig:
         return self.env_step_budget if self.env_step_budget is not None else g_max * self.max_steps
 
 
+LEAF_KINDS = ("success", "failure", "truncated", "depth")
+"""Kinds of leaves: terminal success, terminal failure (or partial success), truncated state reached,
+depth limit."""
+
+
 @dataclass
 class RolloutStats:
     env_steps: int = 0
     replay_steps: int = 0
+    """Environment steps spent restoring nodes by reset + replay (not counted in env_steps)."""
+    restores: int = 0
+    """Nodes restored by reset + replay (each one engine call with a batch-replaying adapter)."""
     leaves: int = 0
     successes: int = 0
     groups: int = 0
@@ -73,6 +90,24 @@ class RolloutStats:
     seconds: float = 0.0
     complete: bool = True
     """False when the rollout was stopped early (SIGTERM): the task should run again."""
+    # --- diagnostics of the DFS rules (ALGORITHM.md sections 2, 3, 6) ---
+    expansions: int = 0
+    reexpansions: int = 0
+    """Expansions of a key already expanded in this rollout (the transposition set keeps it 0)."""
+    expansions_by_depth: Counter = field(default_factory=Counter)
+    leaf_kinds: Counter = field(default_factory=Counter)
+    """Leaves committed, by LEAF_KINDS."""
+    informative_groups: int = 0
+    """Groups whose rewards are not all equal (they carry a learning signal)."""
+    truncated_top_groups: int = 0
+    """Informative groups whose highest reward belongs to a child on a truncated state only."""
+    not_pushed: Counter = field(default_factory=Counter)
+    """Non-terminal children not pushed: on_path (returned to a state on its path), expanded (state
+    already expanded in this rollout), duplicate (another action of the same expansion reached it)."""
+    open_at_end: int = 0
+    """Nodes left on the stack when the rollout ended (not leaves: no statistics)."""
+    leaves_over_cap: int = 0
+    """Path ends not committed because the rollout already had max_leaves leaves."""
 
 
 @dataclass
@@ -130,70 +165,107 @@ class Rollout:
     def _dfs(self, root: _Node) -> None:
         cfg, stats = self.cfg, self.stats
         budget = cfg.budget(self.params.g_max)
+        expanded: set[str] = set()  # the transposition set: keys expanded in this rollout
+        self._dead_ends: set[str] = set()  # truncated states already committed as a leaf in this rollout
         stack = [root]
-        while stack and stats.leaves < cfg.max_leaves and not self.should_stop():
+        while stack and stats.leaves < cfg.max_leaves and stats.env_steps < budget and not self.should_stop():
             node = stack.pop()
-            if node.depth >= cfg.max_steps:
-                self._commit(node.keys, 0.0)
+            if node.key in expanded:  # reached by another path after it was pushed
+                stats.not_pushed["expanded"] += 1
                 continue
-            if stats.env_steps >= budget:
-                self._commit(node.keys, 0.0)  # budget limit: this node is a leaf
-                break
-            current = self.store.scores([node.key]).scores[0]
-            n = current.n_rollouts
-            stats.branching[n] += 1
-            stats.scores.append(current.score)
-            if n == 0:
-                stats.truncated += 1
-                self._commit(node.keys, 0.0)
-                continue
-            completions = self._sample(node, n)
-            parsed = [self._parse(c, node) for c in completions]
-            # Step at most what the budget has left; replies for actions beyond it are dropped.
-            distinct = list(dict.fromkeys(p.action for p in parsed if not p.invalid))[: budget - stats.env_steps]
-            kept = [(c, p) for c, p in zip(completions, parsed) if p.invalid or p.action in distinct]
-            completions, parsed = [c for c, _ in kept], [p for _, p in kept]
-            outcomes = {a: self._step_from(node, a, f"{node.node_id}.{i}") for i, a in enumerate(distinct)}
-            child_keys = list(dict.fromkeys(k for _, k, _ in outcomes.values()))
-            after = {s.key: s for s in self.store.scores(child_keys).scores} if child_keys else {}
-            members, reward_of = [], {}
-            for c, p in zip(completions, parsed):
-                if p.invalid:
-                    r = step_reward(score_before=current.score, score_after=current.score,
-                                    n_total_before=current.n_total, changed_state=False, success=None,
-                                    invalid=True, p=self.params)
-                    members.append(self._member(node, c, p, node.key, r, done=False))
-                    continue
-                result, child_key, _ = outcomes[p.action]
-                r = step_reward(score_before=current.score, score_after=after[child_key].score,
-                                n_total_before=current.n_total, changed_state=child_key != node.key,
-                                success=result.success if result.done else None, invalid=False,
-                                p=self.params)
-                reward_of[p.action] = r
-                members.append(self._member(node, c, p, child_key, r, done=result.done))
-            if len(members) > 1:
-                self._emit(node, members)
-            children = []
-            for i, action in enumerate(distinct):
-                result, child_key, snap = outcomes[action]
-                child = _Node(f"{node.node_id}.{i}", node.actions + (action,), node.keys + (child_key,),
-                              result.observation, node.history + ((action, result.observation.text),), snap)
-                if result.done:
-                    self._commit(child.keys, result.success)
-                else:
-                    children.append((reward_of[action], child))
-            if not distinct:
-                self._commit(node.keys, 0.0)  # every reply invalid: nothing to expand
-            # Best child on top of the stack: it is expanded next.
-            stack.extend(child for _, child in sorted(children, key=lambda rc: rc[0]))
+            stack.extend(self._expand(node, expanded, budget))
             self.heartbeat()
         if self.should_stop():
-            self.stats.complete = False  # the task goes back to the queue; its open paths are not leaves
+            self.stats.complete = False  # the task goes back to the queue
+        # Nodes left on the stack are not leaves: nothing finished there (ALGORITHM.md section 6).
+        stats.open_at_end = len(stack)
+
+    def _expand(self, node: _Node, expanded: set[str], budget: int) -> list[_Node]:
+        """Expand `node` (n(s) actions, one group); returns the children to push, best last."""
+        cfg, stats = self.cfg, self.stats
+        current = self.store.scores([node.key]).scores[0]
+        n = current.n_rollouts
+        stats.branching[n] += 1
+        stats.scores.append(current.score)
+        if n == 0:  # truncated since it was pushed (commits of this or other rollouts): its path ends here
+            stats.truncated += 1
+            if node.key not in self._dead_ends:
+                self._dead_ends.add(node.key)
+                self._commit(node.keys, 0.0, "truncated")
+            return []
+        stats.reexpansions += node.key in expanded
+        expanded.add(node.key)
+        stats.expansions += 1
+        stats.expansions_by_depth[node.depth] += 1
+        completions = self._sample(node, n)
+        parsed = [self._parse(c, node) for c in completions]
+        # Step at most what the budget has left; replies for actions beyond it are dropped.
+        distinct = list(dict.fromkeys(p.action for p in parsed if not p.invalid))[: budget - stats.env_steps]
+        kept = [(c, p) for c, p in zip(completions, parsed) if p.invalid or p.action in distinct]
+        outcomes = {a: self._step_from(node, a, f"{node.node_id}.{i}") for i, a in enumerate(distinct)}
+        # One scoring of the parent and its children: every score of the group's rewards at the same t.
+        batch = self.store.scores(list(dict.fromkeys([node.key, *(k for _, k, _ in outcomes.values())])))
+        scored = {s.key: s for s in batch.scores}
+        here = scored[node.key]
+
+        def reward(next_key: str, success: float | None, invalid: bool) -> float:
+            after = scored[next_key]
+            return step_reward(path=node.keys, next_key=next_key, before=_counts(here), after=_counts(after),
+                               t=batch.t, success=success, invalid=invalid, p=self.params,
+                               before_truncated=here.n_rollouts == 0, after_truncated=after.n_rollouts == 0)
+
+        members, rewards, reward_of = [], [], {}
+        for c, p in kept:
+            if p.invalid:
+                r = reward(node.key, None, True)
+                members.append(self._member(node, c, p, node.key, r, done=False))
+                rewards.append((r, False))
+                continue
+            result, child_key, _ = outcomes[p.action]
+            r = reward(child_key, result.success if result.done else None, False)
+            reward_of[p.action] = r
+            members.append(self._member(node, c, p, child_key, r, done=result.done))
+            rewards.append((r, not result.done and scored[child_key].n_rollouts == 0))
+        if len(members) > 1:
+            self._emit(node, members)
+            self._note_group(rewards)
+        children, seen = [], set()
+        # Best child first, so that of two actions reaching one state the better-rewarded is kept.
+        for i, action in sorted(enumerate(distinct), key=lambda ia: -reward_of[ia[1]]):
+            result, child_key, snap = outcomes[action]
+            child = _Node(f"{node.node_id}.{i}", node.actions + (action,), node.keys + (child_key,),
+                          result.observation, node.history + ((action, result.observation.text),), snap)
+            if result.done:
+                self._commit(child.keys, result.success, "success" if result.success >= 1.0 else "failure")
+            elif child_key in node.keys:
+                stats.not_pushed["on_path"] += 1  # went nowhere new; its reward says so
+            elif scored[child_key].n_rollouts == 0:
+                stats.truncated += 1
+                if child_key not in self._dead_ends:  # one failed leaf per dead end, never pushed
+                    self._dead_ends.add(child_key)
+                    self._commit(child.keys, 0.0, "truncated")
+            elif child_key in expanded:
+                stats.not_pushed["expanded"] += 1
+            elif child_key in seen:
+                stats.not_pushed["duplicate"] += 1
+            elif child.depth >= cfg.max_steps:
+                seen.add(child_key)
+                self._commit(child.keys, 0.0, "depth")
+            else:
+                seen.add(child_key)
+                children.append(child)
+        return children[::-1]  # best child on top of the stack: it is expanded next
+
+    def _note_group(self, rewards: Sequence[tuple[float, bool]]) -> None:
+        """Diagnostics of one emitted group: (reward, lands on a truncated state) per member."""
+        values = [r for r, _ in rewards]
+        if max(values) - min(values) <= 1e-12:
             return
-        for node in stack:  # paths cut by the budget or the leaf limit end here
-            if stats.leaves >= cfg.max_leaves:
-                break
-            self._commit(node.keys, 0.0)
+        self.stats.informative_groups += 1
+        best_dead = max((r for r, dead in rewards if dead), default=None)
+        best_alive = max((r for r, dead in rewards if not dead), default=None)
+        if best_dead is not None and (best_alive is None or best_dead > best_alive + 1e-12):
+            self.stats.truncated_top_groups += 1
 
     # --- GRPO / GiGPO -----------------------------------------------------------------
     def _episodes(self, root: _Node) -> None:
@@ -203,7 +275,7 @@ class Rollout:
             if self.should_stop():
                 self.stats.complete = False  # an incomplete group is worthless to GRPO: emit nothing
                 return
-            node, transitions, success = root, [], 0.0
+            node, transitions, success, kind = root, [], 0.0, "depth"
             while node.depth < cfg.max_steps:
                 c = self._sample(node, 1)[0]
                 p = self._parse(c, node)
@@ -214,15 +286,15 @@ class Rollout:
                                  node.history, node.snapshot)
                     continue
                 child_id = f"{node.node_id}.{g}"
-                result, child_key, snap = self._step_from(node, p.action, child_id)
+                result, child_key, snap = self._step_from(node, p.action, child_id, keep=False)
                 reward = result.success if result.done else 0.0
                 transitions.append(self._transition(node, c, p, child_key, reward, result.done))
                 node = _Node(child_id, node.actions + (p.action,), node.keys + (child_key,),
                              result.observation, node.history + ((p.action, result.observation.text),), snap)
                 if result.done:
-                    success = result.success
+                    success, kind = result.success, "success" if result.success >= 1.0 else "failure"
                     break
-            self._commit(node.keys, success)
+            self._commit(node.keys, success, kind)
             members.append(GroupMember(transitions=transitions, score=sum(t.reward for t in transitions)))
             self.heartbeat()
         group = Group(group_id=self._group_id(root), run=self.run_id, algo=self.item.algo, task_id=self.item.task_id,
@@ -256,24 +328,52 @@ class Rollout:
         if node.snapshot is not None:
             obs = self.env.restore(node.snapshot)
         else:
-            obs = self.env.reset(self.item.task_id)
-            for action in node.actions:
-                if action:  # "" marks an invalid turn (no environment step)
+            actions = self._replayed(node)
+            replay = getattr(self.env, "replay", None)
+            if replay is not None:  # the adapter resets and replays in one engine call
+                obs = replay(self.item.task_id, actions)
+            else:
+                obs = self.env.reset(self.item.task_id)
+                for action in actions:
                     obs = self.env.step(action).observation
-                    self.stats.replay_steps += 1
+        self._arrived(node, obs)
+
+    def _replayed(self, node: _Node) -> list[str]:
+        """The actions that reset + replay steps to restore `node` (counted as replay)."""
+        actions = [a for a in node.actions if a]  # "" marks an invalid turn (no environment step)
+        self.stats.replay_steps += len(actions)
+        self.stats.restores += 1
+        return actions
+
+    def _arrived(self, node: _Node, obs: Observation) -> None:
         if self._key(obs) != node.key:
             raise ReplayMismatch(f"restoring node {node.node_id} of task {self.item.task_id} gave another state "
                                  f"than recorded; the environment is not deterministic under replay")
         self._at = node.node_id
 
-    def _step_from(self, node: _Node, action: str, child_id: str) -> tuple[StepResult, str, Any | None]:
-        self._goto(node)
-        result = self.env.step(action)
+    def _step_from(self, node: _Node, action: str, child_id: str, *,
+                   keep: bool = True) -> tuple[StepResult, str, Any | None]:
+        """Step `action` from `node`; (result, child key, the child's snapshot if `keep` and the
+        engine has snapshots: GRPO/GiGPO episodes never come back to a child)."""
+        step_from = getattr(self.env, "step_from", None)
+        replay_step = getattr(self.env, "replay_step", None)
+        here = self._at == node.node_id
+        if step_from is not None and (here or node.snapshot is not None):
+            # Restore the snapshot (unless already there), step and snapshot the child: one engine call.
+            result, snap = step_from(None if here else node.snapshot, action, save=keep)
+        elif not here and node.snapshot is None and replay_step is not None:
+            # Restore and step in one engine call; the restored state is still checked.
+            obs, result = replay_step(self.item.task_id, self._replayed(node), action)
+            self._arrived(node, obs)
+            snap = None if result.done or not keep else self.env.snapshot()
+        else:
+            self._goto(node)
+            result = self.env.step(action)
+            snap = None if result.done or not keep else self.env.snapshot()
         self._at = child_id
         self.stats.env_steps += 1
         key = self._key(result.observation)
         self.stats.visited.add(key)
-        snap = None if result.done else self.env.snapshot()
         return result, key, snap
 
     def _transition(self, node: _Node, c: Completion, p: ParsedAction, next_key: str, reward: float,
@@ -294,9 +394,17 @@ class Rollout:
         self.sink.append(group)
         self.stats.groups += 1
 
-    def _commit(self, keys: Sequence[str], success: float) -> None:
+    def _commit(self, keys: Sequence[str], success: float, kind: str) -> None:
+        if self.item.algo == "3spo" and self.stats.leaves >= self.cfg.max_leaves:
+            self.stats.leaves_over_cap += 1
+            return
         leaf_id = f"{self.item.item_id}:a{self.item.attempt}:{self._leaf_seq}"
         self._leaf_seq += 1
         self.store.commit_leaf(leaf_id, list(keys), success)
         self.stats.leaves += 1
+        self.stats.leaf_kinds[kind] += 1
         self.stats.successes += int(success >= 1.0)
+
+
+def _counts(s: StateScore) -> Counts:
+    return Counts(s.n_total, s.n_success)

@@ -19,7 +19,7 @@ from typing import Sequence
 from actors.envs.base import Env
 from actors.envs.registry import make_env
 from actors.evaluate import evaluate
-from actors.rollout import Rollout, RolloutConfig, RolloutStats
+from actors.rollout import LEAF_KINDS, Rollout, RolloutConfig, RolloutStats
 from score_store.client import ScoreServiceError, ServiceScoreStore, reconcile_params
 from score_store.connection import check_reachable, connect
 from score_store.score_math import ScoreParams
@@ -75,11 +75,18 @@ def record_totals(client, names, stats: RolloutStats) -> None:
     """Run-wide totals in Redis, so launchers and dashboards see every actor's work."""
     pipe = client.pipeline(transaction=False)
     for field_name in ("env_steps", "replay_steps", "leaves", "successes", "groups", "invalid_actions", "actions",
-                       "generated_tokens", "truncated"):
+                       "generated_tokens", "truncated", "restores", "expansions", "reexpansions", "informative_groups",
+                       "truncated_top_groups", "open_at_end"):
         pipe.hincrby(names.actor_totals, field_name, getattr(stats, field_name))
     pipe.hincrby(names.actor_totals, "tasks", 1)
+    for kind in LEAF_KINDS:
+        pipe.hincrby(names.actor_totals, f"leaves_{kind}", stats.leaf_kinds[kind])
+    for reason, count in stats.not_pushed.items():
+        pipe.hincrby(names.actor_totals, f"not_pushed_{reason}", count)
     for n, count in stats.branching.items():
         pipe.hincrby(names.actor_branching, str(n), count)
+    for depth, count in stats.expansions_by_depth.items():
+        pipe.hincrby(names.actor_depths, str(depth), count)
     pipe.execute()
 
 
@@ -99,6 +106,15 @@ def record(stats: RolloutStats, item: WorkItem) -> None:
     m.train_successes.labels(*labels).inc(stats.successes)
     m.expansions.labels(*labels).inc(sum(stats.branching.values()))
     m.truncated.labels(*labels).inc(stats.truncated)
+    m.restores.inc(stats.restores)
+    m.reexpansions.labels(*labels).inc(stats.reexpansions)
+    m.informative_groups.labels(*labels).inc(stats.informative_groups)
+    m.truncated_top_groups.labels(*labels).inc(stats.truncated_top_groups)
+    for kind in LEAF_KINDS:
+        m.leaf_kinds.labels(*labels, kind).inc(stats.leaf_kinds[kind])
+    for depth, count in stats.expansions_by_depth.items():
+        for _ in range(count):
+            m.expansion_depth.observe(depth)
     for n, count in stats.branching.items():
         for _ in range(count):
             m.branching.observe(n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,13 @@ class ScoreParams(BaseModel):
     omega_k: float = Field(0.1, ge=0, description="Decay of the novelty weight w(N) = 0.5 exp(-omega_k N).")
     eps: float = Field(1e-6, gt=0, description="Keeps SR = N_success / (N_total + eps) finite.")
     invalid_penalty: float = Field(0.1, ge=0, description="Subtracted from the step reward of an unparseable action.")
+    reward_score: Literal["raw", "truncated"] = Field("raw", description=(
+        "Score in the step reward's difference S(s_t) - S(s_t+1): raw = S~ = exp(-lambda(t) SR), without the "
+        "truncation indicator (a dead end scores like the hard state it is); truncated = S, which scores a "
+        "hopeless state 0 like a solved one and so pays most for stepping into it."))
+    novelty: Literal["path", "parent"] = Field("path", description=(
+        "R_novel = 1 when the next state is not already on the path from the root (path), or merely differs "
+        "from the current state (parent: also pays for walking back to the previous room)."))
 
 
 @dataclass(frozen=True)
@@ -85,25 +93,57 @@ def novelty_weight(n_total: int, omega_k: float) -> float:
     return 0.5 * math.exp(-omega_k * n_total)
 
 
+def raw_score(c: Counts, t: int, p: ScoreParams) -> float:
+    """S~(s) = exp(-lambda(t) SR(s)): the state score without the truncation indicator (unseen: 1)."""
+    return math.exp(-lambda_t(t, p.alpha) * success_rate(c, p.eps))
+
+
+def reward_score(c: Counts, t: int, p: ScoreParams, *, truncated: bool = False) -> float:
+    """The score the step reward's difference uses: S~ under `reward_score: raw`; under `truncated`
+    the state score S, 0 for a truncated state (`truncated`: S = 0 as the store scored it; the
+    store knows which states are roots, which are never truncated)."""
+    if p.reward_score == "truncated":
+        return 0.0 if truncated else raw_score(c, t, p)
+    return raw_score(c, t, p)
+
+
+def is_novel(next_key: str, path: Sequence[str], p: ScoreParams) -> bool:
+    """R_novel: `path` = the keys from the root to s_t (s_t last). novelty path: the next state is
+    not on that path; novelty parent: it differs from s_t."""
+    if not path:
+        raise ValueError("the path holds at least the current state")
+    if p.novelty == "parent":
+        return next_key != path[-1]
+    return next_key not in path
+
+
 def step_reward(
     *,
-    score_before: float,
-    score_after: float,
-    n_total_before: int,
-    changed_state: bool,
+    path: Sequence[str],
+    next_key: str,
+    before: Counts,
+    after: Counts,
+    t: int,
     success: float | None,
     invalid: bool,
     p: ScoreParams,
+    before_truncated: bool = False,
+    after_truncated: bool = False,
 ) -> float:
-    """R = w(N) R_novel + (0.5 - w(N)) (S(s_t) - S(s_t+1)) + 0.5 R_success - invalid_penalty.
+    """R = w(N) R_novel + (0.5 - w(N)) (S~(s_t) - S~(s_t+1)) + 0.5 R_success - invalid_penalty.
 
+    `path`: the keys from the root to s_t (s_t last); `next_key`: s_t+1 (s_t itself for an invalid
+    reply); `before`/`after`: the counts of s_t and s_t+1 at time t; N = before.n_total.
+    `*_truncated`: whether the store scored the state 0 (used only under `reward_score: truncated`).
     `success` is the task's success in [0, 1] on the terminal transition and None before it;
     raw environment rewards (ALFWorld pays 10) must never be passed here.
     """
     if success is not None and not 0.0 <= success <= 1.0:
         raise ValueError(f"success must lie in [0, 1], got {success}")
-    w = novelty_weight(n_total_before, p.omega_k)
-    r = w * (1.0 if changed_state else 0.0) + (0.5 - w) * (score_before - score_after)
+    w = novelty_weight(before.n_total, p.omega_k)
+    novel = is_novel(next_key, path, p)
+    diff = reward_score(before, t, p, truncated=before_truncated) - reward_score(after, t, p, truncated=after_truncated)
+    r = w * (1.0 if novel else 0.0) + (0.5 - w) * diff
     if success is not None:
         r += 0.5 * success
     if invalid:

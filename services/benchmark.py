@@ -92,6 +92,7 @@ def run_figures(run_dir: Path, threshold: float, window: int) -> dict:
         "env_steps": summary["env_steps"],
         "updates": summary["policy_version"],
         "curve": [(s["env_steps"], s["leaves"], s["successes"], s["unique_states"]) for s in snaps],
+        "diagnostics": summary.get("diagnostics"),  # the DFS diagnostics (services.report.diagnostics)
     }
 
 

@@ -114,6 +114,12 @@ def actor_cmd(
     alpha: Annotated[Optional[float], typer.Option(help="State-score alpha (default 1). With --score-url the service's is "
                                                    "used; a value given here must equal it or the actor does not start.")] = None,
     g_max: Annotated[Optional[int], typer.Option(help="Most branches per state (default 8). With --score-url: as --alpha.")] = None,
+    reward_score: Annotated[Optional[str], typer.Option(help="Score in the step reward's difference: raw (S~ = exp(-lambda SR), "
+                                                        "no truncation indicator; the default) or truncated (S, the literal "
+                                                        "formula). With --score-url: as --alpha.")] = None,
+    novelty: Annotated[Optional[str], typer.Option(help="R_novel: path (the next state is new to the path from the root; the "
+                                                   "default) or parent (it differs from the current state). With "
+                                                   "--score-url: as --alpha.")] = None,
     lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics (deployments use 9100).")] = None,
@@ -138,6 +144,10 @@ def actor_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if bool(policy_url) == bool(model):
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
+    if reward_score not in ("raw", "truncated"):
+        raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
+    if novelty not in ("path", "parent"):
+        raise typer.BadParameter(f"--novelty must be path or parent, not {novelty!r}")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
     if score_url and not score_token:
@@ -164,7 +174,8 @@ def actor_cmd(
     cfg = ActorConfig(
         redis_url=redis_url, run=run, score_url=score_url, score_token=score_token,
         # Only the fields given here are set: with --score-url they are checked against the service's.
-        params=ScoreParams(**{k: v for k, v in dict(alpha=alpha, g_max=g_max).items() if v is not None}),
+        params=ScoreParams(**{k: v for k, v in dict(alpha=alpha, g_max=g_max, reward_score=reward_score,
+                                                    novelty=novelty).items() if v is not None}),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.contracts import Algo
 
@@ -105,7 +105,9 @@ class TrainConfig(BaseModel):
     env_steps: int = Field(20_000, ge=1, description="Budget: new environment steps over all actors.")
     time_limit_s: float = Field(480, gt=0, description="Stop training after this long, whatever the budget.")
     rollout: dict[str, Any] = Field(default_factory=dict, description="RolloutConfig fields (max_steps, choice_mode, ...).")
-    score: dict[str, Any] = Field(default_factory=dict, description="ScoreParams fields (alpha, xi, zeta, g_max, ...).")
+    score: dict[str, Any] = Field(default_factory=dict, description=(
+        "ScoreParams fields (alpha, xi, zeta, g_max, omega_k, invalid_penalty, reward_score: raw | truncated, "
+        "novelty: path | parent)."))
     learner: dict[str, Any] = Field(default_factory=dict, description="Learner settings (groups_per_update, lr, ...).")
     eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2})
     max_unread_groups: int | None = Field(None, ge=0, description=(
@@ -117,6 +119,18 @@ class TrainConfig(BaseModel):
         "republishes to by disk reload."))
     vllm: dict[str, Any] = Field(default_factory=lambda: {"dtype": "float32", "max_model_len": 2048}, description=(
         "VLLMServer options for engine: vllm (dtype, max_model_len, kv_cache_gib)."))
+
+    @field_validator("score")
+    @classmethod
+    def _score_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Unknown or invalid score settings stop the run here, naming the key."""
+        from score_store.score_math import ScoreParams
+
+        unknown = sorted(set(v) - set(ScoreParams.model_fields))
+        if unknown:
+            raise ValueError(f"unknown score setting(s) {unknown}; known: {sorted(ScoreParams.model_fields)}")
+        ScoreParams(**v)
+        return v
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -183,7 +197,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     from services.policy.inprocess import InProcessPolicy
     from services.policy.weights_dir import DirectoryPublisher
     from services.redis_names import RedisNames
-    from services.report import ProgressWatcher, write_report
+    from services.report import ProgressWatcher, walkthrough_truncated, write_report
     from services.work_queue import WorkQueue
 
     console = Console(quiet=not progress)
@@ -280,8 +294,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
             console.print("[yellow]no policy update happened within the budget: evaluating the initial model")
         with console.status("evaluating the trained policy on held-out games"):
             after = evaluate(env, InProcessPolicy(final, threads=1), eval_games, **eval_kw)
+        walkthrough = walkthrough_truncated(env, train_games, watcher.store, rollout.key_scope)
         env.close()
-        write_report(run_dir, cfg, watcher, before, after, result, final, client, names, console)
+        write_report(run_dir, cfg, watcher, before, after, result, final, client, names, console, walkthrough)
         return run_dir
     finally:
         if server:

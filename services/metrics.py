@@ -142,6 +142,22 @@ class ActorMetrics:
         self.train_successes = counter("spo3_actor_train_successes", "Training leaves that succeeded", TRAIN)
         self.expansions = counter("spo3_actor_expansions", "States expanded (3SPO: one n(s) decision each)", TRAIN)
         self.truncated = counter("spo3_actor_truncated_paths", "Paths cut because their state scored S = 0", TRAIN)
+        # Diagnostics of the 3SPO DFS rules (ALGORITHM.md sections 2, 3, 6). Replay steps per new step:
+        # spo3_actor_replay_steps_total / spo3_actor_env_steps_total.
+        self.reexpansions = counter("spo3_actor_reexpansions",
+                                    "3SPO expansions of a state key already expanded in the same rollout (should be 0)",
+                                    TRAIN)
+        self.leaf_kinds = counter("spo3_actor_leaves_by_kind",
+                                  "Leaves committed by kind: success, failure (terminal), truncated, depth",
+                                  (*TRAIN, "kind"))
+        self.informative_groups = counter("spo3_actor_informative_groups",
+                                          "3SPO groups whose rewards are not all equal", TRAIN)
+        self.truncated_top_groups = counter("spo3_actor_truncated_top_groups",
+                                            "Informative 3SPO groups whose top reward is a child on a truncated state",
+                                            TRAIN)
+        self.expansion_depth = Histogram("spo3_actor_expansion_depth", "Depth of the states 3SPO expanded",
+                                         buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50), registry=registry)
+        self.restores = counter("spo3_actor_restores", "Nodes restored by reset + replay")
         self.new_states = counter("spo3_actor_new_states",
                                   "States no committed path had reached when this actor first scored them", TRAIN)
         self.eval_episodes = counter("spo3_actor_eval_episodes", "Held-out evaluation episodes", EVAL)

@@ -89,6 +89,11 @@ class RedisNames:
         """Hash n(s) -> how many expansions sampled n actions, over every actor."""
         return f"{self.prefix}:actors:branching"
 
+    @property
+    def actor_depths(self) -> str:
+        """Hash depth -> how many 3SPO expansions were at that depth, over every actor."""
+        return f"{self.prefix}:actors:depths"
+
     # --- work queue ---------------------------------------------------------------------
     @property
     def work_ready(self) -> str:

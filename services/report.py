@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from actors.rollout import LEAF_KINDS
 from score_store.score_math import Counts, state_score
 
 
@@ -89,8 +90,63 @@ def state_scores(client, names, params) -> list[float]:
     return out
 
 
+
+
+def diagnostics(totals: dict[str, int], depths: dict[int, int], walkthrough: dict | None) -> dict:
+    """The DFS diagnostics of a run (results.json / summary.json `diagnostics`), from the actors'
+    run-wide totals: fraction of expansions that re-expanded a key already expanded in the same
+    rollout, leaves by kind, fraction of informative groups whose top reward is a child on a
+    truncated state, expansions by depth, replay steps per new env step, and the walkthrough
+    states found truncated (None when no task has a walkthrough). A ratio without a denominator
+    (GRPO: no expansions) is None."""
+    def ratio(a: str, b: str) -> float | None:
+        return totals.get(a, 0) / totals[b] if totals.get(b) else None
+
+    return {
+        "reexpand_frac": ratio("reexpansions", "expansions"),
+        "leaves": {k: totals.get(f"leaves_{k}", 0) for k in LEAF_KINDS},
+        "truncated_top_frac": ratio("truncated_top_groups", "informative_groups"),
+        "expansions_by_depth": {str(d): depths[d] for d in sorted(depths)},
+        "replay_per_new_step": ratio("replay_steps", "env_steps"),
+        "walkthrough_truncated": walkthrough,
+    }
+
+
+def walkthrough_truncated(env, tasks: list[str], store, key_scope: str = "task") -> dict | None:
+    """How many states on the tasks' known solutions the score store now truncates (S = 0): a
+    truncated walkthrough state cuts every path to success through it. Tasks whose adapter has no
+    walkthrough (or whose walkthrough cannot be played) are skipped; None when none has one."""
+    from score_store.state_key import state_key
+
+    walk = getattr(env, "walkthrough", None)
+    if walk is None:
+        return None
+    states = truncated = played = 0
+    for task in dict.fromkeys(tasks):
+        try:
+            env.reset(task)
+            actions = walk()
+            obs = env.reset(task)
+            keys = [state_key(env.name, task, obs.state_text, key_scope)]
+            for action in actions:
+                result = env.step(action)
+                if result.done:  # the terminal state is never expanded: not counted
+                    break
+                keys.append(state_key(env.name, task, result.observation.state_text, key_scope))
+        except Exception:  # noqa: BLE001 - a task without a playable walkthrough is skipped
+            continue
+        keys = list(dict.fromkeys(keys))
+        scores = store.scores(keys).scores
+        played += 1
+        states += len(keys)
+        truncated += sum(s.n_rollouts == 0 for s in scores)
+    if not played:
+        return None
+    return {"truncated": truncated, "states": states, "tasks": played}
+
+
 def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, result, final_checkpoint: Path,
-                 client, names, console) -> dict:
+                 client, names, console, walkthrough: dict | None = None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +185,9 @@ def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, re
         "groups_dropped_stale": result.groups_dropped_stale if result else None,
         "generated_tokens": last.get("generated_tokens", 0), "wall_time_s": last.get("time_s", 0),
         "final_checkpoint": str(final_checkpoint),
+        "diagnostics": diagnostics({k.decode(): int(v) for k, v in client.hgetall(names.actor_totals).items()},
+                                   {int(k): int(v) for k, v in client.hgetall(names.actor_depths).items()},
+                                   walkthrough),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if result:

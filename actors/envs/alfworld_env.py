@@ -16,28 +16,43 @@ an empty game list, this adapter refuses instead. A folder with `traj_data.json`
 
 Texts: `text` is ALFWorld's observation (on reset the intro: the receptacles in view and "Your
 task is to: ..."; the "-= Welcome to TextWorld, ALFRED! =-" banner is dropped).
-`state_text` (ALGORITHM.md: ALFWorld's observation) is that observation without the banner and
-without the task sentence, so the key is the observation of the state, not of the intro's
-decoration. `state="facts"` instead keys on the engine's true state: the sorted PDDL facts,
-bookkeeping facts (`checked`, `examined`) excluded, so `look`, `inventory`, `examine` and invalid
-actions ("Nothing happens.") keep the key, and two routes to the same world state share it.
+`state_text` (the state key's text, ALGORITHM.md "State key") is by default (`state="facts"`) the
+world state: the engine's sorted PDDL facts (the agent's location, what it holds, where every object
+is, which receptacles are open, which devices are on), bookkeeping facts (`checked`, `examined`)
+excluded, so `look`, `inventory`, `help`, `examine` and invalid actions ("Nothing happens.") keep
+the key, two routes to the same world state share it, and two world states with the same feedback
+("You arrive at fridge 1." with and without the apple in hand) get different keys. Objects are the
+engine's own ids, so two apples are never merged. `state="observation"` keys on the action's
+feedback instead (without the banner and the task sentence): it merges and splits world states
+as just described, and is kept only for comparison.
 
 success = 1.0 if the game is won (the PDDL goal holds), else 0.0. raw_reward = 10.0 when won (the
 ALFWorld reward of verl-agent/GiGPO; TextWorld's own score is info["score"]), never the success.
 done = won (ALFWorld has no losing state; the rollout enforces max steps).
 
-Snapshots: not supported (Fast Downward's state cannot be set from outside); the rollout resets
-and replays (reset ~35 ms, steps ~5-10 ms).
+Snapshots (`snapshots=True`, the default): the engine's state lives in two places, Fast Downward's
+state registry (a C library, one copy per loaded game) and TextWorld's Python objects (the facts,
+the last game state with its admissible commands). A snapshot holds the registry's id of the
+current state (the library's `get_state_id`, which textworld's binding does not declare) and copies
+of the Python side; `restore` sets the id back, recomputes the library's applicable operators and
+puts the Python side back: microseconds, against ~0.2 s for a reset (textworld translates the PDDL
+problem again) plus ~0.1 s per replayed step (the admissible commands' text generation). A reset
+starts a new state registry, so a snapshot is valid until the next `reset()` of its game (the
+rollout resets once per task, at its root); restoring an older one is an EnvError. With
+`snapshots=False` (or a library without `get_state_id`), `snapshot()` returns None and the rollout
+resets and replays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +126,34 @@ def list_games(data_dir: str | os.PathLike | None = None, *, task_types: Iterabl
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    game: str
+    generation: int
+    """Resets of the game's engine when the snapshot was taken (a reset invalidates it)."""
+    state_id: int
+    python: tuple
+    """PddlState facts and variables, the PddlEnv's game states, last action and moves."""
+    last: Any
+    won: bool
+    task_description: str
+
+
+def _state_ids(env: Any) -> Any | None:
+    """The engine's Fast Downward library with get_state_id/set_state_id declared, or None."""
+    lib = getattr(env.unwrapped, "downward_lib", None)
+    if lib is None or not hasattr(lib, "get_state_id") or not hasattr(lib, "set_state_id"):
+        return None
+    lib.get_state_id.argtypes, lib.get_state_id.restype = [], ctypes.c_int
+    lib.set_state_id.argtypes, lib.set_state_id.restype = [ctypes.c_int], None
+    return lib
+
+
 class AlfWorldEnv:
     name = "alfworld"
 
-    def __init__(self, data_dir: str | os.PathLike | None = None, *, state: str = "observation",
-                 check_data: bool = True, max_loaded_games: int = 8) -> None:
+    def __init__(self, data_dir: str | os.PathLike | None = None, *, state: str = "facts",
+                 check_data: bool = True, max_loaded_games: int = 8, snapshots: bool = True) -> None:
         try:
             import textworld  # noqa: F401
             from alfworld.agents.environment.alfred_tw_env import (  # noqa: F401
@@ -127,6 +165,7 @@ class AlfWorldEnv:
         if state not in ("observation", "facts"):
             raise EnvError(f"alfworld: state must be 'observation' or 'facts', got {state!r}")
         self.state_mode = state
+        self.snapshots = snapshots
         self.data_dir = str(Path(data_dir).expanduser()) if data_dir else default_data_dir()
         if data_dir is not None and check_data:
             if not Path(self.data_dir).is_dir():
@@ -151,6 +190,7 @@ class AlfWorldEnv:
         except Exception as e:
             raise EnvError(f"alfworld: cannot reset {task_id!r}: {e}") from e
         self._last, self._won = state, False
+        env.__dict__["_spo3_generation"] = env.__dict__.get("_spo3_generation", 0) + 1
         m = _TASK_SENTENCE.search(state.get("feedback") or "")
         self._task_description = m.group(1).strip() if m else ""
         return self._observation(state)
@@ -171,11 +211,44 @@ class AlfWorldEnv:
                           raw_reward=10.0 if won else 0.0,
                           info={"won": won, "score": score, "valid": state.get("_last_action") is not None})
 
-    def snapshot(self) -> None:
-        return None
+    def snapshot(self) -> _Snapshot | None:
+        if not self.snapshots or self._env is None or self._last is None:
+            return None
+        lib = _state_ids(self._env)
+        if lib is None:
+            return None
+        pddl = self._env.unwrapped
+        ps = pddl._pddl_state
+        python = ({k: set(v) for k, v in ps._facts.items()}, dict(ps._vars_by_name),
+                  {k: set(v) for k, v in ps._vars_by_type.items()}, ps._var_counts.copy(), ps._operators,
+                  pddl.state, pddl.prev_state, pddl._last_action, pddl._moves)
+        return _Snapshot(self._game, self._env.__dict__.get("_spo3_generation", 0), lib.get_state_id(), python,
+                         self._last, self._won, self._task_description)
 
-    def restore(self, snapshot: Any) -> Observation:
-        raise EnvError("alfworld: snapshots are not supported (snapshot() returns None); reset and replay")
+    def restore(self, snapshot: _Snapshot) -> Observation:
+        if not isinstance(snapshot, _Snapshot):
+            raise EnvError("alfworld: restore() needs a snapshot taken by this adapter")
+        env = self._envs.get(snapshot.game)
+        if env is None or env.__dict__.get("_spo3_generation", 0) != snapshot.generation:
+            raise EnvError("alfworld: the snapshot's game was reset (or unloaded) since it was taken")
+        self._envs.move_to_end(snapshot.game)
+        self._env, self._game = env, snapshot.game
+        self._game_data = env.__dict__.get("_spo3_game_data", {})
+        pddl = env.unwrapped
+        ps = pddl._pddl_state
+        facts, by_name, by_type, counts, operators, state, prev_state, last_action, moves = snapshot.python
+        _state_ids(env).set_state_id(snapshot.state_id)
+        ps.all_applicable_actions()  # the library's applicable operators of the restored state
+        ps._facts.clear()
+        ps._facts.update({k: set(v) for k, v in facts.items()})
+        ps._vars_by_name = dict(by_name)
+        ps._vars_by_type.clear()
+        ps._vars_by_type.update({k: set(v) for k, v in by_type.items()})
+        ps._var_counts = counts.copy()
+        ps._operators = operators
+        pddl.state, pddl.prev_state, pddl._last_action, pddl._moves = state, prev_state, last_action, moves
+        self._last, self._won, self._task_description = snapshot.last, snapshot.won, snapshot.task_description
+        return self._observation(self._last)
 
     def close(self) -> None:
         for env in self._envs.values():

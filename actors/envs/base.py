@@ -51,5 +51,11 @@ class Env(Protocol):
     def restore(self, snapshot: Any) -> Observation:
         ...
 
+    # Optional, used by the rollout when an adapter has them (engines without cheap snapshots):
+    # replay(task_id, actions) -> Observation: reset and apply `actions` (e.g. in one engine call);
+    # replay_step(task_id, actions, action) -> (Observation, StepResult): replay, then step `action`;
+    # step_from(snapshot | None, action, save=True) -> (StepResult, snapshot | None): restore (None:
+    #   from the current state), step and (if `save`) snapshot the new state, in one engine call.
+
     def close(self) -> None:
         ...

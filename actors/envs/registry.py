@@ -7,7 +7,8 @@ name. Options go to the adapter's constructor:
 - "twx":          TwxEnv(include_task_in_reset_text=True)
 - "scienceworld": ScienceWorldEnv(simplification="", max_actions=200, partial_credit=False,
                                   admissible=True, include_task_in_reset_text=True)
-- "alfworld":     AlfWorldEnv(data_dir=None, state="observation", check_data=True, max_loaded_games=8)
+- "alfworld":     AlfWorldEnv(data_dir=None, state="facts", check_data=True, max_loaded_games=8)
+                  (state="facts": keys from the world state; "observation": from the feedback text)
 """
 
 from __future__ import annotations

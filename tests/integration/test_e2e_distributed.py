@@ -42,7 +42,7 @@ def test_actor_learner_vllm_end_to_end(redis_url, tmp_path):
         probe = SamplingParams(n=1, max_tokens=8, temperature=0.0)
         before = policy.sample(contract.MESSAGES, probe)[0]
         actor = subprocess.Popen([SPO3, "actor", "--redis-url", redis_url, "--policy-url", server.url, "--run", "e2e",
-                                  "--choice-mode", "--max-steps", "6", "--max-leaves", "16"],
+                                  "--choice-mode", "--max-steps", "3", "--max-leaves", "16"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             learner = subprocess.run(
@@ -63,6 +63,9 @@ def test_actor_learner_vllm_end_to_end(redis_url, tmp_path):
         assert after.token_ids != before.token_ids or \
             max(abs(a - b) for a, b in zip(after.logprobs, before.logprobs)) > 1e-3
         assert int(client.get(RedisNames("e2e").policy_version)) == UPDATES
+        # Leaves are only real path ends (ALGORITHM.md section 6): with 3 steps, paths reach the
+        # depth limit (these games' coin is 5 rooms away, and 6 steps without revisiting a room
+        # only end at the coin, which the untrained policy rarely finds).
         stats = RedisScoreStore(client, run="e2e").stats()
         assert stats.leaves_counted > 0 and stats.n_states > 1
         policy.close()

@@ -240,8 +240,44 @@ def test_twx_gold_path_wins(twx_env, game):
     result, keys = play(twx_env, task, gold)
     assert_won(result)
     assert_noops_keep_key(twx_env, task, ["look around", "inventory"])
-    assert twx_env.snapshot() is None
+    # Snapshots are copies of the game inside the JVM when the helper could be compiled (a JDK).
+    assert (twx_env.snapshot() is not None) == twx_env.snapshots == (shutil.which("javac") is not None)
     assert_replay_deterministic(twx_env, task, gold[:-1], keys)
+
+
+@needs_java
+def test_twx_replay_in_the_jvm_equals_stepping(twx_env, tmp_path, monkeypatch):
+    """replay(task, prefix) gives the observation of stepping the prefix, for every game and random
+    prefixes, inside the JVM (javac here) and from Python (no javac); stepping on afterwards
+    continues the same game."""
+    import random
+
+    if shutil.which("javac") is None:
+        pytest.skip("needs a JDK's javac for the in-JVM replay")
+    monkeypatch.setenv("SPO3_CACHE_DIR", str(tmp_path))  # compiled here, from the source
+    fast = make_env("twx")
+    slow = make_env("twx", fast_replay=False)
+    rng = random.Random(1)
+    try:
+        assert fast.fast_replay and not slow.fast_replay
+        assert list(tmp_path.glob("twx-replay-*/spo3/TwxReplay.class"))
+        for task in TWX_TASKS.values():
+            for _ in range(10):
+                obs, prefix = twx_env.reset(task), []
+                for _ in range(rng.randrange(6)):
+                    action = rng.choice(obs.admissible_actions)
+                    result = twx_env.step(action)
+                    if result.done:
+                        break
+                    prefix.append(action)
+                    obs = result.observation
+                for env in (fast, slow):
+                    assert env.replay(task, prefix) == obs, (task, prefix)
+                nxt = rng.choice(obs.admissible_actions)
+                assert fast.step(nxt).observation == slow.step(nxt).observation
+    finally:
+        fast.close()
+        slow.close()
 
 
 @needs_java
@@ -340,7 +376,8 @@ def alf_games():
 @pytest.fixture(scope="module")
 def alf_env():
     pytest.importorskip("alfworld")
-    env = make_env("alfworld", data_dir=str(ALF_DATA), state="facts")
+    env = make_env("alfworld", data_dir=str(ALF_DATA))  # state="facts", the default
+    assert env.state_mode == "facts"
     yield env
     env.close()
 
@@ -348,9 +385,61 @@ def alf_env():
 @pytest.fixture(scope="module")
 def alf_env_obs():
     pytest.importorskip("alfworld")
-    env = make_env("alfworld", data_dir=str(ALF_DATA))
+    env = make_env("alfworld", data_dir=str(ALF_DATA), state="observation")
     yield env
     env.close()
+
+
+def _walk(env, task, actions):
+    obs = env.reset(task)
+    for a in actions:
+        result = env.step(a)
+        assert result.info["valid"], a
+        obs = result.observation
+    return obs
+
+
+def test_alfworld_world_states_with_the_same_feedback_get_different_keys(alf_env, alf_env_obs, alf_games):
+    """At the fridge with empty hands and at the fridge holding the apple: the same feedback text,
+    two world states. The default (facts) keys tell them apart; the feedback-text keys merge them."""
+    task = next(g for g in alf_games if "Apple" in g)
+    empty = ["go to fridge 1"]
+    holding = ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1"]
+    a, b = _walk(alf_env, task, empty), _walk(alf_env, task, holding)
+    assert a.text == b.text and a.text.startswith("You arrive at fridge 1")
+    assert _key(alf_env, task, a) != _key(alf_env, task, b)
+    assert "holds(agent1: agent, apple" in b.state_text and "holds(" not in a.state_text
+    merged = [_key(alf_env_obs, task, _walk(alf_env_obs, task, p)) for p in (empty, holding)]
+    assert merged[0] == merged[1]  # why the feedback text is no state key
+
+
+def test_alfworld_two_objects_of_one_kind_are_two_world_states(alf_env, alf_env_obs):
+    """Two apples on the countertop (tests/data/alfworld-multi): at the fridge holding apple 1 or
+    apple 2 gives the same feedback text and two different world-state keys."""
+    task = str(next((ALF_DATA.parent / "alfworld-multi").glob("*/*/game.tw-pddl")).parent)
+    first = ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1"]
+    second = ["go to countertop 1", "take apple 2 from countertop 1", "go to fridge 1"]
+    a, b = _walk(alf_env, task, first), _walk(alf_env, task, second)
+    assert a.text == b.text
+    assert _key(alf_env, task, a) != _key(alf_env, task, b)
+    merged = [_key(alf_env_obs, task, _walk(alf_env_obs, task, p)) for p in (first, second)]
+    assert merged[0] == merged[1]
+
+
+def test_alfworld_look_and_inventory_create_no_new_keys(alf_env, alf_games):
+    """look / inventory / help replies differ from each other and from the arrival text, in every
+    state of the expert's path, but the key stays the world state's."""
+    task = next(g for g in alf_games if "Apple" in g)
+    expert = (alf_env.reset(task), alf_env.walkthrough())[1]
+    for i in range(len(expert)):
+        obs = _walk(alf_env, task, expert[:i])
+        key = _key(alf_env, task, obs)
+        texts = {obs.text}
+        for read in ("look", "inventory", "help", "look"):
+            r = alf_env.step(read)
+            texts.add(r.observation.text)
+            assert _key(alf_env, task, r.observation) == key, (expert[:i], read)
+        assert len(texts) >= 3  # the replies themselves differ
 
 
 def test_alfworld_expert_wins_every_game(alf_env, alf_games):
@@ -374,7 +463,42 @@ def test_alfworld_facts_state_ignores_reads_and_invalid_actions(alf_env, alf_gam
     assert_noops_keep_key(alf_env, task, ["look", "inventory", "help", "examine bed 1", "fly away", "look"])
     r = alf_env.step("fly away")
     assert r.observation.text == "Nothing happens." and r.info["valid"] is False
-    assert alf_env.snapshot() is None
+
+
+def test_alfworld_snapshots_reproduce_replay(alf_env, alf_games):
+    """Restore any state of the expert's path, take a random admissible action, then another: the
+    same observations (texts, world-state keys, admissible actions) as resetting and replaying
+    on a second engine. A snapshot taken before a reset of its game cannot be restored."""
+    import random
+
+    replayer = make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False)
+    rng = random.Random(0)
+    try:
+        for task in alf_games:
+            obs = [alf_env.reset(task)]
+            expert = alf_env.walkthrough()
+            snaps = [alf_env.snapshot()]
+            for a in expert[:-1]:
+                obs.append(alf_env.step(a).observation)
+                snaps.append(alf_env.snapshot())
+            for _ in range(25):
+                i = rng.randrange(len(snaps))
+                assert alf_env.restore(snaps[i]) == obs[i]
+                replayed = replayer.reset(task)
+                for a in expert[:i]:
+                    replayed = replayer.step(a).observation
+                assert replayed == obs[i] and replayer.snapshot() is None
+                for _ in range(2):
+                    a = rng.choice(obs[i].admissible_actions if _ == 0 else mine.observation.admissible_actions)
+                    mine, theirs = alf_env.step(a), replayer.step(a)
+                    assert mine.observation == theirs.observation and mine.done == theirs.done, (task, i, a)
+                    if mine.done:
+                        break
+            alf_env.reset(task)
+            with pytest.raises(EnvError, match="reset"):
+                alf_env.restore(snaps[1])
+    finally:
+        replayer.close()
 
 
 def test_alfworld_observation_state_has_no_banner_or_task(alf_env_obs, alf_games):
@@ -411,3 +535,49 @@ def test_alfworld_bad_task_ids_and_empty_data(alf_env, tmp_path):
         list_games(tmp_path / "half")
     with pytest.raises(EnvError):
         make_env("alfworld", state="pixels")
+
+
+# --- the rollout restores nodes without replay where the engine allows it --------------------------
+@pytest.mark.redis
+@pytest.mark.parametrize("name", ["twx", "alfworld"])
+def test_rollout_with_snapshots_equals_rollout_with_replay(name, redis_url):
+    """The same 3SPO rollout (same policy draws, fresh stores) with snapshots (TWX: copies of the
+    game inside the JVM; ALFWorld: Fast Downward's state id) and with reset + replay: the same
+    groups, the same new steps, and no replay step with snapshots."""
+    from actors.rollout import Rollout, RolloutConfig
+    from score_store.connection import connect
+    from score_store.score_math import ScoreParams
+    from score_store.store import RedisScoreStore
+    from services.contracts import WorkItem
+    from services.stream import GroupStream
+    from tests.fakes import ScriptedPolicy, random_actions
+
+    if name == "twx":
+        pytest.importorskip("textworld_express")
+        if shutil.which("javac") is None:
+            pytest.skip("TWX snapshots need the helper compiled by a JDK's javac")
+        task, envs = TWX_TASKS["coin"], (make_env("twx"), make_env("twx", snapshots=False, fast_replay=False))
+    else:
+        pytest.importorskip("alfworld")
+        from actors.envs.alfworld_env import list_games
+
+        task = next(g for g in list_games(ALF_DATA) if "Apple" in g)
+        envs = (make_env("alfworld", data_dir=str(ALF_DATA)), make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False))
+    params, client = ScoreParams(), connect(redis_url)
+    cfg = RolloutConfig(max_steps=6, max_leaves=64, choice_mode=True, env_step_budget=60 if name == "twx" else 30)
+    out = []
+    try:
+        for i, env in enumerate(envs):
+            run = f"snap-{name}-{i}"
+            stream = GroupStream(client, run)
+            stats = Rollout(env, ScriptedPolicy(random_actions(4)), RedisScoreStore(client, params, run=run), stream,
+                            params, cfg, run=run).run(WorkItem(item_id="s", env=name, task_id=task))
+            out.append((stats, [g.model_dump(exclude={"created_at", "run"}) for g in stream.read_all()]))
+    finally:
+        for env in envs:
+            env.close()
+    (snap, groups_snap), (replay, groups_replay) = out
+    assert envs[0].snapshot is not None and snap.env_steps == replay.env_steps > 10
+    assert groups_snap == groups_replay and len(groups_snap) > 2
+    assert snap.replay_steps == 0 and snap.restores == 0
+    assert replay.replay_steps > 0 and replay.restores > 0

@@ -90,39 +90,189 @@ def test_truncated_state_is_never_expanded(env, game, redis_url):
     cfg = RolloutConfig(max_steps=5, choice_mode=True)
     ro, policy = rollout(env, store, stream, first_only, cfg)
     stats = ro.run(WorkItem(item_id="w2", env="textworld", task_id=game))
-    assert stats.truncated == 1 and stats.branching[0] == 1
+    # Spec change (ALGORITHM.md section 2): the truncated child is one failed leaf when reached and is
+    # never pushed, so it is never popped and scored for branching (branching[0] was 1).
+    assert stats.truncated == 1 and stats.branching[0] == 0
+    assert stats.leaf_kinds == {"truncated": 1} and stats.leaves == 1
     assert len(policy.requests) == 1  # sampled at the root only; the child was cut
     assert store.scores([child_key]).scores[0].n_total == P.xi + 1
 
 
-def test_actor_killed_mid_task_another_finishes_it(game, redis_url, tmp_path):
+class RecordingStore:
+    """The real store, recording the paths committed through it."""
+
+    def __init__(self, store):
+        self.store, self.paths = store, []
+
+    def scores(self, keys):
+        return self.store.scores(keys)
+
+    def commit_leaf(self, leaf_id, path, success):
+        self.paths.append(list(path))
+        return self.store.commit_leaf(leaf_id, path, success)
+
+    def commit_leaves(self, leaves):
+        return self.store.commit_leaves(leaves)
+
+    def stats(self):
+        return self.store.stats()
+
+
+@pytest.fixture(scope="module")
+def two_exits(tmp_path_factory):
+    """tw-treasure_hunter level 15 seed 3: the first room has two exits, east (away from the
+    goal) and south (the walkthrough's first step)."""
+    return generate_games(tmp_path_factory.mktemp("games"), "tw-treasure_hunter", 1, seed=3, level=15)[0]
+
+
+def keys_after(env, game, *actions):
+    obs = env.reset(game)
+    out = [state_key("textworld", game, obs.state_text)]
+    for a in actions:
+        out.append(state_key("textworld", game, env.step(a).observation.state_text))
+    return out
+
+
+@pytest.mark.parametrize("reward_score", ["raw", "truncated"])
+def test_dead_end_child_is_never_the_top_reward_under_raw(env, two_exits, redis_url, reward_score):
+    """A real room with a dead end (east: 10 failures, truncated) and a promising exit (south: one
+    success). Under `raw` the dead end earns less than the promising child; under the literal
+    `truncated` score it earns the most, which is what the setting is for."""
+    game, params = two_exits, P.model_copy(update={"reward_score": reward_score})
+    run = f"dead-{reward_score}"
+    store = RedisScoreStore(connect(redis_url), params, run=run)
+    root_key, east_key = keys_after(env, game, "go east")
+    _, south_key = keys_after(env, game, "go south")
+    for i in range(P.xi):
+        store.commit_leaf(f"pre-dead-{i}", [root_key, east_key], 0.0)
+    store.commit_leaf("pre-good", [root_key, south_key], 1.0)
+    assert store.scores([east_key]).scores[0].score == 0.0  # truncated
+    replies = lambda m, p, i: ["go east", "go south"][i] if i < 2 else p.choices[i % len(p.choices)]
+    cfg = RolloutConfig(max_steps=5, max_leaves=30, choice_mode=True, env_step_budget=5)
+    policy = ScriptedPolicy(replies)
+    stream = GroupStream(connect(redis_url), run)
+    stats = Rollout(env, policy, store, stream, params, cfg, run=run).run(
+        WorkItem(item_id="dead", env="textworld", task_id=game))
+    (group,) = stream.read_all()  # the budget covers the root's expansion only
+    reward = {m.transitions[0].next_state_key: m.score for m in group.members}
+    assert east_key in reward and south_key in reward and root_key in reward  # look / inventory: no move
+    assert stats.informative_groups == 1
+    if reward_score == "raw":
+        assert reward[east_key] < reward[south_key] == max(reward.values())
+        assert stats.truncated_top_groups == 0
+    else:
+        assert reward[east_key] == max(reward.values()) > reward[south_key]
+        assert stats.truncated_top_groups == 1
+    # The dead end is one failed leaf, committed once, never expanded.
+    assert stats.leaf_kinds["truncated"] == 1
+    assert store.scores([east_key]).scores[0].n_total == P.xi + 1
+    assert stats.expansions == 1 and len(policy.requests) == 1
+
+
+def test_each_state_key_is_expanded_once_per_rollout(env, two_exits, redis_url):
+    store = RedisScoreStore(connect(redis_url), P, run="once")
+    stream = GroupStream(connect(redis_url), "once")
+    cfg = RolloutConfig(max_steps=8, max_leaves=64, choice_mode=True, env_step_budget=80)
+    ro, policy = rollout(env, store, stream, random_actions(5), cfg)
+    stats = ro.run(WorkItem(item_id="once", env="textworld", task_id=two_exits))
+    assert stats.env_steps > 30 and stats.expansions > 5
+    assert stats.reexpansions == 0
+    assert len(policy.requests) == stats.expansions == sum(stats.expansions_by_depth.values())
+    expanded = [g.members[0].transitions[0].state_key for g in stream.read_all()]
+    assert len(expanded) == len(set(expanded))  # one group per expanded key
+    # look / inventory come back to the parent's state: members of the group, never pushed.
+    assert stats.not_pushed["on_path"] > 0
+
+
+def test_no_statistics_from_unexpanded_stack_nodes(env, two_exits, redis_url):
+    """A budget far too small to reach the treasure or the depth limit: paths are left open on the
+    stack; none of them is a leaf, so the store holds no statistics at all."""
+    store = RecordingStore(RedisScoreStore(connect(redis_url), P, run="open"))
+    cfg = RolloutConfig(max_steps=20, max_leaves=64, choice_mode=True, env_step_budget=12)
+
+    def never_take(messages, params, i):
+        moves = [c for c in params.choices if not c.startswith("take")]
+        return moves[i % len(moves)]
+
+    ro, _ = rollout(env, store, GroupStream(connect(redis_url), "open"), never_take, cfg)
+    stats = ro.run(WorkItem(item_id="open", env="textworld", task_id=two_exits))
+    assert stats.env_steps == 12 and stats.open_at_end > 0
+    assert stats.leaves == 0 and store.paths == [] and store.stats().leaves_counted == 0
+
+
+def test_depth_leaves_are_real_path_ends(env, game, redis_url):
+    store = RecordingStore(RedisScoreStore(connect(redis_url), P, run="depth"))
+    cfg = RolloutConfig(max_steps=2, max_leaves=64, choice_mode=True, env_step_budget=40)
+    ro, _ = rollout(env, store, GroupStream(connect(redis_url), "depth"), random_actions(2), cfg)
+    stats = ro.run(WorkItem(item_id="depth", env="textworld", task_id=game))
+    assert stats.leaves == len(store.paths) == sum(stats.leaf_kinds.values()) > 0
+    assert stats.leaf_kinds["depth"] == stats.leaves  # the coin is 5 moves away: no terminal state
+    assert all(len(path) == 3 for path in store.paths)  # root + 2 actions
+    assert len({path[-1] for path in store.paths}) == len(store.paths)  # one leaf per state reached
+
+
+@pytest.mark.parametrize("novelty", ["path", "parent"])
+def test_novelty_path_vs_parent(env, game, redis_url, novelty):
+    """Shower -go north-> basement; from the basement, `go south` walks back to the shower (on the
+    path), `go east` reaches the bedroom (new), `look` stays. Fresh store: every S~ is 1, so the
+    reward is w(0) R_novel = 0.5 R_novel."""
+    params = P.model_copy(update={"novelty": novelty})
+    run = f"novel-{novelty}"
+    store, stream = RedisScoreStore(connect(redis_url), params, run=run), GroupStream(connect(redis_url), run)
+    shower, basement, bedroom = keys_after(env, game, "go north", "go east")
+    replies = lambda m, p, i: "go north" if "go north" in p.choices else ["go south", "go east", "look"][i % 3]
+    cfg = RolloutConfig(max_steps=5, choice_mode=True, env_step_budget=4)
+    stats = Rollout(env, ScriptedPolicy(replies), store, stream, params, cfg, run=run).run(
+        WorkItem(item_id="novel", env="textworld", task_id=game))
+    groups = stream.read_all()
+    at_basement = next(g for g in groups if g.members[0].transitions[0].state_key == basement)
+    reward = {m.transitions[0].action: m.score for m in at_basement.members}
+    assert reward["go east"] == pytest.approx(0.5) and reward["look"] == pytest.approx(0.0)
+    assert reward["go south"] == pytest.approx(0.0 if novelty == "path" else 0.5)
+    assert stats.not_pushed["on_path"] == 2  # back to the shower, and look: neither is pushed
+
+
+def test_actor_killed_mid_task_another_finishes_it(env, two_exits, redis_url, tmp_path):
     """SIGKILL an actor process mid-task: after its lease runs out a second actor runs the task
-    again; every leaf counts once and no group id repeats in the stream."""
+    again; every leaf counts once and no group id repeats in the stream.
+
+    (Since leaves are only real path ends, a rollout commits few of them: the first actor is held
+    mid-task by the groups stream's back-pressure, --max-unread 1 with no learner reading, and
+    killed there. The east exit of the first room is made a dead end beforehand, and 32 actions
+    are sampled per state, so that every attempt reaches it and commits that failed leaf.)"""
+    game = two_exits
     client = connect(redis_url)
+    store = RedisScoreStore(client, run="kill")
+    root_key, east_key = keys_after(env, game, "go east")
+    for i in range(P.xi):
+        store.commit_leaf(f"pre-{i}", [root_key, east_key], 0.0)
     model = init_model(tmp_path / "model", "tiny", seed=0)
     queue = WorkQueue(client, "kill")
     queue.put("textworld", game, item_id="task-1")
     args = [SPO3, "actor", "--redis-url", redis_url, "--model", str(model), "--run", "kill", "--choice-mode",
-            "--max-steps", "8", "--max-leaves", "400", "--lease-s", "4", "--exit-when-idle", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    store = RedisScoreStore(client, run="kill")
+            "--max-steps", "4", "--g-max", "32", "--max-leaves", "400", "--lease-s", "4", "--exit-when-idle", "6"]
+    proc_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(args + ["--max-unread", "1"], env=proc_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    stream = GroupStream(client, "kill")
     deadline = time.monotonic() + 120
-    while store.stats().leaves_counted < 3:
+    while stream.length() < 1:
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
         time.sleep(0.05)
+    time.sleep(1.0)
+    assert first.poll() is None, first.stdout.read()[-3000:]  # waiting to stream its second group
     first.send_signal(signal.SIGKILL)
     first.wait()
     leaves_before = store.stats().leaves_counted
     assert queue.counts()["done"] == 0  # the task died with the actor
 
-    second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(args, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
     assert "actor finished 1 work items" in out
     assert queue.counts() == {"ready": 0, "leased": 0, "done": 1}
     stats = store.stats()
-    assert stats.leaves_counted > leaves_before and stats.duplicate_commits == 0
+    assert stats.leaves_counted > leaves_before and stats.duplicate_commits == 0, out[-2000:]
     groups = GroupStream(client, "kill").read_all()
     ids = [g.group_id for g in groups]
     assert len(ids) == len(set(ids))

@@ -55,6 +55,16 @@ def test_bench_compares_algorithms_on_twx(tmp_path):
         run_dir = Path(r["run_dir"])
         for name in ("metrics.jsonl", "curves.png", "summary.json", "learner.jsonl"):
             assert (run_dir / name).is_file(), (algo, name)
+        d = r["diagnostics"]
+        assert list(d) == ["reexpand_frac", "leaves", "truncated_top_frac", "expansions_by_depth",
+                           "replay_per_new_step", "walkthrough_truncated"], d
+        assert set(d["leaves"]) == {"success", "failure", "truncated", "depth"}
+        assert d["replay_per_new_step"] is not None  # TWX has no snapshots: every run restores by replay
+        wt = d["walkthrough_truncated"]  # TWX games have a gold path
+        assert wt["tasks"] == 2 and 0 <= wt["truncated"] <= wt["states"], wt
+    d3 = runs["3spo"]["diagnostics"]
+    assert d3["reexpand_frac"] == 0.0 and sum(d3["expansions_by_depth"].values()) > 0, d3
+    assert runs["grpo"]["diagnostics"]["reexpand_frac"] is None
     table = results["suites"]["twx-coin"]["table"]
     assert set(table) == {"3spo", "grpo"} and "grpo" in results["suites"]["twx-coin"]["ratios"]
     assert (out / "twx-coin.png").is_file() and "## twx-coin" in (out / "summary.md").read_text()

@@ -94,3 +94,31 @@ def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
     assert train == held_out == [str((tmp_path / "g.z8").resolve()), "coin:seed=1"]
     with pytest.raises(ValueError, match="games.tasks"):
         task_lists(GamesConfig(env="scienceworld"), tmp_path)
+
+
+def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
+    from services.launcher import TrainConfig
+
+    bench = BenchConfig(base={"env_steps": 10}, suites={"s": {"games": {"env": "twx", "kind": "coin"}}})
+    b = select(bench, None, None, None, None, None, ["score.reward_score=truncated", "score.novelty=parent"])
+    cfg = b.run_config("s", "3spo", 0, tmp_path)
+    assert cfg.score == {"reward_score": "truncated", "novelty": "parent"}
+    with pytest.raises(ValueError, match="reward_scor'"):
+        TrainConfig(score={"reward_scor": "raw"})
+    with pytest.raises(ValueError, match="reward_score"):
+        TrainConfig(score={"reward_score": "literal"})
+
+
+def test_diagnostics_names_and_ratios():
+    from services.report import diagnostics
+
+    totals = {"expansions": 40, "reexpansions": 2, "informative_groups": 10, "truncated_top_groups": 1,
+              "replay_steps": 90, "env_steps": 120, "leaves_success": 3, "leaves_depth": 5, "leaves_truncated": 2}
+    d = diagnostics(totals, {1: 5, 0: 10}, {"truncated": 1, "states": 8, "tasks": 2})
+    assert list(d) == ["reexpand_frac", "leaves", "truncated_top_frac", "expansions_by_depth",
+                       "replay_per_new_step", "walkthrough_truncated"]
+    assert d["reexpand_frac"] == 0.05 and d["truncated_top_frac"] == 0.1 and d["replay_per_new_step"] == 0.75
+    assert d["leaves"] == {"success": 3, "failure": 0, "truncated": 2, "depth": 5}
+    assert d["expansions_by_depth"] == {"0": 10, "1": 5}
+    grpo = diagnostics({"env_steps": 100, "leaves_success": 1}, {}, None)
+    assert grpo["reexpand_frac"] is None and grpo["truncated_top_frac"] is None and grpo["replay_per_new_step"] == 0

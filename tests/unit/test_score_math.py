@@ -5,8 +5,8 @@ import math
 import pytest
 
 from score_store.score_math import (
-    Counts, ScoreParams, is_truncated, lambda_t, n_rollouts, novelty_weight, state_score,
-    step_reward, success_rate,
+    Counts, ScoreParams, is_novel, is_truncated, lambda_t, n_rollouts, novelty_weight, raw_score,
+    reward_score, state_score, step_reward, success_rate,
 )
 
 P = ScoreParams()  # alpha 1, xi 10, zeta 0.1, g_max 8, omega_k 0.1, eps 1e-6
@@ -86,30 +86,78 @@ def test_novelty_weight():
 
 
 def test_step_reward_hand_values():
-    kw = dict(p=P, invalid=False)
+    # (Spec change: step_reward takes the counts, t and the path, and applies S~ and R_novel itself.)
+    kw = dict(p=P, invalid=False, path=["a"], t=4)
+    half = Counts(4, 2)  # S~ = exp(-ln 4 * 0.5) = 0.5 at t = 4
     # First visit (N=0): w = 0.5, all weight on novelty: 0.5 * 1 + 0 * (1 - 0.5) = 0.5
-    assert step_reward(score_before=1.0, score_after=0.5, n_total_before=0, changed_state=True,
-                       success=None, **kw) == pytest.approx(0.5)
-    # N=10: w = 0.18394; 0.18394 * 1 + 0.31606 * (1 - 0.5) = 0.34197
+    assert step_reward(before=Counts(0, 0), after=half, next_key="b", success=None, **kw) == pytest.approx(0.5)
+    # N=10 (no success: S~ = 1): w = 0.18394; 0.18394 * 1 + 0.31606 * (1 - 0.5) = 0.34197
     w = 0.5 * math.exp(-1.0)
-    assert step_reward(score_before=1.0, score_after=0.5, n_total_before=10, changed_state=True,
-                       success=None, **kw) == pytest.approx(w + (0.5 - w) * 0.5)
-    # Unchanged state, moving to a harder state is penalized: 0 + 0.31606 * (0.2 - 0.8) = -0.18964
-    assert step_reward(score_before=0.2, score_after=0.8, n_total_before=10, changed_state=False,
-                       success=None, **kw) == pytest.approx((0.5 - w) * -0.6)
+    assert step_reward(before=Counts(10, 0), after=half, next_key="b", success=None, **kw) == \
+        pytest.approx(w + (0.5 - w) * 0.5, abs=1e-6)
+    # Same state (not novel), moving to a harder state is penalized: 0 + 0.31606 * (0.5 - 1) = -0.15803
+    assert step_reward(before=Counts(10, 5), after=Counts(0, 0), next_key="a", success=None, **kw) == \
+        pytest.approx((0.5 - w) * (math.exp(-math.log(4) * 5 / (10 + 1e-6)) - 1.0))
     # Terminal success adds 0.5 * success; invalid output subtracts the penalty 0.1.
-    r = step_reward(score_before=1.0, score_after=1.0, n_total_before=0, changed_state=False,
-                    success=1.0, p=P, invalid=True)
+    r = step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="a", success=1.0, p=P, invalid=True,
+                    path=["a"], t=4)
     assert r == pytest.approx(0.5 - 0.1)
-    r = step_reward(score_before=1.0, score_after=1.0, n_total_before=0, changed_state=False,
-                    success=0.4, p=P, invalid=False)
+    r = step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="a", success=0.4, **kw)
     assert r == pytest.approx(0.2)
+
+
+def test_raw_score_has_no_truncation_indicator():
+    dead = Counts(12, 0)  # N_fail 12 >= xi, SR 0: truncated, S = 0
+    assert state_score(dead, t=50, p=P) == 0.0
+    assert raw_score(dead, t=50, p=P) == 1.0  # exp(-lambda * 0)
+    assert raw_score(Counts(4, 2), t=4, p=P) == pytest.approx(state_score(Counts(4, 2), t=4, p=P))
+    assert reward_score(dead, 50, P, truncated=True) == 1.0
+    assert reward_score(dead, 50, P.model_copy(update={"reward_score": "truncated"}), truncated=True) == 0.0
+
+
+def test_dead_end_child_is_never_the_top_reward_under_raw():
+    """A parent with history, three children: a dead end (truncated: 12 failures), a fresh state and
+    a state on the way to success. Under `truncated` the dead end earns the most (S jumps to 0);
+    under `raw` it earns no more than the fresh state and less than the promising one."""
+    before, t = Counts(20, 4), 40
+    children = {"dead": (Counts(12, 0), True), "fresh": (Counts(0, 0), False), "good": (Counts(6, 4), False)}
+
+    def rewards(params):
+        return {k: step_reward(path=["root", "p"], next_key=k, before=before, after=c, t=t, success=None,
+                               invalid=False, p=params, after_truncated=tr) for k, (c, tr) in children.items()}
+
+    lit = rewards(P.model_copy(update={"reward_score": "truncated"}))
+    assert max(lit, key=lit.get) == "dead" and lit["dead"] > lit["good"] > lit["fresh"]
+    raw = rewards(P)
+    assert raw["dead"] <= raw["fresh"] < raw["good"]
+    assert max(raw, key=raw.get) == "good"
+
+
+def test_novelty_path_vs_parent():
+    path = ["room-a", "room-b", "room-c"]
+    parent = P.model_copy(update={"novelty": "parent"})
+    assert is_novel("room-d", path, P) and is_novel("room-d", path, parent)
+    # Walking back to room b: new relative to the parent, not to the path.
+    assert not is_novel("room-b", path, P) and is_novel("room-b", path, parent)
+    assert not is_novel("room-c", path, P) and not is_novel("room-c", path, parent)
+    kw = dict(before=Counts(0, 0), after=Counts(0, 0), t=5, success=None, invalid=False, path=path)
+    assert step_reward(next_key="room-b", p=P, **kw) == 0.0
+    assert step_reward(next_key="room-b", p=parent, **kw) == 0.5
+    with pytest.raises(ValueError):
+        is_novel("x", [], P)
 
 
 def test_step_reward_rejects_raw_env_rewards():
     with pytest.raises(ValueError, match="success"):
-        step_reward(score_before=1, score_after=1, n_total_before=0, changed_state=True,
+        step_reward(before=Counts(0, 0), after=Counts(0, 0), t=1, path=["a"], next_key="b",
                     success=10.0, invalid=False, p=P)
+
+
+def test_new_settings_validate():
+    with pytest.raises(ValueError, match="reward_score"):
+        ScoreParams(reward_score="literal")
+    with pytest.raises(ValueError, match="novelty"):
+        ScoreParams(novelty="room")
 
 
 def test_params_validate():
