@@ -144,9 +144,9 @@ def actor_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if bool(policy_url) == bool(model):
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
-    if reward_score not in ("raw", "truncated"):
+    if reward_score not in (None, "raw", "truncated"):
         raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
-    if novelty not in ("path", "parent"):
+    if novelty not in (None, "path", "parent"):
         raise typer.BadParameter(f"--novelty must be path or parent, not {novelty!r}")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
