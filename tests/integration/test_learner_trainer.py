@@ -53,7 +53,9 @@ def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2) -> dict[str, 
         with torch.no_grad():
             ref_logp = token_logprobs(ref(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
         adv = torch.tensor([r.advantage for r in rows])
-        loss, _ = policy_loss(logp, logp.detach(), ref_logp, adv, mask[:, 1:], LossConfig())
+        # The rows' sampler log-probs (-1.0) are the behaviour policy: importance weight exp(logp + 1), capped.
+        loss, _ = policy_loss(logp, logp.detach(), ref_logp, adv, mask[:, 1:], LossConfig(),
+                              behav_logprobs=torch.full_like(logp, -1.0))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
