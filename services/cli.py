@@ -215,7 +215,7 @@ def learner_cmd(
     clip: Annotated[float, typer.Option(help="PPO ratio clip around the proximal policy.")] = 0.2,
     behav_imp_weight_cap: Annotated[Optional[float], typer.Option(
         help="Cap on the importance weight pi_prox / pi_behav that corrects stale groups.")] = 5.0,
-    ppo_epochs: Annotated[int, typer.Option(min=1, help="Passes (optimizer steps) over each batch.")] = 1,
+    ppo_epochs: Annotated[int, typer.Option(min=1, help="Passes (optimizer steps) over each batch.")] = 2,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics from rank 0 (deployments use 9200).")] = None,
     metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
 ) -> None:
