@@ -28,7 +28,7 @@ class Row:
     choices: list[str] | None = None
     """Choice mode: the admissible choices the response was drawn from (None: free-form)."""
     choice_token_ids: list[list[int]] | None = None
-    """The choices as the sampler tokenized them (None with `choices` set: the learner tokenizes)."""
+    """The choices as the sampler tokenized them (None with `choices` set: guided-decoder semantics)."""
 
 
 @dataclass(frozen=True)

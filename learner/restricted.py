@@ -6,7 +6,13 @@ renormalized over the tokens that continue some admissible choice, given the tok
 distribution, else the ratio, the importance weight and the KL are about another policy: with a
 negative advantage the full-vocabulary gradient moves mass onto tokens choice mode never samples.
 
-Two pure pieces: `allowed_tokens` walks the trie for one row (Python lists, no torch), and
+Which tokens "continue a choice" depends on the sampler. The in-process engine walks the trie of
+the choices' own tokenizations (it sends them along: `allowed_tokens`). A guided decoder (vLLM's
+guided choice, xgrammar) admits every token whose text keeps the output a prefix of some choice,
+whatever the tokenization (`guided_allowed_tokens`, with a `VocabText` of the tokenizer): a random
+small model samples "look" as "lo" + "o" + "k" as readily as "look".
+
+`allowed_tokens` / `guided_allowed_tokens` give the allowed ids for one row (no torch), and
 `restricted_logprobs` turns logits [B, T, V] plus a padded index of the allowed tokens [B, T, K]
 into log-probs and entropies; positions without an index (free-form rows, prompt, padding) get the
 full-vocabulary ones.
@@ -32,6 +38,56 @@ def allowed_tokens(response_ids: Sequence[int], choice_token_ids: Sequence[Seque
         prefix = response[:j]
         nxt = {p[j] for p in paths if len(p) > j and p[:j] == prefix}
         out.append(sorted(nxt))
+    return out
+
+
+class VocabText:
+    """Each token's text and a character trie over them, for guided-choice admissibility. Special
+    tokens other than EOS are never admissible (a guided decoder masks them)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.eos = tokenizer.eos_token_id
+        special = set(tokenizer.all_special_ids)
+        self.text: dict[int, str] = {}
+        self.trie: dict = {}
+        for i in range(len(tokenizer)):
+            if i in special:
+                continue
+            t = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+            if not t or "\ufffd" in t:  # empty, or a piece of a multi-byte character
+                continue
+            self.text[i] = t
+            node = self.trie
+            for ch in t:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(i)
+
+    def prefixes_of(self, text: str) -> set[int]:
+        """Ids of every token whose text is a non-empty prefix of `text`."""
+        out: set[int] = set()
+        node = self.trie
+        for ch in text:
+            node = node.get(ch)
+            if node is None:
+                break
+            out.update(node.get("", ()))
+        return out
+
+
+def guided_allowed_tokens(response_ids: Sequence[int], choices: Sequence[str], vocab: VocabText) -> list[list[int]]:
+    """For each position of the response, the tokens a guided-choice decoder admits: those whose
+    text extends the text so far to a prefix of some choice, and EOS where it equals a choice. The
+    sampled token is always included (a tokenizer quirk must not make a drawn token impossible)."""
+    out: list[list[int]] = []
+    text = ""
+    for tok in response_ids:
+        allowed = {tok}
+        for c in choices:
+            if c.startswith(text):
+                rest = c[len(text):]
+                allowed.update(vocab.prefixes_of(rest) if rest else {vocab.eos})
+        out.append(sorted(allowed))
+        text += vocab.text.get(tok, "")
     return out
 
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from learner.batch import Row
 from learner.loss import LossConfig, policy_loss
-from learner.restricted import (allowed_index, allowed_tokens, restricted_entropy, restricted_logprobs,
-                                tokenize_choices)
+from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
+                                restricted_entropy, restricted_logprobs)
 
 
 @dataclass
@@ -182,9 +182,11 @@ class Trainer:
             if len(r.sampler_logprobs) == len(r.response_ids):
                 behav[b, start:start + n] = torch.tensor(r.sampler_logprobs[:n], dtype=torch.float32)
                 has_behav[b, start:start + n] = True
-            if r.choices is not None or r.choice_token_ids is not None:
-                choice_ids = r.choice_token_ids or tokenize_choices(self._tokenizer(), r.choices or [])
-                steps = allowed_tokens(r.response_ids, choice_ids)[:n]
+            if r.choice_token_ids is not None:  # the sampler walked the trie of these tokenizations
+                steps = allowed_tokens(r.response_ids, r.choice_token_ids)[:n]
+                restricted.append([(start + j, a) for j, a in enumerate(steps)])
+            elif r.choices is not None:  # a guided decoder: any tokenization of a choice's text
+                steps = guided_allowed_tokens(r.response_ids, r.choices, self._vocab_text())[:n]
                 restricted.append([(start + j, a) for j, a in enumerate(steps)])
             else:
                 restricted.append([])
@@ -197,12 +199,12 @@ class Trainer:
                 "behav": behav.to(self.device), "has_behav": has_behav.to(self.device),
                 "adv": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device)}
 
-    def _tokenizer(self):
-        if getattr(self, "_tok", None) is None:
+    def _vocab_text(self) -> VocabText:
+        if getattr(self, "_vocab", None) is None:
             from transformers import AutoTokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.cfg.model)
-        return self._tok
+            self._vocab = VocabText(AutoTokenizer.from_pretrained(self.cfg.model))
+        return self._vocab
 
     def _micro_loss(self, prep: dict | None) -> tuple[torch.Tensor, dict[str, float], int]:
         if prep is None:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)

@@ -65,8 +65,9 @@ class Transition(BaseModel):
     choices: list[str] | None = Field(None, description="Constrained choice mode: the admissible choices the "
                                                         "action was drawn from (None: free-form generation).")
     choice_token_ids: list[list[int]] | None = Field(
-        None, description="The choices as the sampler tokenized them (each ending with EOS); None: the learner "
-                          "tokenizes `choices` itself, as the in-process engine does.")
+        None, description="The choices as the sampler tokenized them (each ending with EOS): it drew over the "
+                          "trie of these token sequences (in-process engine). None with `choices`: a guided "
+                          "decoder (vLLM) admitted any token whose text keeps the output a prefix of a choice.")
 
 
 class GroupMember(BaseModel):

@@ -155,3 +155,32 @@ def test_importance_weight_corrects_a_stale_batch():
     # And the weights are pi_new / pi_old per action.
     w, _ = importance_weight(torch.log(pi_new), torch.log(pi_old), None)
     torch.testing.assert_close(w, pi_new / pi_old)
+
+
+class _Tokenizer:
+    """A tokenizer with several spellings of the same text (as byte-level BPE vocabularies have)."""
+
+    eos_token_id = 0
+    all_special_ids = [0, 1]
+    pieces = {0: "<eos>", 1: "<pad>", 2: "l", 3: "o", 4: "k", 5: "lo", 6: "look", 7: "go", 8: " north", 9: "g",
+              10: " ", 11: "north", 12: "x"}
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def decode(self, ids, clean_up_tokenization_spaces=False) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_guided_allowed_tokens_admit_every_spelling_of_a_choice():
+    from learner.restricted import VocabText, guided_allowed_tokens
+
+    vocab = VocabText(_Tokenizer())
+    choices = ["look", "go north"]
+    # "lo" + "o" + "k" + EOS: at the start any prefix of either choice; after "lo" only "o"; after
+    # "loo" only "k"; after "look" only EOS (no choice goes on).
+    assert guided_allowed_tokens([5, 3, 4, 0], choices, vocab) == [[2, 5, 6, 7, 9], [3], [4], [0]]
+    # "g" + "o" + " north" + EOS; after "go" a space-led piece or a bare space.
+    assert guided_allowed_tokens([9, 3, 8, 0], choices, vocab) == [[2, 5, 6, 7, 9], [3], [8, 10], [0]]
+    assert vocab.prefixes_of("xx") == {12} and vocab.prefixes_of("north") == {11}
+    assert vocab.prefixes_of("look") == {2, 5, 6}
