@@ -213,9 +213,12 @@ class Trainer:
         logits = self.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
         allowed = (prep["allowed_ids"], prep["allowed_valid"])
         logp = restricted_logprobs(logits, prep["targets"], *allowed)
+        # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
         bonus = self.cfg.loss.entropy_coef > 0
+        sel = prep["mask"] != 0
         with torch.set_grad_enabled(bonus and torch.is_grad_enabled()):
-            entropy = restricted_entropy(logits if bonus else logits.detach(), *allowed)
+            picked = restricted_entropy((logits if bonus else logits.detach())[sel], allowed[0][sel], allowed[1][sel])
+            entropy = torch.zeros(sel.shape, dtype=picked.dtype, device=picked.device).masked_scatter(sel, picked)
         if prep["prox_logp"] is None:  # the first pass: its weights are the proximal policy
             prep["prox_logp"] = logp.detach()
         prox = prep["prox_logp"]
