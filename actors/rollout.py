@@ -378,9 +378,12 @@ class Rollout:
 
     def _transition(self, node: _Node, c: Completion, p: ParsedAction, next_key: str, reward: float,
                     done: bool) -> Transition:
+        # How it was sampled (as in _sample): the learner scores the same constrained distribution.
+        choices = list(node.obs.admissible_actions) if self.cfg.choice_mode and node.obs.admissible_actions else None
         return Transition(state_key=node.key, next_state_key=next_key, prompt_token_ids=c.prompt_token_ids or [],
                           token_ids=c.token_ids, logprobs=c.logprobs, action=p.action, invalid=p.invalid,
-                          reward=reward, done=done, policy_version=c.policy_version)
+                          reward=reward, done=done, policy_version=c.policy_version, choices=choices,
+                          choice_token_ids=c.choice_token_ids if choices else None)
 
     def _member(self, node, c, p, next_key, reward, done) -> GroupMember:
         return GroupMember(transitions=[self._transition(node, c, p, next_key, reward, done)], score=reward)

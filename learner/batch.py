@@ -8,6 +8,7 @@ a forward/backward pass and add no gradient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,8 +22,13 @@ class Row:
     response_ids: list[int]
     advantage: float
     sampler_logprobs: list[float]
+    """Behaviour log-probs of the response tokens (the sampler's); the importance weight's denominator."""
     policy_version: int
     group_id: str
+    choices: list[str] | None = None
+    """Choice mode: the admissible choices the response was drawn from (None: free-form)."""
+    choice_token_ids: list[list[int]] | None = None
+    """The choices as the sampler tokenized them (None with `choices` set: guided-decoder semantics)."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,22 @@ def group_rows(group: Group, cfg: AdvantageConfig = AdvantageConfig()) -> list[R
         for t, a in zip(member.transitions, advantages):
             if a != 0.0 and t.token_ids:
                 rows.append(Row(t.prompt_token_ids, t.token_ids, float(a), t.logprobs, t.policy_version,
-                                group.group_id))
+                                group.group_id, t.choices, t.choice_token_ids))
     return rows
 
 
 def batch_rows(groups: Sequence[Group], cfg: AdvantageConfig = AdvantageConfig()) -> list[Row]:
     return [row for g in groups for row in group_rows(g, cfg)]
+
+
+def row_stats(rows: Sequence[Row], version: int) -> dict[str, float]:
+    """Per-update diagnostics of the rows themselves: how many, their advantages, how stale
+    (versions between the policy that sampled a row and the learner's), how many were choice mode."""
+    if not rows:
+        return {}
+    adv = [r.advantage for r in rows]
+    mean = sum(adv) / len(adv)
+    stale = [version - r.policy_version for r in rows]
+    return {"adv_mean": mean, "adv_std": math.sqrt(sum((a - mean) ** 2 for a in adv) / len(adv)),
+            "staleness_mean": sum(stale) / len(stale), "staleness_max": float(max(stale)),
+            "choice_rows_frac": sum(r.choices is not None for r in rows) / len(rows)}

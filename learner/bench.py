@@ -113,14 +113,16 @@ def cpu_model() -> str:
 
 def make_rows(n: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0) -> list[TrainRow]:
     """Fixed rows of random token ids; lengths vary +-10% / +-25% around the means, as real
-    transitions do (so micro-batches have padding, as in a real run)."""
+    transitions do (so micro-batches have padding, as in a real run). No sampler log-probs: the
+    rows count as sampled by the learner's own policy (importance weight 1), so the Trainer's
+    loss is the plain loop's."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         p = rng.randint(int(prompt_len * 0.9), int(prompt_len * 1.1))
         r = rng.randint(max(1, int(response_len * 0.75)), max(1, int(response_len * 1.25)))
         rows.append(TrainRow([rng.randrange(3, vocab) for _ in range(p)], [rng.randrange(3, vocab) for _ in range(r)],
-                             rng.choice(ADVANTAGES), [-1.0] * r, 0, f"g{i}"))
+                             rng.choice(ADVANTAGES), [], 0, f"g{i}"))
     return rows
 
 
@@ -232,7 +234,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
     for name, on in (("trainer_fp32", fp32), ("trainer_bf16", bf16)):
         if on:
             t0 = time.perf_counter()
-            trainers[name] = Trainer(TrainerConfig(model=model_dir, lr=lr, zero_stage=2, bf16=name.endswith("bf16"),
+            trainers[name] = Trainer(TrainerConfig(model=model_dir, lr=lr, zero_stage=2, bf16=name.endswith("bf16"), ppo_epochs=1,
                                                    micro_batch_rows=micro_rows))
             init_s[name] = time.perf_counter() - t0
             variants[name] = (lambda t: lambda: t.update(rows)["tokens"])(trainers[name])

@@ -9,13 +9,14 @@ listed in that checkpoint and acknowledged on resume instead of being used again
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Sequence
 
 import redis
 from pydantic import ValidationError
 
-from services.contracts import Group
+from services.contracts import SCHEMA_VERSION, Group
 from services.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")
@@ -27,6 +28,8 @@ class GroupConsumer:
         self.names = RedisNames(run)
         self.consumer = consumer
         self.malformed = 0
+        self.unknown_schema = 0
+        """Of `malformed`: entries whose schema_version this learner does not read."""
         try:
             self.client.xgroup_create(self.names.groups_stream, self.names.learner_group, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -38,7 +41,14 @@ class GroupConsumer:
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             try:
-                out.append((entry_id, Group.model_validate_json(fields[b"group"])))
+                raw = fields[b"group"]
+                version = _schema_version(raw)
+                if version != SCHEMA_VERSION:
+                    self.unknown_schema += 1
+                    raise ValueError(f"unknown stream schema_version {version!r}: this learner reads version "
+                                     f"{SCHEMA_VERSION} only (transitions that say how they were sampled); "
+                                     f"run actors of the same release as the learner")
+                out.append((entry_id, Group.model_validate_json(raw)))
             except (KeyError, ValidationError, ValueError) as e:
                 self._dead_letter(entry_id, fields, e)
         return out
@@ -84,3 +94,12 @@ class GroupConsumer:
     def pending(self) -> int:
         info = self.client.xpending(self.names.groups_stream, self.names.learner_group)
         return int(info["pending"])
+
+
+def _schema_version(raw: bytes) -> object:
+    """The entry's declared schema_version (None if it declares none); ValueError if not a JSON object.
+    Read before validation, so an entry of another version gets an error that says so, not a field list."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"stream entry is a JSON {type(data).__name__}, not a group object")
+    return data.get("schema_version")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from learner import checkpoint
-from learner.batch import AdvantageConfig, batch_rows
+from learner.batch import AdvantageConfig, batch_rows, row_stats
 from learner.consume import GroupConsumer
 from learner.staleness import StalenessFilter
 from learner.trainer import Trainer, TrainerConfig
@@ -101,7 +101,7 @@ def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer:
     backlog = consumer.reclaim() if leader else []  # delivered before a crash, not yet in a checkpoint
     history: list[dict] = []
     idle_since = time.monotonic()
-    malformed_seen = 0
+    malformed_seen = unknown_seen = 0
     m.version.set(version)
     m.last_update.set(time.time())  # "no update since": counted from the start until the first one
 
@@ -121,9 +121,11 @@ def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer:
                     else:  # decided for good: acknowledged with the next checkpoint
                         unacked.append(entry_id)
                         m.groups.labels("stale").inc()
-                if consumer.malformed > malformed_seen:
-                    m.groups.labels("malformed").inc(consumer.malformed - malformed_seen)
-                    malformed_seen = consumer.malformed
+                if consumer.malformed > malformed_seen:  # unknown schema versions are counted apart
+                    unknown = consumer.unknown_schema - unknown_seen
+                    m.groups.labels("unknown_schema").inc(unknown)
+                    m.groups.labels("malformed").inc(consumer.malformed - malformed_seen - unknown)
+                    malformed_seen, unknown_seen = consumer.malformed, consumer.unknown_schema
                 if entries:
                     idle_since = time.monotonic()
                 elif cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > cfg.exit_when_idle_s:
@@ -140,7 +142,7 @@ def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer:
                 consumer.ack(read_ids)
             continue
         unacked.extend(read_ids)
-        metrics = trainer.update(rows)
+        metrics = {**trainer.update(rows), **row_stats(rows, version)}
         version += 1
         m.updates.inc()
         m.tokens.inc(metrics.get("tokens", 0))

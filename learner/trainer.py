@@ -1,5 +1,10 @@
-"""The policy update on a DeepSpeed engine: PPO-clip + k3 KL to a frozen reference, token-mean
-over every response token of the batch, across micro-batches and data-parallel ranks.
+"""The policy update on a DeepSpeed engine: decoupled PPO-clip + k3 KL to a frozen reference,
+token-mean over every response token of the batch, across micro-batches and data-parallel ranks.
+
+`ppo_epochs` passes over the batch, each pass = every micro-batch, then one optimizer step. The
+proximal log-probs (the clip's reference) are the first pass's own, taken before its step; the
+behaviour log-probs are the sampler's (rows' `sampler_logprobs`). Choice-mode rows are scored
+under the distribution the sampler drew from (learner/restricted.py).
 
 Rows are split across ranks; each micro-batch's loss is scaled by (its tokens / all tokens of
 the batch) x world size, so that after DeepSpeed averages gradients over ranks the gradient
@@ -17,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 from learner.batch import Row
-from learner.loss import LossConfig, policy_loss, token_entropy, token_logprobs
+from learner.loss import LossConfig, policy_loss
+from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
+                                restricted_entropy, restricted_logprobs)
 
 
 @dataclass
@@ -34,6 +41,9 @@ class TrainerConfig:
     max_len: int = 1024
     """Longest prompt + response; longer prompts lose their oldest tokens."""
     grad_clip: float = 1.0
+    ppo_epochs: int = 2
+    """Passes over each batch, one optimizer step each; from the second on the PPO clip can act
+    (2: measured on the demo, README "The learner's objective")."""
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     deepspeed: dict = field(default_factory=dict)
@@ -81,6 +91,8 @@ class Trainer:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        if cfg.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {cfg.ppo_epochs}")
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         torch.manual_seed(cfg.seed)
@@ -109,7 +121,7 @@ class Trainer:
 
     # --- one update ------------------------------------------------------------------
     def update(self, rows: Sequence[Row]) -> dict[str, float]:
-        """One optimizer step on all rows (the same list on every rank)."""
+        """`ppo_epochs` optimizer steps on all rows (the same list on every rank)."""
         mine = list(rows[self.rank::self.world])
         micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
         real, padded = padding_counts(micro, self.cfg.max_len)
@@ -119,23 +131,35 @@ class Trainer:
         # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
         # with no rows still runs one empty step so collectives line up.
         micro = micro or [[]]
-        sums: dict[str, float] = {}
+        epochs = self.cfg.ppo_epochs
+        sums: dict[str, torch.Tensor] = {}
+        imp_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.engine.train()
-        for i, mb in enumerate(micro):
-            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            loss, metrics, n_tok = self._micro_loss(mb)
-            self.engine.backward(loss * (n_tok / total_tokens) * self.world)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * n_tok
-        # ZeRO stages 1-3 report the gradient norm they clip with; without ZeRO it is computed here.
-        own_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
-        self.engine.step()
-        names = _METRICS + (("entropy",) if self.cfg.loss.entropy_coef > 0 else ())
-        out = self._sum_across_ranks([sums.get(k, 0.0) for k in names])
-        result = {k: v / total_tokens for k, v in zip(names, out)}
+        prepared = [self._prepare(mb) for mb in micro]  # padded inputs, reference and behaviour log-probs
+        for epoch in range(epochs):
+            for i, prep in enumerate(prepared):
+                self.engine.set_gradient_accumulation_boundary(i == len(prepared) - 1)
+                loss, metrics, n_tok = self._micro_loss(prep)
+                self.engine.backward(loss * (n_tok / total_tokens) * self.world)
+                if "imp_weight_max" in metrics:
+                    imp_max = torch.maximum(imp_max, metrics.pop("imp_weight_max").double())
+                for k, v in metrics.items():  # on the device: read once, after the last pass
+                    sums[k] = sums.get(k, 0.0) + v.double() * (n_tok / epochs)
+            # ZeRO stages 1-3 report the gradient norm they clip with; without ZeRO it is computed here.
+            own_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
+            self.engine.step()
+        names = _METRICS
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        out = torch.stack([torch.as_tensor(sums.get(k, zero), dtype=torch.float64, device=self.device) for k in names])
+        dist.all_reduce(out)
+        peak = imp_max.reshape(1)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        # Means over all passes; the first pass's clip fraction is 0 by construction.
+        result = {k: v / total_tokens for k, v in zip(names, out.tolist())}
+        result["imp_weight_max"] = float(peak.item())
         loss_cfg = self.cfg.loss
-        result["loss"] = result["pg_loss"] + loss_cfg.kl_coef * result["kl"] - loss_cfg.entropy_coef * result.get("entropy", 0.0)
-        grad_norm = self.engine.get_global_grad_norm()  # before clipping; the same on every rank
+        result["loss"] = result["pg_loss"] + loss_cfg.kl_coef * result["kl"] - loss_cfg.entropy_coef * result["entropy"]
+        grad_norm = self.engine.get_global_grad_norm()  # of the last pass, before clipping; the same on every rank
         if grad_norm is None:
             grad_norm = own_norm
         if grad_norm is not None:
@@ -143,6 +167,7 @@ class Trainer:
         result["tokens"] = total_tokens
         result["rows"] = float(len(rows))
         result["seq_tokens"], result["padded_tokens"] = real, padded
+        result["ppo_epochs"] = float(epochs)
         return result
 
     def _sum_across_ranks(self, values: Sequence[float]) -> list[float]:
@@ -157,28 +182,84 @@ class Trainer:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def _micro_loss(self, rows: Sequence[Row]) -> tuple[torch.Tensor, dict[str, float], int]:
-        if not rows:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)
-            dummy = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-            return dummy, {}, 0
-        ids, mask, attn = self._pad(rows)
-        logits = self.engine(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        targets = ids[:, 1:]
-        resp_mask = mask[:, 1:]
-        logp = token_logprobs(logits, targets)
+    def _prepare(self, rows: Sequence[Row]) -> dict | None:
+        """What every pass over a micro-batch shares, computed once: padded ids, the allowed-token
+        index of choice-mode rows, behaviour log-probs, advantages, the reference's log-probs."""
+        if not rows:
+            return None
+        ids, mask, attn, spans = self._pad(rows)
+        targets, resp_mask = ids[:, 1:], mask[:, 1:]
+        width = targets.shape[1]
+        starts = [s - 1 for s, _ in spans]  # logits index of each row's first response token
+        counts = [n for _, n in spans]
+        behav = torch.zeros((len(rows), width), dtype=torch.float32, device="cpu")
+        has_behav = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")
+        restricted: list[list[tuple[int, list[int]]]] = []
+        for b, r in enumerate(rows):
+            start, n = starts[b], counts[b]  # n < len(response) when max_len cut the response
+            if len(r.sampler_logprobs) == len(r.response_ids):
+                behav[b, start:start + n] = torch.tensor(r.sampler_logprobs[:n], dtype=torch.float32, device="cpu")
+                has_behav[b, start:start + n] = True
+            if r.choice_token_ids is not None:  # the sampler walked the trie of these tokenizations
+                steps = allowed_tokens(r.response_ids, r.choice_token_ids)[:n]
+                restricted.append([(start + j, a) for j, a in enumerate(steps)])
+            elif r.choices is not None:  # a guided decoder: any tokenization of a choice's text
+                steps = guided_allowed_tokens(r.response_ids, r.choices, self._vocab_text())[:n]
+                restricted.append([(start + j, a) for j, a in enumerate(steps)])
+            else:
+                restricted.append([])
+        # Free-form rows only: no index at all (restricted_* then take the full vocabulary without
+        # asking the device whether any position is restricted).
+        allowed_ids, allowed_valid = (allowed_index(restricted, (len(rows), width), self.device)
+                                      if any(restricted) else (None, None))
         with torch.no_grad():
             ref_logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            ref_logp = token_logprobs(ref_logits, targets)
-        entropy = token_entropy(logits) if self.cfg.loss.entropy_coef > 0 else None
-        adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device)
-        # One optimizer pass per batch: the learner's own log-probs before the step are the
-        # "old" ones (the sampler's are kept for diagnostics only).
-        loss, metrics = policy_loss(logp, logp.detach(), ref_logp, adv, resp_mask, self.cfg.loss, entropy=entropy)
-        return loss, metrics, int(resp_mask.sum().item())
+            ref_logp = restricted_logprobs(ref_logits, targets, allowed_ids, allowed_valid)
+        # Flat indices of the response positions, for the entropy diagnostic ([N, V], not [B, T, V]).
+        flat = [b * width + start + j for b, (start, n) in enumerate(zip(starts, counts)) for j in range(n)]
+        return {"ids": ids, "attn": attn, "targets": targets, "mask": resp_mask, "ref_logp": ref_logp,
+                "n_tokens": sum(counts),
+                "response_index": torch.tensor(flat, dtype=torch.long, device="cpu").to(self.device, non_blocking=True),
+                "allowed_ids": allowed_ids, "allowed_valid": allowed_valid, "prox_logp": None,
+                "behav": behav.to(self.device), "has_behav": has_behav.to(self.device),
+                "adv": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device)}
 
-    def _pad(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _vocab_text(self) -> VocabText:
+        if getattr(self, "_vocab", None) is None:
+            from transformers import AutoTokenizer
+
+            self._vocab = VocabText(AutoTokenizer.from_pretrained(self.cfg.model))
+        return self._vocab
+
+    def _micro_loss(self, prep: dict | None) -> tuple[torch.Tensor, dict[str, float], int]:
+        if prep is None:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)
+            dummy = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+            return dummy, {}, 0
+        logits = self.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
+        allowed = (prep["allowed_ids"], prep["allowed_valid"])
+        logp = restricted_logprobs(logits, prep["targets"], *allowed)
+        # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
+        bonus = self.cfg.loss.entropy_coef > 0
+        idx = prep["response_index"]
+        flat = (logits if bonus else logits.detach()).reshape(-1, logits.shape[-1])
+        picked_allowed = [None if a is None else a.reshape(-1, a.shape[-1])[idx] for a in allowed]
+        with torch.set_grad_enabled(bonus and torch.is_grad_enabled()):
+            picked = restricted_entropy(flat.index_select(0, idx), *picked_allowed)
+            entropy = torch.zeros(prep["mask"].numel(), dtype=picked.dtype, device=picked.device).index_put(
+                (idx,), picked).view(prep["mask"].shape)
+        if prep["prox_logp"] is None:  # the first pass: its weights are the proximal policy
+            prep["prox_logp"] = logp.detach()
+        prox = prep["prox_logp"]
+        # Rows without the sampler's log-probs (length mismatch) count as sampled by the proximal policy.
+        behav = torch.where(prep["has_behav"], prep["behav"], prox)
+        loss, metrics = policy_loss(logp, prox, prep["ref_logp"], prep["adv"], prep["mask"], self.cfg.loss,
+                                    entropy=entropy, behav_logprobs=behav)
+        return loss, metrics, prep["n_tokens"]
+
+    def _pad(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Right-padded ids, response mask and attention mask, built on the host and moved to the
-        engine's device in one copy each."""
+        engine's device in one copy each; and per row (first response position, response tokens
+        kept), known on the host so that nothing has to be read back from the device."""
         seqs, starts = [], []
         for r in rows:
             prompt = r.prompt_ids[-max(1, self.cfg.max_len - len(r.response_ids)):]
@@ -192,8 +273,9 @@ class Trainer:
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
             mask[i, start: len(s)] = 1.0
             attn[i, : len(s)] = 1
+        spans = [(start, len(s) - start) for s, start in zip(seqs, starts)]
         return (ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
-                attn.to(self.device, non_blocking=True))
+                attn.to(self.device, non_blocking=True), spans)
 
     # --- weights out -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -231,4 +313,5 @@ def _seq_len(row: Row, max_len: int | None) -> int:
     return min(n, max_len) if max_len else n
 
 
-_METRICS = ("pg_loss", "kl", "clip_frac", "ratio_mean", "approx_kl_old")
+_METRICS = ("pg_loss", "kl", "clip_frac", "ratio_mean", "approx_kl_old", "entropy", "imp_weight_mean",
+            "imp_weight_clipped_frac", "behav_kl")

@@ -241,6 +241,10 @@ def learner_cmd(
     mean_only: Annotated[bool, typer.Option(help="Advantages without the std division.")] = False,
     kl_coef: Annotated[float, typer.Option(help="k3 KL penalty to the frozen reference.")] = 0.01,
     entropy_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
+    clip: Annotated[float, typer.Option(help="PPO ratio clip around the proximal policy.")] = 0.2,
+    behav_imp_weight_cap: Annotated[Optional[float], typer.Option(
+        help="Cap on the importance weight pi_prox / pi_behav that corrects stale groups.")] = 5.0,
+    ppo_epochs: Annotated[int, typer.Option(min=1, help="Passes (optimizer steps) over each batch.")] = 2,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics from rank 0 (deployments use 9200).")] = None,
     metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
 ) -> None:
@@ -272,8 +276,9 @@ def learner_cmd(
         checkpoint_every=checkpoint_every, max_updates=max_updates, exit_when_idle_s=exit_when_idle,
         advantages=AdvantageConfig(mean_only=mean_only), metrics_port=metrics_port, metrics_host=metrics_host,
         trainer=TrainerConfig(model=model, lr=lr, zero_stage=zero_stage, bf16=bf16, offload_optimizer=offload_optimizer,
-                              micro_batch_rows=micro_batch_rows,
-                              loss=LossConfig(kl_coef=kl_coef, entropy_coef=entropy_coef)))
+                              micro_batch_rows=micro_batch_rows, ppo_epochs=ppo_epochs,
+                              loss=LossConfig(kl_coef=kl_coef, entropy_coef=entropy_coef, clip=clip,
+                                              behav_imp_weight_cap=behav_imp_weight_cap)))
     result = run_learner(cfg, publisher)
     typer.echo(f"learner stopped at version {result.version}: {result.groups_used} groups used, "
                f"{result.groups_dropped_stale} dropped as stale, {result.malformed} malformed")

@@ -37,6 +37,9 @@ class Completion(BaseModel):
     finish_reason: str | None = Field(description="'stop', 'length', or None when the server did not say.")
     policy_version: int = Field(ge=0, description="Version of the weights that produced every token here.")
     prompt_token_ids: list[int] | None = None
+    choice_token_ids: list[list[int]] | None = Field(
+        None, description="Constrained mode: every choice as the sampler tokenized it, ending with its EOS "
+                          "(the trie its tokens were drawn over); None when the sampler does not say (vLLM).")
 
 
 # --- actor -> learner ------------------------------------------------------------------
@@ -51,12 +54,20 @@ class Transition(BaseModel):
     next_state_key: str
     prompt_token_ids: list[int]
     token_ids: list[int] = Field(description="Generated tokens, exactly as the policy server returned them.")
-    logprobs: list[float] = Field(description="Sampler log-probs (diagnostics; the learner recomputes its own).")
+    logprobs: list[float] = Field(description="Behaviour log-probs: the sampler's, of exactly the distribution it drew "
+                                              "each token from (choice mode: renormalized over the choices' trie; "
+                                              "temperature 1). The learner's importance weight divides by them.")
     action: str | None = Field(description="The admissible action parsed from the output; None if invalid.")
     invalid: bool = False
     reward: float = Field(description="3SPO step reward, or the environment's task reward for GRPO/GiGPO.")
     done: bool = False
     policy_version: int = Field(ge=0)
+    choices: list[str] | None = Field(None, description="Constrained choice mode: the admissible choices the "
+                                                        "action was drawn from (None: free-form generation).")
+    choice_token_ids: list[list[int]] | None = Field(
+        None, description="The choices as the sampler tokenized them (each ending with EOS): it drew over the "
+                          "trie of these token sequences (in-process engine). None with `choices`: a guided "
+                          "decoder (vLLM) admitted any token whose text keeps the output a prefix of a choice.")
 
 
 class GroupMember(BaseModel):
@@ -67,10 +78,15 @@ class GroupMember(BaseModel):
     score: float
 
 
+SCHEMA_VERSION = 2
+"""Stream schema of `Group`. 2: transitions say how they were sampled (choices, behaviour log-probs)."""
+
+
 class Group(BaseModel):
     """The unit the learner trains on: members whose scores are compared with each other."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = Field(SCHEMA_VERSION, description="Stream schema; the learner dead-letters "
+                                                                    "any other version.")
     group_id: str = Field(min_length=1, max_length=512)
     run: str
     algo: Algo

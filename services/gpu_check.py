@@ -166,7 +166,8 @@ def stage_updates(name: str, work: Path, device: torch.device, reps: int, log: C
     counts = token_counts(rows, b.micro_rows)
     log(f"  {name}: {n_params / 1e6:.0f}M parameters, {b.rows} rows, {counts['total_tokens']} tokens")
     plain = PlainTorch(str(model_dir), device=device, bf16=True, lr=1e-5, micro_rows=b.micro_rows)
-    trainers = {k: Trainer(TrainerConfig(**{"model": str(model_dir), "lr": 1e-5, "zero_stage": 2, "bf16": True,
+    # One pass per batch, as the plain loop does (the learner's default takes two: ppo_epochs).
+    trainers = {k: Trainer(TrainerConfig(**{"model": str(model_dir), "lr": 1e-5, "zero_stage": 2, "bf16": True, "ppo_epochs": 1,
                                             "micro_batch_rows": b.micro_rows, **kw}))
                 for k, kw in {"trainer": {}, **(variants or {})}.items()}
     trainer = trainers["trainer"]

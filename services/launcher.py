@@ -137,6 +137,23 @@ class TrainConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
 
+def learner_settings_check(settings: dict[str, Any]) -> None:
+    """A misspelt learner setting stops the run, naming the key (they would be dropped silently)."""
+    from learner.loop import LearnerConfig
+    from learner.loss import LossConfig
+    from learner.trainer import TrainerConfig
+
+    known = (set(LearnerConfig.__dataclass_fields__) | set(TrainerConfig.__dataclass_fields__)
+             | set(LossConfig.__dataclass_fields__)) - {"trainer", "loss", "model", "redis_url", "run", "checkpoint_dir"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown learner setting(s) {unknown}; known: {sorted(known)}")
+
+
+def _pick(settings: dict[str, Any], cls) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
+
+
 def _actor_class():
     import ray
 
@@ -189,6 +206,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     from actors.evaluate import evaluate
     from actors.rollout import RolloutConfig
     from learner.loop import LearnerConfig, run_learner
+    from learner.loss import LossConfig
     from learner.trainer import TrainerConfig
     from score_store.connection import EmbeddedRedis, connect
     from score_store.score_math import ScoreParams
@@ -200,6 +218,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     from services.report import ProgressWatcher, walkthrough_truncated, write_report
     from services.work_queue import WorkQueue
 
+    learner_settings_check(cfg.learner)
     console = Console(quiet=not progress)
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
@@ -243,9 +262,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
         stop = threading.Event()
         learner_cfg = LearnerConfig(
             redis_url=redis_server.url, run=run, checkpoint_dir=str(run_dir / "checkpoints"),
-            trainer=TrainerConfig(model=str(model_dir), **{k: v for k, v in cfg.learner.items()
-                                                           if k in TrainerConfig.__dataclass_fields__}),
-            **{k: v for k, v in cfg.learner.items() if k in LearnerConfig.__dataclass_fields__ and k != "trainer"})
+            trainer=TrainerConfig(model=str(model_dir), loss=LossConfig(**_pick(cfg.learner, LossConfig)),
+                                  **{k: v for k, v in _pick(cfg.learner, TrainerConfig).items() if k != "loss"}),
+            **{k: v for k, v in _pick(cfg.learner, LearnerConfig).items() if k != "trainer"})
         if server:
             from services.policy.vllm_client import VLLMDiskPublisher
 

@@ -256,7 +256,7 @@ class _StreamCollector:
                                 value=pending)
 
 
-GROUP_OUTCOMES = ("used", "stale", "malformed", "uninformative")
+GROUP_OUTCOMES = ("used", "stale", "malformed", "unknown_schema", "uninformative")
 
 
 class LearnerMetrics:
@@ -265,7 +265,7 @@ class LearnerMetrics:
             return Gauge(name, doc, registry=registry)
 
         self.updates = Counter("spo3_learner_updates", "Optimizer steps", registry=registry)
-        self.groups = Counter("spo3_learner_groups", "Groups read, by outcome (used, stale, malformed, uninformative)",
+        self.groups = Counter("spo3_learner_groups", "Groups read, by outcome (used, stale, malformed, unknown_schema, uninformative)",
                               ["outcome"], registry=registry)
         self.tokens = Counter("spo3_learner_tokens", "Response tokens trained on", registry=registry)
         self.version = gauge("spo3_learner_policy_version", "Current policy version")
@@ -274,6 +274,21 @@ class LearnerMetrics:
         self.kl = gauge("spo3_learner_kl", "Last update: k3 KL to the reference policy (token mean)")
         self.clip_fraction = gauge("spo3_learner_clip_fraction", "Last update: fraction of tokens where clipping is active")
         self.grad_norm = gauge("spo3_learner_grad_norm", "Last update: global gradient 2-norm before clipping")
+        self.entropy = gauge("spo3_learner_entropy",
+                             "Last update: entropy of the sampled (choice mode: restricted) distribution, token mean")
+        self.imp_weight_mean = gauge("spo3_learner_imp_weight_mean",
+                                     "Last update: importance weight pi_prox / pi_behav (after the cap), token mean")
+        self.imp_weight_max = gauge("spo3_learner_imp_weight_max",
+                                    "Last update: largest importance weight pi_prox / pi_behav (after the cap)")
+        self.imp_weight_clipped = gauge("spo3_learner_imp_weight_clipped_fraction",
+                                        "Last update: fraction of tokens whose importance weight hit the cap")
+        self.behav_kl = gauge("spo3_learner_behav_kl",
+                              "Last update: k3 KL between the proximal and the behaviour policy (staleness drift)")
+        self.advantage_mean = gauge("spo3_learner_advantage_mean", "Last update: mean advantage of the rows")
+        self.advantage_std = gauge("spo3_learner_advantage_std", "Last update: standard deviation of the rows' advantages")
+        self.rows = gauge("spo3_learner_rows", "Last update: rows (actions) trained on")
+        self.row_staleness = gauge("spo3_learner_row_staleness_mean",
+                                   "Last update: mean versions between a row's sampling policy and the learner's")
         self.last_update = gauge("spo3_learner_last_update_timestamp_seconds",
                                  "Unix time of the last optimizer step (the learner's start before the first)")
         self.update_seconds = Histogram("spo3_learner_update_seconds", "Wall time of one update",
@@ -293,7 +308,12 @@ class LearnerMetrics:
 
     def record_update(self, metrics: dict[str, float]) -> None:
         for gauge, key in ((self.loss, "loss"), (self.pg_loss, "pg_loss"), (self.kl, "kl"),
-                           (self.clip_fraction, "clip_frac"), (self.grad_norm, "grad_norm")):
+                           (self.clip_fraction, "clip_frac"), (self.grad_norm, "grad_norm"),
+                           (self.entropy, "entropy"), (self.imp_weight_mean, "imp_weight_mean"),
+                           (self.imp_weight_max, "imp_weight_max"),
+                           (self.imp_weight_clipped, "imp_weight_clipped_frac"), (self.behav_kl, "behav_kl"),
+                           (self.advantage_mean, "adv_mean"), (self.advantage_std, "adv_std"),
+                           (self.rows, "rows"), (self.row_staleness, "staleness_mean")):
             if key in metrics:
                 gauge.set(metrics[key])
 

@@ -206,7 +206,7 @@ class InProcessPolicy:
             probs = torch.tensor(seq_logp, device="cpu").exp()
             picks = torch.multinomial(probs / probs.sum(), p.n, replacement=True).tolist()
         return [Completion(text=p.choices[i], token_ids=choice_ids[i], logprobs=token_logps[i],
-                           finish_reason="stop", policy_version=0) for i in picks]
+                           finish_reason="stop", policy_version=0, choice_token_ids=choice_ids) for i in picks]
 
     def _choice_logits(self, prompt: list[int], choice_ids: list[list[int]]) -> torch.Tensor:
         """[choice, position, vocab]: the logits that predict each token of each choice. The prompt

@@ -61,3 +61,26 @@ def test_staleness_filter_and_rows():
     assert [r.advantage for r in rows] == pytest.approx([1.0, -1.0], abs=1e-5)
     assert rows[0].response_ids == [2, 3] and rows[0].prompt_ids == [1]
     assert batch_rows([group("flat")]) == []  # zero spread: nothing to learn
+
+
+def test_unknown_schema_versions_are_dead_lettered_with_a_clear_error(redis_url):
+    import json
+
+    client = connect(redis_url)
+    stream = GroupStream(client, "schema")
+    consumer = GroupConsumer(client, "schema")
+    old = json.loads(group("old").model_dump_json())
+    for t in (t for m in old["members"] for t in m["transitions"]):  # what a version-1 actor sent
+        t.pop("choices"), t.pop("choice_token_ids")
+    for version in (1, 3, None):
+        body = {**old, "schema_version": version} if version is not None else {k: v for k, v in old.items()
+                                                                               if k != "schema_version"}
+        client.xadd(stream.names.groups_stream, {"group": json.dumps(body).encode()})
+    stream.append(group("new"))
+    got = consumer.read(10, block_ms=100)
+    assert [g.group_id for _, g in got] == ["new"]  # the reader goes on past them
+    assert consumer.malformed == 3 and consumer.unknown_schema == 3
+    errors = [fields[b"error"].decode() for _, fields in client.xrange(stream.names.dead_letters)]
+    assert "unknown stream schema_version 1: this learner reads version 2" in errors[0]
+    assert "schema_version 3" in errors[1] and "schema_version None" in errors[2]
+    assert consumer.pending() == 1  # dead letters are acknowledged and removed from the stream

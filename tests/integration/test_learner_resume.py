@@ -99,8 +99,13 @@ def test_stale_and_malformed_groups_are_dropped_and_counted(redis_url, tmp_path)
     client.xadd(stream.names.groups_stream, {"group": b'{"schema_version": 1, "group_id": 5}'})
     cfg = LearnerConfig(redis_url=redis_url, run="stale", checkpoint_dir=str(tmp_path / "ck"), groups_per_update=2,
                         max_staleness=0, exit_when_idle_s=1.5, trainer=TrainerConfig(model=str(model_dir), lr=0.01))
+    from services.metrics import learner_metrics
+
+    unknown = learner_metrics().groups.labels("unknown_schema")
+    before = unknown._value.get()
     first = run_learner(cfg)
     assert first.version == 1 and first.malformed == 1
+    assert unknown._value.get() == before + 1  # counted as an unknown schema version, not as malformed
     for g in batch[2:7]:  # version 0, while the learner is now at version 1: 1 - 0 > max_staleness 0
         stream.append(g)
     second = run_learner(LearnerConfig(**{**cfg.__dict__, "resume": True}))

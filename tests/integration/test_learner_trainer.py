@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from learner.batch import Row
 from learner.loss import LossConfig, policy_loss, token_logprobs
+from learner.trainer import TrainerConfig
 from services.model_init import init_model
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,10 @@ def fixed_rows(update: int) -> list[Row]:
     return rows
 
 
-def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
-    """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0."""
+def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.ppo_epochs
+                        ) -> dict[str, torch.Tensor]:
+    """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0; `epochs` steps per
+    batch, the proximal log-probs being the first pass's."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
@@ -49,15 +52,20 @@ def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2) -> dict[str, 
             ids[i, :len(seq)] = torch.tensor(seq)
             mask[i, len(r.prompt_ids):len(seq)] = 1
             attn[i, :len(seq)] = 1
-        logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
         with torch.no_grad():
             ref_logp = token_logprobs(ref(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
         adv = torch.tensor([r.advantage for r in rows])
-        loss, _ = policy_loss(logp, logp.detach(), ref_logp, adv, mask[:, 1:], LossConfig())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        prox = None
+        for _ in range(epochs):
+            logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+            prox = logp.detach() if prox is None else prox
+            # The rows' sampler log-probs (-1.0) are the behaviour policy: weight exp(prox + 1), capped.
+            loss, _ = policy_loss(logp, prox, ref_logp, adv, mask[:, 1:], LossConfig(),
+                                  behav_logprobs=torch.full_like(logp, -1.0))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

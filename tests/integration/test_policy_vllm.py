@@ -129,3 +129,36 @@ def test_malformed_completion_is_reported():
     p.http._client = httpx.Client(base_url="http://policy.invalid", transport=httpx.MockTransport(handler))
     with pytest.raises(PolicyError, match="malformed completion.*logprobs"):
         p.sample(contract.MESSAGES, GREEDY)
+
+
+def test_learner_restricted_logprobs_equal_vllm_guided_choice(policy, model_dir, reference):
+    """vLLM's guided choice draws each token among those whose text keeps the output a prefix of
+    some choice (any tokenization: a random model mostly spells choices in pieces) and reports the
+    log-probs of that masked distribution. The learner, given the choice strings only (a vLLM actor
+    sends no token ids), scores every sampled token the same, to 1e-3 (float32); the trie of the
+    canonical tokenizations would not (checked, so the test can tell them apart)."""
+    from transformers import AutoTokenizer
+
+    from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
+                                    restricted_logprobs, tokenize_choices)
+
+    choices = ["go north", "go south", "take apple", "take apple from table", "take red apple", "look"]
+    outs = policy.sample(contract.MESSAGES, SamplingParams(n=24, choices=choices, temperature=1.0, max_tokens=16))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab, canonical = VocabText(tokenizer), tokenize_choices(tokenizer, choices)
+
+    def worst_difference(allowed) -> float:
+        worst = 0.0
+        for c in outs:
+            seq = c.prompt_token_ids + c.token_ids
+            start = len(c.prompt_token_ids) - 1
+            ids, valid = allowed_index([[(start + j, a) for j, a in enumerate(allowed(c))]], (1, len(seq) - 1))
+            with torch.no_grad():
+                logits = reference(input_ids=torch.tensor([seq])).logits[:, :-1]
+            lp = restricted_logprobs(logits, torch.tensor([seq[1:]]), ids, valid)[0, start:]
+            worst = max(worst, max(abs(a - b) for a, b in zip(lp.tolist(), c.logprobs)))
+        return worst
+
+    guided = worst_difference(lambda c: guided_allowed_tokens(c.token_ids, choices, vocab))
+    assert guided < 1e-3, f"largest |learner - vLLM| log-prob difference {guided:.3g}"
+    assert worst_difference(lambda c: allowed_tokens(c.token_ids, canonical)) > 0.1
