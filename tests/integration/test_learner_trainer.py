@@ -110,4 +110,6 @@ def test_two_zero2_ranks_match_each_other_and_plain_torch(model_dir, tmp_path):
 def test_one_rank_with_micro_batches_matches_plain_torch(model_dir, tmp_path):
     run_ranks(model_dir, tmp_path, nproc=1, updates=2, micro=3)
     got = load_file(str(tmp_path / "rank0.safetensors"))
-    assert max_diff(got, plain_torch_updates(model_dir, 2)) < 1e-5
+    # Micro-batches group rows by length, so float sums run in another order than the plain
+    # whole-batch pass: equal up to rounding, as the two-rank test allows.
+    assert max_diff(got, plain_torch_updates(model_dir, 2)) < 1e-4
