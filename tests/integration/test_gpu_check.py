@@ -37,7 +37,9 @@ def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
     assert stages["publish"]["checksum_served"] == stages["publish"]["checksum_written"]
     assert stages["engine"]["tokens_per_s"]["threads_batched"] > 0
     assert stages["learner"]["published_version"] == 4 and stages["learner"]["pending_entries"] == 0
-    for figure in ("1 tiny-a: Trainer ZeRO-2 bf16", "2 checkpoint", "3 publish", "4 in-process engine", "5 spo3 learner"):
+    assert stages["updates/tiny-a"]["trainer_zero_stage"] == 1  # one rank: ZeRO-2 runs as ZeRO-1
+    assert sum(stages["engine"]["threaded_batches"]) == stages["engine"]["prompts"]
+    for figure in ("1 tiny-a: Trainer ZeRO-1 bf16", "2 checkpoint", "3 publish", "4 in-process engine", "5 spo3 learner"):
         assert figure in proc.stdout
 
 
