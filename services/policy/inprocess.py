@@ -48,7 +48,7 @@ class InProcessPolicy:
         self._lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Request] = []
-        self._callers = 0  # free-form callers inside sample() now
+        self._announced = 0  # free-form requests announced and not yet taken into a batch
         self.batch_window_s = batch_window_s
         self.eos_id = self.tokenizer.eos_token_id
 
@@ -70,31 +70,34 @@ class InProcessPolicy:
                     torch.manual_seed(params.seed)
                 return self._stamp(self._sample_choices(prompt, params), prompt)
         with self._pending_lock:
-            self._callers += 1  # counted before tokenizing: a leader waits for this request
+            self._announced += 1  # before tokenizing: a leader waits for this request
         try:
             request = _Request(self.prompt_ids(messages), params)
+        except BaseException:
             with self._pending_lock:
-                self._pending.append(request)
-            with self._lock:
-                if request.result is None and request.error is None:
-                    self._gather()
-                    with self._pending_lock:
-                        batch, self._pending = self._pending, []
-                    self._run_batch(batch)
-        finally:
-            with self._pending_lock:
-                self._callers -= 1
+                self._announced -= 1
+            raise
+        with self._pending_lock:
+            self._pending.append(request)
+        with self._lock:
+            if request.result is None and request.error is None:
+                self._gather()
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                    self._announced -= len(batch)
+                self._run_batch(batch)
         if request.error is not None:
             raise request.error
         return request.result
 
     def _gather(self) -> None:
-        """Wait (at most `batch_window_s`) for callers already inside `sample` to queue their
-        requests, so that requests made together run together. A lone caller never waits."""
+        """Wait (at most `batch_window_s`) for requests announced but not queued yet (their
+        prompts are being tokenized), so that requests made together run together. A lone
+        caller never waits, nor does a leader for callers whose requests were already served."""
         deadline = time.monotonic() + self.batch_window_s
         while time.monotonic() < deadline:
             with self._pending_lock:
-                if len(self._pending) >= self._callers:
+                if len(self._pending) >= self._announced:
                     return
             time.sleep(0.0005)
 

@@ -191,5 +191,16 @@ def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, 
             expect = logits.log_softmax(-1).gather(-1, ids[0, len(c.prompt_token_ids):, None]).squeeze(-1)
             assert torch.allclose(torch.tensor(c.logprobs), expect, atol=1e-4), i
     policy.model.generate = real_generate
+    assert policy._announced == 0 and policy._pending == []  # nothing left for a later leader to wait for
     solo = policy.sample(prompts[3], SamplingParams(n=1, max_tokens=12, temperature=0.0))[0]
     assert results[3][0].token_ids == solo.token_ids
+
+
+def test_a_request_that_fails_to_tokenize_leaves_no_trace(policy, monkeypatch):
+    def broken(messages):
+        raise ValueError("bad chat template")
+
+    monkeypatch.setattr(policy, "prompt_ids", broken)
+    with pytest.raises(ValueError, match="bad chat template"):
+        policy.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=4))
+    assert policy._announced == 0 and policy._pending == []
