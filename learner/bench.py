@@ -1,10 +1,10 @@
 """Learner benchmark: the DeepSpeed update and the weight hand-off to vLLM, in one run.
 
     .venv/bin/python -m learner.bench [--rows 32] [--prompt-len 200] [--response-len 32] \
-        [--micro-rows 8] [--reps 3] [--publish-reps 5] [--no-bf16] [--no-publish] [--gpu] \
+        [--micro-rows 8] [--reps 3] [--publish-reps 5] [--no-bf16] [--no-publish] \
         [--out learner.json]
 
-1. update tokens/s: Trainer.update (DeepSpeed ZeRO-2, world size 1) against a plain torch loop
+1. update tokens/s: Trainer.update (DeepSpeed, zero_stage 2: ZeRO-1 on this one rank) against a plain torch loop
    doing the same computation (policy forward with grad, no-grad forward of a frozen reference
    copy, learner.loss.policy_loss, same micro-batches and token weights, clip 1.0, AdamW) on the
    same model and batch; target: Trainer >= 0.8 x plain torch;
@@ -18,9 +18,8 @@
 The variants of figures 1 and 3 run interleaved (one update of each in turn, after one
 warm-up each), so that load from other processes on a shared machine hits them alike; the
 verdict uses the median update time. vLLM starts only after figures 1 and 3, so its threads do
-not compete with them. `--gpu` runs figure 1 alone on CUDA with a randomly initialized model
-shaped like Qwen2.5-0.5B, in bf16 (the plain loop then keeps fp32 master weights, as
-DeepSpeed's bf16 mode does). Prints a table and writes the numbers as JSON.
+not compete with them. Prints a table and writes the numbers as JSON. The same update figure on
+a GPU (Qwen2.5 shapes, bf16) is part of `make check-gpu` (services/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,10 +45,6 @@ from learner.trainer import micro_batches, padding_counts
 UPDATE_TARGET_RATIO = 0.8
 LOGPROB_TOL = 1e-3  # float32 vLLM vs transformers, as in tests/integration/test_policy_vllm.py
 ADVANTAGES = (-1.5, -0.5, 0.7, 1.2)
-# Qwen2.5-0.5B's shape (random weights, no download): the --gpu model.
-QWEN2_0_5B_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
-                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 from score_store.bench import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
 
@@ -217,7 +211,7 @@ class PlainTorch:
 # --- figures 1 and 3: update throughput --------------------------------------------------
 
 def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device, micro_rows: int, reps: int,
-                  warmup: int, lr: float, fp32: bool, bf16: bool, plain_bf16: bool, log: Callable[[str], None]):
+                  warmup: int, lr: float, fp32: bool, bf16: bool, log: Callable[[str], None]):
     """Builds the variants, checks the Trainer's first update against plain torch's, then times
     `reps` updates of each, interleaved. Returns (results, rows of figure 1, rows of figure 3,
     the fp32 Trainer for figure 2 or None)."""
@@ -227,7 +221,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
     variants: dict[str, Callable[[], float]] = {}
     init_s: dict[str, float] = {}
     t0 = time.perf_counter()
-    plain = PlainTorch(model_dir, device=device, bf16=plain_bf16, lr=lr, micro_rows=micro_rows)
+    plain = PlainTorch(model_dir, device=device, bf16=False, lr=lr, micro_rows=micro_rows)
     init_s["plain"] = time.perf_counter() - t0
     variants["plain"] = lambda: plain.update(rows)
     trainers = {}
@@ -238,7 +232,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
                                                    micro_batch_rows=micro_rows))
             init_s[name] = time.perf_counter() - t0
             variants[name] = (lambda t: lambda: t.update(rows)["tokens"])(trainers[name])
-    main_name = "trainer_bf16" if plain_bf16 else "trainer_fp32"
+    main_name = "trainer_fp32"
 
     first: dict[str, float] = {}
     for name, fn in variants.items():  # warm-up, not timed in the figures
@@ -277,7 +271,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
     ratio = per["plain"]["update_s"]["median"] / per[main_name]["update_s"]["median"]
     ratio_mean = per["plain"]["update_s"]["mean"] / per[main_name]["update_s"]["mean"]
     result = {"batch": counts, "micro_batch_rows": micro_rows, "reps": reps, "warmup": warmup, "lr": lr,
-              "precision": "bf16" if plain_bf16 else "fp32", "variants": per, "same_computation": same,
+              "precision": "fp32", "variants": per, "same_computation": same,
               "ratio_trainer_to_plain": ratio, "ratio_trainer_to_plain_by_mean": ratio_mean,
               "target_ratio": UPDATE_TARGET_RATIO, "pass": ratio >= UPDATE_TARGET_RATIO, "load_during_timing": load}
 
@@ -290,7 +284,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
     shape = f"{counts['rows']} rows, {counts['total_tokens'] / counts['rows']:.0f} tok/row, micro {micro_rows}"
     fig1 = [
         Row(f"1 plain torch {prec}, {shape}", fmt("plain"), "-", "baseline"),
-        Row(f"1 Trainer.update ZeRO-2 {prec}", fmt(main_name), f">= {UPDATE_TARGET_RATIO} x plain",
+        Row(f"1 Trainer.update ZeRO-{trainers[main_name].zero_stage} {prec}", fmt(main_name), f">= {UPDATE_TARGET_RATIO} x plain",
             f"{ratio:.2f} {'PASS' if result['pass'] else 'FAIL'}"),
         Row("1   (diag) update s, trainer / plain: min-max",
             f"{per[main_name]['update_s']['min']:.2f}-{per[main_name]['update_s']['max']:.2f} / "
@@ -308,7 +302,7 @@ def bench_updates(model_dir: str, rows: list[TrainRow], *, device: torch.device,
     if fp32 and bf16:
         r3 = per["trainer_fp32"]["update_s"]["median"] / per["trainer_bf16"]["update_s"]["median"]
         result["ratio_bf16_to_fp32"] = r3
-        fig3 = [Row("3 Trainer.update ZeRO-2 bf16", fmt("trainer_bf16"), "-", f"{r3:.2f} x fp32 Trainer"),
+        fig3 = [Row(f"3 Trainer.update ZeRO-{trainers['trainer_bf16'].zero_stage} bf16", fmt("trainer_bf16"), "-", f"{r3:.2f} x fp32 Trainer"),
                 Row("3   (diag) first (warm-up) update / init",
                     f"{first['trainer_bf16']:.2f} / {init_s['trainer_bf16']:.1f} s")]
     keep = trainers.get("trainer_fp32")
@@ -453,20 +447,6 @@ def bench_publish(trainer, model_dir: str, rows: list[TrainRow], *, reps: int, w
     return result, rows_out
 
 
-# --- models ------------------------------------------------------------------------------
-
-def gpu_model(out_dir: Path, seed: int = 0) -> Path:
-    """A randomly initialized Qwen2 with Qwen2.5-0.5B's shape, saved as safetensors (bf16). The
-    Trainer reads only config.json and the weights: no tokenizer is written."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(**QWEN2_0_5B_SHAPE, bos_token_id=None, eos_token_id=151645, pad_token_id=151643)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
 # --- driver ------------------------------------------------------------------------------
 
 def versions() -> dict:
@@ -495,8 +475,6 @@ def main(
     publish_reps: Annotated[int, typer.Option(help="Update + publish repetitions for figure 2.", min=1)] = 5,
     publish_rows: Annotated[int, typer.Option(help="Rows per update in figure 2 (the update itself is "
                                                    "not timed there).", min=1)] = 8,
-    gpu: Annotated[bool, typer.Option("--gpu", help="Figure 1 only, on CUDA, Qwen2.5-0.5B-shaped model, "
-                                                    "ZeRO-2 + bf16.")] = False,
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path("learner_bench.json"),
 ) -> None:
     """Benchmark the learner's update and its weight hand-off to a vLLM server it starts."""
@@ -505,52 +483,43 @@ def main(
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
 
-    if gpu and not torch.cuda.is_available():
-        print("--gpu: torch.cuda.is_available() is False here (CPU build of torch or no GPU)", file=sys.stderr)
-        raise typer.Exit(2)
-    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    device = torch.device("cpu")
     results: dict = {
         "args": {"rows": rows, "prompt_len": prompt_len, "response_len": response_len, "micro_rows": micro_rows,
-                 "reps": reps, "warmup": warmup, "lr": lr, "preset": None if gpu else preset, "bf16": bf16,
-                 "publish": publish, "publish_reps": publish_reps, "publish_rows": publish_rows, "gpu": gpu},
-        "device": {"kind": device.type, "name": torch.cuda.get_device_name(device) if gpu else cpu_model(),
+                 "reps": reps, "warmup": warmup, "lr": lr, "preset": preset, "bf16": bf16,
+                 "publish": publish, "publish_reps": publish_reps, "publish_rows": publish_rows},
+        "device": {"kind": device.type, "name": cpu_model(),
                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "distributed": "nccl, world size 1" if gpu else "gloo, world size 1", **versions()},
+                   "distributed": "gloo, world size 1", **versions()},
     }
     table: list[Row] = []
     phase_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spo3-learner-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        if gpu:
-            log("building a Qwen2.5-0.5B-shaped model (random weights) ...")
-            model_dir = str(gpu_model(work / "model"))
-            results["model"] = {"shape": QWEN2_0_5B_SHAPE, "dir": "temporary"}
-        else:
-            from services.model_init import init_model
+        from services.model_init import init_model
 
-            log(f"building the `{preset}` model ...")
-            model_dir = str(init_model(work / "model", preset, seed=0))
-            results["model"] = json.loads((Path(model_dir) / "spo3_model.json").read_text())
+        log(f"building the `{preset}` model ...")
+        model_dir = str(init_model(work / "model", preset, seed=0))
+        results["model"] = json.loads((Path(model_dir) / "spo3_model.json").read_text())
         config = json.loads((Path(model_dir) / "config.json").read_text())
         results["model"]["vocab_size"] = config["vocab_size"]
-        if not gpu:
-            results["model"]["shape"] = {k: config[k] for k in ("hidden_size", "num_hidden_layers",
-                                                                 "num_attention_heads", "num_key_value_heads",
-                                                                 "intermediate_size")}
+        results["model"]["shape"] = {k: config[k] for k in ("hidden_size", "num_hidden_layers",
+                                                             "num_attention_heads", "num_key_value_heads",
+                                                             "intermediate_size")}
         phase_s["model"] = time.perf_counter() - t0
         batch = make_rows(rows, prompt_len, response_len, config["vocab_size"], seed=0)
 
-        log("1" + (" and 3" if bf16 and not gpu else "") + " updates ...")
+        log("1" + (" and 3" if bf16 else "") + " updates ...")
         t0 = time.perf_counter()
         upd, fig1, fig3, trainer = bench_updates(
             model_dir, batch, device=device, micro_rows=micro_rows, reps=reps, warmup=warmup, lr=lr,
-            fp32=not gpu, bf16=gpu or bf16, plain_bf16=gpu, log=log)
+            fp32=True, bf16=bf16, log=log)
         phase_s["updates"] = time.perf_counter() - t0
         results["updates"] = upd
         table += fig1
 
-        if publish and not gpu:
+        if publish:
             log("2 step -> served by vLLM ...")
             t0 = time.perf_counter()
             small = make_rows(publish_rows, prompt_len, response_len, config["vocab_size"], seed=1)
