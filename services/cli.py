@@ -77,7 +77,7 @@ def score_service(
 @app.command("init-model")
 def init_model_cmd(
     out: Annotated[str, typer.Argument(help="Directory to write the model to (Hugging Face format, safetensors).")],
-    preset: Annotated[str, typer.Option(help="Size: tiny (~0.15M parameters, tests) or small (~3.5M, demo).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Size: tiny (~0.15M parameters, tests), small (~3.5M, demo) or qwen0.5b-body (~360M, Qwen2.5-0.5B's body with the small vocabulary; GPU checks).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for the tokenizer corpus and the initial weights.")] = 0,
 ) -> None:
     """Create a small Qwen2-shaped model and a tokenizer trained locally (no downloads).

@@ -261,12 +261,10 @@ def rows_updates(name: str, r: dict) -> list[Row]:
 def policy_model(work: Path, device: torch.device) -> Path:
     """A model with a tokenizer (the in-process engine needs one): Qwen2.5-0.5B's body with the
     small trained vocabulary on a GPU, the tiny preset on the CPU."""
-    from services.model_init import PRESETS, init_model
+    from services.model_init import init_model
 
     if device.type == "cuda":
-        body = {k: v for k, v in SHAPES["qwen2.5-0.5b"].items() if k not in ("vocab_size", "tie_word_embeddings")}
-        PRESETS.setdefault("gpu-check", dict(body, vocab_size=4096))
-        return init_model(work / "policy", "gpu-check", seed=0, dtype="bfloat16")
+        return init_model(work / "policy", "qwen0.5b-body", seed=0, dtype="bfloat16")
     return init_model(work / "policy", "tiny", seed=0)
 
 

@@ -19,6 +19,9 @@ PRESETS: dict[str, dict] = {
     # ~3.5M parameters: the single-machine demo.
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                   intermediate_size=768, vocab_size=4096),
+    # ~360M parameters: Qwen2.5-0.5B's body with the small vocabulary (`make check-gpu`).
+    "qwen0.5b-body": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                          intermediate_size=4864, vocab_size=4096),
 }
 
 # Qwen2.5-style chat template, so prompts look as they will with real checkpoints.
