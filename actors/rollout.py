@@ -188,10 +188,7 @@ class Rollout:
         stats.branching[n] += 1
         stats.scores.append(current.score)
         if n == 0:  # truncated since it was pushed (commits of this or other rollouts): its path ends here
-            stats.truncated += 1
-            if node.key not in self._dead_ends:
-                self._dead_ends.add(node.key)
-                self._commit(node.keys, 0.0, "truncated")
+            self._dead_end(node.keys)
             return []
         stats.reexpansions += node.key in expanded
         expanded.add(node.key)
@@ -240,10 +237,7 @@ class Rollout:
             elif child_key in node.keys:
                 stats.not_pushed["on_path"] += 1  # went nowhere new; its reward says so
             elif scored[child_key].n_rollouts == 0:
-                stats.truncated += 1
-                if child_key not in self._dead_ends:  # one failed leaf per dead end, never pushed
-                    self._dead_ends.add(child_key)
-                    self._commit(child.keys, 0.0, "truncated")
+                self._dead_end(child.keys)  # never pushed
             elif child_key in expanded:
                 stats.not_pushed["expanded"] += 1
             elif child_key in seen:
@@ -255,6 +249,13 @@ class Rollout:
                 seen.add(child_key)
                 children.append(child)
         return children[::-1]  # best child on top of the stack: it is expanded next
+
+    def _dead_end(self, keys: tuple[str, ...]) -> None:
+        """A path reached a truncated state: one failed leaf per such state and rollout."""
+        self.stats.truncated += 1
+        if keys[-1] not in self._dead_ends:
+            self._dead_ends.add(keys[-1])
+            self._commit(keys, 0.0, "truncated")
 
     def _note_group(self, rewards: Sequence[tuple[float, bool]]) -> None:
         """Diagnostics of one emitted group: (reward, lands on a truncated state) per member."""
