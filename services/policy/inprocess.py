@@ -50,6 +50,8 @@ class InProcessPolicy:
         self._pending: list[_Request] = []
         self._announced = 0  # free-form requests announced and not yet taken into a batch
         self.batch_window_s = batch_window_s
+        self.settle_s = min(0.001, batch_window_s)
+        self._last_announce = 0.0  # monotonic time of the latest announcement
         self.eos_id = self.tokenizer.eos_token_id
 
     # --- sample -------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class InProcessPolicy:
                 return self._stamp(self._sample_choices(prompt, params), prompt)
         with self._pending_lock:
             self._announced += 1  # before tokenizing: a leader waits for this request
+            self._last_announce = time.monotonic()
         try:
             request = _Request(self.prompt_ids(messages), params)
         except BaseException:
@@ -92,14 +95,19 @@ class InProcessPolicy:
 
     def _gather(self) -> None:
         """Wait (at most `batch_window_s`) for requests announced but not queued yet (their
-        prompts are being tokenized), so that requests made together run together. A lone
-        caller never waits, nor does a leader for callers whose requests were already served."""
+        prompts are being tokenized), and for new announcements while they keep coming less than
+        `settle_s` apart, so that requests made together run together. A lone caller waits
+        `settle_s` once; a leader never waits for callers whose requests were already served."""
         deadline = time.monotonic() + self.batch_window_s
-        while time.monotonic() < deadline:
+        while True:
+            # Sleeping also yields the interpreter: callers released at the same moment (threads
+            # of one actor) are runnable but may not have announced yet when the first gets here.
+            time.sleep(min(self.settle_s, max(deadline - time.monotonic(), 0.0)))
+            now = time.monotonic()
             with self._pending_lock:
-                if len(self._pending) >= self._announced:
+                if now >= deadline or (len(self._pending) >= self._announced
+                                       and now - self._last_announce >= self.settle_s):
                     return
-            time.sleep(0.0005)
 
     def _stamp(self, completions: list[Completion], prompt: list[int]) -> list[Completion]:
         return [c.model_copy(update={"policy_version": self.version, "prompt_token_ids": prompt}) for c in completions]

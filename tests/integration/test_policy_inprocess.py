@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -204,3 +205,35 @@ def test_a_request_that_fails_to_tokenize_leaves_no_trace(policy, monkeypatch):
     with pytest.raises(ValueError, match="bad chat template"):
         policy.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=4))
     assert policy._announced == 0 and policy._pending == []
+
+
+def test_requests_arriving_within_the_settle_time_join_the_batch(policy):
+    """A leader waits while new requests keep being announced less than `settle_s` apart (threads
+    released together reach the engine a little apart), but a lone caller does not wait out the
+    whole batch window."""
+    from services.contracts import ChatMessage
+
+    sizes: list[int] = []
+    run_batch = policy._run_batch
+    policy._run_batch = lambda batch: (sizes.append(len(batch)), run_batch(batch))[1]
+    window, settle = policy.batch_window_s, policy.settle_s
+    policy.batch_window_s, policy.settle_s = 5.0, 0.2
+    try:
+        chat = [ChatMessage(role="user", content="You are in the kitchen.")]
+        params = SamplingParams(n=2, max_tokens=4, temperature=1.0)
+        early = []
+        for _ in range(2):  # each arrives well inside the settle time of the one before
+            early.append(threading.Thread(target=policy.sample, args=(chat, params)))
+            early[-1].start()
+            threading.Event().wait(0.12)
+        policy.sample(chat, params)
+        for t in early:
+            t.join(timeout=60)
+        assert sizes == [3]
+        t0 = time.monotonic()
+        policy.sample(chat, params)
+        assert time.monotonic() - t0 < 2.5  # settle (0.2 s) plus the generate, not the 5 s window
+        assert sizes == [3, 1]
+    finally:
+        policy._run_batch = run_batch
+        policy.batch_window_s, policy.settle_s = window, settle
