@@ -369,7 +369,7 @@ def stage_publish(model_dir: Path, work: Path, device: torch.device, log: Callab
 # --- stage 4: the in-process engine's batching ----------------------------------------------
 
 def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, tokens: int,
-                 log: Callable[[str], None]) -> dict:
+                 log: Callable[[str], None], reps: int = 3) -> dict:
     from services.contracts import ChatMessage, SamplingParams
     from services.policy.inprocess import InProcessPolicy
 
@@ -396,7 +396,8 @@ def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, to
 
     engine._run_batch = counted
 
-    def threaded_round() -> tuple[list, float, list[int]]:
+    def threaded() -> tuple[int, list[int]]:
+        """The requests from `prompts` threads released together: (tokens, requests per generate)."""
         batches.clear()
         results: list = [None] * prompts
         start = threading.Barrier(prompts)  # requests made at the same moment, as concurrent callers make them
@@ -406,50 +407,59 @@ def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, to
             results[i] = engine.sample(chats[i], params)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(prompts)]
-        t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        sync(device)
-        return results, time.perf_counter() - t0, list(batches)
+        return generated(results), list(batches)
 
-    # The first round at this batch size warms the allocator (as the raw generate's first call below).
-    _, warm_s, warm_batches = threaded_round()
-    results, threaded_s, threaded_batches = threaded_round()
-    engine._run_batch = run_batch
     # The engine's own generate over all requests as one batch, no threads: what the sampler around
     # `model.generate` (log-probs, decoding, stop strings) costs, apart from how requests coalesce.
     prompt_ids = [engine.prompt_ids(c) for c in chats]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        direct = engine._generate([(x, params) for x in prompt_ids])
-    sync(device)
-    direct_s = time.perf_counter() - t0
+
+    def direct() -> tuple[int, None]:
+        with torch.no_grad():
+            return generated(engine._generate([(x, params) for x in prompt_ids])), None
 
     # The hardware's figure: one generate over the same rows, left-padded, nothing else around it.
-    ids = [engine.prompt_ids(c) for c in chats for _ in range(n)]
+    ids = [x for x in prompt_ids for _ in range(n)]
     width = max(map(len, ids))
     pad = engine.tokenizer.pad_token_id
     x = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-    with torch.no_grad():
-        for _ in range(2):  # the first call at this batch size warms the allocator; the second is timed
-            t0 = time.perf_counter()
+
+    def raw() -> tuple[int, None]:
+        with torch.no_grad():
             out = engine.model.generate(x, attention_mask=mask, max_new_tokens=tokens, do_sample=True,
                                         temperature=1.0, top_k=0, eos_token_id=engine.eos_id, pad_token_id=pad)
+        gen = out[:, width:].tolist()
+        return sum((r.index(engine.eos_id) + 1) if engine.eos_id in r else len(r) for r in gen), None
+
+    # Each variant runs once untimed (the first call at a batch size warms the allocator and the
+    # clocks), then the three take turns `reps` times: no variant gains from running later.
+    variants = {"threads_batched": threaded, "engine_generate_one_batch": direct, "raw_generate": raw}
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    first_batches = threaded()[1]
+    direct()
+    raw()
+    threaded_batches: list[list[int]] = []
+    for _ in range(reps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            got, sizes = fn()
             sync(device)
-            raw_s = time.perf_counter() - t0
-    gen = out[:, width:].tolist()
-    raw_tokens = sum((r.index(engine.eos_id) + 1) if engine.eos_id in r else len(r) for r in gen)
-    per_s = {"one_request_at_a_time": generated(one_by_one) / seq_s, "threads_batched": generated(results) / threaded_s,
-             "threads_batched_first_round": generated(results) / warm_s,
-             "engine_generate_one_batch": generated(direct) / direct_s, "raw_generate": raw_tokens / raw_s}
+            rates[name].append(got / (time.perf_counter() - t0))
+            if sizes is not None:
+                threaded_batches.append(sizes)
+    engine._run_batch = run_batch
+    per_s = {"one_request_at_a_time": generated(one_by_one) / seq_s,
+             **{k: statistics.median(v) for k, v in rates.items()}}
     log("  engine tok/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in per_s.items()))
     del engine
     free_device_memory()
-    return {"prompts": prompts, "n": n, "max_tokens": tokens, "tokens_per_s": per_s, "threaded_batches": threaded_batches,
-            "threaded_batches_first_round": warm_batches,
+    return {"prompts": prompts, "n": n, "max_tokens": tokens, "reps": reps, "tokens_per_s": per_s,
+            "tokens_per_s_each_rep": rates, "threaded_batches": threaded_batches,
+            "threaded_batches_first_round": first_batches,
             "ratio_batched_to_raw": per_s["threads_batched"] / per_s["raw_generate"],
             "ratio_engine_generate_to_raw": per_s["engine_generate_one_batch"] / per_s["raw_generate"],
             "ratio_sequential_to_raw": per_s["one_request_at_a_time"] / per_s["raw_generate"]}
@@ -525,7 +535,8 @@ def main(
     shapes: Annotated[str, typer.Option(help="Comma-separated model shapes for the update figures "
                                              f"({', '.join(SHAPES)}); default: both Qwen2.5 shapes on cuda, "
                                              "both tiny ones on cpu.")] = "",
-    reps: Annotated[int, typer.Option(help="Timed updates per variant and shape (after one warm-up).", min=1)] = 3,
+    reps: Annotated[int, typer.Option(help="Timed repetitions per variant (after one warm-up): updates per shape, "
+                                           "engine rounds (median reported).", min=1)] = 3,
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run.")] = "updates,checkpoint,publish,engine,learner",
     engine_prompts: Annotated[int, typer.Option(help="Stage 4: prompts (each its own request).", min=1)] = 16,
     engine_n: Annotated[int, typer.Option(help="Stage 4: samples per prompt.", min=1)] = 8,
@@ -609,14 +620,14 @@ def main(
                              f"publish {r.get('publish_s', 0):.2f} s" if "error" not in r else r["error"][:80],
                              "v1, equal", "PASS" if r["pass"] else "FAIL"))
         if "engine" in wanted:
-            r = run("engine", lambda: stage_engine(model_dir, dev, engine_prompts, engine_n, engine_tokens, log))
+            r = run("engine", lambda: stage_engine(model_dir, dev, engine_prompts, engine_n, engine_tokens, log, reps))
             if "error" in r:
                 table.append(Row("4 in-process engine", r["error"][:80], "-", "FAIL"))
             else:
                 t = r["tokens_per_s"]
                 table += [Row(f"4 in-process engine: {r['prompts']} prompts x n={r['n']} x {r['max_tokens']} tok, "
                               "raw generate", f"{t['raw_generate']:,.0f} tok/s", "-", "baseline"),
-                          Row(f"4   sample() from threads (batches of {r['threaded_batches']} requests)",
+                          Row(f"4   sample() from threads (requests per generate: {r['threaded_batches']})",
                               f"{t['threads_batched']:,.0f} tok/s", "-",
                               f"{r['ratio_batched_to_raw']:.2f} x raw"),
                           Row("4   the engine's generate, all requests as one batch (no threads)",

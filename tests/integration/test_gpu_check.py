@@ -38,7 +38,11 @@ def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
     assert stages["engine"]["tokens_per_s"]["threads_batched"] > 0
     assert stages["learner"]["published_version"] == 4 and stages["learner"]["pending_entries"] == 0
     assert stages["updates/tiny-a"]["trainer_zero_stage"] == 1  # one rank: ZeRO-2 runs as ZeRO-1
-    assert sum(stages["engine"]["threaded_batches"]) == stages["engine"]["prompts"]
+    engine = stages["engine"]
+    assert len(engine["threaded_batches"]) == engine["reps"]  # every request served once per round
+    assert all(sum(sizes) == engine["prompts"] for sizes in engine["threaded_batches"])
+    assert set(engine["tokens_per_s"]) == {"one_request_at_a_time", "threads_batched", "engine_generate_one_batch",
+                                           "raw_generate"}
     for figure in ("1 tiny-a: Trainer ZeRO-1 bf16", "2 checkpoint", "3 publish", "4 in-process engine", "5 spo3 learner"):
         assert figure in proc.stdout
 

@@ -237,3 +237,30 @@ def test_requests_arriving_within_the_settle_time_join_the_batch(policy):
     finally:
         policy._run_batch = run_batch
         policy.batch_window_s, policy.settle_s = window, settle
+
+
+def test_engine_thread_serves_every_caller_and_ends_with_its_policy(model_dir):
+    """Free-form requests run on one long-lived engine thread, whichever thread asks; once the
+    policy is dropped the thread ends, so the model it served can be freed."""
+    import gc
+    import weakref
+
+    from services.contracts import ChatMessage
+
+    policy = InProcessPolicy(model_dir)
+    ran_on: list[str] = []
+    generate = policy._generate
+    policy._generate = lambda requests: (ran_on.append(threading.current_thread().name), generate(requests))[1]
+    chat = [ChatMessage(role="user", content="You are in the kitchen.")]
+    params = SamplingParams(n=2, max_tokens=4, temperature=1.0)
+    for _ in range(2):
+        caller = threading.Thread(target=policy.sample, args=(chat, params))
+        caller.start()
+        caller.join(timeout=60)
+    policy.sample(chat, params)
+    assert ran_on == ["spo3-inprocess-engine"] * 3
+    engine_thread, alive = policy._engine_thread, weakref.ref(policy)
+    del policy, generate
+    gc.collect()
+    engine_thread.join(timeout=10)
+    assert alive() is None and not engine_thread.is_alive()
