@@ -51,7 +51,7 @@ class SftBatch:
     allowed_valid: Tensor | None = None
 
 
-def build_batch(examples: Sequence[SftExample], pad_id: int, max_len: int = 1024) -> SftBatch:
+def build_batch(examples: Sequence[SftExample], pad_id: int, max_len: int = 2048) -> SftBatch:
     """Pad `examples` into one batch. Pure: no model."""
     if not examples:
         raise ValueError("build_batch needs at least one example")
@@ -114,8 +114,9 @@ class SftConfig:
     """Optimizer steps in all; the examples are cycled (reshuffled each pass). None: `epochs` passes."""
     batch_rows: int = 16
     """Examples per optimizer step."""
-    max_len: int = 1024
-    """Longest prompt + target; longer prompts lose their oldest tokens."""
+    max_len: int = 2048
+    """Longest prompt + target; longer prompts lose their oldest tokens (then the example is no
+    longer what the engine sampled from: keep it above the longest prompt, see `truncated`)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -130,6 +131,11 @@ class SftResult:
     """Target tokens seen, over all steps."""
     losses: list[float] = field(default_factory=list)
     """The loss of every step, in order."""
+
+
+def truncated(examples: Sequence[SftExample], max_len: int) -> int:
+    """How many examples lose prompt tokens to `max_len`."""
+    return sum(len(e.prompt_ids) + len(e.target_ids) > max_len for e in examples)
 
 
 def planned_steps(n_examples: int, cfg: SftConfig) -> int:
@@ -187,7 +193,7 @@ def train_sft(model, examples: Sequence[SftExample], cfg: SftConfig, pad_id: int
 
 
 @torch.no_grad()
-def target_logprobs(model, examples: Sequence[SftExample], pad_id: int, *, max_len: int = 1024,
+def target_logprobs(model, examples: Sequence[SftExample], pad_id: int, *, max_len: int = 2048,
                     batch_rows: int = 16) -> list[float]:
     """The log-prob of each example's whole target (sum over its tokens) under `model`."""
     was_training = model.training

@@ -318,6 +318,8 @@ def sft_cmd(
     train: Annotated[Optional[int], typer.Option(help="Games: training tasks (games.train).")] = None,
     heldout: Annotated[Optional[int], typer.Option(help="Games: held-out tasks (games.eval).")] = None,
     setting: Annotated[Optional[list[str]], typer.Option(help="Games: a generator setting KEY=VALUE (repeatable), e.g. numLocations=9.")] = None,
+    games_dir: Annotated[Optional[str], typer.Option(help="Games: where generated TextWorld games are kept (games.cache_dir).")] = None,
+    demos: Annotated[Optional[str], typer.Option(help="Reuse the expert demos of an earlier run (its OUT/demos.json).")] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Demos of the first N training tasks only.")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Share of the expert steps trained on (seeded subset).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (instead of --epochs).")] = None,
@@ -325,6 +327,7 @@ def sft_cmd(
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate.")] = None,
     eval_episodes: Annotated[Optional[int], typer.Option(help="Held-out episodes per task for success before/after (0: none).")] = None,
     eval_base: Annotated[Optional[bool], typer.Option("--eval-base/--no-eval-base", help="With --eval-episodes: also evaluate the base model.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 on a shared machine).")] = None,
     no_progress: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Warm start: fine-tune a model on expert trajectories (TextWorld walkthroughs, TextWorld-Express
@@ -335,11 +338,12 @@ def sft_cmd(
 
     from services.sft import SftRunConfig, run_sft, suite_config, with_seed
 
-    overrides = {k: v for k, v in dict(out=out, model=model, model_preset=model_preset, tasks=tasks, fraction=fraction,
+    overrides = {k: v for k, v in dict(out=out, model=model, model_preset=model_preset, demos=demos, tasks=tasks, fraction=fraction,
                                        steps=steps, epochs=epochs, lr=lr, eval_episodes=eval_episodes,
-                                       eval_base=eval_base).items()
+                                       eval_base=eval_base, threads=threads).items()
                  if v is not None}
-    games = {k: v for k, v in dict(env=env, kind=kind, train=train, eval=heldout).items() if v is not None}
+    games = {k: v for k, v in dict(env=env, kind=kind, train=train, eval=heldout, cache_dir=games_dir).items()
+             if v is not None}
     if setting:
         games["settings"] = {}
         for item in setting:

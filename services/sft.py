@@ -49,7 +49,7 @@ class SftRunConfig(BaseModel):
     steps: int | None = Field(None, ge=0, description="Optimizer steps in all (examples cycled); empty: `epochs` passes.")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
     batch_rows: int = Field(16, ge=1, description="Examples per optimizer step.")
-    max_len: int = Field(1024, ge=16, description="Longest prompt + target in tokens; longer prompts lose their oldest tokens.")
+    max_len: int = Field(2048, ge=16, description="Longest prompt + target in tokens; longer prompts lose their oldest tokens.")
     choice_mode: bool = Field(True, description="Targets as choice mode samples them (the rollout's `choice_mode`).")
     history_len: int = Field(3, ge=0, description="Past steps shown in the prompt (the rollout's `history_len`).")
     max_steps: int = Field(15, ge=1, description="Most actions per held-out episode (the rollout's `max_steps`).")
@@ -57,6 +57,10 @@ class SftRunConfig(BaseModel):
     eval_base: bool = Field(True, description="With eval_episodes: also evaluate the base model (the same for every setting of a seed).")
     eval_temperature: float = Field(0.4, ge=0.0, description="Sampling temperature of the held-out evaluation.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (results are reproducible for a given count).")
+    demos: str | None = Field(None, description=(
+        "A demos.json written by an earlier `spo3 sft` (OUT/demos.json): train on those expert trajectories "
+        "instead of collecting them (TextWorld-Express's gold paths differ from run to run; the same demos "
+        "and settings give the same model)."))
     note: str = Field("", description="Why these settings (free text, copied into sft.json).")
 
 
@@ -83,6 +87,21 @@ class Demo:
     """Why the replay stopped before the end ("" when it ran through): not_admissible, no_expert."""
 
 
+def expert_actions(env: Any, task_id: str, *, draws: int = 16) -> list[str]:
+    """The expert's actions for `task_id`. TextWorld-Express's gold path is not reproducible (the
+    same game gives paths of 4, 7 or 9 steps from one call to the next, some with detours), so
+    when two draws differ, up to `draws` are taken and the shortest kept (ties: the first in
+    sort order): the demos, and so the warm-started model, do not change from run to run.
+    EnvError when the game has no expert."""
+    seen: set[tuple[str, ...]] = set()
+    for i in range(max(1, draws)):
+        env.reset(task_id)
+        seen.add(tuple(env.walkthrough()))
+        if i == 1 and len(seen) == 1:  # a stored or deterministic expert
+            break
+    return list(min(seen, key=lambda w: (len(w), w)))
+
+
 def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
     """Replay the expert of `task_id` through `env` (an actors.envs adapter with `walkthrough()`)
     and record each step's prompt as the rollout would build it."""
@@ -90,9 +109,8 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
     from actors.prompts import build_messages, parse_action
 
     demo = Demo(task_id)
-    env.reset(task_id)
     try:
-        actions = env.walkthrough()
+        actions = expert_actions(env, task_id)
     except EnvError:
         demo.stopped = "no_expert"
         return demo
@@ -114,6 +132,29 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
             demo.success = result.success
             break
     return demo
+
+
+def save_demos(path: str | Path, demos: Sequence[Demo]) -> None:
+    """Write `demos` as JSON (what `load_demos` reads)."""
+    rows = [{"task_id": d.task_id, "expert_len": d.expert_len, "success": d.success, "stopped": d.stopped,
+             "steps": [{"index": s.index, "messages": [m.model_dump() for m in s.messages], "action": s.action,
+                        "admissible": list(s.admissible)} for s in d.steps]} for d in demos]
+    Path(path).write_text(json.dumps({"version": 1, "demos": rows}))
+
+
+def load_demos(path: str | Path, tasks: Sequence[str]) -> list[Demo]:
+    """The demos of `tasks` (in that order) from a file `save_demos` wrote; ValueError naming a
+    task the file has no demo of."""
+    data = json.loads(Path(path).read_text())
+    by_task = {}
+    for d in data["demos"]:
+        steps = [DemoStep(d["task_id"], s["index"], [ChatMessage(**m) for m in s["messages"]], s["action"],
+                          tuple(s["admissible"])) for s in d["steps"]]
+        by_task[d["task_id"]] = Demo(d["task_id"], steps, d["expert_len"], d["success"], d["stopped"])
+    missing = [t for t in tasks if t not in by_task]
+    if missing:
+        raise ValueError(f"{path} has no demo of {len(missing)} of the {len(tasks)} tasks, e.g. {missing[0]!r}")
+    return [by_task[t] for t in tasks]
 
 
 def select_steps(demos: Sequence[Demo], *, tasks: int | None, fraction: float, seed: int) -> list[DemoStep]:
@@ -155,7 +196,7 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.envs.registry import make_env
-    from learner.sft import SftConfig, planned_steps, target_logprobs, train_sft
+    from learner.sft import SftConfig, planned_steps, target_logprobs, train_sft, truncated
     from services.launcher import task_lists
     from services.model_init import init_model
 
@@ -174,13 +215,18 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
-        demos: list[Demo] = []
-        with Progress(*columns, disable=not progress, console=console) as bar:
-            job = bar.add_task("expert demos", total=len(wanted), info="")
-            for task in wanted:
-                demos.append(collect_demo(env, task, history_len=cfg.history_len))
-                won = sum(d.success >= 1.0 for d in demos)
-                bar.update(job, advance=1, info=f"{won}/{len(demos)} won, {sum(len(d.steps) for d in demos)} steps")
+        if cfg.demos:
+            demos = load_demos(cfg.demos, wanted)
+            say(f"expert demos of {len(demos)} tasks read from {cfg.demos}")
+        else:
+            demos = []
+            with Progress(*columns, disable=not progress, console=console) as bar:
+                job = bar.add_task("expert demos", total=len(wanted), info="")
+                for task in wanted:
+                    demos.append(collect_demo(env, task, history_len=cfg.history_len))
+                    won = sum(d.success >= 1.0 for d in demos)
+                    bar.update(job, advance=1, info=f"{won}/{len(demos)} won, {sum(len(d.steps) for d in demos)} steps")
+        save_demos(out / "demos.json", demos)
         steps = select_steps(demos, tasks=None, fraction=cfg.fraction, seed=cfg.seed)
         if not steps:
             raise ValueError(f"no expert steps from {len(wanted)} training tasks of {cfg.games.env} "
@@ -206,12 +252,17 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
             "demos_won": sum(d.success >= 1.0 for d in demos),
             "demo_stops": {k: sum(d.stopped == k for d in demos) for k in {d.stopped for d in demos} if k},
             "expert_steps": sum(len(d.steps) for d in demos), "examples": len(examples),
+            "prompt_tokens_max": max(len(e.prompt_ids) for e in examples),
+            "truncated_examples": truncated(examples, cfg.max_len),
             "steps": result.steps, "target_tokens": result.target_tokens,
             "loss_first": result.losses[0] if result.losses else None,
             "loss_last": result.losses[-1] if result.losses else None,
             "target_logprob_before": sum(before_lp) / len(before_lp),
             "target_logprob_after": sum(after_lp) / len(after_lp),
         }
+        if summary["truncated_examples"]:
+            say(f"[yellow]{summary['truncated_examples']} of {len(examples)} examples are longer than max_len="
+                f"{cfg.max_len} tokens (longest prompt {summary['prompt_tokens_max']}): their prompts lose their oldest tokens")
         say(f"fine-tuned on {len(examples)} expert steps from {len(demos)} tasks "
             f"({summary['demos_won']} won by the expert): {result.steps} steps, loss "
             f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, mean target log-prob "
