@@ -84,7 +84,9 @@ class Demo:
     success: float = 0.0
     """What the engine reported when the trajectory ended (1.0: the expert won)."""
     stopped: str = ""
-    """Why the replay stopped before the end ("" when it ran through): not_admissible, no_expert."""
+    """"no_expert" when the game has none, else ""."""
+    skipped: int = 0
+    """Expert actions not among the admissible ones (not stepped, no example)."""
 
 
 def expert_actions(env: Any, task_id: str, *, draws: int = 16) -> list[str]:
@@ -120,9 +122,12 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
     for i, action in enumerate(actions):
         admissible = tuple(obs.admissible_actions)
         parsed = parse_action(action, admissible, bare_ok=True)
-        if parsed.invalid:  # the engine's list does not hold the expert's command: stop, keep what was valid
-            demo.stopped = "not_admissible"
-            break
+        if parsed.invalid:
+            # Not in the engine's list, so the policy could not pick it (TWX cooking's gold path may
+            # "open" a cupboard that is open already): skipped, and the replay goes on; a step that
+            # mattered shows as a demo the expert no longer wins.
+            demo.skipped += 1
+            continue
         messages = build_messages(task_text, history, obs.text, list(admissible), history_len=history_len)
         demo.steps.append(DemoStep(task_id, i, messages, parsed.action, admissible))
         result = env.step(parsed.action)
@@ -137,6 +142,7 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
 def save_demos(path: str | Path, demos: Sequence[Demo]) -> None:
     """Write `demos` as JSON (what `load_demos` reads)."""
     rows = [{"task_id": d.task_id, "expert_len": d.expert_len, "success": d.success, "stopped": d.stopped,
+             "skipped": d.skipped,
              "steps": [{"index": s.index, "messages": [m.model_dump() for m in s.messages], "action": s.action,
                         "admissible": list(s.admissible)} for s in d.steps]} for d in demos]
     Path(path).write_text(json.dumps({"version": 1, "demos": rows}))
@@ -150,7 +156,8 @@ def load_demos(path: str | Path, tasks: Sequence[str]) -> list[Demo]:
     for d in data["demos"]:
         steps = [DemoStep(d["task_id"], s["index"], [ChatMessage(**m) for m in s["messages"]], s["action"],
                           tuple(s["admissible"])) for s in d["steps"]]
-        by_task[d["task_id"]] = Demo(d["task_id"], steps, d["expert_len"], d["success"], d["stopped"])
+        by_task[d["task_id"]] = Demo(d["task_id"], steps, d["expert_len"], d["success"], d["stopped"],
+                                   d.get("skipped", 0))
     missing = [t for t in tasks if t not in by_task]
     if missing:
         raise ValueError(f"{path} has no demo of {len(missing)} of the {len(tasks)} tasks, e.g. {missing[0]!r}")
@@ -250,7 +257,8 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
             "config": cfg.model_dump(), "base_model": str(base_dir), "model": str(model_dir),
             "train_tasks": len(train_tasks), "demo_tasks": len(demos),
             "demos_won": sum(d.success >= 1.0 for d in demos),
-            "demo_stops": {k: sum(d.stopped == k for d in demos) for k in {d.stopped for d in demos} if k},
+            "demos_without_expert": sum(d.stopped == "no_expert" for d in demos),
+            "expert_actions_skipped": sum(d.skipped for d in demos),
             "expert_steps": sum(len(d.steps) for d in demos), "examples": len(examples),
             "prompt_tokens_max": max(len(e.prompt_ids) for e in examples),
             "truncated_examples": truncated(examples, cfg.max_len),

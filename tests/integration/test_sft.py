@@ -81,13 +81,24 @@ class ScriptedPolicy:
 def test_expert_demos_win_and_look_like_the_policys_prompts(demos, twx_env, tw_env, tw_game, which):
     env, task = (twx_env, TWX_TASK) if which == "twx" else (tw_env, tw_game)
     demo = demos[which]
-    assert demo.success == 1.0 and demo.stopped == "" and len(demo.steps) == demo.expert_len >= 2
+    assert demo.success == 1.0 and demo.stopped == "" and demo.skipped == 0 and len(demo.steps) == demo.expert_len >= 2
     # The held-out evaluation (the rollout's prompt code) playing the same actions sees the same prompts.
     policy = ScriptedPolicy([s.action for s in demo.steps])
     result = evaluate(env, policy, [task], max_steps=len(demo.steps), choice_mode=True)
     assert result.success_rate == 1.0
     assert [m for m, _ in policy.seen] == [s.messages for s in demo.steps]
     assert [c for _, c in policy.seen] == [list(s.admissible) for s in demo.steps]
+    assert all(s.action in s.admissible for s in demo.steps)
+
+
+def test_an_expert_action_the_engine_does_not_list_is_skipped(twx_env):
+    """TWX cooking seed 6: the gold path opens the kitchen cupboard, which validActions does not
+    list (the policy could not pick it); the demo goes on without it and the expert still wins."""
+    task = ("cookingworld:seed=6:fold=train:numLocations=4,numIngredients=2,numDistractorItems=2,includeDoors=1,"
+            "limitInventorySize=0")
+    demo = collect_demo(twx_env, task)
+    assert demo.skipped >= 1 and demo.success == 1.0
+    assert len(demo.steps) == demo.expert_len - demo.skipped
     assert all(s.action in s.admissible for s in demo.steps)
 
 
