@@ -11,7 +11,8 @@ held-out evaluation build it (actors/prompts.py: the task text of the reset, the
 the in-process engine samples with. The target is the action as choice mode samples it (its
 tokens + EOS, scored under the choices' trie) or, with `choice_mode: false`, `<action>...</action>`.
 
-Demos come from the training tasks only (never the held-out ones). `tasks` and `fraction` make
+Demos come from the training tasks only (never the held-out ones), and only those the expert
+won when replayed through the adapter. `tasks` and `fraction` make
 the warm start partial: the demos of the first `tasks` training tasks, and a seeded share
 `fraction` of their expert steps.
 """
@@ -234,7 +235,8 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
                     won = sum(d.success >= 1.0 for d in demos)
                     bar.update(job, advance=1, info=f"{won}/{len(demos)} won, {sum(len(d.steps) for d in demos)} steps")
         save_demos(out / "demos.json", demos)
-        steps = select_steps(demos, tasks=None, fraction=cfg.fraction, seed=cfg.seed)
+        # Only trajectories the expert won (a skipped action may have mattered).
+        steps = select_steps([d for d in demos if d.success >= 1.0], tasks=None, fraction=cfg.fraction, seed=cfg.seed)
         if not steps:
             raise ValueError(f"no expert steps from {len(wanted)} training tasks of {cfg.games.env} "
                              f"(stopped: {sorted({d.stopped for d in demos})})")
