@@ -304,6 +304,68 @@ def train_cmd(
     typer.echo(f"run directory: {run_dir}")
 
 
+@app.command("sft")
+def sft_cmd(
+    config: Annotated[Optional[str], typer.Option(help="YAML: one warm start (SftRunConfig fields), or a suites "
+                                                       "file (configs/sft.yaml) with --suite.")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="The suite of a suites file (its games come from the bench file it names).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the task split, base model and example order (as `spo3 train`'s games.seed).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory (model/ is the warm-started model).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hugging Face model directory to fine-tune (default: made from --model-preset).")] = None,
+    model_preset: Annotated[Optional[str], typer.Option(help="Preset of `spo3 init-model` for the base model.")] = None,
+    env: Annotated[Optional[str], typer.Option(help="Games: textworld, twx or alfworld (as games.env of `spo3 train`).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Games: the generator / TWX game (games.kind).")] = None,
+    train: Annotated[Optional[int], typer.Option(help="Games: training tasks (games.train).")] = None,
+    heldout: Annotated[Optional[int], typer.Option(help="Games: held-out tasks (games.eval).")] = None,
+    setting: Annotated[Optional[list[str]], typer.Option(help="Games: a generator setting KEY=VALUE (repeatable), e.g. numLocations=9.")] = None,
+    games_dir: Annotated[Optional[str], typer.Option(help="Games: where generated TextWorld games are kept (games.cache_dir).")] = None,
+    demos: Annotated[Optional[str], typer.Option(help="Reuse the expert demos of an earlier run (its OUT/demos.json).")] = None,
+    tasks: Annotated[Optional[int], typer.Option(help="Demos of the first N training tasks only.")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="Share of the expert steps trained on (seeded subset).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (instead of --epochs).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the examples.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate.")] = None,
+    eval_episodes: Annotated[Optional[int], typer.Option(help="Held-out episodes per task for success before/after (0: none).")] = None,
+    eval_base: Annotated[Optional[bool], typer.Option("--eval-base/--no-eval-base", help="With --eval-episodes: also evaluate the base model.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 on a shared machine).")] = None,
+    no_progress: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Warm start: fine-tune a model on expert trajectories (TextWorld walkthroughs, TextWorld-Express
+    gold paths, ALFWorld's expert) formatted as the policy sees them; `spo3 train` starts from
+    OUT/model (its `model:` setting)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from services.sft import SftRunConfig, run_sft, suite_config, with_seed
+
+    overrides = {k: v for k, v in dict(out=out, model=model, model_preset=model_preset, demos=demos, tasks=tasks, fraction=fraction,
+                                       steps=steps, epochs=epochs, lr=lr, eval_episodes=eval_episodes,
+                                       eval_base=eval_base, threads=threads).items()
+                 if v is not None}
+    games = {k: v for k, v in dict(env=env, kind=kind, train=train, eval=heldout, cache_dir=games_dir).items()
+             if v is not None}
+    if setting:
+        games["settings"] = {}
+        for item in setting:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise typer.BadParameter(f"--setting wants KEY=VALUE, got {item!r}")
+            games["settings"][key] = yaml.safe_load(value)
+    try:
+        cfg = suite_config(config, suite or "") if config else SftRunConfig()
+        if suite and not config:
+            raise ValueError("--suite needs --config (a suites file such as configs/sft.yaml)")
+        if games:
+            overrides["games"] = {**cfg.games.model_dump(), **games}
+        cfg = SftRunConfig.model_validate({**cfg.model_dump(), **overrides})
+        if seed is not None:
+            cfg = with_seed(cfg, seed)
+    except (ValueError, ValidationError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    summary = run_sft(cfg, progress=not no_progress)
+    typer.echo(f"warm-started model: {summary['model']}")
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[str, typer.Option(help="Hugging Face model directory (a run's checkpoints/v*/hf).")],

@@ -17,6 +17,13 @@ from services.policy.interface import PolicyError
 from services.policy.weights import weights_checksum
 
 
+def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """The prompt tokens the engine samples from: the chat template with the generation prompt
+    (also how `spo3 sft` tokenizes expert steps, so its examples are what the policy sees)."""
+    ids = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
 @dataclass(eq=False)
 class _Request:
     """A free-form request waiting for the engine; whoever runs the batch fills in one of the two."""
@@ -60,9 +67,7 @@ class InProcessPolicy:
 
     # --- sample -------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages],
-                                                 add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
         """`params.n` completions. Free-form requests run on one engine thread of this policy, and
