@@ -46,7 +46,7 @@ from services.bench_stats import (
     visited_state_curve,
     visits_from_rollouts,
 )
-from services.launcher import TrainConfig
+from services.launcher import TrainConfig, learner_settings_check
 
 ALGOS = ("3spo", "grpo", "gigpo")
 FORMAT = "spo3-bench/2"
@@ -102,6 +102,7 @@ class BenchConfig(BaseModel):
         raw.update(algo=algo, name=f"{suite}-{algo}-{variant}-s{seed}", runs_dir=str(out / "runs"),
                    heldout_checkpoints=self.heldout_checkpoints)
         cfg = TrainConfig.model_validate(raw)
+        learner_settings_check(cfg.learner)  # a misspelt setting stops the bench before any run
         episodes = int(cfg.eval.get("episodes", 1)) * cfg.games.eval
         if episodes < self.min_heldout_episodes:
             raise ValueError(f"suite {suite}: {cfg.games.eval} held-out tasks x eval.episodes "
