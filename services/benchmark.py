@@ -209,6 +209,15 @@ class SweepConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
 
+def _numbers_alike(x: Any) -> Any:
+    """Settings with ints as floats, so that `alpha: 1` and `alpha: 1.0` compare equal."""
+    if isinstance(x, dict):
+        return {k: _numbers_alike(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers_alike(v) for v in x]
+    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+
 def variant_name(sets: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sets.items()) or "default"
 
@@ -544,7 +553,8 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
         for sets in sweep_variants(sweep.grid[algo], sweep.mode):
             name = variant_name(sets)
             # a variant equal to the defaults (a listed value that is the default) is run once
-            key = json.dumps(bench.run_config(tuning[0], algo, 0, out, sets).model_dump(mode="json"), sort_keys=True)
+            key = json.dumps(_numbers_alike(bench.run_config(tuning[0], algo, 0, out, sets).model_dump(mode="json")),
+                             sort_keys=True)
             if key in seen:
                 continue
             seen[key] = name
@@ -567,6 +577,7 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
         report["algos"][algo] = {"variants": table, "best": best, "best_settings": vs.get(best, {}) if best else None}
     report["algo_settings"] = {a: d["best_settings"] for a, d in report["algos"].items() if d["best_settings"]}
     report["failed"] = failures
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     (out / "sweep.md").write_text(sweep_markdown(report))
     console.print(sweep_markdown(report), markup=False, highlight=False)

@@ -240,3 +240,31 @@ def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_no
         run_plan(other, [p], tmp_path, progress=False)
     missing = Planned(suite="s", algo="grpo", seed=2)
     assert run_plan(bench, [p, missing], tmp_path, progress=False, report_only=True)[0] == {p: recorded}
+
+
+def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
+    """`score.alpha: [1, 50]` with alpha 1.0 the default: the 'alpha=1' variant is the default one and
+    is not run twice. (run_plan is replaced: this checks the plan, not training.)"""
+    import services.benchmark as bm
+
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
+        "base": {"env_steps": 80, "eval": {"episodes": 8}, "score": {"alpha": 1.0}},
+        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}}))
+    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7],
+                        grid={"3spo": {"score.alpha": [1, 50]}, "grpo": {"learner.groups_per_update": [2]}})
+    planned = []
+
+    def fake_run_plan(bench, plan, out, **kw):
+        planned.extend(plan)
+        results = {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_success": {
+            "default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}[p.variant]}) for p in plan}
+        return results, []
+
+    monkeypatch.setattr(bm, "run_plan", fake_run_plan)
+    report = bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    assert [(p.algo, p.variant) for p in planned] == [("3spo", "default"), ("3spo", "alpha=50"),
+                                                      ("grpo", "default"), ("grpo", "groups_per_update=2")]
+    assert report["algos"]["3spo"]["best"] == "alpha=50" and report["algos"]["grpo"]["best"] == "default"
+    assert report["algo_settings"] == {"3spo": {"score.alpha": 50}}
+    text = (tmp_path / "out" / "sweep.md").read_text()
+    assert "## 3spo: best `alpha=50`" in text and "score.alpha: 50" in text
