@@ -63,11 +63,11 @@ ALFWORLD_GAMES := bench-games/alfworld
 $(ALFWORLD_GAMES)/heldout:
 	$(BIN)/spo3 make-games $(ALFWORLD_GAMES) --env alfworld --n 8 --heldout 4 --seed 0
 
-bench: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on configs/bench-v2.yaml (held-out curves, paired intervals; resumable: run it again)
-	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2
+bench: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on configs/bench-v2.yaml (resumable; a shard: BENCH_ARGS="--suite twx-coin-big")
+	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(BENCH_ARGS)
 
 bench-sweep: install $(ALFWORLD_GAMES)/heldout ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
-	$(BIN)/spo3 bench --sweep configs/bench-sweep.yaml --out bench-results/sweep
+	$(BIN)/spo3 bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
 
 bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recorded so far
 	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 --report-only

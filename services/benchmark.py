@@ -362,7 +362,7 @@ def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bo
                 f = run_figures(result, bench.success_threshold)
                 bar.console.print(
                     f"{label}: held-out {result.held_out[0][1]:.0%} -> {f['final_success']:.0%} "
-                    f"({result.held_out[-1][2]} episodes), {f['visited_states']:.0f} visited states, "
+                    f"({int(result.held_out[-1][2])} episodes), {f['visited_states']:.0f} visited states, "
                     f"{result.updates} updates, train {result.wall_time_s:.0f} s + eval {result.eval_wall_s:.0f} s"
                     + (" [yellow](time limit)" if result.stopped_by_time_limit else ""))
             finished_steps += cfg.env_steps
