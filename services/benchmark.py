@@ -218,6 +218,15 @@ def _numbers_alike(x: Any) -> Any:
     return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
 
 
+def _settings_key(cfg: TrainConfig) -> str:
+    """What a run's settings amount to: score settings with their defaults filled in, numbers alike."""
+    from score_store.score_math import ScoreParams
+
+    settings = cfg.model_dump(mode="json")
+    settings["score"] = ScoreParams(**cfg.score).model_dump(mode="json")
+    return json.dumps(_numbers_alike(settings), sort_keys=True)
+
+
 def variant_name(sets: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sets.items()) or "default"
 
@@ -553,8 +562,7 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
         for sets in sweep_variants(sweep.grid[algo], sweep.mode):
             name = variant_name(sets)
             # a variant equal to the defaults (a listed value that is the default) is run once
-            key = json.dumps(_numbers_alike(bench.run_config(tuning[0], algo, 0, out, sets).model_dump(mode="json")),
-                             sort_keys=True)
+            key = _settings_key(bench.run_config(tuning[0], algo, 0, out, sets))
             if key in seen:
                 continue
             seen[key] = name
@@ -589,7 +597,7 @@ def sweep_markdown(report: dict) -> str:
              f"Chosen by `{report['select_by']}` (training-time, mean over suites and seeds); held-out figures "
              "are reported, not used to choose.", ""]
     for algo, d in report["algos"].items():
-        lines += [f"## {algo}: best `{d['best']}`", "",
+        lines += [f"## {algo}: " + (f"best `{d['best']}`" if d["best"] else "no runs recorded yet"), "",
                   f"| variant | runs | {report['select_by']} | held-out at budget | held-out AUC | visited | updates |",
                   "|---|---|---|---|---|---|---|"]
         for name, row in d["variants"].items():
