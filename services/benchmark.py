@@ -275,8 +275,12 @@ def result_path(out: Path, suite: str, algo: str, variant: str, seed: int) -> Pa
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match for a recorded run to stand for a planned one (the time limit may change)."""
-    return {k: v for k, v in settings.items() if k not in ("time_limit_s",)}
+    """Settings that must match for a recorded run to stand for a planned one: not the time limit (it may
+    change) nor where files go (results copied into another --out stay valid)."""
+    out = {k: v for k, v in settings.items() if k not in ("time_limit_s", "runs_dir", "model")}
+    if isinstance(out.get("games"), dict):
+        out["games"] = {k: v for k, v in out["games"].items() if k != "cache_dir"}
+    return out
 
 
 # --- running a plan ------------------------------------------------------------------------------
@@ -325,7 +329,6 @@ def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bo
         if path.is_file():
             r = RunResult.model_validate_json(path.read_text())
             planned = cfgs[p].model_dump(mode="json")
-            planned["model"] = r.settings.get("model")  # the model path is decided when the run starts
             if _comparable(r.settings) != _comparable(planned):
                 diff = sorted(k for k in set(planned) | set(r.settings) if planned.get(k) != r.settings.get(k))
                 raise ValueError(f"{path} was recorded with other settings ({diff}); use another --out, or "

@@ -268,3 +268,15 @@ def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch
     assert report["algo_settings"] == {"3spo": {"score.alpha": 50}}
     text = (tmp_path / "out" / "sweep.md").read_text()
     assert "## 3spo: best `alpha=50`" in text and "score.alpha: 50" in text
+
+
+def test_results_copied_into_another_out_are_reported(tmp_path):
+    bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"], seeds=[1])
+    p = Planned(suite="s", algo="grpo", seed=1)
+    recorded = run("grpo", 1, 0.5, 10).model_copy(update={"settings": {
+        **bench.run_config("s", "grpo", 1, tmp_path / "elsewhere").model_dump(mode="json"), "model": "/m"}})
+    path = result_path(tmp_path / "here", "s", "grpo", "default", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(recorded.model_dump_json())
+    assert run_plan(bench, [p], tmp_path / "here", progress=False, report_only=True)[0] == {p: recorded}
