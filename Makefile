@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps demo test test-fast bench bench-score bench-actor bench-policy bench-learner clean
+.PHONY: help install vllm-venv system-deps demo test test-fast bench bench-sweep bench-report bench-score bench-actor bench-policy bench-learner clean
 .PHONY: check-gpu gpu-wheels
 .PHONY: secrets images up down purge scale compose-up compose-down check-deploy
 
@@ -58,8 +58,19 @@ test: install ## Run the whole test suite (real Redis and services are started b
 test-fast: install ## Unit tests only (pure functions, no processes)
 	$(BIN)/python -m pytest tests/unit
 
-bench: install ## 3SPO vs GRPO vs GiGPO: 5 suites x 3 seeds at equal env steps (configs/bench.yaml; ~1.5-2 h on 2 cores)
-	$(BIN)/spo3 bench --config configs/bench.yaml --out bench-results/algos
+ALFWORLD_GAMES := bench-games/alfworld
+
+$(ALFWORLD_GAMES)/heldout:
+	$(BIN)/spo3 make-games $(ALFWORLD_GAMES) --env alfworld --n 8 --heldout 4 --seed 0
+
+bench: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on configs/bench-v2.yaml (resumable; a shard: BENCH_ARGS="--suite twx-coin-big")
+	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(BENCH_ARGS)
+
+bench-sweep: install $(ALFWORLD_GAMES)/heldout ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
+	$(BIN)/spo3 bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
+
+bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recorded so far
+	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 --report-only
 
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
 	@mkdir -p bench-results

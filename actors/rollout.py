@@ -84,6 +84,9 @@ class RolloutStats:
     truncated: int = 0
     generated_tokens: int = 0
     visited: set[str] = field(default_factory=set)
+    visits: list[tuple[int, str]] = field(default_factory=list)
+    """(env_steps of this rollout when entered, key) of each state in `visited`, in the order first
+    entered (the root at 0): the run's visited-state curve (services.bench_stats) comes from these."""
     branching: Counter = field(default_factory=Counter)
     scores: list[float] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)
@@ -150,7 +153,7 @@ class Rollout:
         self._at = "r"
         self.task_text = obs.text
         root = _Node("r", (), (self._key(obs),), obs, (), self.env.snapshot())
-        self.stats.visited.add(root.key)
+        self._visit(root.key)
         if item.algo == "3spo":
             self._dfs(root)
         else:
@@ -374,8 +377,13 @@ class Rollout:
         self._at = child_id
         self.stats.env_steps += 1
         key = self._key(result.observation)
-        self.stats.visited.add(key)
+        self._visit(key)
         return result, key, snap
+
+    def _visit(self, key: str) -> None:
+        if key not in self.stats.visited:
+            self.stats.visited.add(key)
+            self.stats.visits.append((self.stats.env_steps, key))
 
     def _transition(self, node: _Node, c: Completion, p: ParsedAction, next_key: str, reward: float,
                     done: bool) -> Transition:

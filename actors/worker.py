@@ -9,6 +9,7 @@ directly. The work queue, the groups stream and the run totals are on Redis eith
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -69,11 +70,19 @@ class ActorConfig:
     """After every this many finished work items, play one evaluation episode of the next held-out
     task (round robin) with the current policy; 0: no evaluation."""
     eval_temperature: float = 0.4
+    record_visits: bool = False
+    """Append each rollout's visited states to the run's `actor_visits` list (one record per rollout:
+    bounded by the run's env steps; `spo3 train` and `spo3 bench` read it)."""
 
 
-def record_totals(client, names, stats: RolloutStats) -> None:
-    """Run-wide totals in Redis, so launchers and dashboards see every actor's work."""
-    pipe = client.pipeline(transaction=False)
+def record_totals(client, names, stats: RolloutStats, task: str | None = None) -> None:
+    """Run-wide totals in Redis, so launchers and dashboards see every actor's work. With `task`, the
+    rollout's visited states go to the `actor_visits` list in the same transaction as its env steps,
+    so the list's order is the order the totals grew in."""
+    pipe = client.pipeline(transaction=task is not None)
+    if task is not None:
+        pipe.rpush(names.actor_visits, json.dumps({"task": task, "steps": stats.env_steps,
+                                                   "visits": [list(v) for v in stats.visits]}))
     for field_name in ("env_steps", "replay_steps", "leaves", "successes", "groups", "invalid_actions", "actions",
                        "generated_tokens", "truncated", "restores", "expansions", "reexpansions", "informative_groups",
                        "truncated_top_groups", "open_at_end"):
@@ -270,7 +279,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
             record(stats, item)
             metrics.new_states.labels(item.env, task_type(item.env, item.task_id), item.algo).inc(observed.new_states())
             metrics.stream_wait.inc(stream.waited_s - waited)
-            record_totals(client, names, stats)
+            record_totals(client, names, stats, item.task_id if cfg.record_visits else None)
             if stats.complete:
                 queue.finish(item)
                 finished += 1

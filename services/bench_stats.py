@@ -234,20 +234,130 @@ class RunResult(BaseModel):
     learner_tokens: int = Field(0, description="Tokens the learner trained on (real, not padding).")
     updates: int = Field(0, description="Learner updates (policy versions published).")
     wall_time_s: float = Field(0.0, description="Wall time of the run.")
+    variant: str = Field("default", description="Settings variant (a sweep's name for its overrides; 'default' in a bench).")
+    budget: int | None = Field(None, description="The planned budget of new env steps (the same for every run of a "
+                               "suite); figures 'at the budget' are read there. None: new_env_steps.")
+    stopped_by_time_limit: bool = Field(False, description="The run's time limit ended training before the budget: "
+                                        "its held-out curve stops at the last checkpoint reached.")
+    train_success: float | None = Field(None, description="Training leaf success over the last quarter of the env "
+                                        "steps: a diagnostic, comparable between settings of one algorithm only.")
+    eval_wall_s: float = Field(0.0, description="Wall time of the held-out evaluations after training.")
+    eval_env_steps: int = Field(0, description="Env steps of the held-out episodes (not training env steps).")
+    run_dir: str | None = Field(None, description="The run's directory (config, metrics, visits, heldout.json).")
+
+
+def visits_from_rollouts(records: Iterable[Mapping[str, Any]]) -> list[tuple[int, str, str]]:
+    """The run's visit record from the actors' per-rollout records, in the order their env steps were
+    added to the run's total: each `{"task", "steps": new env steps of the rollout, "visits":
+    [[env step within the rollout, key], ...]}`. A rollout's steps occupy the run's env steps after those
+    of the rollouts before it, so a visit at local step k of a rollout that starts at run step n is at
+    n + k. Raises ValueError on a visit outside its rollout's steps."""
+    out: list[tuple[int, str, str]] = []
+    offset = 0
+    for rec in records:
+        steps = int(rec["steps"])
+        if steps < 0:
+            raise ValueError(f"negative steps in a rollout record of {rec.get('task')!r}")
+        for local, key in rec["visits"]:
+            if not 0 <= int(local) <= steps:
+                raise ValueError(f"visit at step {local} of a rollout of {steps} steps ({rec.get('task')!r})")
+            out.append((offset + int(local), str(rec["task"]), str(key)))
+        offset += steps
+    out.sort(key=lambda v: v[0])  # stable: within a step, the recorded order
+    return out
+
+
+def late_success(snapshots: Sequence[Mapping[str, Any]], fraction: float = 0.25) -> float | None:
+    """Training leaf success over the last `fraction` of the env steps, from cumulative snapshots
+    ({"env_steps", "leaves", "successes"}); None without leaves there."""
+    if not snapshots:
+        return None
+    end = snapshots[-1]
+    cut = end["env_steps"] * (1 - fraction)
+    start = next((s for s in reversed(snapshots) if s["env_steps"] <= cut), {"leaves": 0, "successes": 0})
+    leaves = end["leaves"] - start["leaves"]
+    return (end["successes"] - start["successes"]) / leaves if leaves > 0 else None
 
 
 def run_figures(run: RunResult, threshold: float) -> dict[str, Any]:
-    """The per-run figures the tables and the paired comparisons use."""
-    budget = run.new_env_steps
+    """The per-run figures the tables and the paired comparisons use, at the planned budget."""
+    budget = run.budget or run.new_env_steps
+    visited = value_at(run.visited_states, budget)
     return {
         "final_success": run.held_out[-1][1],
         "initial_success": run.held_out[0][1],
-        "visited_states": value_at(run.visited_states, budget),
-        "visited_per_1k_steps": 1000 * value_at(run.visited_states, budget) / max(budget, 1),
+        "visited_states": visited,
+        "visited_per_1k_steps": 1000 * visited / max(budget, 1),
         "steps_to_threshold": steps_to_threshold(run.held_out, threshold),
         "threshold_met_at_start": threshold_met_at_start(run.held_out, threshold),
         "success_auc": area_under_curve(run.held_out),
+        "replay_per_new_step": run.replay_env_steps / max(run.new_env_steps, 1),
+        "generated_tokens": run.generated_tokens,
+        "learner_tokens": run.learner_tokens,
+        "updates": run.updates,
+        "train_success": run.train_success,
     }
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """{"mean", "std" (sample; 0 for one value), "n"} of the values that are not None."""
+    vs = [float(v) for v in values if v is not None]
+    if not vs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(vs)), "std": float(np.std(vs, ddof=1)) if len(vs) > 1 else 0.0, "n": len(vs)}
+
+
+def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[str, Any]]:
+    """algo -> figure -> mean_std over its seeds, plus "runs", "threshold_met_at_start" (runs whose
+    initial policy already met the threshold) and "stopped_by_time_limit" (counts)."""
+    out: dict[str, dict[str, Any]] = {}
+    by_algo: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_algo.setdefault(r.algo, []).append(r)
+    for algo, rs in by_algo.items():
+        figs = [run_figures(r, threshold) for r in rs]
+        row: dict[str, Any] = {k: mean_std(f[k] for f in figs) for k in figs[0]
+                               if k != "threshold_met_at_start"}
+        row["runs"] = len(rs)
+        row["threshold_met_at_start"] = sum(f["threshold_met_at_start"] for f in figs)
+        row["stopped_by_time_limit"] = sum(r.stopped_by_time_limit for r in rs)
+        out[algo] = row
+    return out
+
+
+def curve_band(curves: Sequence[Sequence[Sequence[float]]], grid: Sequence[int], *, resamples: int = 2000,
+               level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Mean over runs of curves read at `grid` (value_at), with a percentile bootstrap `level` interval
+    of that mean over runs at each grid point: {"steps", "mean", "low", "high"} (one run: low = high = mean).
+    Grid points before a curve's first point are an error."""
+    if not curves:
+        raise ValueError("no curves")
+    values = np.array([[value_at(c, g) for g in grid] for c in curves], dtype=float)
+    mean = values.mean(axis=0)
+    if len(curves) == 1:
+        lo = hi = mean
+    else:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(curves), size=(resamples, len(curves)))
+        boots = values[idx].mean(axis=1)
+        tail = (1 - level) / 2
+        lo, hi = np.quantile(boots, [tail, 1 - tail], axis=0, method="inverted_cdf")
+    return {"steps": [int(g) for g in grid], "mean": mean.tolist(), "low": np.asarray(lo).tolist(),
+            "high": np.asarray(hi).tolist()}
+
+
+def best_variant(rows: Mapping[str, Sequence[float | None]], *, higher_is_better: bool = True) -> str | None:
+    """The variant whose mean (over the values that exist) is best; ties go to the first listed.
+    `rows`: variant -> the selection metric per (suite, seed) run. None when no variant has a value."""
+    best, best_value = None, None
+    for name, values in rows.items():
+        vs = [v for v in values if v is not None]
+        if not vs:
+            continue
+        m = float(np.mean(vs))
+        if best_value is None or (m > best_value if higher_is_better else m < best_value):
+            best, best_value = name, m
+    return best
 
 
 COMPARED = {  # figure -> kinds of paired comparison

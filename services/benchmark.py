@@ -1,55 +1,114 @@
-"""`spo3 bench`: 3SPO, GRPO and GiGPO side by side on the same env-step budget.
+"""`spo3 bench`: 3SPO, GRPO and GiGPO side by side, counted the same way (ALGORITHM.md "Metrics").
 
-    for suite in suites:             (TextWorld coin/treasure/cooking, TextWorld-Express, ALFWorld...)
-      for seed in seeds:             (one initial model and one task split per seed)
-        for algo in algos:           (3spo, grpo, gigpo)
-          spo3 train on that suite   (the same single-machine system as `make demo`)
-    -> results.json (one record per run), summary.md (a table per suite: mean ± std over seeds,
-       and the ratios behind the paper's claims), one plot per suite (curves averaged over seeds)
+    for suite in suites:             (configs/bench-v2.yaml: suites with room to explore)
+      for seed in seeds:             (one initial model and one task split per seed, for every algo)
+        for algo in algos:           (3spo, grpo, gigpo; each with its settings from `algo_settings`)
+          spo3 train on that suite   (the same single-machine system as `make demo`), keeping the
+                                     published weights at `heldout_checkpoints` fixed env-step
+                                     checkpoints and evaluating them on the held-out tasks afterwards
+          -> results/<suite>/<algo>-<variant>-s<seed>.json (a bench_stats.RunResult; resume skips it)
+    -> results.json (every run, and per suite the table and the paired bootstrap intervals),
+       summary.md (tables; where an interval includes "no difference"), plots with interval bands
 
-Every run gets the same budget of new environment steps (and the same time limit as a guard);
-replayed steps that restore a node do not count, as in the paper's accounting.
+`spo3 bench --sweep configs/bench-sweep.yaml` runs settings variants per algorithm on the tuning
+suites instead, picks each algorithm's best variant by a training-time figure and writes sweep.md
+and the `algo_settings` to put into the bench config.
+
+The figures are computed by services/bench_stats.py (pure functions); this module does the I/O.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-import statistics
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.launcher import TrainConfig
+from services.bench_stats import (
+    MIN_CHECKPOINTS,
+    RunResult,
+    best_variant,
+    checkpoint_steps,
+    curve_band,
+    held_out_curve,
+    late_success,
+    mean_std,
+    run_figures,
+    suite_comparisons,
+    suite_table,
+    visited_state_curve,
+    visits_from_rollouts,
+)
+from services.launcher import TrainConfig, learner_settings_check
+
+ALGOS = ("3spo", "grpo", "gigpo")
+FORMAT = "spo3-bench/2"
 
 
 class BenchConfig(BaseModel):
-    """configs/bench.yaml: the run settings every suite starts from, then the suites."""
+    """configs/bench-v2.yaml: the run settings every suite starts from, then the suites."""
 
     model_config = ConfigDict(extra="forbid")
     base: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared by every run.")
     suites: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "name -> TrainConfig fields merged over `base` (at least `games`)."))
-    algos: list[str] = Field(default_factory=lambda: ["3spo", "grpo", "gigpo"])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    algos: list[str] = Field(default_factory=lambda: list(ALGOS), description="Algorithms compared (3spo, grpo, gigpo).")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], description=(
+        "Paired seeds: every algorithm of a seed starts from the same model and trains and is evaluated on "
+        "the same tasks."))
     success_threshold: float = Field(0.5, gt=0, le=1, description=(
-        "Convergence: env steps until the training success rate over the last `window` leaves first "
-        "reaches this."))
-    window: int = Field(32, ge=1, description="Leaves in the rolling training success rate.")
+        "Convergence: env steps until the held-out success curve first reaches this."))
+    heldout_checkpoints: int = Field(MIN_CHECKPOINTS, ge=1, description=(
+        "Held-out evaluations at this many evenly spaced env-step checkpoints after step 0 (8 or more "
+        "for the paper's figures)."))
+    min_heldout_episodes: int = Field(64, ge=1, description=(
+        "Each suite's held-out tasks x eval.episodes must reach this (64: a 10-point difference is "
+        "distinguishable); a suite below it stops the bench naming it."))
+    init_model: str | None = Field(None, description=(
+        "A model directory every run starts from (e.g. from `spo3 sft`); `{suite}` and `{seed}` in it are "
+        "replaced. Empty: a fresh `model_preset` model per seed, shared by the algorithms of that seed."))
+    algo_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "algo -> {dotted.key: value} overrides for that algorithm's runs (the best settings of a sweep), "
+        "e.g. {grpo: {learner.groups_per_update: 2}}."))
+    curve_points: int = Field(32, ge=1, description="Points of the visited-state curve over the budget.")
+    resamples: int = Field(10_000, ge=100, description="Bootstrap resamples of the paired intervals.")
+
+    @model_validator(mode="after")
+    def _known_algos(self) -> "BenchConfig":
+        for a in [*self.algos, *self.algo_settings]:
+            if a not in ALGOS:
+                raise ValueError(f"unknown algorithm {a!r}; known: {list(ALGOS)}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BenchConfig":
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
-    def run_config(self, suite: str, algo: str, seed: int, out: Path) -> TrainConfig:
-        raw = _merge(copy.deepcopy(self.base), self.suites[suite])
+    def run_config(self, suite: str, algo: str, seed: int, out: Path,
+                   overrides: dict[str, Any] | None = None, variant: str = "default") -> TrainConfig:
+        """The TrainConfig of one run: base, then the suite, then `algo_settings[algo]`, then `overrides`."""
+        raw = _merge(copy.deepcopy(self.base), copy.deepcopy(self.suites[suite]))
+        apply_sets(raw, self.algo_settings.get(algo, {}))
+        apply_sets(raw, overrides or {})
         raw.setdefault("games", {})["seed"] = seed
         raw["games"].setdefault("cache_dir", str(out / "games" / suite))
-        raw.update(algo=algo, name=f"{suite}-{algo}-s{seed}", runs_dir=str(out / "runs"))
-        return TrainConfig.model_validate(raw)
+        raw.update(algo=algo, name=f"{suite}-{algo}-{variant}-s{seed}", runs_dir=str(out / "runs"),
+                   heldout_checkpoints=self.heldout_checkpoints)
+        cfg = TrainConfig.model_validate(raw)
+        learner_settings_check(cfg.learner)  # a misspelt setting stops the bench before any run
+        episodes = int(cfg.eval.get("episodes", 1)) * cfg.games.eval
+        if episodes < self.min_heldout_episodes:
+            raise ValueError(f"suite {suite}: {cfg.games.eval} held-out tasks x eval.episodes "
+                             f"{cfg.eval.get('episodes', 1)} = {episodes} episodes per checkpoint, fewer than "
+                             f"min_heldout_episodes {self.min_heldout_episodes}")
+        return cfg
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -58,275 +117,503 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-# --- per-run figures (pure: from a run's metrics snapshots) ----------------------------------
-
-def steps_to_threshold(snaps: list[dict], threshold: float, window: int) -> int | None:
-    """Env steps at the first snapshot where the success rate of the last >= `window` leaves
-    reached `threshold` (None: never within the budget)."""
-    j = 0
-    for s in snaps:
-        while j + 1 < len(snaps) and s["leaves"] - snaps[j + 1]["leaves"] >= window:
-            j += 1
-        leaves = s["leaves"] - snaps[j]["leaves"]
-        if leaves >= window and (s["successes"] - snaps[j]["successes"]) / leaves >= threshold:
-            return s["env_steps"]
-    return None
+def apply_sets(raw: dict, sets: dict[str, Any]) -> dict:
+    """Set dotted keys (`score.alpha`) in the nested settings dict `raw` (in place, and returned)."""
+    for key, value in sets.items():
+        *path, leaf = key.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: {part!r} is not a section")
+        node[leaf] = value
+    return raw
 
 
-def run_figures(run_dir: Path, threshold: float, window: int) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    snaps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = max(summary["env_steps"], 1)
-    last = snaps[-1] if snaps else {}
-    # Small games run out of new states before the budget does: the first half shows the pace.
-    half = next((x for x in snaps if x["env_steps"] >= steps / 2), last)
-    return {
-        "final_success": summary["held_out_success_after"],
-        "initial_success": summary["held_out_success_before"],
-        "train_success": last.get("successes", 0) / max(last.get("leaves", 0), 1),
-        "unique_states_per_1k": 1000 * summary["unique_states"] / steps,
-        "unique_states_per_1k_half": 1000 * half.get("unique_states", 0) / max(half.get("env_steps", 0), 1),
-        "steps_to_threshold": steps_to_threshold(snaps, threshold, window),
-        "generated_tokens": summary["generated_tokens"],
-        "wall_time_s": summary["wall_time_s"],
-        "env_steps": summary["env_steps"],
-        "updates": summary["policy_version"],
-        "curve": [(s["env_steps"], s["leaves"], s["successes"], s["unique_states"]) for s in snaps],
-        "diagnostics": summary.get("diagnostics"),  # the DFS diagnostics (services.report.diagnostics)
-    }
-
-
-# --- aggregation ---------------------------------------------------------------------------
-
-FIGURES = [  # (key, column title, format)
-    ("final_success", "held-out success", "{:.1%}"),
-    ("unique_states_per_1k", "unique states / 1k steps", "{:.1f}"),
-    ("unique_states_per_1k_half", "... in the first half", "{:.1f}"),
-    ("steps_to_threshold", "steps to threshold", "{:,.0f}"),
-    ("generated_tokens", "generated tokens", "{:,.0f}"),
-    ("wall_time_s", "wall time s", "{:.0f}"),
-]
-
-
-def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean and standard deviation of the values that exist, and how many exist."""
-    vs = [v for v in values if v is not None]
-    if not vs:
-        return None, None, 0
-    return statistics.fmean(vs), (statistics.stdev(vs) if len(vs) > 1 else 0.0), len(vs)
-
-
-def suite_table(records: list[dict], algos: list[str]) -> dict[str, dict[str, tuple]]:
-    """algo -> figure -> (mean, std, runs that have the figure, runs)."""
-    out: dict[str, dict[str, tuple]] = {}
-    for algo in algos:
-        rs = [r for r in records if r["algo"] == algo]
-        out[algo] = {k: (*mean_std([r[k] for r in rs]), len(rs)) for k, _, _ in FIGURES}
-    return out
-
-
-def claim_ratios(table: dict[str, dict[str, tuple]], ours: str = "3spo") -> dict[str, dict[str, float | None]]:
-    """The paper's three claims against each baseline, from the per-suite means:
-    exploration = unique states per 1k steps, ours / theirs (paper: 2.4x vs GRPO), over the whole
-    budget and over its first half;
-    convergence = steps to threshold, theirs / ours (paper: 1.8x vs GRPO; None when either
-    side never reached the threshold); success = held-out success, ours - theirs (points)."""
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """["score.alpha=50", ...] (command line) -> {"score.alpha": 50}."""
     out = {}
-    for base in table:
-        if base == ours:
-            continue
-        a, b = table[ours], table[base]
-        ua, ub = a["unique_states_per_1k"][0], b["unique_states_per_1k"][0]
-        ha, hb = a["unique_states_per_1k_half"][0], b["unique_states_per_1k_half"][0]
-        sa, sb = a["steps_to_threshold"][0], b["steps_to_threshold"][0]
-        fa, fb = a["final_success"][0], b["final_success"][0]
-        out[base] = {
-            "reached": (a["steps_to_threshold"][2], b["steps_to_threshold"][2], a["steps_to_threshold"][3]),
-            "exploration": ua / ub if ua is not None and ub else None,
-            "exploration_half": ha / hb if ha is not None and hb else None,
-            "convergence": sb / sa if sa and sb else None,
-            "success_points": 100 * (fa - fb) if fa is not None and fb is not None else None,
-        }
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants KEY=VALUE (e.g. score.alpha=50), got {item!r}")
+        out[key] = yaml.safe_load(value)
     return out
-
-
-def _cell(stats: tuple, fmt: str) -> str:
-    mean, std, have, runs = stats
-    if mean is None:
-        return f"not reached (0/{runs})"
-    text = f"{fmt.format(mean)} ± {fmt.format(std).rstrip('%')}" if runs > 1 else fmt.format(mean)
-    return text + (f" ({have}/{runs} reached)" if have < runs else "")
-
-
-def markdown(results: dict) -> str:
-    lines = [f"# spo3 bench: {', '.join(results['algos'])}, seeds {results['seeds']}", "",
-             f"mean ± std over seeds. Steps to threshold: env steps until the training success rate over "
-             f"the last {results['window']} leaves first reached {results['success_threshold']:.0%}.", ""]
-    for suite, data in results["suites"].items():
-        lines += [f"## {suite} ({data['budget']:,} env steps per run)", "", "| algo | " + " | ".join(t for _, t, _ in FIGURES) + " |",
-                  "|---" * (len(FIGURES) + 1) + "|"]
-        for algo, figs in data["table"].items():
-            lines.append(f"| {algo} | " + " | ".join(_cell(figs[k], f) for k, _, f in FIGURES) + " |")
-        lines.append("")
-        for base, r in data["ratios"].items():
-            parts = [(f"exploration {r['exploration']:.2f}x" if r["exploration"] is not None else "exploration n/a")
-                     + (f" ({r['exploration_half']:.2f}x in the first half)" if r.get("exploration_half") else ""),
-                     (f"convergence {r['convergence']:.2f}x" if r["convergence"] is not None else "convergence n/a")
-                     + " (threshold reached in {}/{} vs {}/{} runs)".format(r["reached"][0], r["reached"][2],
-                                                                         r["reached"][1], r["reached"][2]),
-                     f"success {r['success_points']:+.1f} points" if r["success_points"] is not None else "success n/a"]
-            lines.append(f"- 3SPO vs {base}: " + ", ".join(parts))
-        lines += ["", f"![{suite}]({suite}.png)", ""]
-    return "\n".join(lines)
-
-
-def plot_suite(path: Path, suite: str, records: list[dict], algos: list[str], window: int) -> None:
-    """Training success rate and unique states against env steps, averaged over seeds per algo."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax_s, ax_u) = plt.subplots(1, 2, figsize=(11, 4))
-    for algo in algos:
-        rs = [r for r in records if r["algo"] == algo and r["curve"]]
-        if not rs:
-            continue
-        grid = np.linspace(0, max(r["curve"][-1][0] for r in rs), 30)
-        succ, uniq = [], []
-        for r in rs:
-            steps, leaves, wins, states = (np.array(c, dtype=float) for c in zip(*r["curve"]))
-            # success of the leaves finished in each stretch of the grid (rolling, as in training)
-            lv, wn = np.interp(grid, steps, leaves), np.interp(grid, steps, wins)
-            lo = np.interp(grid - grid[-1] / 10, steps, leaves, left=0), np.interp(grid - grid[-1] / 10, steps, wins, left=0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                succ.append(np.where(lv - lo[0] > 0, (wn - lo[1]) / (lv - lo[0]), np.nan))
-            uniq.append(np.interp(grid, steps, states))
-        m = np.nanmean(np.array(succ), axis=0)
-        ax_s.plot(grid, m, label=algo)
-        u = np.array(uniq)
-        ax_u.plot(grid, u.mean(axis=0), label=algo)
-        ax_u.fill_between(grid, u.min(axis=0), u.max(axis=0), alpha=0.15)
-    ax_s.set(title=f"{suite}: training success (last 10% of steps)", xlabel="env steps", ylabel="success rate",
-             ylim=(-0.02, 1.02))
-    ax_u.set(title=f"{suite}: unique states (band: min-max over seeds)", xlabel="env steps", ylabel="states")
-    for ax in (ax_s, ax_u):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summarize(bench: BenchConfig, records: list[dict], budgets: dict[str, int]) -> dict:
-    """Tables and ratios per suite; `budgets`: the env-step budget of each suite's runs."""
-    suites = {}
-    for suite in dict.fromkeys(r["suite"] for r in records):
-        rs = [r for r in records if r["suite"] == suite]
-        table = suite_table(rs, [a for a in bench.algos if any(r["algo"] == a for r in rs)])
-        suites[suite] = {"table": table, "ratios": claim_ratios(table) if "3spo" in table else {},
-                         "budget": budgets.get(suite, 0)}
-    return {"algos": bench.algos, "seeds": bench.seeds,
-            "success_threshold": bench.success_threshold, "window": bench.window, "suites": suites}
-
-
-def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_only: bool = False) -> dict:
-    """Run every (suite, seed, algo) not yet recorded in `out` (none with `report_only`), then write
-    the tables and plots from all recorded runs of the plan."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.launcher import train
-    from services.model_init import init_model
-
-    out.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    plan = [(suite, seed, algo) for suite in bench.suites for seed in bench.seeds for algo in bench.algos]
-    budget = sum(bench.run_config(s, a, seed, out).env_steps for s, seed, a in plan)
-    records_path = out / "results.jsonl"
-    done = {(r["suite"], r["seed"], r["algo"]): r for r in map(json.loads, records_path.read_text().splitlines())} \
-        if records_path.exists() else {}  # a re-run of the same command resumes where it stopped
-    columns = [TextColumn("[bold]bench"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} env steps"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not progress, refresh_per_second=2) as bar:
-        task = bar.add_task("bench", total=budget, info="")
-        finished = 0
-        for i, (suite, seed, algo) in enumerate(plan):
-            cfg = bench.run_config(suite, algo, seed, out)
-            if (suite, seed, algo) in done or report_only:
-                finished += cfg.env_steps
-                bar.update(task, completed=finished)
-                continue
-            if not cfg.model:  # one initial model per seed, shared by the algos
-                model_dir = out / "models" / f"{cfg.model_preset}-s{seed}"
-                if not (model_dir / "spo3_model.json").is_file():
-                    init_model(model_dir, cfg.model_preset, seed=seed)
-                cfg.model = str(model_dir)
-            info = f"run {i + 1}/{len(plan)}: {suite} {algo} seed {seed}"
-            bar.update(task, info=info)
-            run_dir = train(cfg, progress=False, on_tick=lambda s, base=finished, c=cfg: bar.update(
-                task, completed=base + min(s["env_steps"], c.env_steps)))
-            record = {"suite": suite, "seed": seed, "algo": algo, "run_dir": str(run_dir),
-                      **run_figures(run_dir, bench.success_threshold, bench.window)}
-            with records_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            done[(suite, seed, algo)] = record
-            finished += cfg.env_steps
-            bar.update(task, completed=finished)
-            console.print(f"{info}: held-out {record['final_success']:.0%}, "
-                          f"{record['unique_states_per_1k']:.1f} states/1k steps, {record['wall_time_s']:.0f} s")
-    # Figures are recomputed from each run's files, so a report uses the current definitions.
-    records = [{**done[k], **run_figures(Path(done[k]["run_dir"]), bench.success_threshold, bench.window)}
-               if (Path(done[k]["run_dir"]) / "summary.json").is_file() else done[k] for k in plan if k in done]
-    results = summarize(bench, records, {s: bench.run_config(s, bench.algos[0], bench.seeds[0], out).env_steps
-                                         for s in bench.suites})
-    results["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in records]
-    for suite in results["suites"]:
-        plot_suite(out / f"{suite}.png", suite, [r for r in records if r["suite"] == suite], bench.algos, bench.window)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "summary.md").write_text(markdown(results))
-    console.print(markdown(results), markup=False, highlight=False)
-    return results
 
 
 def select(bench: BenchConfig, suites: list[str] | None, algos: list[str] | None, seeds: list[int] | None,
            env_steps: int | None, time_limit_s: float | None, sets: list[str] | None = None) -> BenchConfig:
     """`bench` narrowed and overridden by command-line choices (unknown suite names are an error).
-    `sets`: "dotted.key=value" overrides of every run's settings, e.g. "score.alpha=50" (a sweep)."""
+    `sets`: "dotted.key=value" overrides of every run's settings, e.g. "score.alpha=50"."""
     b = bench.model_copy(deep=True)
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set wants KEY=VALUE (e.g. score.alpha=50), got {item!r}")
-        *path, leaf = key.split(".")
-        parsed = yaml.safe_load(value)
+    for key, value in parse_sets(sets).items():
         for target in [b.base, *b.suites.values()]:  # suites that set the key would win over base
             node = target
+            *path, leaf = key.split(".")
             for part in path:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"--set {key}: {part!r} is not a section")
             if target is b.base or leaf in node:
-                node[leaf] = parsed
+                node[leaf] = value
     if suites:
         unknown = [s for s in suites if s not in b.suites]
         if unknown:
             raise ValueError(f"unknown suite(s) {unknown}; the config has {list(b.suites)}")
         b.suites = {s: b.suites[s] for s in suites}
     if algos:
+        unknown = [a for a in algos if a not in b.algos]
+        if unknown:
+            raise ValueError(f"unknown algorithm(s) {unknown}; the config has {b.algos}")
         b.algos = algos
     if seeds:
         b.seeds = seeds
-    if env_steps:
-        b.base["env_steps"] = env_steps
-        for s in b.suites.values():
-            s.pop("env_steps", None)
-    if time_limit_s:
-        b.base["time_limit_s"] = time_limit_s
-        for s in b.suites.values():
-            s.pop("time_limit_s", None)
+    for field, value in (("env_steps", env_steps), ("time_limit_s", time_limit_s)):
+        if value:
+            b.base[field] = value
+            for s in b.suites.values():
+                s.pop(field, None)
     return b
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+class SweepConfig(BaseModel):
+    """configs/bench-sweep.yaml: settings variants per algorithm, tuned on training suites."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str = Field(description="The bench config whose base and suites the sweep runs (e.g. configs/bench-v2.yaml).")
+    suites: list[str] = Field(description="Tuning suites (names in `config`); the bench reports held-out results "
+                              "on every suite, the choice is made on these and on training-time figures only.")
+    seeds: list[int] = Field(default_factory=lambda: [100, 101], description=(
+        "Seeds of the sweep (other than the bench's, so the bench's tasks are not tuned on)."))
+    env_steps: int | None = Field(None, ge=1, description="Budget per sweep run (default: the suite's).")
+    heldout_checkpoints: int | None = Field(None, ge=1, description="Held-out checkpoints per sweep run "
+                                            "(reported, not used to choose; default: the bench config's).")
+    mode: Literal["one-at-a-time", "grid"] = Field("one-at-a-time", description=(
+        "one-at-a-time: the default settings and each listed value of one key at a time; grid: every combination."))
+    select_by: Literal["train_success", "visited_states"] = Field("train_success", description=(
+        "Training-time figure that picks an algorithm's best variant: training leaf success over the last quarter "
+        "of the budget (comparable between variants of one algorithm), or visited (task, key) pairs."))
+    grid: dict[str, dict[str, list[Any]]] = Field(description="algo -> {dotted.key: [values]}.")
+
+    @model_validator(mode="after")
+    def _known_algos(self) -> "SweepConfig":
+        unknown = [a for a in self.grid if a not in ALGOS]
+        if unknown:
+            raise ValueError(f"unknown algorithm(s) {unknown} in grid; known: {list(ALGOS)}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def _numbers_alike(x: Any) -> Any:
+    """Settings with ints as floats, so that `alpha: 1` and `alpha: 1.0` compare equal."""
+    if isinstance(x, dict):
+        return {k: _numbers_alike(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers_alike(v) for v in x]
+    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+
+def _settings_key(cfg: TrainConfig) -> str:
+    """What a run's settings amount to: score settings with their defaults filled in, numbers alike."""
+    from score_store.score_math import ScoreParams
+
+    settings = cfg.model_dump(mode="json")
+    settings["score"] = ScoreParams(**cfg.score).model_dump(mode="json")
+    return json.dumps(_numbers_alike(settings), sort_keys=True)
+
+
+def variant_name(sets: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sets.items()) or "default"
+
+
+def sweep_variants(grid: dict[str, list[Any]], mode: str) -> list[dict[str, Any]]:
+    """The override sets of one algorithm's sweep: {} (the defaults) first, then one key at a time
+    (one-at-a-time) or every combination (grid)."""
+    if mode == "grid":
+        keys = list(grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [{}] + [{k: v} for k, values in grid.items() for v in values]
+
+
+# --- one run: its files -> a RunResult ----------------------------------------------------------
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_run(run_dir: Path, *, suite: str, algo: str, seed: int, variant: str, budget: int,
+             checkpoints: int, curve_points: int, settings: dict[str, Any]) -> RunResult:
+    """A finished `spo3 train` run directory (with held-out checkpoints) as a RunResult."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    held = json.loads((run_dir / "heldout.json").read_text())
+    totals = json.loads((run_dir / "actor_totals.json").read_text())
+    evals = held["evaluations"]
+    stopped = bool(held.get("stopped_by_time_limit"))
+    curve = held_out_curve([(k["env_steps"], evals[str(k["version"])]["successes"]) for k in held["checkpoints"]],
+                           min_checkpoints=len(held["checkpoints"]) - 1 if stopped else checkpoints)
+    visits = visits_from_rollouts(_jsonl(run_dir / "visits.jsonl"))
+    visited = visited_state_curve(visits, checkpoint_steps(budget, min(curve_points, budget)))
+    learner_tokens = sum(int(h.get("tokens", 0)) for h in _jsonl(run_dir / "learner.jsonl"))
+    return RunResult(
+        suite=suite, algo=algo, seed=seed, variant=variant, settings=settings, visited_states=visited,
+        held_out=curve, new_env_steps=int(totals.get("env_steps", summary["env_steps"])),
+        replay_env_steps=int(totals.get("replay_steps", 0)), generated_tokens=int(totals.get("generated_tokens", 0)),
+        learner_tokens=learner_tokens, updates=int(summary.get("policy_version") or 0),
+        wall_time_s=float(summary.get("wall_time_s", 0.0)), budget=budget, stopped_by_time_limit=stopped,
+        train_success=late_success(_jsonl(run_dir / "metrics.jsonl")), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
+        eval_env_steps=int(held.get("eval_env_steps", 0)), run_dir=str(run_dir))
+
+
+def result_path(out: Path, suite: str, algo: str, variant: str, seed: int) -> Path:
+    safe = variant.replace("/", "_").replace(" ", "")
+    return out / "results" / suite / f"{algo}-{safe}-s{seed}.json"
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings that must match for a recorded run to stand for a planned one: not the time limit (it may
+    change) nor where files go (results copied into another --out stay valid)."""
+    out = {k: v for k, v in settings.items() if k not in ("time_limit_s", "runs_dir", "model")}
+    if isinstance(out.get("games"), dict):
+        out["games"] = {k: v for k, v in out["games"].items() if k != "cache_dir"}
+    return out
+
+
+# --- running a plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Planned:
+    """One run of a plan (hashable: `overrides` is a tuple of (dotted key, value))."""
+
+    suite: str
+    algo: str
+    seed: int
+    variant: str = "default"
+    overrides: tuple = ()
+
+
+def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path) -> str:
+    from services.model_init import init_model
+
+    if bench.init_model:
+        path = Path(bench.init_model.format(suite=suite, seed=seed))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"init_model {path} is not a model directory (no config.json)")
+        return str(path.resolve())
+    if cfg.model:
+        return cfg.model
+    model_dir = out / "models" / f"{cfg.model_preset}-s{seed}"  # one initial model per seed, shared by the algos
+    if not (model_dir / "spo3_model.json").is_file():
+        init_model(model_dir, cfg.model_preset, seed=seed)
+    return str(model_dir.resolve())
+
+
+def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bool = True,
+             report_only: bool = False, console=None) -> tuple[dict[Planned, RunResult], list[dict]]:
+    """Run every planned run whose result file does not exist yet (none with `report_only`); returns
+    the recorded results of the plan and the failures of this invocation. A failed run is logged to
+    failures.jsonl and the next one starts; re-running retries it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.launcher import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = {p: bench.run_config(p.suite, p.algo, p.seed, out, dict(p.overrides), p.variant) for p in plan}
+    done: dict[Planned, RunResult] = {}
+    for p in plan:
+        path = result_path(out, p.suite, p.algo, p.variant, p.seed)
+        if path.is_file():
+            r = RunResult.model_validate_json(path.read_text())
+            planned = cfgs[p].model_dump(mode="json")
+            if _comparable(r.settings) != _comparable(planned):
+                diff = sorted(k for k in set(planned) | set(r.settings) if planned.get(k) != r.settings.get(k))
+                raise ValueError(f"{path} was recorded with other settings ({diff}); use another --out, or "
+                                 "delete that file to run it again")
+            done[p] = r
+    todo = [] if report_only else [p for p in plan if p not in done]
+    failures: list[dict] = []
+    total_steps = sum(cfgs[p].env_steps for p in todo)
+    eta = {"text": "ETA: after the first run"}
+    columns = [TextColumn("[bold]bench"), BarColumn(), TextColumn("{task.fields[runs]}"),
+               TextColumn("{task.completed:,}/{task.total:,} env steps"), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[eta]}")]
+    with Progress(*columns, console=console, disable=not progress or not todo, refresh_per_second=2) as bar:
+        task = bar.add_task("bench", total=max(total_steps, 1), runs="", info="", eta=eta["text"])
+        finished_steps, spent_s = 0, 0.0
+        for i, p in enumerate(todo):
+            cfg = cfgs[p]
+            label = f"{p.suite} {p.algo}{'' if p.variant == 'default' else ' ' + p.variant} seed {p.seed}"
+            bar.update(task, runs=f"run {i + 1}/{len(todo)} ({len(done)} recorded)", info=label)
+            t0 = time.monotonic()
+            try:
+                cfg.model = _model_for(bench, cfg, p.suite, p.seed, out)
+                run_dir = train(cfg, progress=False, on_tick=lambda s, base=finished_steps, c=cfg: bar.update(
+                    task, completed=base + min(s["env_steps"], c.env_steps)))
+                result = read_run(run_dir, suite=p.suite, algo=p.algo, seed=p.seed, variant=p.variant,
+                                  budget=cfg.env_steps, checkpoints=cfg.heldout_checkpoints,
+                                  curve_points=bench.curve_points, settings=cfg.model_dump(mode="json"))
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                failure = {"suite": p.suite, "algo": p.algo, "seed": p.seed, "variant": p.variant,
+                           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:],
+                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                failures.append(failure)
+                with (out / "failures.jsonl").open("a") as f:
+                    f.write(json.dumps(failure) + "\n")
+                bar.console.print(f"[red]FAILED[/] {label}: {failure['error']}")
+            else:
+                path = result_path(out, p.suite, p.algo, p.variant, p.seed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(result.model_dump_json(indent=1))
+                tmp.replace(path)  # a run is recorded whole or not at all
+                done[p] = result
+                f = run_figures(result, bench.success_threshold)
+                bar.console.print(
+                    f"{label}: held-out {result.held_out[0][1]:.0%} -> {f['final_success']:.0%} "
+                    f"({int(result.held_out[-1][2])} episodes), {f['visited_states']:.0f} visited states, "
+                    f"{result.updates} updates, train {result.wall_time_s:.0f} s + eval {result.eval_wall_s:.0f} s"
+                    + (" [yellow](time limit)" if result.stopped_by_time_limit else ""))
+            finished_steps += cfg.env_steps
+            spent_s += time.monotonic() - t0
+            left = total_steps - finished_steps
+            eta["text"] = f"ETA {time.strftime('%H:%M:%S', time.gmtime(spent_s / finished_steps * left))}"
+            bar.update(task, completed=finished_steps, eta=eta["text"])
+    return done, failures
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+TABLE = [  # (figure, column title, format, scale)
+    ("initial_success", "held-out at step 0", "{:.1%}", 1),
+    ("final_success", "held-out at budget", "{:.1%}", 1),
+    ("success_auc", "held-out AUC", "{:.3f}", 1),
+    ("steps_to_threshold", "steps to threshold", "{:,.0f}", 1),
+    ("visited_states", "visited (task, key)", "{:,.0f}", 1),
+    ("replay_per_new_step", "replay / new step", "{:.2f}", 1),
+    ("generated_tokens", "generated tokens", "{:,.0f}", 1),
+    ("learner_tokens", "learner tokens", "{:,.0f}", 1),
+    ("updates", "updates", "{:.1f}", 1),
+]
+
+COMPARISON_TITLES = {
+    ("final_success", "difference"): ("held-out success at budget, ours - theirs", "{:+.1f} points", 100),
+    ("success_auc", "difference"): ("held-out AUC, ours - theirs", "{:+.3f}", 1),
+    ("visited_states", "ratio"): ("visited (task, key) pairs, ours / theirs", "{:.2f}x", 1),
+    ("visited_states", "difference"): ("visited (task, key) pairs, ours - theirs", "{:+,.0f}", 1),
+    ("steps_to_threshold", "ratio"): ("env steps to threshold, theirs / ours", "{:.2f}x", 1),
+}
+
+
+def _fmt(fmt: str, v: float | None, scale: float = 1) -> str:
+    return "inf" if v is None else fmt.format(v * scale)
+
+
+def _cell(stats: dict, fmt: str) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    text = fmt.format(stats["mean"])
+    if stats["n"] > 1:
+        text += " ± " + fmt.format(stats["std"]).lstrip("+")
+    return text
+
+
+def build_results(bench: BenchConfig, runs: list[RunResult]) -> dict:
+    """results.json: the bench's settings, every run, and per suite the table and the paired intervals."""
+    suites = {}
+    for suite in dict.fromkeys(r.suite for r in runs):
+        rs = [r for r in runs if r.suite == suite]
+        comps = suite_comparisons(rs, bench.success_threshold, resamples=bench.resamples) if any(
+            r.algo == "3spo" for r in rs) else {}
+        suites[suite] = {
+            "budget": rs[0].budget, "checkpoints": [int(p[0]) for p in rs[0].held_out],
+            "table": suite_table(rs, bench.success_threshold),
+            "comparisons": {base: {fig: {k: (iv.model_dump() if iv else None) for k, iv in kinds.items()}
+                                   for fig, kinds in figs.items()} for base, figs in comps.items()},
+        }
+    return {"format": FORMAT, "algos": bench.algos, "seeds": bench.seeds,
+            "success_threshold": bench.success_threshold, "heldout_checkpoints": bench.heldout_checkpoints,
+            "suites": suites, "runs": [r.model_dump() for r in runs]}
+
+
+def markdown(results: dict) -> str:
+    thr = results["success_threshold"]
+    lines = [f"# spo3 bench: {', '.join(results['algos'])}, paired seeds {results['seeds']}", "",
+             f"mean ± std over seeds. Held-out success: the same held-out tasks for every algorithm of a seed, at "
+             f"{results['heldout_checkpoints']} env-step checkpoints after step 0; steps to threshold: the first "
+             f"checkpoint at >= {thr:.0%} (runs that never reach it are left out of its mean and counted). "
+             "Visited (task, key): unique pairs stepped into at the budget, counted alike for every algorithm. "
+             "Intervals: percentile bootstrap 95% over paired seeds.", ""]
+    for suite, data in results["suites"].items():
+        table = data["table"]
+        lines += [f"## {suite} ({data['budget']:,} env steps per run, held-out at {data['checkpoints']})", "",
+                  "| algo | runs | " + " | ".join(t for _, t, _, _ in TABLE) + " |",
+                  "|---" * (len(TABLE) + 2) + "|"]
+        for algo, row in table.items():
+            cells = []
+            for key, _, fmt, _ in TABLE:
+                c = _cell(row[key], fmt)
+                if key == "steps_to_threshold":
+                    c += f" (reached {row[key]['n']}/{row['runs']}"
+                    c += f", {row['threshold_met_at_start']} at start)" if row["threshold_met_at_start"] else ")"
+                cells.append(c)
+            runs = f"{row['runs']}" + (f" ({row['stopped_by_time_limit']} hit the time limit)"
+                                       if row["stopped_by_time_limit"] else "")
+            lines.append(f"| {algo} | {runs} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if data["comparisons"]:
+            lines += ["| 3spo vs | figure | estimate | 95% interval | seed pairs | no difference? |",
+                      "|---|---|---|---|---|---|"]
+            for base, figs in data["comparisons"].items():
+                for fig, kinds in figs.items():
+                    for kind, iv in kinds.items():
+                        title, fmt, scale = COMPARISON_TITLES[(fig, kind)]
+                        if iv is None:
+                            lines.append(f"| {base} | {title} | n/a | fewer than 2 seed pairs | | |")
+                            continue
+                        verdict = "**includes no difference**" if iv["includes_no_difference"] else "excludes it"
+                        lines.append(f"| {base} | {title} | {_fmt(fmt, iv['estimate'], scale)} | "
+                                     f"[{_fmt(fmt, iv['low'], scale)}, {_fmt(fmt, iv['high'], scale)}] | "
+                                     f"{iv['pairs']} | {verdict} |")
+            lines.append("")
+        lines += [f"![{suite}]({suite}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_suite(path: Path, suite: str, runs: list[RunResult], algos: list[str]) -> None:
+    """Held-out success and visited (task, key) pairs against env steps: per algorithm the mean over
+    seeds and its bootstrap 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_h, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    for algo in algos:
+        rs = [r for r in runs if r.algo == algo]
+        if not rs:
+            continue
+        for ax, curves in ((ax_h, [r.held_out for r in rs]), (ax_v, [r.visited_states for r in rs])):
+            grid = sorted({int(p[0]) for c in curves for p in c})
+            band = curve_band(curves, grid)
+            ax.plot(band["steps"], band["mean"], marker="o" if ax is ax_h else None, ms=3, label=f"{algo} ({len(rs)})")
+            ax.fill_between(band["steps"], band["low"], band["high"], alpha=0.2)
+    ax_h.set(title=f"{suite}: held-out success", xlabel="env steps", ylabel="success", ylim=(-0.02, 1.02))
+    ax_v.set(title=f"{suite}: visited (task, key) pairs", xlabel="env steps", ylabel="pairs")
+    for ax in (ax_h, ax_v):
+        ax.legend(title="mean, 95% band")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(bench: BenchConfig, runs: list[RunResult], out: Path) -> dict:
+    results = build_results(bench, runs)
+    for suite in results["suites"]:
+        plot_suite(out / f"{suite}.png", suite, [r for r in runs if r.suite == suite], bench.algos)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(markdown(results))
+    return results
+
+
+def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_only: bool = False) -> dict:
+    """Run every (suite, seed, algo) not yet recorded in `out` (none with `report_only`), then write
+    results.json, summary.md and the plots from every recorded run of the plan. The result has
+    "failed": the runs that failed in this invocation."""
+    from rich.console import Console
+
+    console = Console()
+    plan = [Planned(suite=s, algo=a, seed=seed) for s in bench.suites for seed in bench.seeds for a in bench.algos]
+    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, console=console)
+    runs = [done[p] for p in plan if p in done]
+    results = write_report(bench, runs, out) if runs else {"suites": {}, "runs": []}
+    if runs:
+        console.print(markdown(results), markup=False, highlight=False)
+    missing = len(plan) - len(runs)
+    if missing:
+        console.print(f"{missing} of {len(plan)} planned runs are not recorded in {out}"
+                      + ("" if report_only else " (re-run the same command to resume)"))
+    results["failed"] = failures
+    return results
+
+
+def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, seeds: list[int] | None = None,
+              suites: list[str] | None = None, progress: bool = True, report_only: bool = False) -> dict:
+    """Every variant of every algorithm on the tuning suites; the best variant per algorithm by
+    `select_by` (training-time figures only); sweep.json and sweep.md with the held-out figures reported."""
+    from rich.console import Console
+
+    console = Console()
+    bench = BenchConfig.from_yaml(sweep.config)
+    tuning = suites or sweep.suites
+    unknown = [s for s in tuning if s not in bench.suites]
+    if unknown:
+        raise ValueError(f"sweep suite(s) {unknown} are not in {sweep.config} ({list(bench.suites)})")
+    bench = select(bench, tuning, None, seeds or sweep.seeds, sweep.env_steps, None)
+    if sweep.heldout_checkpoints:
+        bench.heldout_checkpoints = sweep.heldout_checkpoints
+    bench.algo_settings = {}  # the sweep varies the settings itself
+    plan: list[Planned] = []
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    for algo in algos or list(sweep.grid):
+        if algo not in sweep.grid:
+            raise ValueError(f"--algo {algo}: the sweep has no grid for it ({list(sweep.grid)})")
+        seen: dict[str, str] = {}
+        for sets in sweep_variants(sweep.grid[algo], sweep.mode):
+            name = variant_name(sets)
+            # a variant equal to the defaults (a listed value that is the default) is run once
+            key = _settings_key(bench.run_config(tuning[0], algo, 0, out, sets))
+            if key in seen:
+                continue
+            seen[key] = name
+            variants.setdefault(algo, {})[name] = sets
+            plan += [Planned(suite=s, algo=algo, seed=seed, variant=name, overrides=tuple(sets.items()))
+                     for s in tuning for seed in bench.seeds]
+    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, console=console)
+    report: dict[str, Any] = {"format": FORMAT + "-sweep", "config": sweep.config, "suites": tuning,
+                              "seeds": bench.seeds, "select_by": sweep.select_by, "algos": {}}
+    for algo, vs in variants.items():
+        rows, table = {}, {}
+        for name, sets in vs.items():
+            rs = [done[p] for p in plan if p.algo == algo and p.variant == name and p in done]
+            figs = [run_figures(r, bench.success_threshold) for r in rs]
+            rows[name] = [f[sweep.select_by] for f in figs]
+            table[name] = {"settings": sets, "runs": len(rs), "select_by": mean_std(rows[name]),
+                           **{k: mean_std(f[k] for f in figs) for k in ("final_success", "success_auc",
+                                                                        "visited_states", "updates")}}
+        best = best_variant(rows)
+        report["algos"][algo] = {"variants": table, "best": best, "best_settings": vs.get(best, {}) if best else None}
+    report["algo_settings"] = {a: d["best_settings"] for a, d in report["algos"].items() if d["best_settings"]}
+    report["failed"] = failures
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    (out / "sweep.md").write_text(sweep_markdown(report))
+    console.print(sweep_markdown(report), markup=False, highlight=False)
+    return report
+
+
+def sweep_markdown(report: dict) -> str:
+    lines = [f"# spo3 bench sweep on {', '.join(report['suites'])} (seeds {report['seeds']})", "",
+             f"Chosen by `{report['select_by']}` (training-time, mean over suites and seeds); held-out figures "
+             "are reported, not used to choose.", ""]
+    for algo, d in report["algos"].items():
+        lines += [f"## {algo}: " + (f"best `{d['best']}`" if d["best"] else "no runs recorded yet"), "",
+                  f"| variant | runs | {report['select_by']} | held-out at budget | held-out AUC | visited | updates |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in d["variants"].items():
+            mark = " **(best)**" if name == d["best"] else ""
+            lines.append(f"| {name}{mark} | {row['runs']} | {_cell(row['select_by'], '{:.3f}')} | "
+                         f"{_cell(row['final_success'], '{:.1%}')} | {_cell(row['success_auc'], '{:.3f}')} | "
+                         f"{_cell(row['visited_states'], '{:,.0f}')} | {_cell(row['updates'], '{:.1f}')} |")
+        lines.append("")
+    lines += ["Put into the bench config:", "", "```yaml",
+              yaml.safe_dump({"algo_settings": report["algo_settings"]}, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def now_tag() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+

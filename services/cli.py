@@ -391,37 +391,53 @@ def eval_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    config: Annotated[str, typer.Option(help="Suites and shared run settings (YAML, see configs/bench.yaml).")] = "configs/bench.yaml",
+    config: Annotated[str, typer.Option(help="Suites and shared run settings (YAML, see configs/bench-v2.yaml).")] = "configs/bench-v2.yaml",
     suite: Annotated[Optional[list[str]], typer.Option(help="Only this suite (repeatable). Default: every suite in the config.")] = None,
     algo: Annotated[Optional[list[str]], typer.Option(help="Only this algorithm: 3spo, grpo, gigpo (repeatable).")] = None,
-    seed: Annotated[Optional[list[int]], typer.Option(help="Seeds (repeatable; default the config's, 3 seeds).")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Only these seeds (repeatable; default the config's).")] = None,
     env_steps: Annotated[Optional[int], typer.Option(help="Budget of new env steps per run (overrides the config).")] = None,
-    time_limit_s: Annotated[Optional[float], typer.Option(help="Time limit per run in seconds (overrides the config).")] = None,
+    time_limit_s: Annotated[Optional[float], typer.Option(help="Per-run wall-time guard on training, in seconds "
+                                                                "(overrides the config).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a run setting for every run, "
                                                        "KEY=VALUE with a dotted key (repeatable), e.g. score.alpha=50.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one resumes "
-                                                    "after the runs already recorded there.")] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Run a settings sweep (YAML, see configs/bench-sweep.yaml) "
+                                                      "instead of the bench: best variant per algorithm on its tuning suites.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one skips the runs "
+                                                    "already recorded there (results/<suite>/*.json).")] = None,
     report_only: Annotated[bool, typer.Option(help="Run nothing: write the tables and plots from the runs "
                                                    "already recorded in --out.")] = False,
     no_progress: Annotated[bool, typer.Option(help="No live progress bar.")] = False,
 ) -> None:
-    """3SPO vs GRPO vs GiGPO on the same env-step budget over several seeds and suites: a table per
-    suite (held-out success, unique states per 1k steps, steps to a success threshold, generated
-    tokens, wall time; mean and spread), the ratios behind the paper's claims, and plots."""
-    from services.benchmark import BenchConfig, now_tag, run_bench, select
+    """3SPO vs GRPO vs GiGPO at equal env steps over paired seeds: held-out success at fixed env-step
+    checkpoints, visited (task, key) pairs, steps to threshold, costs; bootstrap 95% intervals on the
+    paired differences and ratios (results.json, summary.md, one plot per suite). Shardable
+    (--suite/--algo/--seed) and resumable (same --out)."""
+    from pydantic import ValidationError
 
-    for a in algo or []:
-        if a not in ("3spo", "grpo", "gigpo"):
-            raise typer.BadParameter(f"--algo must be 3spo, grpo or gigpo, not {a!r}")
-    try:
-        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    from services.benchmark import BenchConfig, SweepConfig, now_tag, run_bench, run_sweep, select
+
     if report_only and not out:
         raise typer.BadParameter("--report-only needs --out (the directory of an earlier bench)")
-    out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
-    run_bench(bench, out_dir, progress=not no_progress, report_only=report_only)
+    try:
+        if sweep:
+            if env_steps or time_limit_s or set_:
+                raise typer.BadParameter("--sweep takes its budget and settings from the sweep file")
+            out_dir = Path(out) if out else Path("bench-results") / f"sweep-{now_tag()}"
+            report = run_sweep(SweepConfig.from_yaml(sweep), out_dir, algos=algo, seeds=seed, suites=suite,
+                               progress=not no_progress, report_only=report_only)
+            typer.echo(f"results: {out_dir / 'sweep.md'}")
+            if report["failed"]:
+                raise typer.Exit(1)
+            return
+        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
+        out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
+        results = run_bench(bench, out_dir, progress=not no_progress, report_only=report_only)
+    except (ValueError, ValidationError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
     typer.echo(f"results: {out_dir / 'summary.md'}")
+    if results["failed"]:
+        typer.echo(f"{len(results['failed'])} run(s) failed: {out_dir / 'failures.jsonl'}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("make-games")

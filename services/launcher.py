@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.contracts import Algo
 
@@ -109,7 +109,13 @@ class TrainConfig(BaseModel):
         "ScoreParams fields (alpha, xi, zeta, g_max, omega_k, invalid_penalty, reward_score: raw | truncated, "
         "novelty: path | parent)."))
     learner: dict[str, Any] = Field(default_factory=dict, description="Learner settings (groups_per_update, lr, ...).")
-    eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2})
+    eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2}, description=(
+        "Held-out evaluation: temperature, episodes (per held-out task), history_len."))
+    heldout_checkpoints: int = Field(0, ge=0, description=(
+        "Held-out success at this many evenly spaced env-step checkpoints after step 0 (services.bench_stats."
+        "checkpoint_steps): the published weights current when the run's env steps cross each one are kept and "
+        "evaluated after training (each distinct version once, on `actors` processes; eval episodes are not "
+        "training env steps), into heldout.json. 0: only before and after training."))
     max_unread_groups: int | None = Field(None, ge=0, description=(
         "Actors wait while the learner has this many groups not read yet, so that the env-step budget "
         "buys updates rather than a backlog of stale groups; empty: twice learner.groups_per_update; 0: no bound."))
@@ -119,6 +125,14 @@ class TrainConfig(BaseModel):
         "republishes to by disk reload."))
     vllm: dict[str, Any] = Field(default_factory=lambda: {"dtype": "float32", "max_model_len": 2048}, description=(
         "VLLMServer options for engine: vllm (dtype, max_model_len, kv_cache_gib)."))
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> "TrainConfig":
+        if self.heldout_checkpoints and self.env_steps < self.heldout_checkpoints:
+            raise ValueError(f"heldout_checkpoints ({self.heldout_checkpoints}) needs env_steps >= it")
+        if self.heldout_checkpoints and self.engine == "vllm":
+            raise ValueError("heldout_checkpoints needs engine: inprocess (it keeps the weights directory's versions)")
+        return self
 
     @field_validator("score")
     @classmethod
@@ -148,6 +162,13 @@ def learner_settings_check(settings: dict[str, Any]) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown learner setting(s) {unknown}; known: {sorted(known)}")
+
+
+def _write_visits(client, names, path: Path) -> None:
+    """The actors' per-rollout visit records (RedisNames.actor_visits), one JSON line each, in order."""
+    with path.open("w") as f:
+        for raw in client.lrange(names.actor_visits, 0, -1):
+            f.write((raw.decode() if isinstance(raw, bytes) else raw) + "\n")
 
 
 def _pick(settings: dict[str, Any], cls) -> dict[str, Any]:
@@ -184,7 +205,7 @@ def _actor_class():
                 self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
             self.cfg = ActorConfig(redis_url=redis_url, run=run, params=ScoreParams(**actor_cfg["score"]),
                                    rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60,
-                                   stream_max_unread=actor_cfg["max_unread"])
+                                   stream_max_unread=actor_cfg["max_unread"], record_visits=True)
 
         def work(self) -> int:
             from actors.worker import run_actor
@@ -194,7 +215,105 @@ def _actor_class():
         def halt(self) -> None:
             self.stop.set()
 
+        def evaluate(self, env_name: str, model_dir: str, units: list, eval_kw: dict, seed: int) -> list[dict]:
+            return evaluate_units(env_name, model_dir, units, eval_kw, seed)
+
     return ActorProcess
+
+
+def keep_published_weights(client, names, weights_root: Path, keep_root: Path) -> int:
+    """Hard-link the weights of the currently published version into `keep_root` (v00000012.safetensors)
+    and return that version (0: nothing published yet, the initial model). The publisher keeps only its
+    last few versions; a link keeps this one when it rotates away."""
+    import shutil
+
+    from services.policy.weights_dir import version_dir
+
+    keep_root.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        version = int(client.get(names.published_version) or 0)
+        if version == 0:
+            return 0
+        dst = keep_root / f"v{version:08d}.safetensors"
+        if dst.exists():
+            return version
+        src = version_dir(weights_root, version) / "model.safetensors"
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:  # rotated away since the version was read: a newer one is there
+            continue
+        except OSError:  # another filesystem
+            shutil.copyfile(src, dst)
+        return version
+    raise RuntimeError(f"could not keep a published version from {weights_root}")
+
+
+def evaluate_units(env_name: str, model_dir: str, units: list, eval_kw: dict, seed: int) -> list[dict]:
+    """Held-out episodes of (version, weights file or None, task) units, in version order, with one
+    engine and one policy that moves forward through the versions (runs in an actor process)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from actors.envs.registry import make_env
+    from actors.evaluate import evaluate
+    from services.policy.inprocess import InProcessPolicy
+
+    torch.manual_seed(seed)
+    policy = InProcessPolicy(model_dir, threads=1)
+    env = make_env(env_name)
+    out = []
+    try:
+        for version, weights, task in units:
+            if version != policy.version:
+                policy.publish(version, load_file(weights))
+            r = evaluate(env, policy, [task], **eval_kw)
+            actions = sum(t["steps"] for t in r.per_task)
+            out.append({"version": version, "per_task": r.per_task, "invalid": r.invalid_rate * actions,
+                        "actions": actions})
+    finally:
+        env.close()
+    return out
+
+
+def evaluate_checkpoints(kept: list[dict], eval_games: list[str], cfg: "TrainConfig", model_dir: Path,
+                         keep_root: Path, eval_kw: dict, actors: list) -> dict:
+    """Evaluate every distinct version in `kept` ([{"env_steps", "version"}, ...]) on the held-out tasks,
+    spread over the (stopped, already warm) actor processes; returns heldout.json's content."""
+    import ray
+
+    from actors.evaluate import EvalResult
+
+    versions = sorted({k["version"] for k in kept})
+    episodes = int(eval_kw.get("episodes", 1))
+    kw = {**eval_kw, "episodes": 1}  # one unit per episode: the work splits evenly over the processes
+    units = [(v, str(keep_root / f"v{v:08d}.safetensors") if v else None, t)
+             for v in versions for t in eval_games for _ in range(episodes)]
+    workers = max(1, min(len(actors), len(units)))
+    start = time.monotonic()
+    parts = ray.get([actors[i].evaluate.remote(cfg.games.env, str(model_dir), units[i::workers], kw,
+                                               cfg.games.seed * 1000 + i) for i in range(workers)])
+    wall = time.monotonic() - start
+    by_version: dict[int, list[dict]] = {v: [] for v in versions}
+    for part in parts:
+        for u in part:
+            by_version[u["version"]].append(u)
+    results = {}
+    for v, us in by_version.items():
+        per_task = [t for u in us for t in u["per_task"]]
+        actions = sum(u["actions"] for u in us)
+        n = max(len(per_task), 1)
+        results[v] = EvalResult(tasks=len(eval_games), success_rate=sum(t["success"] for t in per_task) / n,
+                                mean_steps=sum(t["steps"] for t in per_task) / n,
+                                invalid_rate=sum(u["invalid"] for u in us) / max(actions, 1), per_task=per_task)
+    return {"checkpoints": [{**k, "success": results[k["version"]].success_rate,
+                             "episodes": len(results[k["version"]].per_task)} for k in kept],
+            "evaluations": {str(v): {"successes": [t["success"] for t in r.per_task],
+                                     "steps": [t["steps"] for t in r.per_task], "invalid_rate": r.invalid_rate}
+                            for v, r in results.items()},
+            "eval_wall_s": wall, "eval_workers": workers,
+            "eval_episodes": sum(len(r.per_task) for r in results.values()),
+            "eval_env_steps": sum(t["steps"] for r in results.values() for t in r.per_task),
+            "_results": results}
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], None] | None = None) -> Path:
@@ -214,6 +333,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     from services.model_init import init_model
     from services.policy.inprocess import InProcessPolicy
     from services.policy.weights_dir import DirectoryPublisher
+    from services.bench_stats import checkpoint_steps
     from services.redis_names import RedisNames
     from services.report import ProgressWatcher, walkthrough_truncated, write_report
     from services.work_queue import WorkQueue
@@ -238,9 +358,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
         env = make_env(cfg.games.env)
         eval_kw = dict(max_steps=rollout.max_steps, choice_mode=rollout.choice_mode, max_tokens=rollout.max_tokens,
                        **cfg.eval)
-        with console.status("evaluating the initial policy on held-out games"):
-            before = evaluate(env, InProcessPolicy(model_dir, threads=1), eval_games, **eval_kw)
-        console.print(f"held-out success before training: {before.success_rate:.1%}")
+        checkpoints = checkpoint_steps(cfg.env_steps, cfg.heldout_checkpoints) if cfg.heldout_checkpoints else []
+        keep_root = run_dir / "heldout-weights"
+        kept: list[dict] = []  # {"env_steps": checkpoint, "version": published version when crossed}
+        if not checkpoints:
+            with console.status("evaluating the initial policy on held-out games"):
+                before = evaluate(env, InProcessPolicy(model_dir, threads=1), eval_games, **eval_kw)
+            console.print(f"held-out success before training: {before.success_rate:.1%}")
 
         if cfg.engine == "vllm":
             from services.policy.vllm_server import VLLMServer
@@ -284,6 +408,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
                 snap = tick()
                 if on_tick is not None:
                     on_tick(snap)
+                while len(kept) < len(checkpoints) and snap["env_steps"] >= checkpoints[len(kept)]:
+                    kept.append({"env_steps": checkpoints[len(kept)], "version": keep_published_weights(
+                        client, names, run_dir / "weights", keep_root), "at_env_steps": snap["env_steps"]})
                 if snap["env_steps"] >= cfg.env_steps or time.monotonic() - start > cfg.time_limit_s:
                     break
                 if not learner_thread.is_alive():
@@ -299,20 +426,36 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
                         console.print(f"[yellow]actor restarted after: {type(e).__name__}")
                     work[actor.work.remote()] = actor
                 time.sleep(1.0)
+        stopped_by_time = snap["env_steps"] < cfg.env_steps
         for a in actors:
             a.halt.remote()
         ray.get(list(work), timeout=120)
         stop.set()
         learner_thread.join(timeout=300)
         result = outcome.get("result")
+        _write_visits(client, names, run_dir / "visits.jsonl")
+        (run_dir / "actor_totals.json").write_text(json.dumps(
+            {k.decode(): int(v) for k, v in client.hgetall(names.actor_totals).items()}, indent=1))
         latest = Path(learner_cfg.checkpoint_dir) / "latest"
         if latest.is_file():
             final = Path(learner_cfg.checkpoint_dir) / latest.read_text().strip() / "hf"
         else:  # the budget ended before the first update
             final = model_dir
-            console.print("[yellow]no policy update happened within the budget: evaluating the initial model")
-        with console.status("evaluating the trained policy on held-out games"):
-            after = evaluate(env, InProcessPolicy(final, threads=1), eval_games, **eval_kw)
+            if not checkpoints:
+                console.print("[yellow]no policy update happened within the budget: evaluating the initial model")
+        if checkpoints:
+            with console.status(f"evaluating {len(kept)} held-out checkpoints"):
+                held = evaluate_checkpoints(kept, eval_games, cfg, model_dir, keep_root, eval_kw, actors)
+            evals = held.pop("_results")
+            before, after = evals[kept[0]["version"]], evals[kept[-1]["version"]]
+            (run_dir / "heldout.json").write_text(json.dumps(
+                {**held, "planned": checkpoints, "stopped_by_time_limit": stopped_by_time}, indent=1))
+            console.print(f"held-out success at {len(kept)} checkpoints: "
+                          + ", ".join(f"{k['success']:.0%}" for k in held["checkpoints"])
+                          + f" ({held['eval_episodes']} episodes, {held['eval_wall_s']:.0f} s)")
+        else:
+            with console.status("evaluating the trained policy on held-out games"):
+                after = evaluate(env, InProcessPolicy(final, threads=1), eval_games, **eval_kw)
         walkthrough = walkthrough_truncated(env, train_games, watcher.store, rollout.key_scope)
         env.close()
         write_report(run_dir, cfg, watcher, before, after, result, final, client, names, console, walkthrough)

@@ -90,6 +90,13 @@ class RedisNames:
         return f"{self.prefix}:actors:branching"
 
     @property
+    def actor_visits(self) -> str:
+        """List of JSON records, one per rollout in the order its totals were added: {"task", "steps"
+        (its new env steps), "visits": [[env step within the rollout, state key], ...]} (actors with
+        record_visits; `spo3 train` turns them into the visited-state curve)."""
+        return f"{self.prefix}:actors:visits"
+
+    @property
     def actor_depths(self) -> str:
         """Hash depth -> how many 3SPO expansions were at that depth, over every actor."""
         return f"{self.prefix}:actors:depths"

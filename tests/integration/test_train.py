@@ -37,37 +37,71 @@ def leftovers(marker: str) -> list[str]:
     return out
 
 
-def test_bench_compares_algorithms_on_twx(tmp_path):
-    config = {"base": TINY, "algos": ["3spo", "grpo"], "seeds": [0], "window": 4, "success_threshold": 0.25,
+def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
+    """2 seeds x 2 algorithms on TWX: held-out curves at 8 checkpoints, visited-state curves, the paired
+    table; a second invocation runs nothing new; --report-only rebuilds the report from the run files."""
+    base = {**TINY, "env_steps": 64, "eval": {"temperature": 0.4, "episodes": 2}}
+    config = {"base": base, "algos": ["3spo", "grpo"],
+              "seeds": [0, 1], "success_threshold": 0.25, "heldout_checkpoints": 8, "min_heldout_episodes": 4,
+              "resamples": 500, "curve_points": 8,
               "suites": {"twx-coin": {"games": {"env": "twx", "kind": "coin", "train": 2, "eval": 2,
                                                 "settings": {"numLocations": 2, "includeDoors": 0}}}}}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    proc = subprocess.run([SPO3, "bench", "--config", str(tmp_path / "bench.yaml"), "--out", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    cmd = [SPO3, "bench", "--config", str(tmp_path / "bench.yaml"), "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    runs = {r["algo"]: r for r in results["runs"]}
-    assert set(runs) == {"3spo", "grpo"}
-    for algo, r in runs.items():
-        assert r["env_steps"] >= TINY["env_steps"], (algo, r)  # the budget was spent, not the time limit
-        assert r["updates"] >= 1 and r["unique_states_per_1k"] > 0, (algo, r)
-        run_dir = Path(r["run_dir"])
-        for name in ("metrics.jsonl", "curves.png", "summary.json", "learner.jsonl"):
-            assert (run_dir / name).is_file(), (algo, name)
-        d = r["diagnostics"]
-        assert list(d) == ["reexpand_frac", "leaves", "truncated_top_frac", "expansions_by_depth",
-                           "replay_per_new_step", "walkthrough_truncated"], d
-        assert set(d["leaves"]) == {"success", "failure", "truncated", "depth"}
-        assert d["replay_per_new_step"] is not None  # TWX has no snapshots: every run restores by replay
-        wt = d["walkthrough_truncated"]  # TWX games have a gold path
-        assert wt["tasks"] == 2 and 0 <= wt["truncated"] <= wt["states"], wt
-    d3 = runs["3spo"]["diagnostics"]
-    assert d3["reexpand_frac"] == 0.0 and sum(d3["expansions_by_depth"].values()) > 0, d3
-    assert runs["grpo"]["diagnostics"]["reexpand_frac"] is None
-    table = results["suites"]["twx-coin"]["table"]
-    assert set(table) == {"3spo", "grpo"} and "grpo" in results["suites"]["twx-coin"]["ratios"]
-    assert (out / "twx-coin.png").is_file() and "## twx-coin" in (out / "summary.md").read_text()
+    assert results["format"] == "spo3-bench/2"
+    runs = results["runs"]
+    assert sorted((r["algo"], r["seed"]) for r in runs) == [("3spo", 0), ("3spo", 1), ("grpo", 0), ("grpo", 1)]
+    for r in runs:
+        assert r["suite"] == "twx-coin" and r["settings"]["algo"] == r["algo"] and r["settings"]["games"]["seed"] == r["seed"]
+        assert r["new_env_steps"] >= base["env_steps"] and not r["stopped_by_time_limit"], r
+        held = r["held_out"]  # [[env_steps, success, episodes], ...] at 0 and 8 checkpoints up to the budget
+        assert [p[0] for p in held] == [8 * i for i in range(9)], held
+        assert all(p[2] == 4 and 0 <= p[1] <= 1 for p in held), held
+        visited = r["visited_states"]
+        assert visited[0][0] == 0 and visited[-1][0] == base["env_steps"] and visited[0][1] >= 1
+        assert all(b[1] >= a[1] for a, b in zip(visited, visited[1:])) and visited[-1][1] > visited[0][1], visited
+        assert r["updates"] >= 1 and r["learner_tokens"] > 0 and r["generated_tokens"] > 0, r
+        assert r["replay_env_steps"] >= 0 and r["budget"] == base["env_steps"]
+        assert r["eval_env_steps"] > 0 and r["eval_wall_s"] > 0
+        assert (Path(r["run_dir"]) / "heldout.json").is_file() and (Path(r["run_dir"]) / "visits.jsonl").is_file()
+    # the same initial model and held-out tasks per seed: step-0 evaluations agree across algorithms
+    by = {(r["algo"], r["seed"]): r for r in runs}
+    for seed in (0, 1):
+        assert by[("3spo", seed)]["settings"]["model"] == by[("grpo", seed)]["settings"]["model"]
+        assert by[("3spo", seed)]["held_out"][0] == by[("grpo", seed)]["held_out"][0]
+    suite = results["suites"]["twx-coin"]
+    assert set(suite["table"]) == {"3spo", "grpo"} and suite["table"]["grpo"]["runs"] == 2
+    comp = suite["comparisons"]["grpo"]
+    iv = comp["final_success"]["difference"]
+    assert iv["pairs"] == 2 and iv["low"] <= iv["estimate"] <= iv["high"] and iv["level"] == 0.95
+    assert comp["visited_states"]["ratio"]["estimate"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "## twx-coin" in summary and "| grpo | held-out success at budget, ours - theirs |" in summary
+    assert ("includes no difference" in summary) or ("excludes it" in summary)
+    assert (out / "twx-coin.png").is_file()
+    assert len(list((out / "results" / "twx-coin").glob("*.json"))) == 4
+
+    # resume: a second invocation finds every run recorded and trains nothing
+    runs_before = sorted(p.name for p in (out / "runs").iterdir())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+
+    # --report-only rebuilds the report from the per-run files; a shard narrows it
+    (out / "results.json").unlink()
+    (out / "summary.md").unlink()
+    report = subprocess.run(cmd + ["--report-only", "--seed", "0"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in rebuilt["runs"]) == [0, 0]
+    assert rebuilt["suites"]["twx-coin"]["comparisons"]["grpo"]["final_success"]["difference"] is None  # one pair
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
     assert leftovers(str(tmp_path)) == []
 
 

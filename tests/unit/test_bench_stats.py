@@ -142,3 +142,46 @@ def test_run_figures_and_suite_comparisons_round_trip_json():
     assert comp["grpo"]["steps_to_threshold"]["ratio"] is None  # grpo never reached 0.5: no pairs
     again = [RunResult.model_validate(json.loads(r.model_dump_json())) for r in runs]
     assert again == runs
+
+
+def test_visits_from_rollouts_lays_rollouts_end_to_end_in_record_order():
+    from services.bench_stats import visits_from_rollouts
+
+    records = [{"task": "t1", "steps": 3, "visits": [[0, "r"], [1, "a"], [3, "b"]]},
+               {"task": "t2", "steps": 0, "visits": [[0, "r"]]},          # a rollout that stopped at once
+               {"task": "t1", "steps": 2, "visits": [[0, "r"], [2, "c"]]}]  # r again: one pair, counted once
+    visits = visits_from_rollouts(records)
+    assert visits == [(0, "t1", "r"), (1, "t1", "a"), (3, "t1", "b"), (3, "t2", "r"), (3, "t1", "r"), (5, "t1", "c")]
+    assert visited_state_curve(visits, [0, 2, 3, 5]) == [[0, 1], [2, 2], [3, 4], [5, 5]]
+    with pytest.raises(ValueError, match="visit at step 4 of a rollout of 3 steps"):
+        visits_from_rollouts([{"task": "t", "steps": 3, "visits": [[4, "x"]]}])
+
+
+def test_late_success_reads_the_last_quarter_of_the_budget():
+    from services.bench_stats import late_success
+
+    snaps = [{"env_steps": s, "leaves": n, "successes": w} for s, n, w in [(0, 0, 0), (50, 40, 0), (80, 50, 2), (100, 60, 8)]]
+    assert late_success(snaps) == pytest.approx(8 / 20)  # from the snapshot at 50 (<= 75) to the end
+    assert late_success(snaps, fraction=1.0) == pytest.approx(8 / 60)
+    assert late_success([]) is None and late_success(snaps[:1]) is None
+
+
+def test_curve_band_means_and_brackets_over_runs():
+    from services.bench_stats import curve_band
+
+    curves = [[[0, 0.0], [10, 0.5]], [[0, 0.0], [10, 1.0]], [[0, 0.0], [10, 0.0]]]
+    band = curve_band(curves, [0, 5, 10], resamples=500)
+    assert band["steps"] == [0, 5, 10] and band["mean"] == pytest.approx([0.0, 0.0, 0.5])  # a step curve
+    assert band["low"][0] == band["high"][0] == 0.0  # no spread, no band
+    assert 0.0 <= band["low"][2] < 0.5 < band["high"][2] <= 1.0
+    one = curve_band(curves[:1], [0, 10])
+    assert one["low"] == one["mean"] == one["high"] == [0.0, 0.5]
+
+
+def test_best_variant_by_mean_with_missing_values():
+    from services.bench_stats import best_variant
+
+    assert best_variant({"default": [0.2, 0.4], "alpha=50": [0.5, None], "xi=5": [None]}) == "alpha=50"
+    assert best_variant({"a": [1.0], "b": [1.0]}) == "a"  # ties: the first listed (the defaults come first)
+    assert best_variant({"a": [3.0], "b": [1.0]}, higher_is_better=False) == "b"
+    assert best_variant({"a": [None]}) is None

@@ -1,63 +1,35 @@
-"""spo3 bench's pure parts: convergence point, aggregation, the paper's ratios, config merging."""
+"""spo3 bench's config handling, per-run files -> RunResult, the report, and sweeps (no training:
+tests/integration/test_train.py runs the real thing)."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from services.benchmark import BenchConfig, claim_ratios, markdown, mean_std, select, steps_to_threshold, suite_table
+from services.bench_stats import RunResult
+from services.benchmark import (
+    BenchConfig,
+    Planned,
+    SweepConfig,
+    apply_sets,
+    build_results,
+    markdown,
+    read_run,
+    result_path,
+    run_plan,
+    select,
+    sweep_variants,
+    variant_name,
+)
 from services.launcher import GamesConfig, task_lists
 
-
-def snaps(rows):
-    return [{"env_steps": s, "leaves": n, "successes": w} for s, n, w in rows]
-
-
-def test_steps_to_threshold_uses_a_rolling_window_of_leaves():
-    # 40 leaves at 10% success, then 40 leaves at 90%: the window of 32 crosses 50% only once
-    # most of its leaves come from the second stretch.
-    rows = [(0, 0, 0), (100, 20, 2), (200, 40, 4), (300, 60, 22), (400, 80, 40)]
-    assert steps_to_threshold(snaps(rows), 0.5, 32) == 300
-    assert steps_to_threshold(snaps(rows), 0.95, 32) is None
-    # a window larger than all the leaves never fires, however good the rate
-    assert steps_to_threshold(snaps([(0, 0, 0), (10, 5, 5)]), 0.5, 32) is None
-
-
-def test_steps_to_threshold_does_not_credit_early_failures_to_late_success():
-    rows = [(0, 0, 0), (100, 100, 0), (200, 132, 32)]  # the last 32 leaves all succeeded
-    assert steps_to_threshold(snaps(rows), 0.5, 32) == 200
-    assert steps_to_threshold(snaps(rows), 0.5, 200) is None
-
-
-def record(algo, seed, final, unique, steps):
-    return {"algo": algo, "seed": seed, "final_success": final, "unique_states_per_1k": unique,
-            "unique_states_per_1k_half": 2 * unique,
-            "steps_to_threshold": steps, "generated_tokens": 100, "wall_time_s": 10.0}
-
-
-def test_table_and_ratios_follow_the_paper_directions():
-    records = [record("3spo", s, 0.8, 50.0, 400) for s in range(3)] + \
-              [record("grpo", 0, 0.5, 20.0, 1000), record("grpo", 1, 0.6, 30.0, None), record("grpo", 2, 0.4, 25.0, 800)]
-    table = suite_table(records, ["3spo", "grpo"])
-    mean, std, have, runs = table["grpo"]["steps_to_threshold"]
-    assert (mean, have, runs) == (900, 2, 3) and std == pytest.approx(141.42, rel=1e-3)
-    r = claim_ratios(table)["grpo"]
-    assert r["exploration"] == pytest.approx(2.0)
-    assert r["convergence"] == pytest.approx(900 / 400)
-    assert r["success_points"] == pytest.approx(30.0)
-    text = markdown({"algos": ["3spo", "grpo"], "seeds": [0, 1, 2], "success_threshold": 0.5,
-                     "window": 32, "suites": {"s": {"table": table, "ratios": {"grpo": r}, "budget": 1500}}})
-    assert "## s (1,500 env steps per run)" in text and "(2/3 reached)" in text and "exploration 2.00x" in text and "(threshold reached in 3/3 vs 2/3 runs)" in text and "success +30.0 points" in text
-
-
-def test_ratios_are_none_when_a_side_never_converged():
-    records = [record("3spo", 0, 0.1, 10.0, None), record("grpo", 0, 0.1, 0.0, 500)]
-    r = claim_ratios(suite_table(records, ["3spo", "grpo"]))["grpo"]
-    assert r["convergence"] is None and r["exploration"] is None
-    assert mean_std([None, None]) == (None, None, 0)
+ROOT = Path(__file__).parents[2]
 
 
 def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
-    bench = BenchConfig(base={"env_steps": 100, "rollout": {"max_steps": 8, "choice_mode": True}},
+    bench = BenchConfig(base={"env_steps": 100, "rollout": {"max_steps": 8, "choice_mode": True},
+                              "eval": {"episodes": 8}},
                         suites={"a": {"games": {"kind": "tw-treasure_hunter"}, "rollout": {"max_steps": 12}},
                                 "b": {"env_steps": 50}})
     cfg = bench.run_config("a", "grpo", 2, tmp_path)
@@ -76,12 +48,65 @@ def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
         select(bench, None, None, None, None, None, ["alpha"])
 
 
-def test_the_shipped_bench_config_is_valid(tmp_path):
-    bench = BenchConfig.from_yaml(Path(__file__).parents[2] / "configs" / "bench.yaml")
-    assert {"tw-coin", "tw-treasure", "tw-cooking", "twx-coin", "alfworld"} <= set(bench.suites)
-    assert len(bench.seeds) >= 3 and bench.algos == ["3spo", "grpo", "gigpo"]
-    for suite in bench.suites:
-        bench.run_config(suite, "3spo", 0, tmp_path)  # every suite is a valid TrainConfig
+def test_the_shipped_bench_configs_are_valid(tmp_path):
+    old = BenchConfig.from_yaml(ROOT / "configs" / "bench.yaml")
+    assert {"tw-coin", "tw-treasure", "tw-cooking", "twx-coin", "alfworld"} <= set(old.suites)
+    v2 = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
+    assert len(v2.seeds) >= 5 and v2.algos == ["3spo", "grpo", "gigpo"] and v2.heldout_checkpoints >= 8
+    assert v2.min_heldout_episodes >= 64
+    for bench in (old, v2):
+        for suite in bench.suites:
+            cfg = bench.run_config(suite, "3spo", 0, tmp_path)  # every suite is a valid TrainConfig
+            assert cfg.heldout_checkpoints == bench.heldout_checkpoints
+            assert cfg.games.eval * cfg.eval["episodes"] >= bench.min_heldout_episodes
+    sweep = SweepConfig.from_yaml(ROOT / "configs" / "bench-sweep.yaml")
+    bench = BenchConfig.from_yaml(ROOT / sweep.config)
+    assert set(sweep.suites) <= set(bench.suites) and not set(sweep.seeds) & set(bench.seeds)
+    assert set(sweep.grid) == {"3spo", "grpo", "gigpo"}
+    assert "learner.groups_per_update" in sweep.grid["grpo"] and "learner.groups_per_update" in sweep.grid["gigpo"]
+    assert {"score.alpha", "score.xi", "score.reward_score", "score.novelty"} <= set(sweep.grid["3spo"])
+    assert set(sweep.grid["3spo"]["score.alpha"]) == {1, 50}
+    for algo, grid in sweep.grid.items():
+        for sets in sweep_variants(grid, sweep.mode):
+            bench.run_config(sweep.suites[0], algo, sweep.seeds[0], tmp_path, sets)  # every variant is valid
+
+
+def test_settings_layers_warm_start_and_bad_input(tmp_path):
+    bench = BenchConfig(base={"env_steps": 100, "eval": {"episodes": 8}, "learner": {"groups_per_update": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}},
+                        algo_settings={"grpo": {"learner.groups_per_update": 2}}, min_heldout_episodes=64)
+    assert bench.run_config("s", "grpo", 0, tmp_path).learner["groups_per_update"] == 2
+    assert bench.run_config("s", "3spo", 0, tmp_path).learner["groups_per_update"] == 8
+    over = bench.run_config("s", "grpo", 0, tmp_path, {"learner.groups_per_update": 4}, "gpu=4")
+    assert over.learner["groups_per_update"] == 4 and over.name == "s-grpo-gpu=4-s0"
+    with pytest.raises(ValueError, match="fewer than min_heldout_episodes 64"):
+        BenchConfig(base={"eval": {"episodes": 2}}, suites={"s": {"games": {"eval": 8}}}).run_config("s", "3spo", 0, tmp_path)
+    with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
+        BenchConfig(algos=["3spo", "ppo"])
+    with pytest.raises(ValueError, match="alph'"):  # a misspelt swept setting names the key
+        bench.run_config("s", "3spo", 0, tmp_path, {"score.alph": 50})
+    with pytest.raises(ValueError, match="groups_per_updat'"):  # learner settings too, before any run starts
+        bench.run_config("s", "grpo", 0, tmp_path, {"learner.groups_per_updat": 2})
+    assert apply_sets({"a": {"b": 1}}, {"a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
+    # warm start: every run of a seed starts from the given directory; a missing one is a clear error
+    from services.benchmark import _model_for
+
+    warm = tmp_path / "sft-s-3"
+    warm.mkdir()
+    (warm / "config.json").write_text("{}")
+    b = bench.model_copy(update={"init_model": str(tmp_path / "sft-{suite}-{seed}")})
+    cfg = b.run_config("s", "grpo", 3, tmp_path)
+    assert _model_for(b, cfg, "s", 3, tmp_path) == str(warm.resolve())
+    with pytest.raises(FileNotFoundError, match="sft-s-4 is not a model directory"):
+        _model_for(b, cfg, "s", 4, tmp_path)
+
+
+def test_sweep_variants_and_names():
+    grid = {"score.alpha": [1, 50], "score.novelty": ["parent"]}
+    assert sweep_variants(grid, "one-at-a-time") == [{}, {"score.alpha": 1}, {"score.alpha": 50},
+                                                     {"score.novelty": "parent"}]
+    assert len(sweep_variants(grid, "grid")) == 2
+    assert variant_name({}) == "default" and variant_name({"learner.groups_per_update": 2}) == "groups_per_update=2"
 
 
 def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
@@ -99,7 +124,7 @@ def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
 def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
     from services.launcher import TrainConfig
 
-    bench = BenchConfig(base={"env_steps": 10}, suites={"s": {"games": {"env": "twx", "kind": "coin"}}})
+    bench = BenchConfig(base={"env_steps": 10, "eval": {"episodes": 8}}, suites={"s": {"games": {"env": "twx", "kind": "coin"}}})
     b = select(bench, None, None, None, None, None, ["score.reward_score=truncated", "score.novelty=parent"])
     cfg = b.run_config("s", "3spo", 0, tmp_path)
     assert cfg.score == {"reward_score": "truncated", "novelty": "parent"}
@@ -122,3 +147,136 @@ def test_diagnostics_names_and_ratios():
     assert d["expansions_by_depth"] == {"0": 10, "1": 5}
     grpo = diagnostics({"env_steps": 100, "leaves_success": 1}, {}, None)
     assert grpo["reexpand_frac"] is None and grpo["truncated_top_frac"] is None and grpo["replay_per_new_step"] == 0
+
+
+def write_run_dir(d: Path, *, successes_by_version: dict[int, list[float]], kept: list[tuple[int, int]],
+                  stopped: bool = False) -> Path:
+    """A hand-made `spo3 train` run directory with held-out checkpoints (the files read_run reads)."""
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"env_steps": 82, "policy_version": 3, "wall_time_s": 12.5}))
+    (d / "actor_totals.json").write_text(json.dumps({"env_steps": 82, "replay_steps": 30, "generated_tokens": 900}))
+    (d / "learner.jsonl").write_text("".join(json.dumps({"version": v, "tokens": 100 * v}) + "\n" for v in (1, 2, 3)))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"env_steps": s, "leaves": n, "successes": w}) + "\n"
+                                             for s, n, w in [(0, 0, 0), (40, 10, 1), (60, 20, 3), (82, 30, 8)]))
+    # two rollouts: 40 steps on t1 (root, then states at steps 1 and 40), 42 steps on t2
+    rollouts = [{"task": "t1", "steps": 40, "visits": [[0, "r"], [1, "a"], [40, "b"]]},
+                {"task": "t2", "steps": 42, "visits": [[0, "r"], [2, "a"], [42, "c"]]}]
+    (d / "visits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    (d / "heldout.json").write_text(json.dumps({
+        "checkpoints": [{"env_steps": s, "version": v} for s, v in kept],
+        "evaluations": {str(v): {"successes": s} for v, s in successes_by_version.items()},
+        "eval_wall_s": 3.0, "eval_env_steps": 77, "stopped_by_time_limit": stopped}))
+    return d
+
+
+def test_read_run_turns_a_run_directory_into_a_run_result(tmp_path):
+    kept = [(0, 0), (10, 0), (20, 1), (30, 1), (40, 2), (50, 2), (60, 3), (70, 3), (80, 3)]
+    d = write_run_dir(tmp_path / "run", successes_by_version={0: [0, 0, 1, 0], 1: [0, 1, 1, 0], 2: [1, 1, 1, 0],
+                                                               3: [1, 1, 1, 1]}, kept=kept)
+    r = read_run(d, suite="s", algo="grpo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4,
+                 settings={"algo": "grpo"})
+    assert r.held_out[0] == [0, 0.25, 4] and r.held_out[2] == [20, 0.5, 4] and r.held_out[-1] == [80, 1.0, 4]
+    # rollout 1 covers run steps 0-40, rollout 2 steps 40-82: t2's "a" is at 42, its "c" at 82 (after the budget)
+    assert r.visited_states == [[0, 1], [20, 2], [40, 4], [60, 5], [80, 5]]
+    assert (r.new_env_steps, r.replay_env_steps, r.generated_tokens, r.learner_tokens, r.updates) == (82, 30, 900, 600, 3)
+    assert r.train_success == pytest.approx(5 / 10)  # the last quarter (after step 61.5): from the snapshot at 60
+    assert r.eval_env_steps == 77 and r.budget == 80 and not r.stopped_by_time_limit
+    with pytest.raises(ValueError, match="need >= 8"):  # too few checkpoints for a finished run
+        read_run(write_run_dir(tmp_path / "short", successes_by_version={0: [0.0]}, kept=[(0, 0), (10, 0)]),
+                 suite="s", algo="grpo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4, settings={})
+    # a run stopped by its time limit keeps the checkpoints it reached, flagged
+    cut = read_run(write_run_dir(tmp_path / "cut", successes_by_version={0: [0.0], 1: [1.0]},
+                                 kept=[(0, 0), (10, 0), (20, 1)], stopped=True),
+                   suite="s", algo="grpo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4, settings={})
+    assert cut.stopped_by_time_limit and [p[0] for p in cut.held_out] == [0, 10, 20]
+
+
+def run(algo, seed, final, visited, *, start=0.1, stopped=False):
+    curve = [[0, start, 64]] + [[100 * i, start + (final - start) * i / 8, 64] for i in range(1, 9)]
+    return RunResult(suite="s", algo=algo, seed=seed, visited_states=[[0, 1], [800, visited]], held_out=curve,
+                     new_env_steps=810, budget=800, replay_env_steps=81, updates=10, stopped_by_time_limit=stopped)
+
+
+def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
+    runs = [run("3spo", s, 0.8, 400 + s) for s in range(5)] + [run("grpo", s, 0.3, 100 + 10 * s) for s in range(5)] \
+        + [run("gigpo", s, [0.9, 0.7, 0.9, 0.7, 0.8][s], 200 * s + 1, start=0.6, stopped=s == 0) for s in range(5)]
+    bench = BenchConfig(algos=["3spo", "grpo", "gigpo"], resamples=500)
+    results = build_results(bench, runs)
+    json.dumps(results)  # JSON all the way
+    suite = results["suites"]["s"]
+    assert suite["budget"] == 800 and suite["checkpoints"] == [100 * i for i in range(9)]
+    g = suite["comparisons"]["grpo"]
+    assert g["final_success"]["difference"]["estimate"] == pytest.approx(0.5)
+    assert not g["final_success"]["difference"]["includes_no_difference"]
+    assert g["visited_states"]["ratio"]["low"] > 1
+    gi = suite["comparisons"]["gigpo"]["final_success"]["difference"]
+    assert gi["includes_no_difference"] and gi["low"] < 0 < gi["high"]
+    t = suite["table"]
+    assert t["gigpo"]["threshold_met_at_start"] == 5 and t["grpo"]["threshold_met_at_start"] == 0
+    assert t["gigpo"]["stopped_by_time_limit"] == 1 and t["grpo"]["steps_to_threshold"]["n"] == 0
+    assert t["3spo"]["replay_per_new_step"]["mean"] == pytest.approx(0.1)
+    text = markdown(results)
+    assert "## s (800 env steps per run" in text and "| gigpo | 5 (1 hit the time limit) |" in text
+    assert "| gigpo | held-out success at budget, ours - theirs | +" in text and "**includes no difference**" in text
+    assert "| grpo | held-out success at budget, ours - theirs | +50.0 points |" in text and "excludes it" in text
+    assert "(reached 0/5)" in text and "5 at start)" in text
+
+
+def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_nothing(tmp_path):
+    bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"], seeds=[1])
+    p = Planned(suite="s", algo="grpo", seed=1)
+    cfg = bench.run_config("s", "grpo", 1, tmp_path)
+    recorded = run("grpo", 1, 0.5, 10).model_copy(update={"settings": cfg.model_dump(mode="json")})
+    path = result_path(tmp_path, "s", "grpo", "default", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(recorded.model_dump_json())
+    done, failures = run_plan(bench, [p], tmp_path, progress=False)  # recorded: nothing to run
+    assert done[p] == recorded and failures == []
+    longer = select(bench, None, None, None, None, 999.0)  # only the time limit changed: still the same run
+    assert run_plan(longer, [p], tmp_path, progress=False)[0][p] == recorded
+    other = select(bench, None, None, None, None, None, ["learner.lr=0.1"])
+    with pytest.raises(ValueError, match="recorded with other settings.*learner"):
+        run_plan(other, [p], tmp_path, progress=False)
+    missing = Planned(suite="s", algo="grpo", seed=2)
+    assert run_plan(bench, [p, missing], tmp_path, progress=False, report_only=True)[0] == {p: recorded}
+
+
+def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
+    """`score.alpha: [1, 50]` with alpha 1.0 the default: the 'alpha=1' variant is the default one and
+    is not run twice. (run_plan is replaced: this checks the plan, not training.)"""
+    import services.benchmark as bm
+
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
+        "base": {"env_steps": 80, "eval": {"episodes": 8}, "score": {"alpha": 1.0}},
+        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}}))
+    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7],
+                        grid={"3spo": {"score.alpha": [1, 50]}, "grpo": {"learner.groups_per_update": [2]}})
+    planned = []
+
+    def fake_run_plan(bench, plan, out, **kw):
+        planned.extend(plan)
+        results = {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_success": {
+            "default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}[p.variant]}) for p in plan}
+        return results, []
+
+    monkeypatch.setattr(bm, "run_plan", fake_run_plan)
+    report = bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    assert [(p.algo, p.variant) for p in planned] == [("3spo", "default"), ("3spo", "alpha=50"),
+                                                      ("grpo", "default"), ("grpo", "groups_per_update=2")]
+    assert report["algos"]["3spo"]["best"] == "alpha=50" and report["algos"]["grpo"]["best"] == "default"
+    assert report["algo_settings"] == {"3spo": {"score.alpha": 50}}
+    text = (tmp_path / "out" / "sweep.md").read_text()
+    assert "## 3spo: best `alpha=50`" in text and "score.alpha: 50" in text
+
+
+def test_results_copied_into_another_out_are_reported(tmp_path):
+    bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"], seeds=[1])
+    p = Planned(suite="s", algo="grpo", seed=1)
+    recorded = run("grpo", 1, 0.5, 10).model_copy(update={"settings": {
+        **bench.run_config("s", "grpo", 1, tmp_path / "elsewhere").model_dump(mode="json"), "model": "/m"}})
+    path = result_path(tmp_path / "here", "s", "grpo", "default", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(recorded.model_dump_json())
+    assert run_plan(bench, [p], tmp_path / "here", progress=False, report_only=True)[0] == {p: recorded}

@@ -159,3 +159,16 @@ def test_grpo_episodes_one_group_same_budget(algo):
     assert all(p.n == 1 for p in policy.requests)
     for m in g.members:
         assert m.score == pytest.approx(sum(t.reward for t in m.transitions))
+
+
+@pytest.mark.parametrize("algo", ["3spo", "grpo", "gigpo"])
+def test_visits_record_every_state_entered_with_its_step(algo):
+    """Every algorithm records the states it stepped into (committed or not) the same way: each key of
+    `visited` once, in the order first entered, with the rollout's env-step count then (the root at 0)."""
+    ro, *_ = make(cfg=RolloutConfig(max_steps=6, max_leaves=200, env_step_budget=30))
+    stats = ro.run(item(algo))
+    assert [k for _, k in stats.visits] == list(dict.fromkeys(k for _, k in stats.visits))
+    assert {k for _, k in stats.visits} == stats.visited and stats.visits[0] == (0, key(0))
+    steps = [s for s, _ in stats.visits]
+    assert steps == sorted(steps) and 0 < steps[-1] <= stats.env_steps
+    assert len(stats.visited) >= 2
