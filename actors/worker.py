@@ -21,15 +21,15 @@ from actors.envs.registry import make_env
 from actors.evaluate import evaluate
 from actors.rollout import LEAF_KINDS, Rollout, RolloutConfig, RolloutStats
 from score_store.client import ScoreServiceError, ServiceScoreStore, reconcile_params
-from score_store.connection import check_reachable, connect
+from services.transport.connection import check_reachable, connect
 from score_store.score_math import ScoreParams
 from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, ScoreStore, StoreStats
-from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
-from services.metrics import actor_metrics, serve, stop_serving, task_type
+from services.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
+from services.transport.metrics import actor_metrics, serve, stop_serving, task_type
 from services.policy.interface import Policy
-from services.redis_names import RedisNames
-from services.stream import GroupStream
-from services.work_queue import WorkQueue
+from services.transport.redis_names import RedisNames
+from services.transport.stream import GroupStream
+from services.transport.work_queue import WorkQueue
 
 log = logging.getLogger("spo3.actor")
 
@@ -54,7 +54,7 @@ class ActorConfig:
     lease_s: float = 120.0
     stream_max_len: int = 10_000
     stream_max_unread: int = 0
-    """Wait while the learner has this many groups not read yet (0: no bound; see services.stream)."""
+    """Wait while the learner has this many groups not read yet (0: no bound; see services.transport.stream)."""
     exit_when_idle_s: float | None = None
     """Stop after the queue stayed empty this long (None: wait for work forever)."""
     metrics_port: int | None = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from learner.advantages import gigpo_advantages, grpo_advantages, step_group_advantages
-from services.contracts import Group
+from services.transport.contracts import Group
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import torch.distributed as dist
 
 from learner import checkpoint
 from learner.batch import AdvantageConfig, batch_rows, row_stats
-from learner.consume import GroupConsumer
+from services.transport.stream import GroupConsumer
 from learner.staleness import StalenessFilter
 from learner.trainer import Trainer, TrainerConfig
-from services.contracts import Group
-from services.metrics import learner_metrics, serve, stop_serving
+from services.transport.contracts import Group
+from services.transport.metrics import learner_metrics, serve, stop_serving
 from services.policy.interface import WeightSink
-from services.redis_names import RedisNames
+from services.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")
 
@@ -70,7 +70,7 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
     names = RedisNames(cfg.run)
     m = learner_metrics()
     if leader:
-        from score_store.connection import check_reachable, connect
+        from services.transport.connection import check_reachable, connect
 
         client = connect(cfg.redis_url)
         check_reachable(client, cfg.redis_url)

@@ -25,6 +25,7 @@ from learner.batch import Row
 from learner.loss import LossConfig, policy_loss
 from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
                                 restricted_entropy, restricted_logprobs)
+from services.transport.procs import free_port
 
 
 @dataclass
@@ -67,7 +68,7 @@ def init_distributed() -> tuple[int, int]:
         # A group of one that no launcher set up needs no agreed port; an inherited MASTER_PORT
         # may still be held by the process that set it (a parent that ran a learner itself).
         # (torchrun's agent hosts the store on its port: keep that one.)
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -78,14 +79,6 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Trainer:

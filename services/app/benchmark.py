@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.launcher import TrainConfig
+from services.app.launcher import TrainConfig
 
 
 class BenchConfig(BaseModel):
@@ -92,7 +92,7 @@ def run_figures(run_dir: Path, threshold: float, window: int) -> dict:
         "env_steps": summary["env_steps"],
         "updates": summary["policy_version"],
         "curve": [(s["env_steps"], s["leaves"], s["successes"], s["unique_states"]) for s in snaps],
-        "diagnostics": summary.get("diagnostics"),  # the DFS diagnostics (services.report.diagnostics)
+        "diagnostics": summary.get("diagnostics"),  # the DFS diagnostics (services.app.report.diagnostics)
     }
 
 
@@ -236,8 +236,8 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_on
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from services.launcher import train
-    from services.model_init import init_model
+    from services.app.launcher import train
+    from services.app.model_init import init_model
 
     out.mkdir(parents=True, exist_ok=True)
     console = Console()

@@ -85,7 +85,7 @@ def init_model_cmd(
     Any local Hugging Face checkpoint (e.g. Qwen2.5-1.5B-Instruct) can be used instead wherever
     a model path is asked for.
     """
-    from services.model_init import init_model
+    from services.app.model_init import init_model
 
     path = init_model(out, preset, seed)
     typer.echo(f"wrote {preset} model to {path}")
@@ -158,19 +158,10 @@ def actor_cmd(
         if not sep or not task_id:
             raise typer.BadParameter(f"--eval-task wants ENV:TASK_ID (e.g. textworld:/games/g.z8), got {item!r}")
         evals.append((env_name, task_id))
-    if policy_url:
-        from services.policy.vllm_client import VLLMPolicy
+    from services.app.wiring import actor_policy
 
-        policy = VLLMPolicy(policy_url)
-    else:
-        from services.policy.inprocess import InProcessPolicy
-
-        policy = InProcessPolicy(model, threads=threads)
-        if weights_dir:
-            from score_store.connection import connect
-            from services.policy.weights_dir import FollowingPolicy
-
-            policy = FollowingPolicy(policy, weights_dir, connect(redis_url), run)
+    policy = actor_policy(redis_url=redis_url, run=run, policy_url=policy_url, model=model, weights_dir=weights_dir,
+                          threads=threads)
     cfg = ActorConfig(
         redis_url=redis_url, run=run, score_url=score_url, score_token=score_token,
         # Only the fields given here are set: with --score-url they are checked against the service's.
@@ -181,7 +172,7 @@ def actor_cmd(
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
         eval_tasks=evals, eval_every=eval_every, stream_max_unread=max_unread)
     from score_store.client import ParamsMismatch, ScoreServiceError
-    from score_store.connection import StoreUnavailable
+    from services.transport.connection import StoreUnavailable
 
     try:
         finished = run_actor(cfg, policy)
@@ -201,8 +192,8 @@ def enqueue_cmd(
     repeat: Annotated[int, typer.Option(help="Enqueue every task this many times.")] = 1,
 ) -> None:
     """Put tasks on the run's work queue for actors to take."""
-    from score_store.connection import check_reachable, connect
-    from services.work_queue import WorkQueue
+    from services.transport.connection import check_reachable, connect
+    from services.transport.work_queue import WorkQueue
 
     if algo not in ("3spo", "grpo", "gigpo"):
         raise typer.BadParameter(f"algo must be 3spo, grpo or gigpo, not {algo!r}")
@@ -249,7 +240,7 @@ def learner_cmd(
     metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
 ) -> None:
     """Run the DeepSpeed learner: post-step updates from the groups stream, weight republishing,
-    checkpoints. Several processes: `torchrun --nproc_per_node N -m services.cli learner ...`."""
+    checkpoints. Several processes: `torchrun --nproc_per_node N -m services.app.cli learner ...`."""
     import logging
 
     from learner.batch import AdvantageConfig
@@ -258,18 +249,12 @@ def learner_cmd(
     from learner.trainer import TrainerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    publisher = None
+    from services.app.wiring import learner_publisher
+
     if policy_url and weights_dir:
         raise typer.BadParameter("give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both")
-    if policy_url:
-        from services.policy.vllm_client import VLLMDiskPublisher
-
-        publisher = VLLMDiskPublisher(policy_url, model, staging_dir, dtype=publish_dtype)
-    elif weights_dir:
-        from score_store.connection import connect
-        from services.policy.weights_dir import DirectoryPublisher
-
-        publisher = DirectoryPublisher(weights_dir, connect(redis_url), run)
+    publisher = learner_publisher(redis_url=redis_url, run=run, policy_urls=policy_url, model=model,
+                                  staging_dir=staging_dir, dtype=publish_dtype, weights_dir=weights_dir)
     cfg = LearnerConfig(
         redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, resume=resume,
         groups_per_update=groups_per_update, max_staleness=max_staleness, publish_every=publish_every,
@@ -293,7 +278,7 @@ def train_cmd(
 ) -> None:
     """Train on one machine: embedded Redis, actor processes (Ray), the DeepSpeed learner, held-out
     evaluation before and after; writes metrics.jsonl, plots, a summary and the final checkpoint."""
-    from services.launcher import TrainConfig, train
+    from services.app.launcher import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(config)
     if engine:
@@ -346,7 +331,7 @@ def bench_cmd(
     """3SPO vs GRPO vs GiGPO on the same env-step budget over several seeds and suites: a table per
     suite (held-out success, unique states per 1k steps, steps to a success threshold, generated
     tokens, wall time; mean and spread), the ratios behind the paper's claims, and plots."""
-    from services.benchmark import BenchConfig, now_tag, run_bench, select
+    from services.app.benchmark import BenchConfig, now_tag, run_bench, select
 
     for a in algo or []:
         if a not in ("3spo", "grpo", "gigpo"):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.contracts import Algo
+from services.transport.contracts import Algo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -167,21 +167,16 @@ def _actor_class():
 
             from actors.rollout import RolloutConfig
             from actors.worker import ActorConfig
-            from score_store.connection import connect
             from score_store.score_math import ScoreParams
+            from services.app.wiring import actor_policy
 
             torch.set_num_threads(1)
             self.stop = threading.Event()
-            if policy_url:  # the vLLM server holds the weights; the learner republishes to it
-                from services.policy.vllm_client import VLLMPolicy
-
-                self.policy = VLLMPolicy(policy_url)
-            else:
-                from services.policy.inprocess import InProcessPolicy
-                from services.policy.weights_dir import FollowingPolicy
-
-                engine = InProcessPolicy(model_dir, threads=1)
-                self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
+            # the vLLM server holds the weights (the learner republishes to it), or an in-process
+            # engine follows the published weights directory
+            self.policy = actor_policy(redis_url=redis_url, run=run, policy_url=policy_url,
+                                       model=None if policy_url else model_dir,
+                                       weights_dir=None if policy_url else weights_dir, threads=1)
             self.cfg = ActorConfig(redis_url=redis_url, run=run, params=ScoreParams(**actor_cfg["score"]),
                                    rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60,
                                    stream_max_unread=actor_cfg["max_unread"])
@@ -208,15 +203,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     from learner.loop import LearnerConfig, run_learner
     from learner.loss import LossConfig
     from learner.trainer import TrainerConfig
-    from score_store.connection import EmbeddedRedis, connect
+    from services.transport.connection import EmbeddedRedis, connect
     from score_store.score_math import ScoreParams
     from score_store.store import RedisScoreStore
-    from services.model_init import init_model
+    from services.app.model_init import init_model
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import DirectoryPublisher
-    from services.redis_names import RedisNames
-    from services.report import ProgressWatcher, walkthrough_truncated, write_report
-    from services.work_queue import WorkQueue
+    from services.app.wiring import learner_publisher
+    from services.transport.redis_names import RedisNames
+    from services.app.report import ProgressWatcher, walkthrough_truncated, write_report
+    from services.transport.work_queue import WorkQueue
 
     learner_settings_check(cfg.learner)
     console = Console(quiet=not progress)
@@ -265,12 +260,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
             trainer=TrainerConfig(model=str(model_dir), loss=LossConfig(**_pick(cfg.learner, LossConfig)),
                                   **{k: v for k, v in _pick(cfg.learner, TrainerConfig).items() if k != "loss"}),
             **{k: v for k, v in _pick(cfg.learner, LearnerConfig).items() if k != "trainer"})
-        if server:
-            from services.policy.vllm_client import VLLMDiskPublisher
-
-            publisher = VLLMDiskPublisher([server.url], model_dir, run_dir / "weights", dtype=cfg.vllm.get("dtype"))
-        else:
-            publisher = DirectoryPublisher(run_dir / "weights", client, run)
+        publisher = learner_publisher(redis_url=redis_server.url, run=run, model=model_dir,
+                                      policy_urls=[server.url] if server else None, staging_dir=run_dir / "weights",
+                                      dtype=cfg.vllm.get("dtype"), weights_dir=None if server else run_dir / "weights")
         outcome: dict = {}
         learner_thread = threading.Thread(
             target=lambda: outcome.update(result=run_learner(learner_cfg, publisher, stop)), daemon=True)

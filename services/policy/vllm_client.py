@@ -19,7 +19,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from services.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
 from services.policy.interface import PolicyError
 
 _TRANSIENT = (httpx.ConnectError, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout,

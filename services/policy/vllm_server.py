@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from score_store.connection import die_with_parent, free_port
+from services.transport.procs import die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

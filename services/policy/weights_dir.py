@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 
 import redis
 
-from services.contracts import ChatMessage, Completion, SamplingParams
-from services.metrics import follower_metrics
-from services.redis_names import RedisNames
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.metrics import follower_metrics
+from services.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.policy")
 CHECKSUM_FILE = "weights.sha256"

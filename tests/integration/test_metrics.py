@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.worker import _ObservedStore
-from score_store.connection import connect
-from services.model_init import init_model
+from services.transport.connection import connect
+from services.app.model_init import init_model
 
 pytestmark = [pytest.mark.redis]
 
@@ -53,8 +53,8 @@ def test_learner_serves_its_metrics_and_the_stream_backlog(redis_url, tmp_path):
 
     from learner.loop import LearnerConfig, run_learner
     from learner.trainer import TrainerConfig
-    from score_store.connection import free_port
-    from services.stream import GroupStream
+    from services.transport.procs import free_port
+    from services.transport.stream import GroupStream
     from tests.integration.test_learner_resume import groups
 
     model_dir = init_model(tmp_path / "model", "tiny", seed=0)

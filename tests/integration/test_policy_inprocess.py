@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.contracts import SamplingParams
-from services.model_init import init_model
+from services.transport.contracts import SamplingParams
+from services.app.model_init import init_model
 from services.policy.inprocess import InProcessPolicy
 from services.policy.interface import PolicyError
 from services.policy.weights import weights_checksum
@@ -135,7 +135,7 @@ def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
 
 
 def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_url, tmp_path):
-    from score_store.connection import connect
+    from services.transport.connection import connect
     from services.policy.weights_dir import DirectoryPublisher, FollowingPolicy
 
     client = connect(redis_url)
@@ -157,7 +157,7 @@ def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_
 def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, reference):
     """Threads asking at once run as one left-padded `generate`; every row's logprobs are still
     those of a plain forward of its own prompt + tokens, and greedy answers equal solo ones."""
-    from services.contracts import ChatMessage
+    from services.transport.contracts import ChatMessage
 
     prompts = [[ChatMessage(role="user", content="You are in the kitchen." + " You see a box." * k)] for k in range(4)]
     calls = []

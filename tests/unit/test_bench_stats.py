@@ -1,4 +1,4 @@
-"""services/bench_stats.py: the benchmark's metrics on hand-made data with known answers."""
+"""services/app/bench_stats.py: the benchmark's metrics on hand-made data with known answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.bench_stats import (
+from services.app.bench_stats import (
     RunResult,
     area_under_curve,
     checkpoint_steps,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from services.benchmark import BenchConfig, claim_ratios, markdown, mean_std, select, steps_to_threshold, suite_table
-from services.launcher import GamesConfig, task_lists
+from services.app.benchmark import BenchConfig, claim_ratios, markdown, mean_std, select, steps_to_threshold, suite_table
+from services.app.launcher import GamesConfig, task_lists
 
 
 def snaps(rows):
@@ -97,7 +97,7 @@ def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
 
 
 def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
-    from services.launcher import TrainConfig
+    from services.app.launcher import TrainConfig
 
     bench = BenchConfig(base={"env_steps": 10}, suites={"s": {"games": {"env": "twx", "kind": "coin"}}})
     b = select(bench, None, None, None, None, None, ["score.reward_score=truncated", "score.novelty=parent"])
@@ -110,7 +110,7 @@ def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_pa
 
 
 def test_diagnostics_names_and_ratios():
-    from services.report import diagnostics
+    from services.app.report import diagnostics
 
     totals = {"expansions": 40, "reexpansions": 2, "informative_groups": 10, "truncated_top_groups": 1,
               "replay_steps": 90, "env_steps": 120, "leaves_success": 3, "leaves_depth": 5, "leaves_truncated": 2}

@@ -2,7 +2,7 @@
 policy (uniform among the admissible actions, through the rollout's choice mode), against one
 real redis-server it starts itself.
 
-    .venv/bin/python -m actors.bench [--tasks 32] [--coverage-tasks 10] [--processes 2] \
+    .venv/bin/python -m services.app.benches.actor [--tasks 32] [--coverage-tasks 10] [--processes 2] \
         [--rounds 3] [--warmup-steps 60000] [--max-steps 20] [--group-size 8] [--budget 160] \
         [--out bench-results/actor.json]
 
@@ -59,9 +59,9 @@ from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 
-from score_store.bench import Row, machine_busy_seconds, print_table, progress
-from score_store.connection import LocalRedisServer, connect, redis_server_binary
-from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
+from services.app.benches.score import Row, machine_busy_seconds, print_table, progress
+from services.transport.connection import LocalRedisServer, connect, redis_server_binary
+from services.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 
 LOOP_TARGET_RATIO = 0.9
 SERVICE_TARGET_RATIO = 0.8
@@ -274,7 +274,7 @@ class ActorPool:
     that they can be interleaved with the raw stepping (the machine's speed drifts)."""
 
     def __init__(self, redis_url: str, size: int, *, warmup_steps: int, tasks: list[str], cfg: dict) -> None:
-        from actors import bench as this  # by module name: the children import it, not __main__
+        from services.app.benches import actor as this  # by module name: the children import it, not __main__
 
         self.redis_url, self.size = redis_url, size
         ctx = mp.get_context("spawn")
@@ -313,9 +313,9 @@ class ActorPool:
         """Fill a fresh run's queue with `tasks`, let the first `processes` actors empty it; time
         from the first start to the last exit, counters summed. `score`: score_url and
         score_token of a score service serving `run` (None: the direct path)."""
-        from services.redis_names import RedisNames
-        from services.stream import GroupStream
-        from services.work_queue import WorkQueue
+        from services.transport.redis_names import RedisNames
+        from services.transport.stream import GroupStream
+        from services.transport.work_queue import WorkQueue
 
         run = run or f"bench-{label}-{uuid.uuid4().hex[:8]}"
         client = connect(self.redis_url)
@@ -383,7 +383,7 @@ class ScoreServiceProcess:
     """`spo3 score-service` (uvicorn) for one run, on a free port; its /metrics read back."""
 
     def __init__(self, redis_url: str, run: str) -> None:
-        from score_store.connection import free_port
+        from services.transport.procs import free_port
 
         self.token, self.port = uuid.uuid4().hex, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -508,7 +508,7 @@ def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, 
     from actors.rollout import Rollout
     from score_store.score_math import ScoreParams
     from score_store.store import RedisScoreStore
-    from services.stream import GroupStream
+    from services.transport.stream import GroupStream
 
     client = connect(redis_url)
     params = ScoreParams()

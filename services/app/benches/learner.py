@@ -1,6 +1,6 @@
 """Learner benchmark: the DeepSpeed update and the weight hand-off to vLLM, in one run.
 
-    .venv/bin/python -m learner.bench [--rows 32] [--prompt-len 200] [--response-len 32] \
+    .venv/bin/python -m services.app.benches.learner [--rows 32] [--prompt-len 200] [--response-len 32] \
         [--micro-rows 8] [--reps 3] [--publish-reps 5] [--no-bf16] [--no-publish] \
         [--out learner.json]
 
@@ -19,7 +19,7 @@ The variants of figures 1 and 3 run interleaved (one update of each in turn, aft
 warm-up each), so that load from other processes on a shared machine hits them alike; the
 verdict uses the median update time. vLLM starts only after figures 1 and 3, so its threads do
 not compete with them. Prints a table and writes the numbers as JSON. The same update figure on
-a GPU (Qwen2.5 shapes, bf16) is part of `make check-gpu` (services/gpu_check.py).
+a GPU (Qwen2.5 shapes, bf16) is part of `make check-gpu` (services/app/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ UPDATE_TARGET_RATIO = 0.8
 LOGPROB_TOL = 1e-3  # float32 vLLM vs transformers, as in tests/integration/test_policy_vllm.py
 ADVANTAGES = (-1.5, -0.5, 0.7, 1.2)
 
-from score_store.bench import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
+from services.app.benches.score import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -317,7 +317,7 @@ def bench_publish(trainer, model_dir: str, rows: list[TrainRow], *, reps: int, w
                   log: Callable[[str], None]) -> tuple[dict, list[Row]]:
     from transformers import AutoModelForCausalLM
 
-    from services.contracts import ChatMessage, SamplingParams
+    from services.transport.contracts import ChatMessage, SamplingParams
     from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
     from services.policy.vllm_server import VLLMServer
 
@@ -469,7 +469,7 @@ def main(
     warmup: Annotated[int, typer.Option(help="Untimed updates per variant first.", min=1)] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (large enough that published weights "
                                            "visibly differ from the initial ones).")] = 1e-3,
-    preset: Annotated[str, typer.Option(help="services.model_init preset for the CPU model.")] = "small",
+    preset: Annotated[str, typer.Option(help="services.app.model_init preset for the CPU model.")] = "small",
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="Figure 3: Trainer bf16 vs fp32.")] = True,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="Figure 2: step -> served by vLLM.")] = True,
     publish_reps: Annotated[int, typer.Option(help="Update + publish repetitions for figure 2.", min=1)] = 5,
@@ -497,7 +497,7 @@ def main(
     with tempfile.TemporaryDirectory(prefix="spo3-learner-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        from services.model_init import init_model
+        from services.app.model_init import init_model
 
         log(f"building the `{preset}` model ...")
         model_dir = str(init_model(work / "model", preset, seed=0))

@@ -1,6 +1,6 @@
 """Policy-serving benchmark: four figures from one run against one vLLM server it starts itself.
 
-    .venv/bin/python -m services.policy.bench [--dtype bfloat16] [--prompts 32] [--n 8] \
+    .venv/bin/python -m services.app.benches.policy [--dtype bfloat16] [--prompts 32] [--n 8] \
         [--max-tokens 64] [--out bench-results/policy.json]
 
 1. generated tokens/s through our client (VLLMPolicy.sample: version read, POST, version read)
@@ -13,7 +13,7 @@
 4. the same tokens/s with InProcessPolicy on the same model and prompts (after the server
    stopped, so it has the machine alone, as it would as the single-machine engine).
 
-The model is a fresh `small` preset (services.model_init) in a temporary directory; the server
+The model is a fresh `small` preset (services.app.model_init) in a temporary directory; the server
 binds to loopback only and is stopped in a finally. Prints a table and writes JSON.
 """
 
@@ -34,9 +34,9 @@ from typing import Annotated, Callable, Sequence
 import httpx
 import typer
 
-from score_store.bench import Row, machine_busy_seconds, percentile, print_table, progress
-from services.contracts import ChatMessage, SamplingParams
-from services.model_init import PRESETS, init_model
+from services.app.benches.score import Row, machine_busy_seconds, percentile, print_table, progress
+from services.transport.contracts import ChatMessage, SamplingParams
+from services.app.model_init import PRESETS, init_model
 from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy, chat_body
 from services.policy.vllm_server import VLLMServer
 

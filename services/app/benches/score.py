@@ -1,6 +1,6 @@
 """Score-store benchmark: five figures from one run against one real redis-server it starts itself.
 
-    .venv/bin/python -m score_store.bench [--states 1000000] [--http-seconds 30] \
+    .venv/bin/python -m services.app.benches.score [--states 1000000] [--http-seconds 30] \
         [--http-clients 64] [--out bench.json]
 
 1. read path: raw redis-py pipelined HMGET vs RedisScoreStore.scores on the same keys and batch;
@@ -36,7 +36,8 @@ from typing import Annotated, Callable, Iterator, Optional
 import redis
 import typer
 
-from score_store.connection import LocalRedisServer, die_with_parent, connect, free_port, redis_server_binary
+from services.transport.connection import LocalRedisServer, connect, redis_server_binary
+from services.transport.procs import die_with_parent, free_port
 from score_store.state_key import state_key
 from score_store.store import LeafOutcome, RedisScoreStore
 
