@@ -155,7 +155,8 @@ def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer:
             publisher.publish(version, trainer.state_dict())
             m.publish_seconds.observe(time.perf_counter() - t0)
             m.published_version.set(version)
-        if leader:
+            client.set(names.policy_version, version)
+        elif leader and publisher is None:  # nothing to follow: the key tells how far the learner got
             client.set(names.policy_version, version)
         history.append({"version": version, "groups": len(batch), **metrics,
                         "seconds": time.perf_counter() - start, "dropped_stale": staleness.dropped})

@@ -327,7 +327,8 @@ def stage_publish(model_dir: Path, work: Path, device: torch.device, log: Callab
     from services.transport.connection import EmbeddedRedis, connect
     from services.transport.contracts import ChatMessage, SamplingParams
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import CHECKSUM_FILE, DirectoryPublisher, FollowingPolicy, version_dir
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import CHECKSUM_FILE, DirectoryPublisher, version_dir
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     trainer = Trainer(TrainerConfig(model=str(model_dir), lr=1e-3, zero_stage=2, bf16=True, micro_batch_rows=4))
@@ -454,7 +455,7 @@ def synthetic_groups(n: int, vocab: int) -> list:
 
 def stage_learner(model_dir: Path, work: Path, device: torch.device, log: Callable[[str], None]) -> dict:
     from services.transport.connection import EmbeddedRedis, connect
-    from services.policy.weights_dir import CHECKSUM_FILE, version_dir
+    from services.policy.publish import CHECKSUM_FILE, version_dir
     from services.transport.redis_names import RedisNames
     from services.transport.stream import GroupStream
 
@@ -483,7 +484,7 @@ def stage_learner(model_dir: Path, work: Path, device: torch.device, log: Callab
             log(f"  spo3 learner {' '.join(extra)}: rc {proc.returncode} in {runs[-1]['seconds']:.0f} s")
             if proc.returncode != 0:
                 return {"runs": runs, "output_tail": (proc.stdout + proc.stderr)[-3000:], "pass": False}
-        published = int(client.get(names.published_version) or 0)
+        published = int(client.get(names.policy_version) or 0)
         pending = client.xpending(names.groups_stream, names.learner_group)["pending"]
         left = client.xlen(names.groups_stream)
         checksum_file = version_dir(work / "learner-weights", 4) / CHECKSUM_FILE

@@ -6,8 +6,8 @@
     -> held-out evaluation after -> metrics.jsonl, plots, summary
 
 The learner publishes weights to a directory that every actor's in-process engine follows
-(services.policy.weights_dir), or with `engine: vllm` to one vLLM server that the actors sample
-from (disk reload through its weight-update routes, services.policy.vllm_client).
+(services.policy.follow), or with `engine: vllm` to one vLLM server that the actors sample
+from (disk reload through its weight-update routes); both publishers are in services.policy.publish.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def actor_policy(*, redis_url: str, run: str, policy_url: str | None = None, mod
 
     policy = InProcessPolicy(model, threads=threads)
     if weights_dir:
-        from services.policy.weights_dir import FollowingPolicy
+        from services.policy.follow import FollowingPolicy
         from services.transport.connection import connect
 
         return FollowingPolicy(policy, weights_dir, connect(redis_url), run)
@@ -47,11 +47,11 @@ def learner_publisher(*, redis_url: str, run: str, policy_urls: Sequence[str] | 
     if policy_urls and weights_dir:
         raise ValueError("publish to vLLM servers or to a weights directory, not both")
     if policy_urls:
-        from services.policy.vllm_client import VLLMDiskPublisher
+        from services.policy.publish import VLLMDiskPublisher
 
         return VLLMDiskPublisher(list(policy_urls), model, staging_dir, dtype=dtype)
     if weights_dir:
-        from services.policy.weights_dir import DirectoryPublisher
+        from services.policy.publish import DirectoryPublisher
         from services.transport.connection import connect
 
         return DirectoryPublisher(weights_dir, connect(redis_url), run)

@@ -32,7 +32,8 @@ def test_weights_with_a_bad_checksum_are_refused_and_counted(redis_url, tmp_path
     from safetensors.torch import load_file
 
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import CHECKSUM_FILE, DirectoryPublisher, FollowingPolicy, version_dir
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import CHECKSUM_FILE, DirectoryPublisher, version_dir
 
     model_dir = init_model(tmp_path / "model", "tiny", seed=0)
     client = connect(redis_url)

@@ -136,7 +136,8 @@ def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
 
 def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_url, tmp_path):
     from services.transport.connection import connect
-    from services.policy.weights_dir import DirectoryPublisher, FollowingPolicy
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import DirectoryPublisher
 
     client = connect(redis_url)
     publisher = DirectoryPublisher(tmp_path / "weights", client, "run1", keep=2)

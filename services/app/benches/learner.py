@@ -318,7 +318,8 @@ def bench_publish(trainer, model_dir: str, rows: list[TrainRow], *, reps: int, w
     from transformers import AutoModelForCausalLM
 
     from services.transport.contracts import ChatMessage, SamplingParams
-    from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
+    from services.policy.publish import VLLMDiskPublisher
+    from services.policy.vllm_client import VLLMPolicy
     from services.policy.vllm_server import VLLMServer
 
     server = VLLMServer(model_dir, dtype="float32", log_path=vllm_log)

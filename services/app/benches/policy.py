@@ -37,7 +37,8 @@ import typer
 from services.app.benches.score import Row, machine_busy_seconds, percentile, print_table, progress
 from services.transport.contracts import ChatMessage, SamplingParams
 from services.app.model_init import PRESETS, init_model
-from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy, chat_body
+from services.policy.publish import VLLMDiskPublisher
+from services.policy.vllm_client import VLLMPolicy, chat_body
 from services.policy.vllm_server import VLLMServer
 
 CLIENT_TARGET_RATIO = 0.9
