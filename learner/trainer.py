@@ -15,43 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from learner.batch import Row
-from learner.loss import LossConfig, policy_loss
+from learner.config import TrainerConfig
+from learner.loss import policy_loss
 from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
                                 restricted_entropy, restricted_logprobs)
 from services.transport.procs import free_port
-
-
-@dataclass
-class TrainerConfig:
-    model: str
-    """Hugging Face model directory (safetensors)."""
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage (0-3) across data-parallel ranks; a single rank runs stage 2 as 1
-    (nothing to partition, fewer gradient copies)."""
-    bf16: bool = False
-    offload_optimizer: bool = False
-    """ZeRO-Offload: optimizer state and step on the CPU (saves accelerator memory)."""
-    micro_batch_rows: int = 8
-    max_len: int = 1024
-    """Longest prompt + response; longer prompts lose their oldest tokens."""
-    grad_clip: float = 1.0
-    ppo_epochs: int = 2
-    """Passes over each batch, one optimizer step each; from the second on the PPO clip can act
-    (2: measured on the demo, README "The learner's objective")."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    seed: int = 0
-    deepspeed: dict = field(default_factory=dict)
-    """Extra DeepSpeed config, merged key by key over the one built from the fields above
-    (e.g. {"zero_optimization": {"overlap_comm": True}})."""
 
 
 def init_distributed() -> tuple[int, int]:

@@ -80,7 +80,7 @@ def check_suite(config: str, suite: str, steps: int, out: Path) -> dict[str, Any
             if not obs.admissible_actions:
                 raise RuntimeError(f"{suite}: {task} resets to a state with no admissible action")
         t0 = time.monotonic()
-        max_steps = int(cfg.rollout.get("max_steps", 15))
+        max_steps = cfg.rollout.max_steps
         walk = random_walk(env, train[:1], steps, max_steps)
         walk_s = time.monotonic() - t0
         every = random_walk(env, train, steps, max_steps)
