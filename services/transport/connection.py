@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -15,7 +14,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from services.transport.procs import die_with_parent, free_port
+from services.transport.procs import die_with_parent, free_port, wait_ready
 
 
 class StoreUnavailable(RuntimeError):
@@ -100,18 +99,16 @@ class LocalRedisServer:
                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         client = (redis.Redis(unix_socket_path=self.unix_socket, socket_connect_timeout=0.2)
                   if self.unix_socket else redis.Redis(port=self.port, socket_connect_timeout=0.2))
-        deadline = time.monotonic() + 10
-        while True:
+        def answers() -> None:
             try:
                 client.ping()
-                break
             except (redis.AuthenticationError, redis.ResponseError):
-                break  # it answers: up, with a password
-            except redis.ConnectionError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"{self.binary} did not start ({' '.join(args)})")
-                time.sleep(0.05)
+                pass  # it answers: up, with a password
+
+        if not wait_ready(answers, timeout_s=10, interval_s=0.05, proc=self._proc, retry_on=(redis.ConnectionError,)):
+            client.close()
+            self.stop()
+            raise RuntimeError(f"{self.binary} did not start ({' '.join(args)})")
         client.close()
         return self
 

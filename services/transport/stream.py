@@ -28,6 +28,7 @@ from typing import Sequence
 
 import redis
 from pydantic import ValidationError
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from services.transport.contracts import SCHEMA_VERSION, Group
 from services.transport.redis_names import RedisNames
@@ -57,20 +58,22 @@ class GroupStream:
         n = self.names
         payload = group.model_dump_json()
         start = time.monotonic()
-        delay = 0.01
-        while True:
-            reply = self._append(keys=[n.groups_stream, n.group_marker(group.group_id)],
-                                 args=[payload, self.marker_ttl_s, self.max_len, self.max_unread, n.learner_group])
-            reply = reply.decode() if isinstance(reply, bytes) else reply
-            if reply != "FULL":
-                self.waited_s += time.monotonic() - start if delay > 0.01 else 0.0
-                return reply or None
-            if time.monotonic() - start > wait_limit_s:
-                raise StreamFull(f"groups stream {n.groups_stream} stayed full ({self.max_len} entries or "
-                                 f"{self.max_unread or 'unbounded'} unread) for {wait_limit_s:.0f}s: "
-                                 "is the learner running?")
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        waits = Retrying(retry=retry_if_result(lambda reply: reply == "FULL"),
+                         wait=wait_exponential(multiplier=0.01, max=1.0), stop=stop_after_delay(wait_limit_s))
+        try:
+            reply = waits(self._try_append, n, group.group_id, payload)
+        except RetryError:
+            raise StreamFull(f"groups stream {n.groups_stream} stayed full ({self.max_len} entries or "
+                             f"{self.max_unread or 'unbounded'} unread) for {wait_limit_s:.0f}s: "
+                             "is the learner running?") from None
+        if waits.statistics.get("attempt_number", 1) > 1:
+            self.waited_s += time.monotonic() - start
+        return reply or None
+
+    def _try_append(self, n: RedisNames, group_id: str, payload: str) -> str:
+        reply = self._append(keys=[n.groups_stream, n.group_marker(group_id)],
+                             args=[payload, self.marker_ttl_s, self.max_len, self.max_unread, n.learner_group])
+        return reply.decode() if isinstance(reply, bytes) else reply
 
     def length(self) -> int:
         return int(self.client.xlen(self.names.groups_stream))
