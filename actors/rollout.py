@@ -32,7 +32,7 @@ from actors.prompts import ParsedAction, build_messages, parse_action
 from score_store.score_math import Counts, ScoreParams, step_reward
 from score_store.state_key import state_key
 from score_store.store import ScoreStore, StateScore
-from services.transport.contracts import Algo, Completion, Group, GroupMember, SamplingParams, Transition, WorkItem
+from services.transport.contracts import Completion, Group, GroupMember, SamplingParams, Transition, WorkItem
 from services.policy.interface import Policy
 
 

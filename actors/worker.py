@@ -19,7 +19,7 @@ from actors.config import ActorConfig
 from actors.envs.base import Env
 from actors.envs.registry import make_env
 from actors.evaluate import evaluate
-from actors.rollout import LEAF_KINDS, Rollout, RolloutConfig, RolloutStats
+from actors.rollout import LEAF_KINDS, Rollout, RolloutStats
 from score_store.client import ScoreServiceError, ServiceScoreStore, reconcile_params
 from services.transport.connection import check_reachable, connect
 from score_store.score_math import ScoreParams

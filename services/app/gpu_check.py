@@ -45,7 +45,7 @@ import torch
 import typer
 
 from services.app.benches.learner import PlainTorch, make_rows, sync, token_counts, versions
-from services.app.benches.score import Row, print_table
+from services.app.benches.harness import Row, print_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -153,8 +153,6 @@ def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, re
     import matplotlib.pyplot as plt
     from rich.table import Table
 
-    from score_store.score_math import ScoreParams
-
     snaps = watcher.snapshots
     steps = [s["env_steps"] for s in snaps]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))

@@ -9,7 +9,6 @@ directory. `spo3 actor`, `spo3 learner` and `spo3 train` all wire through here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -46,32 +46,13 @@ UPDATE_TARGET_RATIO = 0.8
 LOGPROB_TOL = 1e-3  # float32 vLLM vs transformers, as in tests/integration/test_policy_vllm.py
 ADVANTAGES = (-1.5, -0.5, 0.7, 1.2)
 
-from services.app.benches.score import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
+from services.app.benches.harness import (Row, machine_busy_seconds, print_table,  # noqa: E402
+                                          process_tree_cpu_seconds, write_json)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-def process_tree_cpu_seconds(root: int) -> float:
-    """utime + stime of a process and all its live descendants (/proc); 0 where /proc is missing."""
-    parent, cpu = {}, {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parent[int(d.name)] = int(fields[1])
-        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0.0)
-        todo += [c for c, p in parent.items() if p == pid]
-    return total
-
 
 def own_cpu_seconds() -> float:
     t = os.times()
@@ -532,7 +513,7 @@ def main(
 
     total = time.perf_counter() - t_start
     results["phase_seconds"], results["total_seconds"] = phase_s, total
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     d = results["device"]
     print()
     print_table(table, f"learner benchmark: {d['kind']} ({d['name']}), {d['cpus']} CPUs, torch {d['torch']}, "

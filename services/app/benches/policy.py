@@ -34,7 +34,8 @@ from typing import Annotated, Callable, Sequence
 import httpx
 import typer
 
-from services.app.benches.score import Row, machine_busy_seconds, percentile, print_table, progress
+from services.app.benches.harness import (Row, cpu_seconds, machine_busy_seconds, percentile, print_table, progress,
+                                          write_json)
 from services.transport.contracts import ChatMessage, SamplingParams
 from services.app.model_init import PRESETS, init_model
 from services.policy.publish import VLLMDiskPublisher
@@ -72,14 +73,7 @@ def process_tree(session: int) -> list[int]:
 
 def tree_cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of these processes (all threads); processes gone since count 0."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -541,7 +535,7 @@ def main(
     total = time.perf_counter() - t_start
     results["phase_seconds"], results["total_seconds"] = phase_s, total
     results["other_processes_cpu_cores"] = other_cores
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     ordered = [row for key in ("client", "n_samples", "publish", "inprocess") for row in rows.get(key, [])]
     figures = "/".join(rows[k][0].figure[0] for k in other_cores)
     ordered.append(Row(f"* (diag) CPU of other processes, figures {figures}",
