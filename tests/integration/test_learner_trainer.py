@@ -33,7 +33,7 @@ def fixed_rows(update: int) -> list[Row]:
     return rows
 
 
-def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.ppo_epochs
+def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.model_fields["ppo_epochs"].default
                         ) -> dict[str, torch.Tensor]:
     """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0; `epochs` steps per
     batch, the proximal log-probs being the first pass's."""
