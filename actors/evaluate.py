@@ -7,7 +7,7 @@ from typing import Sequence
 
 from actors.envs.base import Env
 from actors.prompts import build_messages, parse_action
-from services.contracts import SamplingParams
+from services.transport.contracts import SamplingParams
 from services.policy.interface import Policy
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from services.contracts import ChatMessage
+from services.transport.contracts import ChatMessage
 
 SYSTEM_PROMPT = (
     "You are an expert agent playing a text-based game. Each turn you see the task, your recent "

@@ -26,12 +26,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from actors.config import RolloutConfig
 from actors.envs.base import Env, Observation, StepResult
 from actors.prompts import ParsedAction, build_messages, parse_action
 from score_store.score_math import Counts, ScoreParams, step_reward
-from score_store.state_key import KeyScope, state_key
+from score_store.state_key import state_key
 from score_store.store import ScoreStore, StateScore
-from services.contracts import Algo, Completion, Group, GroupMember, SamplingParams, Transition, WorkItem
+from services.transport.contracts import Completion, Group, GroupMember, SamplingParams, Transition, WorkItem
 from services.policy.interface import Policy
 
 
@@ -41,27 +42,6 @@ class GroupSink(Protocol):
 
 class ReplayMismatch(RuntimeError):
     """Resetting and replaying an action prefix did not reproduce the recorded state."""
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    algo: Algo = "3spo"
-    max_steps: int = 15
-    """Deepest path (actions from the root)."""
-    env_step_budget: int | None = None
-    """New environment steps per task; None = g_max * max_steps, what G_max GRPO episodes may use."""
-    max_leaves: int = 64
-    group_size: int = 8
-    """G, the episodes per task of GRPO/GiGPO."""
-    history_len: int = 3
-    temperature: float = 1.0
-    max_tokens: int = 64
-    choice_mode: bool = False
-    """Constrained sampling: the policy picks among the admissible actions (small models)."""
-    key_scope: KeyScope = "task"
-
-    def budget(self, g_max: int) -> int:
-        return self.env_step_budget if self.env_step_budget is not None else g_max * self.max_steps
 
 
 LEAF_KINDS = ("success", "failure", "truncated", "depth")
@@ -86,7 +66,7 @@ class RolloutStats:
     visited: set[str] = field(default_factory=set)
     visits: list[tuple[int, str]] = field(default_factory=list)
     """(env_steps of this rollout when entered, key) of each state in `visited`, in the order first
-    entered (the root at 0): the run's visited-state curve (services.bench_stats) comes from these."""
+    entered (the root at 0): the run's visited-state curve (services.app.bench_stats) comes from these."""
     branching: Counter = field(default_factory=Counter)
     scores: list[float] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)

@@ -14,65 +14,25 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
+from actors.config import ActorConfig
 from actors.envs.base import Env
 from actors.envs.registry import make_env
 from actors.evaluate import evaluate
-from actors.rollout import LEAF_KINDS, Rollout, RolloutConfig, RolloutStats
+from actors.rollout import LEAF_KINDS, Rollout, RolloutStats
 from score_store.client import ScoreServiceError, ServiceScoreStore, reconcile_params
-from score_store.connection import check_reachable, connect
+from services.transport.connection import check_reachable, connect
 from score_store.score_math import ScoreParams
 from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, ScoreStore, StoreStats
-from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
-from services.metrics import actor_metrics, serve, stop_serving, task_type
+from services.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
+from services.transport.metrics import actor_metrics, serve, stop_serving, task_type
 from services.policy.interface import Policy
-from services.redis_names import RedisNames
-from services.stream import GroupStream
-from services.work_queue import WorkQueue
+from services.transport.redis_names import RedisNames
+from services.transport.stream import GroupStream
+from services.transport.work_queue import WorkQueue
 
 log = logging.getLogger("spo3.actor")
-
-
-@dataclass
-class ActorConfig:
-    redis_url: str
-    """Redis of the work queue and the groups stream (and of the score store without score_url)."""
-    run: str = "default"
-    params: ScoreParams = field(default_factory=ScoreParams)
-    """With score_url, the service's parameters are used; fields set explicitly here (pydantic's
-    model_fields_set) must equal them or the actor does not start (client.reconcile_params)."""
-    score_url: str | None = None
-    """The state-score service (http://host:8100); None: the score store's Lua on redis_url directly."""
-    score_token: str | None = None
-    """Bearer token of the score service (its SPO3_API_TOKEN)."""
-    score_retry_s: float = 30.0
-    """How long the score client retries an unreachable service before the work item fails."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    env_options: dict = field(default_factory=dict)
-    """Per environment name, keyword arguments for its adapter."""
-    lease_s: float = 120.0
-    stream_max_len: int = 10_000
-    stream_max_unread: int = 0
-    """Wait while the learner has this many groups not read yet (0: no bound; see services.stream)."""
-    exit_when_idle_s: float | None = None
-    """Stop after the queue stayed empty this long (None: wait for work forever)."""
-    metrics_port: int | None = None
-    """Serve Prometheus metrics on metrics_host:metrics_port (None: not served)."""
-    metrics_host: str = "127.0.0.1"
-    max_attempts: int = 3
-    """A work item that failed this many times is set aside (counted as gave_up), not retried forever."""
-    eval_tasks: list[tuple[str, str]] = field(default_factory=list)
-    """Held-out (environment, task id) pairs for evaluation episodes (never trained on, never
-    committed to the score store)."""
-    eval_every: int = 0
-    """After every this many finished work items, play one evaluation episode of the next held-out
-    task (round robin) with the current policy; 0: no evaluation."""
-    eval_temperature: float = 0.4
-    record_visits: bool = False
-    """Append each rollout's visited states to the run's `actor_visits` list (one record per rollout:
-    bounded by the run's env steps; `spo3 train` and `spo3 bench` read it)."""
 
 
 def record_totals(client, names, stats: RolloutStats, task: str | None = None) -> None:
@@ -256,7 +216,7 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
             if item.env not in envs:
                 envs[item.env] = make_env(item.env, **cfg.env_options.get(item.env, {}))
             rollout_cfg = cfg.rollout if cfg.rollout.algo == item.algo else \
-                RolloutConfig(**{**cfg.rollout.__dict__, "algo": item.algo})
+                cfg.rollout.model_copy(update={"algo": item.algo})
             observed = _ObservedStore(store)
             waited = stream.waited_s
             rollout = Rollout(envs[item.env], policy, observed, stream, params, rollout_cfg, run=cfg.run,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from learner.advantages import gigpo_advantages, grpo_advantages, step_group_advantages
-from services.contracts import Group
+from learner.config import AdvantageConfig
+from services.transport.contracts import Group
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,6 @@ class Row:
     """Choice mode: the admissible choices the response was drawn from (None: free-form)."""
     choice_token_ids: list[list[int]] | None = None
     """The choices as the sampler tokenized them (None with `choices` set: guided-decoder semantics)."""
-
-
-@dataclass(frozen=True)
-class AdvantageConfig:
-    mean_only: bool = False
-    gamma: float = 0.95
-    """GiGPO discount."""
-    omega: float = 1.0
-    """GiGPO weight of the step advantage."""
 
 
 def group_rows(group: Group, cfg: AdvantageConfig = AdvantageConfig()) -> list[Row]:

@@ -22,35 +22,17 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from learner import checkpoint
-from learner.batch import AdvantageConfig, batch_rows, row_stats
-from learner.consume import GroupConsumer
+from learner.batch import batch_rows, row_stats
+from learner.config import LearnerConfig
+from services.transport.stream import GroupConsumer
 from learner.staleness import StalenessFilter
-from learner.trainer import Trainer, TrainerConfig
-from services.contracts import Group
-from services.metrics import learner_metrics, serve, stop_serving
+from learner.trainer import Trainer
+from services.transport.contracts import Group
+from services.transport.metrics import learner_metrics, serve, stop_serving
 from services.policy.interface import WeightSink
-from services.redis_names import RedisNames
+from services.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")
-
-@dataclass
-class LearnerConfig:
-    redis_url: str
-    trainer: TrainerConfig
-    run: str = "default"
-    checkpoint_dir: str = "checkpoints"
-    groups_per_update: int = 8
-    max_staleness: int = 2
-    publish_every: int = 1
-    checkpoint_every: int = 10
-    max_updates: int | None = None
-    exit_when_idle_s: float | None = None
-    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
-    resume: bool = False
-    metrics_port: int | None = None
-    """Serve Prometheus metrics on metrics_host:metrics_port from rank 0 (None: not served)."""
-    metrics_host: str = "127.0.0.1"
-
 
 @dataclass
 class LearnerResult:
@@ -70,7 +52,7 @@ def run_learner(cfg: LearnerConfig, publisher: WeightSink | None = None,
     names = RedisNames(cfg.run)
     m = learner_metrics()
     if leader:
-        from score_store.connection import check_reachable, connect
+        from services.transport.connection import check_reachable, connect
 
         client = connect(cfg.redis_url)
         check_reachable(client, cfg.redis_url)
@@ -155,7 +137,8 @@ def _train(cfg: LearnerConfig, trainer: Trainer, leader: bool, client, consumer:
             publisher.publish(version, trainer.state_dict())
             m.publish_seconds.observe(time.perf_counter() - t0)
             m.published_version.set(version)
-        if leader:
+            client.set(names.policy_version, version)
+        elif leader and publisher is None:  # nothing to follow: the key tells how far the learner got
             client.set(names.policy_version, version)
         history.append({"version": version, "groups": len(batch), **metrics,
                         "seconds": time.perf_counter() - start, "dropped_stale": staleness.dropped})

@@ -16,26 +16,10 @@ pass w = r = 1 and this is plain policy gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Coefficients of the policy loss."""
-
-    clip: float = 0.2
-    """PPO ratio clip range: the ratio is kept within [1 - clip, 1 + clip]."""
-    kl_coef: float = 0.01
-    """Weight of the k3 KL penalty to the frozen reference model."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus; off by default, ALGORITHM.md suggests 0.001 when enabled."""
-    behav_imp_weight_cap: float | None = 5.0
-    """Upper bound on the importance weight pi_prox / pi_behav of a token (truncated importance
-    sampling: larger weights are set to the cap, so one token the sampler found unlikely cannot
-    dominate the batch); None = no cap. AReaL drops such tokens instead; truncation keeps them."""
+from learner.config import LossConfig
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:

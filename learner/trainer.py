@@ -15,42 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from learner.batch import Row
-from learner.loss import LossConfig, policy_loss
+from learner.config import TrainerConfig
+from learner.loss import policy_loss
 from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
                                 restricted_entropy, restricted_logprobs)
-
-
-@dataclass
-class TrainerConfig:
-    model: str
-    """Hugging Face model directory (safetensors)."""
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage (0-3) across data-parallel ranks; a single rank runs stage 2 as 1
-    (nothing to partition, fewer gradient copies)."""
-    bf16: bool = False
-    offload_optimizer: bool = False
-    """ZeRO-Offload: optimizer state and step on the CPU (saves accelerator memory)."""
-    micro_batch_rows: int = 8
-    max_len: int = 1024
-    """Longest prompt + response; longer prompts lose their oldest tokens."""
-    grad_clip: float = 1.0
-    ppo_epochs: int = 2
-    """Passes over each batch, one optimizer step each; from the second on the PPO clip can act
-    (2: measured on the demo, README "The learner's objective")."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    seed: int = 0
-    deepspeed: dict = field(default_factory=dict)
-    """Extra DeepSpeed config, merged key by key over the one built from the fields above
-    (e.g. {"zero_optimization": {"overlap_comm": True}})."""
+from services.transport.procs import free_port
 
 
 def init_distributed() -> tuple[int, int]:
@@ -67,7 +42,7 @@ def init_distributed() -> tuple[int, int]:
         # A group of one that no launcher set up needs no agreed port; an inherited MASTER_PORT
         # may still be held by the process that set it (a parent that ran a learner itself).
         # (torchrun's agent hosts the store on its port: keep that one.)
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -78,14 +53,6 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Trainer:

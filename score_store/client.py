@@ -27,11 +27,11 @@ from typing import Sequence
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
-from score_store.connection import StoreUnavailable
+from services.transport.connection import StoreUnavailable
 from score_store.score_math import ScoreParams
 from score_store.service import MAX_LEAVES_PER_REQUEST
 from score_store.store import CommitResult, LeafOutcome, ScoreBatch, StoreStats
-from services.metrics import score_client_metrics
+from services.transport.metrics import score_client_metrics
 
 log = logging.getLogger("spo3.score_client")
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class ScoreParams(BaseModel):
     """Hyperparameters of the state score. Defaults follow ALGORITHM.md."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     alpha: float = Field(1.0, ge=0, description="lambda(t) = alpha * ln(t); the authors' scripts use 50.")
     xi: int = Field(10, ge=1, description="A state is truncated once N_fail >= xi ...")

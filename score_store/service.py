@@ -25,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from score_store.connection import EmbeddedRedis, StoreUnavailable, check_reachable, connect
+from services.transport.connection import EmbeddedRedis, StoreUnavailable, check_reachable, connect
 from score_store.score_math import ScoreParams
 from score_store.store import CommitResult, LeafOutcome, RedisScoreStore, ScoreBatch, StoreStats
-from services.metrics import ScoreServiceMetrics
+from services.transport.metrics import ScoreServiceMetrics
 
 MAX_KEYS_PER_REQUEST = 4096
 MAX_PATH_LENGTH = 1024

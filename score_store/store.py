@@ -13,9 +13,9 @@ from typing import Protocol, Sequence
 import redis
 from pydantic import BaseModel, Field
 
-from score_store.connection import StoreUnavailable, redact
+from services.transport.connection import StoreUnavailable, redact
 from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
-from services.redis_names import RedisNames
+from services.transport.redis_names import RedisNames
 
 
 class StateScore(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from score_store.connection import LocalRedisServer, connect
+from services.transport.connection import LocalRedisServer, connect
 from score_store.store import RedisScoreStore
 
 

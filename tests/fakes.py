@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from actors.envs.base import EnvError, Observation, StepResult
 from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
 from score_store.store import CommitResult, LeafOutcome, ScoreBatch, StateScore, StoreStats
-from services.contracts import ChatMessage, Completion, Group, SamplingParams
+from services.transport.contracts import ChatMessage, Completion, Group, SamplingParams
 
 
 class LineWorld:

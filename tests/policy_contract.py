@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.contracts import ChatMessage, SamplingParams
+from services.transport.contracts import ChatMessage, SamplingParams
 
 MESSAGES = [ChatMessage(role="system", content="You are an agent in a text game."),
             ChatMessage(role="user", content="You are in the kitchen. You see a fridge. Exits: north.")]

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.envs.base import EnvError, Observation, StepResult
+from actors.envs.base import EnvError, Observation, StepResult, close_engines
 
 TASK_TYPES = {
     1: "pick_and_place_simple",
@@ -251,9 +251,7 @@ class AlfWorldEnv:
         return self._observation(self._last)
 
     def close(self) -> None:
-        for env in self._envs.values():
-            with contextlib.suppress(Exception):
-                env.close()
+        close_engines(self._envs.values())
         self._envs.clear()
         self._env = self._last = self._game = None
 

@@ -7,8 +7,9 @@ step counters or scores removed; richer when the adapter knows more, e.g. room +
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,12 @@ class Env(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def close_engines(engines: Iterable[Any]) -> None:
+    """Close an adapter's cached engines (None entries skipped): a close never fails, because an engine
+    whose process already died must not stop the others from closing."""
+    for engine in engines:
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.close()

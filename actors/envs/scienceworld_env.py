@@ -55,7 +55,7 @@ import json
 import re
 from typing import Any
 
-from actors.envs.base import EnvError, Observation, StepResult
+from actors.envs.base import EnvError, Observation, StepResult, close_engines
 
 _AMBIGUOUS = re.compile(r"^\s*(\d+):", re.MULTILINE)
 _ZERO_ARG = {"look around", "inventory", "task", "wait", "wait1"}
@@ -168,9 +168,7 @@ class ScienceWorldEnv:
         raise EnvError("scienceworld: snapshots are not supported (snapshot() returns None); reset and replay")
 
     def close(self) -> None:
-        if self._env is not None:
-            with contextlib.suppress(Exception):
-                self._env.close()
+        close_engines([self._env])
         self._env = self._server = None
         self._task_id = None
 

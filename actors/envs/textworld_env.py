@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.envs.base import EnvError, Observation, StepResult
+from actors.envs.base import EnvError, Observation, StepResult, close_engines
 
 GAME_KINDS = ("tw-coin_collector", "tw-treasure_hunter", "tw-simple", "tw-cooking")
 
@@ -167,9 +167,7 @@ class TextWorldEnv:
         return self._observation(self._last, first=snapshot.steps == 0)
 
     def close(self) -> None:
-        for env in self._envs.values():
-            with contextlib.suppress(Exception):
-                env.close()
+        close_engines(self._envs.values())
         self._envs.clear()
         self._env = self._last = self._game = None
 

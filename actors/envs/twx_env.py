@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.envs.base import EnvError, Observation, StepResult
+from actors.envs.base import EnvError, Observation, StepResult, close_engines
 
 GAMES = ("cookingworld", "coin", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 ROOM_GAMES = frozenset({"cookingworld", "coin", "twc", "mapreader"})
@@ -383,9 +383,7 @@ class TwxEnv:
             self._saved = 0
 
     def close(self) -> None:
-        if self._env is not None:
-            with contextlib.suppress(Exception):
-                self._env.close()
+        close_engines([self._env])
         self._env = self._server = None
         self._task = None
 

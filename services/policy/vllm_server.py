@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
-from score_store.connection import die_with_parent, free_port
+from services.transport.procs import NotReady, die_with_parent, free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,17 +59,15 @@ class VLLMServer:
         # Own process group: vLLM forks an engine process that must stop with it.
         self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self._proc.returncode} while starting; "
-                                   f"log {self.log_path}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        def healthy() -> None:
+            if httpx.get(f"{self.url}/health", timeout=2).status_code != 200:
+                raise NotReady
+
+        if wait_ready(healthy, timeout_s=timeout_s, interval_s=0.5, proc=self._proc, retry_on=(httpx.HTTPError,)):
+            return self
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {self._proc.returncode} while starting; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
         self.stop()
         raise TimeoutError(f"vLLM not healthy after {timeout_s:.0f}s; log {self.log_path}:\n{self.log_tail()}")
 

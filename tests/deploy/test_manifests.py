@@ -262,7 +262,8 @@ def test_only_the_learner_reaches_vllms_weight_routes(rendered):
     assert f"--policy-url=http://vllm:{proxy_port}" in actor_args
 
     # the proxy passes on exact sampling/read routes only; everything else is 404
-    from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
+    from services.policy.publish import VLLMDiskPublisher
+    from services.policy.vllm_client import VLLMPolicy
 
     exact, prefix = proxy_routes()
     assert prefix == ["/"] and re.search(r"location\s+/\s*\{\s*return 404;", conf)
@@ -571,7 +572,7 @@ def spo3_invocations(rendered, compose_config) -> list[tuple[str, list[str]]]:
 def test_every_spo3_flag_in_the_manifests_exists(rendered, compose_config):
     from typer.main import get_command
 
-    from services.cli import app
+    from services.app.cli import app
 
     commands = get_command(app).commands
     invocations = spo3_invocations(rendered, compose_config)

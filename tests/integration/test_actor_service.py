@@ -20,11 +20,12 @@ import pytest
 
 from actors.envs.textworld_env import generate_games
 from score_store.client import ScoreServiceError, ServiceScoreStore
-from score_store.connection import connect, free_port
+from services.transport.connection import connect
+from services.transport.procs import free_port
 from score_store.store import LeafOutcome
-from services.redis_names import RedisNames
-from services.stream import GroupStream
-from services.work_queue import WorkQueue
+from services.transport.redis_names import RedisNames
+from services.transport.stream import GroupStream
+from services.transport.work_queue import WorkQueue
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -99,7 +99,7 @@ def test_same_seed_same_games_and_bad_input(made, tmp_path):
 
 def test_suite_reads_the_two_splits(made):
     out, _ = made
-    from services.launcher import GamesConfig, task_lists
+    from services.app.launcher import GamesConfig, task_lists
 
     games = GamesConfig(env="alfworld", train=10, eval=6,
                         settings={"data_dir": str(out / "train"), "eval_data_dir": str(out / "heldout")})

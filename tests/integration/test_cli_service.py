@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from score_store.connection import free_port
+from services.transport.procs import free_port
 
 pytestmark = pytest.mark.redis
 

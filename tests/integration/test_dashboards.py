@@ -195,9 +195,10 @@ def rule_problems(http: httpx.Client) -> list[str]:
 @needs_prometheus
 def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
     from actors.envs.textworld_env import generate_games
-    from score_store.connection import connect, free_port
-    from services.model_init import init_model
-    from services.work_queue import WorkQueue
+    from services.transport.connection import connect
+    from services.transport.procs import free_port
+    from services.app.model_init import init_model
+    from services.transport.work_queue import WorkQueue
 
     start = time.monotonic()
     run, token = "obs", "obs-token"

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from actors.envs.textworld_env import generate_games
-from score_store.connection import connect
+from services.transport.connection import connect
 from score_store.store import RedisScoreStore
-from services.contracts import SamplingParams
-from services.model_init import init_model
+from services.transport.contracts import SamplingParams
+from services.app.model_init import init_model
 from services.policy.vllm_client import VLLMPolicy
 from services.policy.vllm_server import VLLMServer
-from services.redis_names import RedisNames
-from services.work_queue import WorkQueue
+from services.transport.redis_names import RedisNames
+from services.transport.work_queue import WorkQueue
 from tests import policy_contract as contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.vllm]

@@ -545,11 +545,11 @@ def test_rollout_with_snapshots_equals_rollout_with_replay(name, redis_url):
     game inside the JVM; ALFWorld: Fast Downward's state id) and with reset + replay: the same
     groups, the same new steps, and no replay step with snapshots."""
     from actors.rollout import Rollout, RolloutConfig
-    from score_store.connection import connect
+    from services.transport.connection import connect
     from score_store.score_math import ScoreParams
     from score_store.store import RedisScoreStore
-    from services.contracts import WorkItem
-    from services.stream import GroupStream
+    from services.transport.contracts import WorkItem
+    from services.transport.stream import GroupStream
     from tests.fakes import ScriptedPolicy, random_actions
 
     if name == "twx":

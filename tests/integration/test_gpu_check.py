@@ -10,14 +10,14 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from services import gpu_check
+from services.app import gpu_check
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
     out = tmp_path / "gpu-check.json"
-    proc = subprocess.run([sys.executable, "-m", "services.gpu_check", "--device", "cpu", "--reps", "1",
+    proc = subprocess.run([sys.executable, "-m", "services.app.gpu_check", "--device", "cpu", "--reps", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads(out.read_text())

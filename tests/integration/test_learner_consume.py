@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from learner.batch import batch_rows
-from learner.consume import GroupConsumer
+from services.transport.stream import GroupConsumer
 from learner.staleness import StalenessFilter
-from score_store.connection import connect
-from services.stream import GroupStream
+from services.transport.connection import connect
+from services.transport.stream import GroupStream
 from tests.integration.test_stream_queue import group
 
 pytestmark = pytest.mark.redis

@@ -19,7 +19,7 @@ import torch.distributed as real_dist
 import learner.trainer as trainer_module
 from learner.batch import Row
 from learner.trainer import Trainer, TrainerConfig, micro_batches, padding_counts
-from services.model_init import init_model
+from services.app.model_init import init_model
 
 pytestmark = pytest.mark.slow
 

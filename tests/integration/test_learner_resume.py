@@ -15,11 +15,11 @@ import redis
 from safetensors.torch import load_file
 
 from learner import checkpoint
-from score_store.connection import connect
-from services.contracts import Group, GroupMember, Transition
-from services.model_init import init_model
-from services.redis_names import RedisNames
-from services.stream import GroupStream
+from services.transport.connection import connect
+from services.transport.contracts import Group, GroupMember, Transition
+from services.app.model_init import init_model
+from services.transport.redis_names import RedisNames
+from services.transport.stream import GroupStream
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 SPO3 = str(Path(sys.executable).with_name("spo3"))
@@ -99,7 +99,7 @@ def test_stale_and_malformed_groups_are_dropped_and_counted(redis_url, tmp_path)
     client.xadd(stream.names.groups_stream, {"group": b'{"schema_version": 1, "group_id": 5}'})
     cfg = LearnerConfig(redis_url=redis_url, run="stale", checkpoint_dir=str(tmp_path / "ck"), groups_per_update=2,
                         max_staleness=0, exit_when_idle_s=1.5, trainer=TrainerConfig(model=str(model_dir), lr=0.01))
-    from services.metrics import learner_metrics
+    from services.transport.metrics import learner_metrics
 
     unknown = learner_metrics().groups.labels("unknown_schema")
     before = unknown._value.get()

@@ -11,8 +11,8 @@ import torch
 from learner.batch import Row
 from learner.restricted import restricted_logprobs
 from learner.trainer import Trainer, TrainerConfig
-from services.contracts import SamplingParams
-from services.model_init import init_model
+from services.transport.contracts import SamplingParams
+from services.app.model_init import init_model
 from services.policy.inprocess import InProcessPolicy
 from tests import policy_contract as contract
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from learner.batch import Row
 from learner.loss import LossConfig, policy_loss, token_logprobs
 from learner.trainer import TrainerConfig
-from services.model_init import init_model
+from services.app.model_init import init_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def fixed_rows(update: int) -> list[Row]:
     return rows
 
 
-def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.ppo_epochs
+def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.model_fields["ppo_epochs"].default
                         ) -> dict[str, torch.Tensor]:
     """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0; `epochs` steps per
     batch, the proximal log-probs being the first pass's."""
@@ -89,7 +89,7 @@ def run_ranks(model_dir, out: Path, nproc: int, updates: int, micro: int) -> Non
 
 
 def _port() -> int:
-    from score_store.connection import free_port
+    from services.transport.procs import free_port
 
     return free_port()
 

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.worker import _ObservedStore
-from score_store.connection import connect
-from services.model_init import init_model
+from services.transport.connection import connect
+from services.app.model_init import init_model
 
 pytestmark = [pytest.mark.redis]
 
@@ -32,7 +32,8 @@ def test_weights_with_a_bad_checksum_are_refused_and_counted(redis_url, tmp_path
     from safetensors.torch import load_file
 
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import CHECKSUM_FILE, DirectoryPublisher, FollowingPolicy, version_dir
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import CHECKSUM_FILE, DirectoryPublisher, version_dir
 
     model_dir = init_model(tmp_path / "model", "tiny", seed=0)
     client = connect(redis_url)
@@ -53,8 +54,8 @@ def test_learner_serves_its_metrics_and_the_stream_backlog(redis_url, tmp_path):
 
     from learner.loop import LearnerConfig, run_learner
     from learner.trainer import TrainerConfig
-    from score_store.connection import free_port
-    from services.stream import GroupStream
+    from services.transport.procs import free_port
+    from services.transport.stream import GroupStream
     from tests.integration.test_learner_resume import groups
 
     model_dir = init_model(tmp_path / "model", "tiny", seed=0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.contracts import SamplingParams
-from services.model_init import init_model
+from services.transport.contracts import SamplingParams
+from services.app.model_init import init_model
 from services.policy.inprocess import InProcessPolicy
 from services.policy.interface import PolicyError
 from services.policy.weights import weights_checksum
@@ -136,8 +136,9 @@ def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
 
 
 def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_url, tmp_path):
-    from score_store.connection import connect
-    from services.policy.weights_dir import DirectoryPublisher, FollowingPolicy
+    from services.transport.connection import connect
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import DirectoryPublisher
 
     client = connect(redis_url)
     publisher = DirectoryPublisher(tmp_path / "weights", client, "run1", keep=2)
@@ -158,7 +159,7 @@ def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_
 def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, reference):
     """Threads asking at once run as one left-padded `generate`; every row's logprobs are still
     those of a plain forward of its own prompt + tokens, and greedy answers equal solo ones."""
-    from services.contracts import ChatMessage
+    from services.transport.contracts import ChatMessage
 
     prompts = [[ChatMessage(role="user", content="You are in the kitchen." + " You see a box." * k)] for k in range(4)]
     calls = []
@@ -211,7 +212,7 @@ def test_requests_arriving_within_the_settle_time_join_the_batch(policy):
     """A leader waits while new requests keep being announced less than `settle_s` apart (threads
     released together reach the engine a little apart), but a lone caller does not wait out the
     whole batch window."""
-    from services.contracts import ChatMessage
+    from services.transport.contracts import ChatMessage
 
     sizes: list[int] = []
     run_batch = policy._run_batch
@@ -245,7 +246,7 @@ def test_engine_thread_serves_every_caller_and_ends_with_its_policy(model_dir):
     import gc
     import weakref
 
-    from services.contracts import ChatMessage
+    from services.transport.contracts import ChatMessage
 
     policy = InProcessPolicy(model_dir)
     ran_on: list[str] = []

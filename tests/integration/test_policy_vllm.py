@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from score_store.connection import free_port
-from services.contracts import SamplingParams
-from services.model_init import init_model
+from services.transport.procs import free_port
+from services.transport.contracts import SamplingParams
+from services.app.model_init import init_model
 from services.policy.interface import PolicyError
-from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
+from services.policy.publish import VLLMDiskPublisher
+from services.policy.vllm_client import VLLMPolicy
 from services.policy.vllm_server import VLLMServer
 from tests import policy_contract as contract
 

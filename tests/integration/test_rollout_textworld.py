@@ -15,14 +15,14 @@ import pytest
 from actors.envs.registry import make_env
 from actors.envs.textworld_env import generate_games
 from actors.rollout import Rollout, RolloutConfig
-from score_store.connection import connect
+from services.transport.connection import connect
 from score_store.score_math import ScoreParams
 from score_store.state_key import state_key
 from score_store.store import RedisScoreStore
-from services.contracts import WorkItem
-from services.model_init import init_model
-from services.stream import GroupStream
-from services.work_queue import WorkQueue
+from services.transport.contracts import WorkItem
+from services.app.model_init import init_model
+from services.transport.stream import GroupStream
+from services.transport.work_queue import WorkQueue
 from tests.fakes import ScriptedPolicy, random_actions
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

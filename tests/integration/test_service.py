@@ -7,7 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from score_store.connection import LocalRedisServer
+from services.transport.connection import LocalRedisServer
 from score_store.score_math import Counts, state_score
 from score_store.score_math import ScoreParams
 from score_store.service import (MAX_BODY_BYTES, MAX_KEY_LENGTH, MAX_KEYS_PER_REQUEST, MAX_LEAVES_PER_REQUEST,

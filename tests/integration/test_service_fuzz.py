@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
-from score_store.connection import LocalRedisServer
+from services.transport.connection import LocalRedisServer
 from score_store.service import ServiceSettings, create_app
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

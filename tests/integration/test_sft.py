@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from actors.evaluate import evaluate
 from learner.sft import SftConfig, target_logprobs, train_sft
-from services.contracts import ChatMessage, Completion, SamplingParams
-from services.model_init import init_model
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
+from services.app.model_init import init_model
 from services.policy.inprocess import InProcessPolicy
 from services.policy.weights import weights_checksum
-from services.sft import collect_demo, load_demos, save_demos, to_examples
+from services.app.sft import collect_demo, load_demos, save_demos, to_examples
 
 TWX_TASK = "coin:seed=3:numLocations=4,numDistractorItems=1,includeDoors=1,limitInventorySize=0"
 
@@ -171,7 +171,7 @@ def test_sft_is_deterministic(demos, model_dir):
 
 
 def test_spo3_sft_command_end_to_end(tmp_path, model_dir):
-    from services.cli import app
+    from services.app.cli import app
 
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["sft", "--env", "twx", "--kind", "coin", "--train", "2", "--heldout", "2",

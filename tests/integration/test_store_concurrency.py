@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from score_store.connection import connect
+from services.transport.connection import connect
 from score_store.store import RedisScoreStore
 
 pytestmark = pytest.mark.redis

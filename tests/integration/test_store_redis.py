@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from score_store.connection import EmbeddedRedis, LocalRedisServer, StoreUnavailable, connect, redact
+from services.transport.connection import EmbeddedRedis, LocalRedisServer, StoreUnavailable, connect, redact
 from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
 from score_store.store import LeafOutcome, RedisScoreStore
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from score_store.connection import connect
-from services.contracts import Group, GroupMember, Transition
-from services.stream import GroupStream, StreamFull
-from services.work_queue import WorkQueue
+from services.transport.connection import connect
+from services.transport.contracts import Group, GroupMember, Transition
+from services.transport.stream import GroupStream, StreamFull
+from services.transport.work_queue import WorkQueue
 
 pytestmark = pytest.mark.redis
 
@@ -56,7 +56,7 @@ def test_full_stream_makes_actors_wait_never_drop(redis_url):
 def test_unread_bound_waits_for_the_learner_to_read_not_to_checkpoint(redis_url):
     """max_unread counts only what the learner has not read: entries it read but has not
     acknowledged yet (they stay until a checkpoint) do not hold actors back."""
-    from learner.consume import GroupConsumer
+    from services.transport.stream import GroupConsumer
 
     client = connect(redis_url)
     s = GroupStream(client, "u", max_len=100, max_unread=2)

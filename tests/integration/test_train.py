@@ -107,7 +107,7 @@ def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
 
 @pytest.mark.vllm
 def test_train_with_the_vllm_engine(tmp_path):
-    from services.model_init import init_model
+    from services.app.model_init import init_model
 
     model = init_model(tmp_path / "model", "tiny", seed=0)
     config = {**TINY, "name": "vllm", "runs_dir": str(tmp_path / "runs"), "model": str(model),

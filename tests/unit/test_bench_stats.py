@@ -1,4 +1,4 @@
-"""services/bench_stats.py: the benchmark's metrics on hand-made data with known answers."""
+"""services/app/bench_stats.py: the benchmark's metrics on hand-made data with known answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.bench_stats import (
+from services.app.bench_stats import (
     RunResult,
     area_under_curve,
     checkpoint_steps,
@@ -145,7 +145,7 @@ def test_run_figures_and_suite_comparisons_round_trip_json():
 
 
 def test_visits_from_rollouts_lays_rollouts_end_to_end_in_record_order():
-    from services.bench_stats import visits_from_rollouts
+    from services.app.bench_stats import visits_from_rollouts
 
     records = [{"task": "t1", "steps": 3, "visits": [[0, "r"], [1, "a"], [3, "b"]]},
                {"task": "t2", "steps": 0, "visits": [[0, "r"]]},          # a rollout that stopped at once
@@ -158,7 +158,7 @@ def test_visits_from_rollouts_lays_rollouts_end_to_end_in_record_order():
 
 
 def test_late_success_reads_the_last_quarter_of_the_budget():
-    from services.bench_stats import late_success
+    from services.app.bench_stats import late_success
 
     snaps = [{"env_steps": s, "leaves": n, "successes": w} for s, n, w in [(0, 0, 0), (50, 40, 0), (80, 50, 2), (100, 60, 8)]]
     assert late_success(snaps) == pytest.approx(8 / 20)  # from the snapshot at 50 (<= 75) to the end
@@ -167,7 +167,7 @@ def test_late_success_reads_the_last_quarter_of_the_budget():
 
 
 def test_curve_band_means_and_brackets_over_runs():
-    from services.bench_stats import curve_band
+    from services.app.bench_stats import curve_band
 
     curves = [[[0, 0.0], [10, 0.5]], [[0, 0.0], [10, 1.0]], [[0, 0.0], [10, 0.0]]]
     band = curve_band(curves, [0, 5, 10], resamples=500)
@@ -179,7 +179,7 @@ def test_curve_band_means_and_brackets_over_runs():
 
 
 def test_best_variant_by_mean_with_missing_values():
-    from services.bench_stats import best_variant
+    from services.app.bench_stats import best_variant
 
     assert best_variant({"default": [0.2, 0.4], "alpha=50": [0.5, None], "xi=5": [None]}) == "alpha=50"
     assert best_variant({"a": [1.0], "b": [1.0]}) == "a"  # ties: the first listed (the defaults come first)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.bench_stats import RunResult
-from services.benchmark import (
+from services.app.bench_stats import RunResult
+from services.app.benchmark import (
     BenchConfig,
     Planned,
     SweepConfig,
@@ -22,7 +22,7 @@ from services.benchmark import (
     sweep_variants,
     variant_name,
 )
-from services.launcher import GamesConfig, task_lists
+from services.app.launcher import GamesConfig, task_lists
 
 ROOT = Path(__file__).parents[2]
 
@@ -33,7 +33,7 @@ def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
                         suites={"a": {"games": {"kind": "tw-treasure_hunter"}, "rollout": {"max_steps": 12}},
                                 "b": {"env_steps": 50}})
     cfg = bench.run_config("a", "grpo", 2, tmp_path)
-    assert cfg.rollout == {"max_steps": 12, "choice_mode": True} and cfg.algo == "grpo"
+    assert (cfg.rollout.max_steps, cfg.rollout.choice_mode, cfg.algo) == (12, True, "grpo")
     assert cfg.games.seed == 2 and cfg.games.kind == "tw-treasure_hunter" and cfg.env_steps == 100
     narrowed = select(bench, ["b"], ["3spo"], [7], 300, None)
     assert list(narrowed.suites) == ["b"] and narrowed.seeds == [7]
@@ -41,8 +41,8 @@ def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown suite"):
         select(bench, ["nope"], None, None, None, None)
     swept = select(bench, None, None, None, None, None, ["score.alpha=50", "rollout.max_steps=5"])
-    assert swept.run_config("a", "3spo", 0, tmp_path).score == {"alpha": 50}
-    assert swept.run_config("a", "3spo", 0, tmp_path).rollout["max_steps"] == 5  # the suite's own value too
+    assert swept.run_config("a", "3spo", 0, tmp_path).score.model_dump(exclude_unset=True) == {"alpha": 50}
+    assert swept.run_config("a", "3spo", 0, tmp_path).rollout.max_steps == 5  # the suite's own value too
     assert bench.base.get("score") is None  # the original is untouched
     with pytest.raises(ValueError, match="KEY=VALUE"):
         select(bench, None, None, None, None, None, ["alpha"])
@@ -89,7 +89,7 @@ def test_settings_layers_warm_start_and_bad_input(tmp_path):
         bench.run_config("s", "grpo", 0, tmp_path, {"learner.groups_per_updat": 2})
     assert apply_sets({"a": {"b": 1}}, {"a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
     # warm start: every run of a seed starts from the given directory; a missing one is a clear error
-    from services.benchmark import _model_for
+    from services.app.benchmark import _model_for
 
     warm = tmp_path / "sft-s-3"
     warm.mkdir()
@@ -122,12 +122,12 @@ def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
 
 
 def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
-    from services.launcher import TrainConfig
+    from services.app.launcher import TrainConfig
 
     bench = BenchConfig(base={"env_steps": 10, "eval": {"episodes": 8}}, suites={"s": {"games": {"env": "twx", "kind": "coin"}}})
     b = select(bench, None, None, None, None, None, ["score.reward_score=truncated", "score.novelty=parent"])
     cfg = b.run_config("s", "3spo", 0, tmp_path)
-    assert cfg.score == {"reward_score": "truncated", "novelty": "parent"}
+    assert cfg.score.model_dump(exclude_unset=True) == {"reward_score": "truncated", "novelty": "parent"}
     with pytest.raises(ValueError, match="reward_scor'"):
         TrainConfig(score={"reward_scor": "raw"})
     with pytest.raises(ValueError, match="reward_score"):
@@ -135,7 +135,7 @@ def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_pa
 
 
 def test_diagnostics_names_and_ratios():
-    from services.report import diagnostics
+    from services.app.report import diagnostics
 
     totals = {"expansions": 40, "reexpansions": 2, "informative_groups": 10, "truncated_top_groups": 1,
               "replay_steps": 90, "env_steps": 120, "leaves_success": 3, "leaves_depth": 5, "leaves_truncated": 2}
@@ -245,7 +245,7 @@ def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_no
 def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
     """`score.alpha: [1, 50]` with alpha 1.0 the default: the 'alpha=1' variant is the default one and
     is not run twice. (run_plan is replaced: this checks the plan, not training.)"""
-    import services.benchmark as bm
+    import services.app.benchmark as bm
 
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
         "base": {"env_steps": 80, "eval": {"episodes": 8}, "score": {"alpha": 1.0}},

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from pydantic import ValidationError
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,8 +23,10 @@ NO_KL = LossConfig(clip=0.2, kl_coef=0.0, entropy_coef=0.0)
 def test_loss_config_defaults_and_frozen():
     cfg = LossConfig()
     assert (cfg.clip, cfg.kl_coef, cfg.entropy_coef) == (0.2, 0.01, 0.0)
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.clip = 0.3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="kl_cof"):
+        LossConfig(kl_cof=0.1)  # a misspelt coefficient is an error, not a default
 
 
 def test_masked_mean():

@@ -1,6 +1,6 @@
 """Metric labels stay a small fixed set per environment, never the task id itself."""
 
-from services.metrics import task_type
+from services.transport.metrics import task_type
 
 
 def test_task_type_labels():

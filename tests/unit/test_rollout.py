@@ -8,7 +8,7 @@ import pytest
 from actors.rollout import ReplayMismatch, Rollout, RolloutConfig
 from score_store.score_math import ScoreParams, n_rollouts, state_score, Counts
 from score_store.state_key import state_key
-from services.contracts import WorkItem
+from services.transport.contracts import WorkItem
 from tests.fakes import LineWorld, ListSink, MemoryScoreStore, ScriptedPolicy, random_actions
 
 P = ScoreParams()

@@ -11,8 +11,8 @@ import torch
 
 from learner.sft import SftConfig, SftExample, _order, build_batch, planned_steps, sft_loss
 from learner.restricted import restricted_logprobs
-from services.contracts import ChatMessage
-from services.sft import Demo, DemoStep, SftRunConfig, select_steps, suite_config, with_seed
+from services.transport.contracts import ChatMessage
+from services.app.sft import Demo, DemoStep, SftRunConfig, select_steps, suite_config, with_seed
 
 PAD = 0
 

@@ -19,7 +19,7 @@ seed = spec.pop("seed")
 cfg = ActorConfig(**{**spec, "rollout": RolloutConfig(**spec.get("rollout", {})),
                      "params": ScoreParams(**spec.get("params", {}))})
 finished = run_actor(cfg, ScriptedPolicy(random_actions(seed)))
-from services.metrics import score_client_metrics  # noqa: E402
+from services.transport.metrics import score_client_metrics  # noqa: E402
 
 m = score_client_metrics()
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.contracts import ChatMessage
-from services.launcher import GamesConfig
+from services.transport.contracts import ChatMessage
+from services.app.launcher import GamesConfig
 
 
 class SftRunConfig(BaseModel):
@@ -205,8 +205,8 @@ def run_sft(cfg: SftRunConfig, *, progress: bool = True,
 
     from actors.envs.registry import make_env
     from learner.sft import SftConfig, planned_steps, target_logprobs, train_sft, truncated
-    from services.launcher import task_lists
-    from services.model_init import init_model
+    from services.app.launcher import task_lists
+    from services.app.model_init import init_model
 
     console = Console()
     say = log or console.print

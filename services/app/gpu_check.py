@@ -2,7 +2,7 @@
 transformers and nothing else (no network, no vLLM, no Redis server: the packages it lacks
 travel as wheels, see `make gpu-wheels`). Prints a table and writes JSON; safe to re-run.
 
-    python -m services.gpu_check [--device cuda|cpu] [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--out F]
+    python -m services.app.gpu_check [--device cuda|cpu] [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--out F]
 
 Stages (each one's failure is recorded and the others still run; the exit code is 1 if any failed):
 1. updates   Trainer.update (DeepSpeed ZeRO-2, bf16) against a plain torch loop doing the same
@@ -19,7 +19,7 @@ Stages (each one's failure is recorded and the others still run; the exit code i
              requests from 16 threads (batched into one generate; timed on the second round, the
              first warms the allocator at that batch size), and the engine's generate over all of
              them as one batch, against one raw generate.
-5. learner   `spo3 learner` (python -m services.cli learner) on a synthetic groups stream in an
+5. learner   `spo3 learner` (python -m services.app.cli learner) on a synthetic groups stream in an
              embedded Redis: two updates and a checkpoint, then `--resume` to version 4; every
              entry acknowledged, the last version published with its checksum.
 
@@ -46,8 +46,8 @@ from typing import Annotated, Callable
 import torch
 import typer
 
-from learner.bench import PlainTorch, make_rows, sync, token_counts, versions
-from score_store.bench import Row, print_table
+from services.app.benches.learner import PlainTorch, make_rows, sync, token_counts, versions
+from services.app.benches.harness import Row, print_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -263,7 +263,7 @@ def rows_updates(name: str, r: dict) -> list[Row]:
 def policy_model(work: Path, device: torch.device) -> Path:
     """A model with a tokenizer (the in-process engine needs one): Qwen2.5-0.5B's body with the
     small trained vocabulary on a GPU, the tiny preset on the CPU."""
-    from services.model_init import init_model
+    from services.app.model_init import init_model
 
     if device.type == "cuda":
         return init_model(work / "policy", "qwen0.5b-body", seed=0, dtype="bfloat16")
@@ -326,10 +326,11 @@ def stage_checkpoint(model_dir: Path, work: Path, device: torch.device, log: Cal
 
 def stage_publish(model_dir: Path, work: Path, device: torch.device, log: Callable[[str], None]) -> dict:
     from learner.trainer import Trainer, TrainerConfig
-    from score_store.connection import EmbeddedRedis, connect
-    from services.contracts import ChatMessage, SamplingParams
+    from services.transport.connection import EmbeddedRedis, connect
+    from services.transport.contracts import ChatMessage, SamplingParams
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import CHECKSUM_FILE, DirectoryPublisher, FollowingPolicy, version_dir
+    from services.policy.follow import FollowingPolicy
+    from services.policy.publish import CHECKSUM_FILE, DirectoryPublisher, version_dir
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     trainer = Trainer(TrainerConfig(model=str(model_dir), lr=1e-3, zero_stage=2, bf16=True, micro_batch_rows=4))
@@ -370,7 +371,7 @@ def stage_publish(model_dir: Path, work: Path, device: torch.device, log: Callab
 
 def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, tokens: int,
                  log: Callable[[str], None], reps: int = 3) -> dict:
-    from services.contracts import ChatMessage, SamplingParams
+    from services.transport.contracts import ChatMessage, SamplingParams
     from services.policy.inprocess import InProcessPolicy
 
     engine = InProcessPolicy(model_dir, dtype="bfloat16" if device.type == "cuda" else "float32",
@@ -468,7 +469,7 @@ def stage_engine(model_dir: Path, device: torch.device, prompts: int, n: int, to
 # --- stage 5: spo3 learner on a synthetic stream --------------------------------------------
 
 def synthetic_groups(n: int, vocab: int) -> list:
-    from services.contracts import Group, GroupMember, Transition
+    from services.transport.contracts import Group, GroupMember, Transition
 
     groups = []
     for i in range(n):
@@ -485,10 +486,10 @@ def synthetic_groups(n: int, vocab: int) -> list:
 
 
 def stage_learner(model_dir: Path, work: Path, device: torch.device, log: Callable[[str], None]) -> dict:
-    from score_store.connection import EmbeddedRedis, connect
-    from services.policy.weights_dir import CHECKSUM_FILE, version_dir
-    from services.redis_names import RedisNames
-    from services.stream import GroupStream
+    from services.transport.connection import EmbeddedRedis, connect
+    from services.policy.publish import CHECKSUM_FILE, version_dir
+    from services.transport.redis_names import RedisNames
+    from services.transport.stream import GroupStream
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     redis_server = EmbeddedRedis(work / "redis-learner")
@@ -498,7 +499,7 @@ def stage_learner(model_dir: Path, work: Path, device: torch.device, log: Callab
         stream = GroupStream(client, "gpu-check")
         for g in synthetic_groups(8, vocab):
             stream.append(g)
-        base = [sys.executable, "-m", "services.cli", "learner", "--model", str(model_dir),
+        base = [sys.executable, "-m", "services.app.cli", "learner", "--model", str(model_dir),
                 "--redis-url", redis_server.url, "--run", "gpu-check", "--checkpoint-dir", str(work / "learner-ckpt"),
                 "--weights-dir", str(work / "learner-weights"), "--groups-per-update", "2", "--checkpoint-every", "2",
                 "--max-staleness", "100", "--lr", "1e-4", "--exit-when-idle", "5", "--micro-batch-rows", "4"]
@@ -515,7 +516,7 @@ def stage_learner(model_dir: Path, work: Path, device: torch.device, log: Callab
             log(f"  spo3 learner {' '.join(extra)}: rc {proc.returncode} in {runs[-1]['seconds']:.0f} s")
             if proc.returncode != 0:
                 return {"runs": runs, "output_tail": (proc.stdout + proc.stderr)[-3000:], "pass": False}
-        published = int(client.get(names.published_version) or 0)
+        published = int(client.get(names.policy_version) or 0)
         pending = client.xpending(names.groups_stream, names.learner_group)["pending"]
         left = client.xlen(names.groups_stream)
         checksum_file = version_dir(work / "learner-weights", 4) / CHECKSUM_FILE

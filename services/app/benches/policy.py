@@ -1,6 +1,6 @@
 """Policy-serving benchmark: four figures from one run against one vLLM server it starts itself.
 
-    .venv/bin/python -m services.policy.bench [--dtype bfloat16] [--prompts 32] [--n 8] \
+    .venv/bin/python -m services.app.benches.policy [--dtype bfloat16] [--prompts 32] [--n 8] \
         [--max-tokens 64] [--out bench-results/policy.json]
 
 1. generated tokens/s through our client (VLLMPolicy.sample: version read, POST, version read)
@@ -13,7 +13,7 @@
 4. the same tokens/s with InProcessPolicy on the same model and prompts (after the server
    stopped, so it has the machine alone, as it would as the single-machine engine).
 
-The model is a fresh `small` preset (services.model_init) in a temporary directory; the server
+The model is a fresh `small` preset (services.app.model_init) in a temporary directory; the server
 binds to loopback only and is stopped in a finally. Prints a table and writes JSON.
 """
 
@@ -34,10 +34,12 @@ from typing import Annotated, Callable, Sequence
 import httpx
 import typer
 
-from score_store.bench import Row, machine_busy_seconds, percentile, print_table, progress
-from services.contracts import ChatMessage, SamplingParams
-from services.model_init import PRESETS, init_model
-from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy, chat_body
+from services.app.benches.harness import (Row, cpu_seconds, machine_busy_seconds, percentile, print_table, progress,
+                                          write_json)
+from services.transport.contracts import ChatMessage, SamplingParams
+from services.app.model_init import PRESETS, init_model
+from services.policy.publish import VLLMDiskPublisher
+from services.policy.vllm_client import VLLMPolicy, chat_body
 from services.policy.vllm_server import VLLMServer
 
 CLIENT_TARGET_RATIO = 0.9
@@ -71,14 +73,7 @@ def process_tree(session: int) -> list[int]:
 
 def tree_cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of these processes (all threads); processes gone since count 0."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -540,7 +535,7 @@ def main(
     total = time.perf_counter() - t_start
     results["phase_seconds"], results["total_seconds"] = phase_s, total
     results["other_processes_cpu_cores"] = other_cores
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     ordered = [row for key in ("client", "n_samples", "publish", "inprocess") for row in rows.get(key, [])]
     figures = "/".join(rows[k][0].figure[0] for k in other_cores)
     ordered.append(Row(f"* (diag) CPU of other processes, figures {figures}",

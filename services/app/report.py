@@ -153,8 +153,6 @@ def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, re
     import matplotlib.pyplot as plt
     from rich.table import Table
 
-    from score_store.score_math import ScoreParams
-
     snaps = watcher.snapshots
     steps = [s["env_steps"] for s in snaps]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -168,7 +166,7 @@ def write_report(run_dir: Path, cfg, watcher: ProgressWatcher, before, after, re
     if branching:
         axes[1, 0].bar(list(branching), list(branching.values()))
     axes[1, 0].set(title="n(s) at expanded states", xlabel="n(s)", ylabel="expansions")
-    scores = state_scores(client, names, ScoreParams(**cfg.score))
+    scores = state_scores(client, names, cfg.score)
     axes[1, 1].hist(scores, bins=20, range=(0, 1))
     axes[1, 1].set(title="state scores S(s) at the end", xlabel="S(s)", ylabel="states")
     fig.tight_layout()

@@ -71,13 +71,9 @@ class RedisNames:
 
     @property
     def policy_version(self) -> str:
-        """The version of the policy the learner last published."""
+        """The newest policy version the learner published (a learner without a publisher: the newest
+        it made). In-process engines follow it; the run report reads it."""
         return f"{self.prefix}:policy_version"
-
-    @property
-    def published_version(self) -> str:
-        """The newest weights version written by a DirectoryPublisher (in-process engines follow it)."""
-        return f"{self.prefix}:published_version"
 
     @property
     def actor_totals(self) -> str:

@@ -27,6 +27,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client import ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 
+from services.transport.stream import stream_depth
+
 log = logging.getLogger("spo3.metrics")
 
 SCORE_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -122,7 +124,7 @@ class ActorMetrics:
         def counter(name, doc, labels=()):
             return Counter(name, doc, labels, registry=registry)
 
-        # Kept exactly as actors.bench reads them.
+        # Kept exactly as services.app.benches.actor reads them.
         self.env_steps = counter("spo3_actor_env_steps", "Environment steps (new transitions)", ["algo"])
         self.replay_steps = counter("spo3_actor_replay_steps", "Environment steps spent restoring nodes by replay")
         self.leaves = counter("spo3_actor_leaves", "Leaves committed", ["algo"])
@@ -242,10 +244,7 @@ class _StreamCollector:
             return
         client, names = self.source
         try:
-            length = int(client.xlen(names.groups_stream))
-            groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]: g
-                      for g in client.xinfo_groups(names.groups_stream)}
-            pending = int(groups.get(names.learner_group, {}).get("pending", 0))
+            length, pending = stream_depth(client, names)
         except Exception:  # a scrape must not fail because Redis is briefly away
             return
         yield GaugeMetricFamily("spo3_learner_stream_length",

@@ -6,8 +6,8 @@
     -> held-out evaluation after -> metrics.jsonl, plots, summary
 
 The learner publishes weights to a directory that every actor's in-process engine follows
-(services.policy.weights_dir), or with `engine: vllm` to one vLLM server that the actors sample
-from (disk reload through its weight-update routes, services.policy.vllm_client).
+(services.policy.follow), or with `engine: vllm` to one vLLM server that the actors sample
+from (disk reload through its weight-update routes); both publishers are in services.policy.publish.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.contracts import Algo
+from actors.config import EvalConfig, RolloutConfig
+from learner.config import LearnerSettings, LossConfig, TrainerSettings
+from score_store.score_math import ScoreParams
+from services.app.config import reject_unknown
+from services.transport.contracts import Algo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -39,7 +43,7 @@ class GamesConfig(BaseModel):
         "twx: the game (coin, cookingworld, mapreader, ...); alfworld: unused."))
     train: int = Field(8, ge=1, description="Training tasks (generated: seeds seed..seed+train-1).")
     eval: int = Field(8, ge=1, description="Held-out tasks (other seeds: seed+10000..).")
-    seed: int = 0
+    seed: int = Field(0, description="First seed of the generated tasks (and of the initial model).")
     settings: dict[str, Any] = Field(default_factory=dict, description=(
         "textworld: generator settings, e.g. {level: 3}; twx: generation properties, e.g. {numLocations: 4}; "
         "alfworld: {data_dir: ..., eval_data_dir: ..., task_types: [1, 2]} (data_dir empty: $ALFWORLD_DATA; "
@@ -91,28 +95,48 @@ def task_lists(games: GamesConfig, default_dir: Path) -> tuple[list[str], list[s
                      "(and games.eval_tasks)")
 
 
+class LearnerSection(LearnerSettings, TrainerSettings, LossConfig):
+    """The `learner:` section of a run: the learner loop's, the trainer's and the loss's settings
+    (learner/config.py) side by side, as `spo3 learner` takes them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def learner_config(self, *, redis_url: str, run: str, checkpoint_dir: str, model: str) -> "LearnerConfig":
+        from learner.config import LearnerConfig, TrainerConfig
+
+        def pick(model_cls: type[BaseModel]) -> dict[str, Any]:
+            return self.model_dump(include=set(model_cls.model_fields))
+
+        trainer = TrainerConfig(model=model, loss=LossConfig(**pick(LossConfig)), **pick(TrainerSettings))
+        return LearnerConfig(redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, trainer=trainer,
+                             **pick(LearnerSettings))
+
+
 class TrainConfig(BaseModel):
     """A single-machine run. Every field can be set in the YAML file given to `spo3 train`."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = "run"
-    runs_dir: str = "runs"
+    name: str = Field("run", description="Run name; the run directory is RUNS_DIR/NAME-TIMESTAMP.")
+    runs_dir: str = Field("runs", description="Where run directories are made.")
     model: str | None = Field(None, description="Local Hugging Face checkpoint; empty: make one (model_preset).")
-    model_preset: str = "tiny"
-    games: GamesConfig = Field(default_factory=GamesConfig)
-    algo: Algo = "3spo"
+    model_preset: str = Field("tiny", description="Size of the model made when `model` is empty: tiny, small "
+                              "or qwen0.5b-body (spo3 init-model).")
+    games: GamesConfig = Field(default_factory=GamesConfig, description="Which tasks the run trains and evaluates on.")
+    algo: Algo = Field("3spo", description="3spo, grpo or gigpo.")
     actors: int = Field(2, ge=1, description="Actor processes (Ray).")
     env_steps: int = Field(20_000, ge=1, description="Budget: new environment steps over all actors.")
     time_limit_s: float = Field(480, gt=0, description="Stop training after this long, whatever the budget.")
-    rollout: dict[str, Any] = Field(default_factory=dict, description="RolloutConfig fields (max_steps, choice_mode, ...).")
-    score: dict[str, Any] = Field(default_factory=dict, description=(
-        "ScoreParams fields (alpha, xi, zeta, g_max, omega_k, invalid_penalty, reward_score: raw | truncated, "
-        "novelty: path | parent)."))
-    learner: dict[str, Any] = Field(default_factory=dict, description="Learner settings (groups_per_update, lr, ...).")
-    eval: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.4, "episodes": 2}, description=(
-        "Held-out evaluation: temperature, episodes (per held-out task), history_len."))
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description=(
+        "How one task is rolled out (max_steps, max_leaves, choice_mode, ...; README \"The 3SPO rollout\"); "
+        "`algo` above sets the algorithm."))
+    score: ScoreParams = Field(default_factory=ScoreParams, description=(
+        "State-score parameters (alpha, xi, zeta, g_max, omega_k, invalid_penalty, reward_score, novelty)."))
+    learner: LearnerSection = Field(default_factory=lambda: LearnerSection(), description=(
+        "The learner's, trainer's and loss's settings side by side (groups_per_update, lr, kl_coef, ...)."))
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(episodes=2), description=(
+        "Held-out evaluation before and after training (temperature, episodes per task)."))
     heldout_checkpoints: int = Field(0, ge=0, description=(
-        "Held-out success at this many evenly spaced env-step checkpoints after step 0 (services.bench_stats."
+        "Held-out success at this many evenly spaced env-step checkpoints after step 0 (services.app.bench_stats."
         "checkpoint_steps): the published weights current when the run's env steps cross each one are kept and "
         "evaluated after training (each distinct version once, on `actors` processes; eval episodes are not "
         "training env steps), into heldout.json. 0: only before and after training."))
@@ -134,34 +158,16 @@ class TrainConfig(BaseModel):
             raise ValueError("heldout_checkpoints needs engine: inprocess (it keeps the weights directory's versions)")
         return self
 
-    @field_validator("score")
+    @model_validator(mode="before")
     @classmethod
-    def _score_params(cls, v: dict[str, Any]) -> dict[str, Any]:
-        """Unknown or invalid score settings stop the run here, naming the key."""
-        from score_store.score_math import ScoreParams
-
-        unknown = sorted(set(v) - set(ScoreParams.model_fields))
-        if unknown:
-            raise ValueError(f"unknown score setting(s) {unknown}; known: {sorted(ScoreParams.model_fields)}")
-        ScoreParams(**v)
-        return v
+    def _known_keys(cls, data: Any) -> Any:
+        """A misspelt setting anywhere (a YAML file, `spo3 bench --set`) stops the run here, naming
+        the key and the closest valid one."""
+        return reject_unknown(data, cls)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-
-
-def learner_settings_check(settings: dict[str, Any]) -> None:
-    """A misspelt learner setting stops the run, naming the key (they would be dropped silently)."""
-    from learner.loop import LearnerConfig
-    from learner.loss import LossConfig
-    from learner.trainer import TrainerConfig
-
-    known = (set(LearnerConfig.__dataclass_fields__) | set(TrainerConfig.__dataclass_fields__)
-             | set(LossConfig.__dataclass_fields__)) - {"trainer", "loss", "model", "redis_url", "run", "checkpoint_dir"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown learner setting(s) {unknown}; known: {sorted(known)}")
 
 
 def _write_visits(client, names, path: Path) -> None:
@@ -169,10 +175,6 @@ def _write_visits(client, names, path: Path) -> None:
     with path.open("w") as f:
         for raw in client.lrange(names.actor_visits, 0, -1):
             f.write((raw.decode() if isinstance(raw, bytes) else raw) + "\n")
-
-
-def _pick(settings: dict[str, Any], cls) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
 
 
 def _actor_class():
@@ -186,23 +188,16 @@ def _actor_class():
                      policy_url: str | None = None) -> None:
             import torch
 
-            from actors.rollout import RolloutConfig
             from actors.worker import ActorConfig
-            from score_store.connection import connect
-            from score_store.score_math import ScoreParams
+            from services.app.wiring import PolicySource, actor_policy
 
             torch.set_num_threads(1)
             self.stop = threading.Event()
-            if policy_url:  # the vLLM server holds the weights; the learner republishes to it
-                from services.policy.vllm_client import VLLMPolicy
-
-                self.policy = VLLMPolicy(policy_url)
-            else:
-                from services.policy.inprocess import InProcessPolicy
-                from services.policy.weights_dir import FollowingPolicy
-
-                engine = InProcessPolicy(model_dir, threads=1)
-                self.policy = FollowingPolicy(engine, weights_dir, connect(redis_url), run)
+            # the vLLM server holds the weights (the learner republishes to it), or an in-process
+            # engine follows the published weights directory
+            source = PolicySource(policy_url=policy_url) if policy_url else \
+                PolicySource(model=model_dir, weights_dir=weights_dir, threads=1)
+            self.policy = actor_policy(source, redis_url=redis_url, run=run)
             self.cfg = ActorConfig(redis_url=redis_url, run=run, params=ScoreParams(**actor_cfg["score"]),
                                    rollout=RolloutConfig(**actor_cfg["rollout"]), lease_s=60,
                                    stream_max_unread=actor_cfg["max_unread"], record_visits=True)
@@ -227,11 +222,11 @@ def keep_published_weights(client, names, weights_root: Path, keep_root: Path) -
     last few versions; a link keeps this one when it rotates away."""
     import shutil
 
-    from services.policy.weights_dir import version_dir
+    from services.policy.publish import version_dir
 
     keep_root.mkdir(parents=True, exist_ok=True)
     for _ in range(10):
-        version = int(client.get(names.published_version) or 0)
+        version = int(client.get(names.policy_version) or 0)
         if version == 0:
             return 0
         dst = keep_root / f"v{version:08d}.safetensors"
@@ -323,22 +318,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
 
     from actors.envs.registry import make_env
     from actors.evaluate import evaluate
-    from actors.rollout import RolloutConfig
-    from learner.loop import LearnerConfig, run_learner
-    from learner.loss import LossConfig
-    from learner.trainer import TrainerConfig
-    from score_store.connection import EmbeddedRedis, connect
-    from score_store.score_math import ScoreParams
+    from learner.loop import run_learner
+    from services.transport.connection import EmbeddedRedis, connect
     from score_store.store import RedisScoreStore
-    from services.model_init import init_model
+    from services.app.model_init import init_model
     from services.policy.inprocess import InProcessPolicy
-    from services.policy.weights_dir import DirectoryPublisher
-    from services.bench_stats import checkpoint_steps
-    from services.redis_names import RedisNames
-    from services.report import ProgressWatcher, walkthrough_truncated, write_report
-    from services.work_queue import WorkQueue
+    from services.app.wiring import PublishTarget, learner_publisher
+    from services.app.bench_stats import checkpoint_steps
+    from services.transport.redis_names import RedisNames
+    from services.app.report import ProgressWatcher, walkthrough_truncated, write_report
+    from services.transport.work_queue import WorkQueue
 
-    learner_settings_check(cfg.learner)
     console = Console(quiet=not progress)
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
@@ -348,8 +338,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
     client = connect(redis_server.url)
     run = "main"
     names = RedisNames(run)
-    score_params = ScoreParams(**cfg.score)
-    rollout = RolloutConfig(algo=cfg.algo, **cfg.rollout)
+    score_params = cfg.score
+    rollout = cfg.rollout.model_copy(update={"algo": cfg.algo})
     server = None
     try:
         model_dir = Path(cfg.model) if cfg.model else init_model(run_dir / "model-initial", cfg.model_preset, seed=cfg.games.seed)
@@ -357,7 +347,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
             train_games, eval_games = task_lists(cfg.games, run_dir / "games")
         env = make_env(cfg.games.env)
         eval_kw = dict(max_steps=rollout.max_steps, choice_mode=rollout.choice_mode, max_tokens=rollout.max_tokens,
-                       **cfg.eval)
+                       **cfg.eval.model_dump())
         checkpoints = checkpoint_steps(cfg.env_steps, cfg.heldout_checkpoints) if cfg.heldout_checkpoints else []
         keep_root = run_dir / "heldout-weights"
         kept: list[dict] = []  # {"env_steps": checkpoint, "version": published version when crossed}
@@ -378,23 +368,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
         Actor = _actor_class()
         max_unread = cfg.max_unread_groups
         if max_unread is None:
-            max_unread = 2 * cfg.learner.get("groups_per_update", LearnerConfig.groups_per_update)
-        actor_cfg = {"score": score_params.model_dump(), "rollout": rollout.__dict__, "max_unread": max_unread}
+            max_unread = 2 * cfg.learner.groups_per_update
+        actor_cfg = {"score": score_params.model_dump(), "rollout": rollout.model_dump(), "max_unread": max_unread}
         actors = [Actor.remote(redis_server.url, run, str(model_dir), str(run_dir / "weights"), actor_cfg,
                                server.url if server else None) for _ in range(cfg.actors)]
         work = {a.work.remote(): a for a in actors}
         stop = threading.Event()
-        learner_cfg = LearnerConfig(
-            redis_url=redis_server.url, run=run, checkpoint_dir=str(run_dir / "checkpoints"),
-            trainer=TrainerConfig(model=str(model_dir), loss=LossConfig(**_pick(cfg.learner, LossConfig)),
-                                  **{k: v for k, v in _pick(cfg.learner, TrainerConfig).items() if k != "loss"}),
-            **{k: v for k, v in _pick(cfg.learner, LearnerConfig).items() if k != "trainer"})
-        if server:
-            from services.policy.vllm_client import VLLMDiskPublisher
-
-            publisher = VLLMDiskPublisher([server.url], model_dir, run_dir / "weights", dtype=cfg.vllm.get("dtype"))
-        else:
-            publisher = DirectoryPublisher(run_dir / "weights", client, run)
+        learner_cfg = cfg.learner.learner_config(redis_url=redis_server.url, run=run, model=str(model_dir),
+                                                 checkpoint_dir=str(run_dir / "checkpoints"))
+        target = PublishTarget(policy_url=[server.url], staging_dir=str(run_dir / "weights"),
+                               publish_dtype=cfg.vllm.get("dtype")) if server else \
+            PublishTarget(weights_dir=str(run_dir / "weights"))
+        publisher = learner_publisher(target, redis_url=redis_server.url, run=run, model=model_dir)
         outcome: dict = {}
         learner_thread = threading.Thread(
             target=lambda: outcome.update(result=run_learner(learner_cfg, publisher, stop)), daemon=True)

@@ -1,54 +1,21 @@
-"""Weight republishing through a directory, for in-process policy engines (the single-machine
-default): the learner writes each version as safetensors (with the sha256 `weights_checksum` of
-the tensors next to it) and records the version in Redis; every actor's engine checks that key
-before sampling and loads the new version when it moves, once its checksum matches.
-"""
+"""Following published weights: an in-process engine moves to the newest version a
+`DirectoryPublisher` (services.policy.publish) recorded, once its checksum matches."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import redis
 
-from services.contracts import ChatMessage, Completion, SamplingParams
-from services.metrics import follower_metrics
-from services.redis_names import RedisNames
+from services.policy.publish import CHECKSUM_FILE, version_dir
+from services.transport.contracts import ChatMessage, Completion, SamplingParams
+from services.transport.metrics import follower_metrics
+from services.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.policy")
-CHECKSUM_FILE = "weights.sha256"
-
-
-def version_dir(root: str | Path, version: int) -> Path:
-    return Path(root) / f"v{version:08d}"
-
-
-class DirectoryPublisher:
-    def __init__(self, root: str | Path, client: redis.Redis, run: str = "default", *, keep: int = 3) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.client = client
-        self.key = RedisNames(run).published_version
-        self.keep = keep
-
-    def publish(self, version: int, weights: Mapping[str, "object"]) -> None:
-        from safetensors.torch import save_file
-
-        from services.policy.weights import weights_checksum
-
-        target = version_dir(self.root, version)
-        tmp = target.with_suffix(".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(cpu, str(tmp / "model.safetensors"))
-        (tmp / CHECKSUM_FILE).write_text(weights_checksum(cpu) + "\n")
-        tmp.replace(target)  # readers never see a half-written version
-        self.client.set(self.key, version)
-        for old in sorted(p for p in self.root.glob("v*") if p.is_dir())[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class FollowingPolicy:
@@ -58,7 +25,7 @@ class FollowingPolicy:
 
     def __init__(self, engine, root: str | Path, client: redis.Redis, run: str = "default") -> None:
         self.engine, self.root, self.client = engine, Path(root), client
-        self.key = RedisNames(run).published_version
+        self.key = RedisNames(run).policy_version
         self.reloads = 0
         self.rejected: int | None = None  # the last version refused for a bad checksum
         self.metrics = follower_metrics()

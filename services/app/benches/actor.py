@@ -2,7 +2,7 @@
 policy (uniform among the admissible actions, through the rollout's choice mode), against one
 real redis-server it starts itself.
 
-    .venv/bin/python -m actors.bench [--tasks 32] [--coverage-tasks 10] [--processes 2] \
+    .venv/bin/python -m services.app.benches.actor [--tasks 32] [--coverage-tasks 10] [--processes 2] \
         [--rounds 3] [--warmup-steps 60000] [--max-steps 20] [--group-size 8] [--budget 160] \
         [--out bench-results/actor.json]
 
@@ -43,7 +43,6 @@ writes JSON.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -54,20 +53,22 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 
-from score_store.bench import Row, machine_busy_seconds, print_table, progress
-from score_store.connection import LocalRedisServer, connect, redis_server_binary
-from services.contracts import ChatMessage, Completion, SamplingParams, WorkItem
+from services.app.benches.harness import (OTHER_LOAD_WARN, Phases, Row, foreign_cores, machine_busy_seconds,
+                                          other_load, print_table, process_cpu, progress, start_score_service,
+                                          wait_healthy, write_json)
+from services.transport.connection import LocalRedisServer, connect, redis_server_binary
+from services.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 
 LOOP_TARGET_RATIO = 0.9
 SERVICE_TARGET_RATIO = 0.8
 SCALE_TARGET_RATIO = 1.7
 PAPER_COVERAGE_RATIO = 2.4
-OTHER_LOAD_WARN = 0.2  # cores used by other processes above which a phase's figures are flagged
 COOKING_PARAMS = "numLocations=1,numIngredients=2,numDistractorItems=0,includeDoors=0,limitInventorySize=0"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -109,51 +110,6 @@ def rollout_config(algo: str, max_steps: int, group_size: int, budget: int):
 
     return RolloutConfig(algo=algo, max_steps=max_steps, group_size=group_size, env_step_budget=budget,
                          choice_mode=True)
-
-
-def process_cpu() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds so far) of every process on the machine (/proc)."""
-    out, tick = {}, os.sysconf("SC_CLK_TCK")
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-                out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def foreign_cores(before: dict, after: dict, wall: float) -> float:
-    """Cores used meanwhile by processes that are not this one or its descendants (other jobs
-    on the machine: their load makes every figure here low and noisy)."""
-    parent = {pid: v[0] for pid, v in {**before, **after}.items()}
-    ours, me = set(), os.getpid()
-    for pid in parent:
-        chain, p = [], pid
-        while p and p not in ours and p != me and p in parent and len(chain) < 64:
-            chain.append(p)
-            p = parent[p]
-        if p == me or p in ours:
-            ours.update(chain)
-    used = sum(after[p][1] - before[p][1] for p in after.keys() & before.keys() if p not in ours and p != me)
-    return used / wall if wall > 0 else 0.0
-
-
-def busy_cores(fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
-    """Run fn; return its result, its wall seconds, the machine's busy cores meanwhile and the
-    cores used by other processes than ours."""
-    b0, p0, t0 = machine_busy_seconds(), process_cpu(), time.perf_counter()
-    out = fn()
-    wall = time.perf_counter() - t0
-    return out, wall, (machine_busy_seconds() - b0) / wall, foreign_cores(p0, process_cpu(), wall)
-
-
-def other_load(seconds: float = 1.0) -> float:
-    """Busy cores of the machine while this process sleeps: load from others (pytest, ...)."""
-    b0 = machine_busy_seconds()
-    time.sleep(seconds)
-    return (machine_busy_seconds() - b0) / seconds
 
 
 def pin_with_engine(cpus: set[int] | None) -> None:
@@ -274,7 +230,7 @@ class ActorPool:
     that they can be interleaved with the raw stepping (the machine's speed drifts)."""
 
     def __init__(self, redis_url: str, size: int, *, warmup_steps: int, tasks: list[str], cfg: dict) -> None:
-        from actors import bench as this  # by module name: the children import it, not __main__
+        from services.app.benches import actor as this  # by module name: the children import it, not __main__
 
         self.redis_url, self.size = redis_url, size
         ctx = mp.get_context("spawn")
@@ -313,9 +269,9 @@ class ActorPool:
         """Fill a fresh run's queue with `tasks`, let the first `processes` actors empty it; time
         from the first start to the last exit, counters summed. `score`: score_url and
         score_token of a score service serving `run` (None: the direct path)."""
-        from services.redis_names import RedisNames
-        from services.stream import GroupStream
-        from services.work_queue import WorkQueue
+        from services.transport.redis_names import RedisNames
+        from services.transport.stream import GroupStream
+        from services.transport.work_queue import WorkQueue
 
         run = run or f"bench-{label}-{uuid.uuid4().hex[:8]}"
         client = connect(self.redis_url)
@@ -383,26 +339,17 @@ class ScoreServiceProcess:
     """`spo3 score-service` (uvicorn) for one run, on a free port; its /metrics read back."""
 
     def __init__(self, redis_url: str, run: str) -> None:
-        from score_store.connection import free_port
+        from services.transport.procs import free_port
 
         self.token, self.port = uuid.uuid4().hex, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        spo3 = str(Path(sys.executable).with_name("spo3"))
-        self.proc = subprocess.Popen([spo3, "score-service", "--redis-url", redis_url, "--run", run, "--port",
-                                      str(self.port), "--token", self.token],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"score service exited: {self.proc.stderr.read().decode()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("score service did not become healthy in 60 s")
-            time.sleep(0.1)
+        self.proc = start_score_service(redis_url, run=run, token=self.token, port=self.port,
+                                        stderr=subprocess.PIPE)
+        try:
+            wait_healthy(self.url, self.proc)
+        except RuntimeError as e:
+            self.close()
+            raise RuntimeError(f"{e}: {self.proc.stderr.read().decode()[-2000:]}") from None
 
     def requests(self) -> dict[str, float]:
         """route -> requests answered 2xx (spo3_score_requests_total)."""
@@ -508,7 +455,7 @@ def run_coverage(redis_url: str, tasks: list[str], env: Any, *, max_steps: int, 
     from actors.rollout import Rollout
     from score_store.score_math import ScoreParams
     from score_store.store import RedisScoreStore
-    from services.stream import GroupStream
+    from services.transport.stream import GroupStream
 
     client = connect(redis_url)
     params = ScoreParams()
@@ -585,6 +532,197 @@ def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
     return " / ".join(fmt.format(v) for v in values)
 
 
+@dataclass
+class Settings:
+    """What one actor benchmark run measures (main's options)."""
+
+    loop_tasks: list[str]
+    cov_tasks: list[str]
+    processes: int
+    rounds: int
+    warmup_steps: int
+    cold: bool
+    max_steps: int
+    group_size: int
+    budget: int
+    seed: int
+    service_rounds: int
+
+    @property
+    def cfg(self) -> dict:
+        return {"max_steps": self.max_steps, "group_size": self.group_size, "budget": self.budget,
+                "seed": self.seed}
+
+
+def measure_service(phases: Phases, pool: "ActorPool", redis_url: str, st: Settings,
+                    runs: dict[str, list[dict]]) -> None:
+    """Figure 4: the 1-process loop on the direct path, then through the score service, interleaved."""
+    for r in range(st.service_rounds):
+        runs["loop1_direct"].append(phases.run(
+            f"direct.{r}", f"round {r + 1}/{st.service_rounds}: 4 actor loop, direct path (Lua on Redis)",
+            lambda: pool.run(1, st.loop_tasks, "3spo", f"direct-r{r}")))
+        runs["loop1_service"].append(phases.run(
+            f"service.{r}", f"round {r + 1}/{st.service_rounds}: 4 actor loop through the score service",
+            lambda: run_through_service(pool, redis_url, st.loop_tasks, f"service-r{r}")))
+
+
+def measure_loop_and_scale(phases: Phases, pool: "ActorPool", engine: Any, st: Settings,
+                           runs: dict[str, list[dict]], results: dict) -> None:
+    """Figures 1 and 2, interleaved rounds: 1-process loop, raw stepping, both pinned (diag), N processes;
+    then the GRPO loop (diag)."""
+    cpu = min(os.sched_getaffinity(0))
+    for r in range(st.rounds):
+        runs["loop1"].append(phases.run(f"loop1.{r}", f"round {r + 1}/{st.rounds}: 1 actor loop, 1 process, 3spo",
+                                        lambda: pool.run(1, st.loop_tasks, "3spo", f"loop1-r{r}")))
+        steps = int(runs["loop1"][0]["engine_steps"])
+        runs["raw"].append(phases.run(f"raw.{r}", f"round {r + 1}/{st.rounds}: 1 raw engine stepping",
+                                      lambda: run_raw(st.loop_tasks, steps=steps, max_steps=st.max_steps,
+                                                      seed=st.seed + r, env=engine)))
+        runs["loop1_pinned"].append(phases.run(
+            f"loop1p.{r}", f"round {r + 1}/{st.rounds}: 1 (diag) actor loop, 1 process + its JVM pinned to CPU {cpu}",
+            lambda: pool.run(1, st.loop_tasks, "3spo", f"loop1p-r{r}", pin=cpu)))
+        runs["raw_pinned"].append(phases.run(
+            f"rawp.{r}", f"round {r + 1}/{st.rounds}: 1 (diag) raw engine stepping, pinned to CPU {cpu}",
+            lambda: run_raw(st.loop_tasks, steps=steps, max_steps=st.max_steps, seed=st.seed + r, env=engine,
+                            pin=cpu)))
+        runs["loopN"].append(phases.run(
+            f"loopN.{r}", f"round {r + 1}/{st.rounds}: 2 actor loop, {st.processes} processes, 3spo",
+            lambda: pool.run(st.processes, st.loop_tasks, "3spo", f"loop{st.processes}-r{r}")))
+    results["loop_grpo"] = phases.run("loop_grpo", "1 (diag) actor loop, 1 process, grpo",
+                                      lambda: pool.run(1, st.loop_tasks, "grpo", "grpo1"))
+
+
+def measure_cold(phases: Phases, redis_url: str, st: Settings, results: dict) -> None:
+    """Figure 1's diagnostics with fresh JVMs: a cold loop and cold raw stepping."""
+    def cold_loop() -> dict:
+        with ActorPool(redis_url, 1, warmup_steps=0, tasks=st.loop_tasks, cfg=st.cfg) as cold_pool:
+            return cold_pool.run(1, st.loop_tasks, "3spo", "cold1")
+
+    results["loop1_cold"] = phases.run("loop1_cold", "1 (diag) cold actor loop, 1 process, 3spo", cold_loop)
+    results["raw_cold"] = phases.run("raw_cold", "1 (diag) cold raw engine stepping",
+                                     lambda: run_raw(st.loop_tasks, steps=int(results["loop1_cold"]["engine_steps"]),
+                                                     max_steps=st.max_steps, seed=st.seed))
+
+
+def figures(results: dict, runs: dict[str, list[dict]], st: Settings, worst: tuple[str, float]) -> dict:
+    """The headline figures and their per-round ratios (medians over rounds)."""
+    med = statistics.median
+    raw_rate = [x["steps_per_s"] for x in runs["raw"]]
+    l1_rate = [x["engine_steps_per_s"] for x in runs["loop1"]]
+    l1_new = [x["new_steps_per_s"] for x in runs["loop1"]]
+    ln_rate = [x["engine_steps_per_s"] for x in runs["loopN"]]
+    engine_ratios = [a / b for a, b in zip(l1_rate, raw_rate)]
+    new_ratios = [a / b for a, b in zip(l1_new, raw_rate)]
+    scale_ratios = [a / b for a, b in zip(ln_rate, l1_rate)]
+    rawp_rate = [x["steps_per_s"] for x in runs["raw_pinned"]]
+    l1p_rate = [x["engine_steps_per_s"] for x in runs["loop1_pinned"]]
+    pinned_ratios = [a / b for a, b in zip(l1p_rate, rawp_rate)]
+    scale_pinned = [a / b for a, b in zip(ln_rate, l1p_rate)]
+    lg, cov = results["loop_grpo"], results["coverage"]
+    engine_ratio, new_ratio, scale = med(engine_ratios), med(new_ratios), med(scale_ratios)
+    f = {
+        "raw_steps_per_s": med(raw_rate), "loop_engine_steps_per_s": med(l1_rate),
+        "loop_new_steps_per_s": med(l1_new), "loopN_engine_steps_per_s": med(ln_rate),
+        "loop_engine_steps_ratio": engine_ratio, "loop_engine_steps_ratio_per_round": engine_ratios,
+        "loop_new_steps_ratio": new_ratio, "loop_new_steps_ratio_per_round": new_ratios,
+        "loop_target_ratio": LOOP_TARGET_RATIO, "loop_pass": engine_ratio >= LOOP_TARGET_RATIO,
+        "grpo_loop_ratio": lg["engine_steps_per_s"] / med(raw_rate),
+        "scale_ratio": scale, "scale_ratio_per_round": scale_ratios,
+        "scale_target_ratio": SCALE_TARGET_RATIO, "scale_pass": scale >= SCALE_TARGET_RATIO,
+        "raw_pinned_steps_per_s": med(rawp_rate), "loop_pinned_engine_steps_per_s": med(l1p_rate),
+        "pinned_loop_engine_steps_ratio": med(pinned_ratios), "pinned_loop_ratio_per_round": pinned_ratios,
+        "scale_vs_pinned_ratio": med(scale_pinned), "scale_vs_pinned_per_round": scale_pinned,
+        "coverage_ratio": cov["ratio_3spo_to_grpo"], "paper_coverage_ratio": PAPER_COVERAGE_RATIO,
+        "other_processes_cores_worst": worst[1], "other_processes_worst_phase": worst[0],
+    }
+    if st.service_rounds:
+        f.update(service_figures(runs)[0])
+    if st.cold:
+        f["cold_loop_engine_steps_ratio"] = (results["loop1_cold"]["engine_steps_per_s"]
+                                             / results["raw_cold"]["steps_per_s"])
+    return f
+
+
+def figure_rows(results: dict, runs: dict[str, list[dict]], st: Settings, worst: tuple[str, float]) -> list[Row]:
+    """The table: figure 1 (loop vs raw), 2 (N processes vs 1), 3 (coverage), 4 (service), load."""
+    med, f, processes = statistics.median, results["figures"], st.processes
+    raw_rate = [x["steps_per_s"] for x in runs["raw"]]
+    l1_rate = [x["engine_steps_per_s"] for x in runs["loop1"]]
+    ln_rate = [x["engine_steps_per_s"] for x in runs["loopN"]]
+    rawp_rate = [x["steps_per_s"] for x in runs["raw_pinned"]]
+    l1p_rate = [x["engine_steps_per_s"] for x in runs["loop1_pinned"]]
+    l1, ln, eng, lg, cov = runs["loop1"], runs["loopN"], results["engine"], results["loop_grpo"], results["coverage"]
+    s3, sg = cov["3spo"], cov["grpo"]
+    split = s3["time_split_s"]
+    replay, new = sum(x["replay_steps"] for x in l1), sum(x["env_steps"] for x in l1)
+    rows = [
+        Row(f"1 raw engine steps, random, reset on done/{st.max_steps}", f"{med(raw_rate):,.0f} steps/s", "-",
+            "baseline"),
+        Row("1 loop (new + replay) engine steps, 3spo", f"{med(l1_rate):,.0f} steps/s",
+            f">= {LOOP_TARGET_RATIO} x raw",
+            f"{f['loop_engine_steps_ratio']:.2f} {'PASS' if f['loop_pass'] else 'FAIL'}"),
+        Row("1 loop new env steps only, 3spo", f"{f['loop_new_steps_per_s']:,.0f} steps/s", "-",
+            f"{f['loop_new_steps_ratio']:.3f} x raw"),
+        Row("1   per round: raw; loop steps/s, ratio",
+            f"{spread(raw_rate, '{:,.0f}')}; {spread(l1_rate, '{:,.0f}')}", "-",
+            spread(f["loop_engine_steps_ratio_per_round"])),
+        Row("1   replay steps per new step",
+            f"{replay / max(new, 1):.1f} ({replay / len(l1):,.0f} / {new / len(l1):,.0f})"),
+        Row("1   restores (reset + replay engine calls) per new step",
+            f"{sum(x['restores'] for x in l1) / max(new, 1):.2f}"),
+        Row("1   (diag) loop, inside rollouts only",
+            f"{med(x['engine_steps_per_rollout_s'] for x in l1):,.0f} steps/s", "-",
+            f"{med(x['engine_steps_per_rollout_s'] for x in l1) / med(raw_rate):.2f} x raw"),
+        Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
+            f"{f['grpo_loop_ratio']:.2f} x raw"),
+        Row("1   (diag) pinned to 1 CPU: raw; loop steps/s",
+            f"{med(rawp_rate):,.0f}; {med(l1p_rate):,.0f} ({med(rawp_rate) / med(raw_rate):.1f}x, "
+            f"{med(l1p_rate) / med(l1_rate):.1f}x unpinned)", "-",
+            f"{f['pinned_loop_engine_steps_ratio']:.2f} x raw"),
+    ]
+    if st.cold:
+        lc, rc = results["loop1_cold"], results["raw_cold"]
+        rows.append(Row("1   (diag) cold JVM: loop / raw engine steps",
+                        f"{lc['engine_steps_per_s']:,.0f} / {rc['steps_per_s']:,.0f} steps/s", "-",
+                        f"{f['cold_loop_engine_steps_ratio']:.2f} x raw"))
+    rows += [
+        Row("1   (diag) engine: JVM start / warm-up / reset / step",
+            f"{eng['jvm_start_s']:.2f} s / {eng['warmup_steps']:,} steps at {eng['warmup_steps_per_s']:,.0f}/s / "
+            f"{med(x['reset_ms'] for x in runs['raw']):.2f} ms / {med(x['step_ms'] for x in runs['raw']):.3f} ms"),
+        Row("2 loop, 1 process, engine steps", f"{med(l1_rate):,.0f} steps/s", "-", "baseline"),
+        Row(f"2 loop, {processes} processes, engine steps", f"{med(ln_rate):,.0f} steps/s",
+            f">= {SCALE_TARGET_RATIO} x 1 proc", f"{f['scale_ratio']:.2f} {'PASS' if f['scale_pass'] else 'FAIL'}"),
+        Row(f"2   per round: {processes}-process steps/s, ratio", spread(ln_rate, "{:,.0f}"), "-",
+            spread(f["scale_ratio_per_round"])),
+        Row(f"2   (diag) {processes} processes vs 1 pinned process", f"{med(l1p_rate):,.0f} steps/s pinned",
+            f">= {SCALE_TARGET_RATIO} x", f"{f['scale_vs_pinned_ratio']:.2f} "
+            f"{'PASS' if f['scale_vs_pinned_ratio'] >= SCALE_TARGET_RATIO else 'FAIL'} "
+            f"({spread(f['scale_vs_pinned_per_round'])})"),
+        Row(f"2   {processes} processes: new steps, items",
+            f"{med(x['new_steps_per_s'] for x in ln):,.0f} steps/s, {med(x['items_per_s'] for x in ln):.2f} items/s",
+            "-", f"{med(a['items_per_s'] / b['items_per_s'] for a, b in zip(ln, l1)):.2f} x 1 proc (items)"),
+        Row(f"2   (diag) busy cores 1 / {processes} procs: all, actor Python",
+            f"{med(x['machine_busy_cores'] for x in l1):.2f} / {med(x['machine_busy_cores'] for x in ln):.2f}, "
+            f"{med(x['actor_python_cores'] for x in l1):.2f} / {med(x['actor_python_cores'] for x in ln):.2f} "
+            f"of {os.cpu_count()}"),
+        Row("3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
+            f"({s3['unique_states']:,} in {s3['env_steps']:,} steps)"),
+        Row("3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
+            f"({sg['unique_states']:,} in {sg['env_steps']:,} steps)"),
+        Row("3 3spo vs grpo", f"{f['coverage_ratio']:.2f} x", f"{PAPER_COVERAGE_RATIO} x (paper)",
+            "at/above paper" if f["coverage_ratio"] >= PAPER_COVERAGE_RATIO else "below paper"),
+        Row("3   (diag) 3spo time: reset/step/store/stream",
+            f"{split['env.reset']:.2f} / {split['env.step']:.2f} / {split['store']:.2f} / {split['stream']:.2f} s"),
+        Row("3   (diag) 3spo time: policy/rollout, total",
+            f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.2f} s, of {s3['seconds']:.2f} s "
+            f"({s3['env_resets']:,} resets)"),
+        *(service_figures(runs)[1] if st.service_rounds else []),
+        Row("* other processes' CPU, worst phase", f"{worst[1]:.2f} cores ({worst[0]})",
+            f"<= {OTHER_LOAD_WARN}", "quiet" if worst[1] <= OTHER_LOAD_WARN else "NOISY: figures unreliable"),
+    ]
+    return rows
+
+
 @app.command()
 def main(
     tasks: Annotated[int, typer.Option(help="Work items (distinct TWX tasks) for figures 1 and 2.", min=2)] = 32,
@@ -608,220 +746,61 @@ def main(
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path("actor_bench.json"),
 ) -> None:
     """Benchmark the actor loop on TextWorld-Express with a zero-cost random policy."""
-    t_start = time.perf_counter()
+    phases = Phases()
     binary = redis_server or redis_server_binary()
-    loop_tasks, cov_tasks = task_ids(tasks), task_ids(coverage_tasks, offset=500)
-    cfg = {"max_steps": max_steps, "group_size": group_size, "budget": budget, "seed": seed}
+    st = Settings(task_ids(tasks), task_ids(coverage_tasks, offset=500), 1 if service_only else processes, rounds,
+                  warmup_steps, cold, max_steps, group_size, budget, seed, service_rounds)
     results: dict = {"args": {"tasks": tasks, "coverage_tasks": coverage_tasks, "processes": processes,
-                              "rounds": rounds, "warmup_steps": warmup_steps, "cold": cold, **cfg},
-                     "cpus": os.cpu_count(), "loop_tasks": loop_tasks, "coverage_task_ids": cov_tasks}
-    load = other_load()
-    results["other_load_cores_at_start"] = load
+                              "rounds": rounds, "warmup_steps": warmup_steps, "cold": cold, **st.cfg},
+                     "cpus": os.cpu_count(), "loop_tasks": st.loop_tasks, "coverage_task_ids": st.cov_tasks}
+    load = results["other_load_cores_at_start"] = other_load()
     if load > OTHER_LOAD_WARN:
         print(f"warning: {load:.2f} cores busy before the benchmark started (other processes): "
               "figures will be low and noisy", flush=True)
-    phase_s: dict[str, float] = {}
-    phase_other: dict[str, float] = {}
     runs: dict[str, list[dict]] = defaultdict(list)
-    engine: list[Any] = []  # this process's warmed engine: raw stepping and coverage
-
-    def phase(key: str, label: str, fn: Callable[[], dict]) -> dict:
-        print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
-        out_, phase_s[key], busy, phase_other[key] = busy_cores(fn)
-        out_["machine_busy_cores_phase"], out_["other_processes_cores_phase"] = busy, phase_other[key]
-        if phase_other[key] > OTHER_LOAD_WARN:
-            print(f"  warning: other processes used {phase_other[key]:.2f} cores during this phase", flush=True)
-        return out_
-
-    def warm_here() -> dict:
-        env, info = start_engine(loop_tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
-        engine.append(env)
-        return info
-
     with LocalRedisServer(binary=binary) as server, contextlib.ExitStack() as stack:
         client = connect(server.url)
         info = client.info("server")
         client.close()
         print(f"redis-server {info.get('redis_version')} at {server.url}, {os.cpu_count()} CPUs", flush=True)
-        stack.callback(lambda: [env.close() for env in engine])
-        pools: list[ActorPool] = []
+        pool = phases.run("actors", f"starting {st.processes} actor processes", lambda: stack.enter_context(
+            ActorPool(server.url, st.processes, warmup_steps=warmup_steps, tasks=st.loop_tasks, cfg=st.cfg)))
+        results["actor_engines"] = pool.warm
+        measure_service(phases, pool, server.url, st, runs)
+        if not service_only:
+            engine: list[Any] = []  # this process's warmed engine: raw stepping and coverage
 
-        def start_pool() -> dict:
-            pools.append(stack.enter_context(ActorPool(server.url, processes, warmup_steps=warmup_steps,
-                                                       tasks=loop_tasks, cfg=cfg)))
-            return {"warm": pools[0].warm}
+            def warm_here() -> dict:
+                env, info = start_engine(st.loop_tasks, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+                engine.append(env)
+                stack.callback(env.close)
+                return info
 
-        if service_only:
-            processes = 1
-        results["actor_engines"] = phase("actors", f"starting {processes} actor processes", start_pool)["warm"]
-        pool = pools[0]
-        for r in range(service_rounds):
-            runs["loop1_direct"].append(phase(f"direct.{r}", f"round {r + 1}/{service_rounds}: 4 actor loop, direct "
-                                              "path (Lua on Redis)", lambda: pool.run(1, loop_tasks, "3spo", f"direct-r{r}")))
-            runs["loop1_service"].append(phase(f"service.{r}", f"round {r + 1}/{service_rounds}: 4 actor loop through "
-                                               "the score service", lambda: run_through_service(
-                                                   pool, server.url, loop_tasks, f"service-r{r}")))
-        if service_only:
-            stack.close()
-            results["rounds"], results["total_seconds"] = runs, time.perf_counter() - t_start
-            results["figures"], rows = service_figures(runs)
-            results["phase_seconds"] = phase_s
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=2, default=str))
-            print()
-            print_table(rows, f"actor benchmark, figure 4 only: twx, random policy (choice mode), max_steps {max_steps}, "
-                              f"budget {budget}, {len(loop_tasks)} items, {service_rounds} rounds (medians), "
-                              f"{os.cpu_count()} CPUs, total {results['total_seconds']:.0f} s")
-            print(f"JSON: {out}")
-            return
-        results["engine"] = phase("engine", f"warming this process's engine ({warmup_steps:,} steps)", warm_here)
-        cpu = min(os.sched_getaffinity(0))
-        for r in range(rounds):
-            runs["loop1"].append(phase(f"loop1.{r}", f"round {r + 1}/{rounds}: 1 actor loop, 1 process, 3spo",
-                                       lambda: pool.run(1, loop_tasks, "3spo", f"loop1-r{r}")))
-            runs["raw"].append(phase(f"raw.{r}", f"round {r + 1}/{rounds}: 1 raw engine stepping",
-                                     lambda: run_raw(loop_tasks, steps=int(runs["loop1"][0]["engine_steps"]),
-                                                     max_steps=max_steps, seed=seed + r, env=engine[0])))
-            runs["loop1_pinned"].append(phase(
-                f"loop1p.{r}", f"round {r + 1}/{rounds}: 1 (diag) actor loop, 1 process + its JVM pinned to CPU {cpu}",
-                lambda: pool.run(1, loop_tasks, "3spo", f"loop1p-r{r}", pin=cpu)))
-            runs["raw_pinned"].append(phase(
-                f"rawp.{r}", f"round {r + 1}/{rounds}: 1 (diag) raw engine stepping, pinned to CPU {cpu}",
-                lambda: run_raw(loop_tasks, steps=int(runs["loop1"][0]["engine_steps"]), max_steps=max_steps,
-                                seed=seed + r, env=engine[0], pin=cpu)))
-            runs["loopN"].append(phase(
-                f"loopN.{r}", f"round {r + 1}/{rounds}: 2 actor loop, {processes} processes, 3spo",
-                lambda: pool.run(processes, loop_tasks, "3spo", f"loop{processes}-r{r}")))
-        results["loop_grpo"] = phase("loop_grpo", "1 (diag) actor loop, 1 process, grpo",
-                                     lambda: pool.run(1, loop_tasks, "grpo", "grpo1"))
-        results["coverage"] = phase("coverage", "3 coverage 3spo vs grpo",
-                                    lambda: run_coverage(server.url, cov_tasks, engine[0], **cfg))
-        if cold:
-            def cold_loop() -> dict:
-                with ActorPool(server.url, 1, warmup_steps=0, tasks=loop_tasks, cfg=cfg) as cold_pool:
-                    return cold_pool.run(1, loop_tasks, "3spo", "cold1")
-
-            results["loop1_cold"] = phase("loop1_cold", "1 (diag) cold actor loop, 1 process, 3spo", cold_loop)
-            results["raw_cold"] = phase("raw_cold", "1 (diag) cold raw engine stepping",
-                                        lambda: run_raw(loop_tasks, steps=int(results["loop1_cold"]["engine_steps"]),
-                                                        max_steps=max_steps, seed=seed))
-    total = time.perf_counter() - t_start
-    results["rounds"] = runs
-
-    med = statistics.median
-    raw_rate = [x["steps_per_s"] for x in runs["raw"]]
-    l1_rate = [x["engine_steps_per_s"] for x in runs["loop1"]]
-    l1_new = [x["new_steps_per_s"] for x in runs["loop1"]]
-    ln_rate = [x["engine_steps_per_s"] for x in runs["loopN"]]
-    engine_ratios = [a / b for a, b in zip(l1_rate, raw_rate)]
-    new_ratios = [a / b for a, b in zip(l1_new, raw_rate)]
-    scale_ratios = [a / b for a, b in zip(ln_rate, l1_rate)]
-    rawp_rate = [x["steps_per_s"] for x in runs["raw_pinned"]]
-    l1p_rate = [x["engine_steps_per_s"] for x in runs["loop1_pinned"]]
-    pinned_ratios = [a / b for a, b in zip(l1p_rate, rawp_rate)]
-    scale_pinned = [a / b for a, b in zip(ln_rate, l1p_rate)]
-    lg, cov = results["loop_grpo"], results["coverage"]
-    engine_ratio, new_ratio, scale = med(engine_ratios), med(new_ratios), med(scale_ratios)
-    worst_phase = max(phase_other, key=phase_other.get)
-    worst_other = phase_other[worst_phase]
-    if load > worst_other:
-        worst_phase, worst_other = "at start", load
-    results["figures"] = {
-        "raw_steps_per_s": med(raw_rate), "loop_engine_steps_per_s": med(l1_rate),
-        "loop_new_steps_per_s": med(l1_new), "loopN_engine_steps_per_s": med(ln_rate),
-        "loop_engine_steps_ratio": engine_ratio, "loop_engine_steps_ratio_per_round": engine_ratios,
-        "loop_new_steps_ratio": new_ratio, "loop_new_steps_ratio_per_round": new_ratios,
-        "loop_target_ratio": LOOP_TARGET_RATIO, "loop_pass": engine_ratio >= LOOP_TARGET_RATIO,
-        "grpo_loop_ratio": lg["engine_steps_per_s"] / med(raw_rate),
-        "scale_ratio": scale, "scale_ratio_per_round": scale_ratios,
-        "scale_target_ratio": SCALE_TARGET_RATIO, "scale_pass": scale >= SCALE_TARGET_RATIO,
-        "raw_pinned_steps_per_s": med(rawp_rate), "loop_pinned_engine_steps_per_s": med(l1p_rate),
-        "pinned_loop_engine_steps_ratio": med(pinned_ratios), "pinned_loop_ratio_per_round": pinned_ratios,
-        "scale_vs_pinned_ratio": med(scale_pinned), "scale_vs_pinned_per_round": scale_pinned,
-        "coverage_ratio": cov["ratio_3spo_to_grpo"], "paper_coverage_ratio": PAPER_COVERAGE_RATIO,
-        "other_processes_cores_worst": worst_other, "other_processes_worst_phase": worst_phase,
-    }
-    f = results["figures"]
-    if service_rounds:
-        f.update(service_figures(runs)[0])
-    if cold:
-        f["cold_loop_engine_steps_ratio"] = (results["loop1_cold"]["engine_steps_per_s"]
-                                             / results["raw_cold"]["steps_per_s"])
-    results["phase_seconds"], results["total_seconds"] = phase_s, total
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-
-    l1, ln, eng = runs["loop1"], runs["loopN"], results["engine"]
-    s3, sg = cov["3spo"], cov["grpo"]
-    split = s3["time_split_s"]
-    replay, new = sum(x["replay_steps"] for x in l1), sum(x["env_steps"] for x in l1)
-    rows = [
-        Row(f"1 raw engine steps, random, reset on done/{max_steps}", f"{med(raw_rate):,.0f} steps/s", "-",
-            "baseline"),
-        Row("1 loop (new + replay) engine steps, 3spo", f"{med(l1_rate):,.0f} steps/s",
-            f">= {LOOP_TARGET_RATIO} x raw", f"{engine_ratio:.2f} {'PASS' if f['loop_pass'] else 'FAIL'}"),
-        Row("1 loop new env steps only, 3spo", f"{med(l1_new):,.0f} steps/s", "-", f"{new_ratio:.3f} x raw"),
-        Row("1   per round: raw; loop steps/s, ratio",
-            f"{spread(raw_rate, '{:,.0f}')}; {spread(l1_rate, '{:,.0f}')}", "-", spread(engine_ratios)),
-        Row("1   replay steps per new step",
-            f"{replay / max(new, 1):.1f} ({replay / len(l1):,.0f} / {new / len(l1):,.0f})"),
-        Row("1   restores (reset + replay engine calls) per new step",
-            f"{sum(x['restores'] for x in l1) / max(new, 1):.2f}"),
-        Row("1   (diag) loop, inside rollouts only",
-            f"{med(x['engine_steps_per_rollout_s'] for x in l1):,.0f} steps/s", "-",
-            f"{med(x['engine_steps_per_rollout_s'] for x in l1) / med(raw_rate):.2f} x raw"),
-        Row("1   (diag) loop, grpo items (no replay)", f"{lg['engine_steps_per_s']:,.0f} steps/s", "-",
-            f"{f['grpo_loop_ratio']:.2f} x raw"),
-    ]
-    rows.append(Row("1   (diag) pinned to 1 CPU: raw; loop steps/s",
-                    f"{med(rawp_rate):,.0f}; {med(l1p_rate):,.0f} ({med(rawp_rate) / med(raw_rate):.1f}x, "
-                    f"{med(l1p_rate) / med(l1_rate):.1f}x unpinned)", "-",
-                    f"{f['pinned_loop_engine_steps_ratio']:.2f} x raw"))
-    if cold:
-        lc, rc = results["loop1_cold"], results["raw_cold"]
-        rows.append(Row("1   (diag) cold JVM: loop / raw engine steps",
-                        f"{lc['engine_steps_per_s']:,.0f} / {rc['steps_per_s']:,.0f} steps/s", "-",
-                        f"{f['cold_loop_engine_steps_ratio']:.2f} x raw"))
-    rows += [
-        Row("1   (diag) engine: JVM start / warm-up / reset / step",
-            f"{eng['jvm_start_s']:.2f} s / {eng['warmup_steps']:,} steps at {eng['warmup_steps_per_s']:,.0f}/s / "
-            f"{med(x['reset_ms'] for x in runs['raw']):.2f} ms / {med(x['step_ms'] for x in runs['raw']):.3f} ms"),
-        Row("2 loop, 1 process, engine steps", f"{med(l1_rate):,.0f} steps/s", "-", "baseline"),
-        Row(f"2 loop, {processes} processes, engine steps", f"{med(ln_rate):,.0f} steps/s",
-            f">= {SCALE_TARGET_RATIO} x 1 proc", f"{scale:.2f} {'PASS' if f['scale_pass'] else 'FAIL'}"),
-        Row(f"2   per round: {processes}-process steps/s, ratio", spread(ln_rate, "{:,.0f}"), "-",
-            spread(scale_ratios)),
-        Row(f"2   (diag) {processes} processes vs 1 pinned process", f"{med(l1p_rate):,.0f} steps/s pinned",
-            f">= {SCALE_TARGET_RATIO} x", f"{f['scale_vs_pinned_ratio']:.2f} "
-            f"{'PASS' if f['scale_vs_pinned_ratio'] >= SCALE_TARGET_RATIO else 'FAIL'} ({spread(scale_pinned)})"),
-        Row(f"2   {processes} processes: new steps, items",
-            f"{med(x['new_steps_per_s'] for x in ln):,.0f} steps/s, {med(x['items_per_s'] for x in ln):.2f} items/s",
-            "-", f"{med(a['items_per_s'] / b['items_per_s'] for a, b in zip(ln, l1)):.2f} x 1 proc (items)"),
-        Row(f"2   (diag) busy cores 1 / {processes} procs: all, actor Python",
-            f"{med(x['machine_busy_cores'] for x in l1):.2f} / {med(x['machine_busy_cores'] for x in ln):.2f}, "
-            f"{med(x['actor_python_cores'] for x in l1):.2f} / {med(x['actor_python_cores'] for x in ln):.2f} "
-            f"of {os.cpu_count()}"),
-        Row("3 3spo unique states / 1k new steps", f"{s3['unique_per_1k_new_steps']:,.0f} "
-            f"({s3['unique_states']:,} in {s3['env_steps']:,} steps)"),
-        Row("3 grpo unique states / 1k new steps", f"{sg['unique_per_1k_new_steps']:,.0f} "
-            f"({sg['unique_states']:,} in {sg['env_steps']:,} steps)"),
-        Row("3 3spo vs grpo", f"{f['coverage_ratio']:.2f} x", f"{PAPER_COVERAGE_RATIO} x (paper)",
-            "at/above paper" if f["coverage_ratio"] >= PAPER_COVERAGE_RATIO else "below paper"),
-        Row("3   (diag) 3spo time: reset/step/store/stream",
-            f"{split['env.reset']:.2f} / {split['env.step']:.2f} / {split['store']:.2f} / {split['stream']:.2f} s"),
-        Row("3   (diag) 3spo time: policy/rollout, total",
-            f"{split['policy']:.2f} / {split['rollout (prompts, parsing, keys, ...)']:.2f} s, of {s3['seconds']:.2f} s "
-            f"({s3['env_resets']:,} resets)"),
-        *(service_figures(runs)[1] if service_rounds else []),
-        Row("* other processes' CPU, worst phase", f"{worst_other:.2f} cores ({worst_phase})",
-            f"<= {OTHER_LOAD_WARN}", "quiet" if worst_other <= OTHER_LOAD_WARN else "NOISY: figures unreliable"),
-    ]
+            results["engine"] = phases.run("engine", f"warming this process's engine ({warmup_steps:,} steps)",
+                                           warm_here)
+            env = engine[0]
+            measure_loop_and_scale(phases, pool, env, st, runs, results)
+            results["coverage"] = phases.run("coverage", "3 coverage 3spo vs grpo",
+                                             lambda: run_coverage(server.url, st.cov_tasks, env, **st.cfg))
+            if cold:
+                measure_cold(phases, server.url, st, results)
+    results["rounds"], results["total_seconds"] = runs, phases.elapsed()
+    results["phase_seconds"] = phases.seconds
+    worst = phases.worst(load)
+    if service_only:
+        results["figures"], rows = service_figures(runs)
+        title = (f"actor benchmark, figure 4 only: twx, random policy (choice mode), max_steps {max_steps}, "
+                 f"budget {budget}, {len(st.loop_tasks)} items, {service_rounds} rounds (medians)")
+    else:
+        results["figures"] = figures(results, runs, st, worst)
+        rows = figure_rows(results, runs, st, worst)
+        title = (f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "
+                 f"budget {budget}, {rounds} rounds (medians)")
+    write_json(out, results)
     print()
-    print_table(rows, f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "
-                      f"budget {budget}, {rounds} rounds (medians), {os.cpu_count()} CPUs, total {total:.0f} s")
-    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_s.items()))
+    print_table(rows, f"{title}, {os.cpu_count()} CPUs, total {results['total_seconds']:.0f} s")
+    print(f"\n{phases.summary()}")
     print(f"JSON: {out}")
-
 
 if __name__ == "__main__":
     app()

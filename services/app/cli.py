@@ -12,6 +12,49 @@ from typing import Annotated, Optional
 
 import typer
 
+from actors.config import ActorConfig, RolloutConfig
+from learner.config import AdvantageConfig, LearnerConfig, LearnerSettings, LossConfig, TrainerConfig, TrainerSettings
+from score_store.score_math import ScoreParams
+from services.app.wiring import PolicySource, PublishTarget
+
+_SERVICE_PARAM = "With --score-url the service's value is used; one given here must equal it or the actor does not start."
+
+
+def _doc(model, field: str, note: str = "") -> str:
+    """An option's help: the description of the settings field it sets (one text for --help, the YAML
+    files and the README), and a note about the command line where it needs one."""
+    return f"{model.model_fields[field].description} {note}".strip()
+
+
+ACTOR_OPTIONS = {  # `spo3 actor` option -> the settings field it sets
+    "redis_url": (ActorConfig, "redis_url"), "score_url": (ActorConfig, "score_url"),
+    "score_token": (ActorConfig, "score_token"), "run": (ActorConfig, "run"),
+    "policy_url": (PolicySource, "policy_url"), "model": (PolicySource, "model"),
+    "weights_dir": (PolicySource, "weights_dir"), "threads": (PolicySource, "threads"),
+    "max_steps": (RolloutConfig, "max_steps"), "max_leaves": (RolloutConfig, "max_leaves"),
+    "group_size": (RolloutConfig, "group_size"), "choice_mode": (RolloutConfig, "choice_mode"),
+    "temperature": (RolloutConfig, "temperature"), "max_tokens": (RolloutConfig, "max_tokens"),
+    "alpha": (ScoreParams, "alpha"), "g_max": (ScoreParams, "g_max"), "reward_score": (ScoreParams, "reward_score"),
+    "novelty": (ScoreParams, "novelty"), "lease_s": (ActorConfig, "lease_s"),
+    "exit_when_idle": (ActorConfig, "exit_when_idle_s"), "metrics_port": (ActorConfig, "metrics_port"),
+    "metrics_host": (ActorConfig, "metrics_host"), "eval_task": (ActorConfig, "eval_tasks"),
+    "eval_every": (ActorConfig, "eval_every"), "max_unread": (ActorConfig, "stream_max_unread"),
+}
+LEARNER_OPTIONS = {  # `spo3 learner` option -> the settings field it sets
+    "model": (TrainerConfig, "model"), "redis_url": (LearnerConfig, "redis_url"), "run": (LearnerConfig, "run"),
+    "checkpoint_dir": (LearnerConfig, "checkpoint_dir"), "resume": (LearnerConfig, "resume"),
+    "policy_url": (PublishTarget, "policy_url"), "staging_dir": (PublishTarget, "staging_dir"),
+    "publish_dtype": (PublishTarget, "publish_dtype"), "weights_dir": (PublishTarget, "weights_dir"),
+    **{f: (LearnerSettings, f) for f in ("groups_per_update", "max_staleness", "publish_every", "checkpoint_every",
+                                         "max_updates")},
+    "exit_when_idle": (LearnerSettings, "exit_when_idle_s"),
+    **{f: (TrainerSettings, f) for f in ("lr", "zero_stage", "bf16", "offload_optimizer", "micro_batch_rows",
+                                         "ppo_epochs")},
+    "mean_only": (AdvantageConfig, "mean_only"),
+    **{f: (LossConfig, f) for f in ("kl_coef", "entropy_coef", "clip", "behav_imp_weight_cap")},
+    "metrics_port": (LearnerConfig, "metrics_port"), "metrics_host": (LearnerConfig, "metrics_host"),
+}
+
 app = typer.Typer(
     help="3SPO: state-score-supervised policy optimization for LLM agents, as an actor-learner system.",
     no_args_is_help=True,
@@ -85,7 +128,7 @@ def init_model_cmd(
     Any local Hugging Face checkpoint (e.g. Qwen2.5-1.5B-Instruct) can be used instead wherever
     a model path is asked for.
     """
-    from services.model_init import init_model
+    from services.app.model_init import init_model
 
     path = init_model(out, preset, seed)
     typer.echo(f"wrote {preset} model to {path}")
@@ -93,43 +136,31 @@ def init_model_cmd(
 
 @app.command("actor")
 def actor_cmd(
-    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the work queue and groups stream "
-                                           "(and the score store, used directly, unless --score-url is given).")],
-    score_url: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_URL", help="State-score service "
-                                                     "(`spo3 score-service`, http://HOST:8100): scores, leaf commits and the score "
-                                                     "parameters come from it. Unset: the score store on --redis-url directly.")] = None,
-    score_token: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_TOKEN", help="Bearer token of the score service "
-                                                       "(its SPO3_API_TOKEN); needed with --score-url.")] = None,
-    policy_url: Annotated[Optional[str], typer.Option(envvar="SPO3_POLICY_URL", help="vLLM server (OpenAI API) to sample from.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Instead of --policy-url: a local HF model directory run in-process.")] = None,
-    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help="With --model: follow the weights the "
-                                                       "learner publishes to this (shared) directory (`spo3 learner --weights-dir`).")] = None,
-    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
-    max_steps: Annotated[int, typer.Option(help="Deepest path in actions.")] = 15,
-    max_leaves: Annotated[int, typer.Option(help="Most leaves per task.")] = 64,
-    group_size: Annotated[int, typer.Option(help="GRPO/GiGPO episodes per task.")] = 8,
-    choice_mode: Annotated[bool, typer.Option(help="Constrain replies to the admissible actions (small models).")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 64,
-    alpha: Annotated[Optional[float], typer.Option(help="State-score alpha (default 1). With --score-url the service's is "
-                                                   "used; a value given here must equal it or the actor does not start.")] = None,
-    g_max: Annotated[Optional[int], typer.Option(help="Most branches per state (default 8). With --score-url: as --alpha.")] = None,
-    reward_score: Annotated[Optional[str], typer.Option(help="Score in the step reward's difference: raw (S~ = exp(-lambda SR), "
-                                                        "no truncation indicator; the default) or truncated (S, the literal "
-                                                        "formula). With --score-url: as --alpha.")] = None,
-    novelty: Annotated[Optional[str], typer.Option(help="R_novel: path (the next state is new to the path from the root; the "
-                                                   "default) or parent (it differs from the current state). With "
-                                                   "--score-url: as --alpha.")] = None,
-    lease_s: Annotated[float, typer.Option(help="Work-item lease; a dead actor's task returns after it.")] = 120.0,
-    exit_when_idle: Annotated[Optional[float], typer.Option(help="Exit after the queue was empty this many seconds.")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics (deployments use 9100).")] = None,
-    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
-    threads: Annotated[int, typer.Option(help="Torch threads of an in-process model (1 is fastest when several processes share the cores).")] = 1,
-    eval_task: Annotated[Optional[list[str]], typer.Option(help="Held-out ENV:TASK_ID played as an evaluation episode "
-                                                           "(temperature 0.4, no learning; repeatable), counted in spo3_actor_eval_*.")] = None,
-    eval_every: Annotated[int, typer.Option(help="One evaluation episode after every N finished work items (0: none).")] = 0,
-    max_unread: Annotated[int, typer.Option(envvar="SPO3_MAX_UNREAD", help="Wait while the learner has this many groups "
-                                            "not read yet, so actors do not outrun it (0: no bound; e.g. 2x its --groups-per-update).")] = 0,
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help=_doc(ActorConfig, "redis_url"))],
+    score_url: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_URL", help=_doc(ActorConfig, "score_url"))] = None,
+    score_token: Annotated[Optional[str], typer.Option(envvar="SPO3_SCORE_TOKEN", help=_doc(ActorConfig, "score_token"))] = None,
+    policy_url: Annotated[Optional[str], typer.Option(envvar="SPO3_POLICY_URL", help=_doc(PolicySource, "policy_url"))] = None,
+    model: Annotated[Optional[str], typer.Option(help=_doc(PolicySource, "model"))] = None,
+    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help=_doc(PolicySource, "weights_dir"))] = None,
+    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help=_doc(ActorConfig, "run"))] = "default",
+    max_steps: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_steps"))] = 15,
+    max_leaves: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_leaves"))] = 64,
+    group_size: Annotated[int, typer.Option(help=_doc(RolloutConfig, "group_size"))] = 8,
+    choice_mode: Annotated[bool, typer.Option(help=_doc(RolloutConfig, "choice_mode"))] = False,
+    temperature: Annotated[float, typer.Option(help=_doc(RolloutConfig, "temperature"))] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_tokens"))] = 64,
+    alpha: Annotated[Optional[float], typer.Option(help=_doc(ScoreParams, "alpha", _SERVICE_PARAM))] = None,
+    g_max: Annotated[Optional[int], typer.Option(help=_doc(ScoreParams, "g_max", _SERVICE_PARAM))] = None,
+    reward_score: Annotated[Optional[str], typer.Option(help=_doc(ScoreParams, "reward_score", _SERVICE_PARAM))] = None,
+    novelty: Annotated[Optional[str], typer.Option(help=_doc(ScoreParams, "novelty", _SERVICE_PARAM))] = None,
+    lease_s: Annotated[float, typer.Option(help=_doc(ActorConfig, "lease_s"))] = 120.0,
+    exit_when_idle: Annotated[Optional[float], typer.Option(help=_doc(ActorConfig, "exit_when_idle_s"))] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help=_doc(ActorConfig, "metrics_port"))] = None,
+    metrics_host: Annotated[str, typer.Option(help=_doc(ActorConfig, "metrics_host"))] = "127.0.0.1",
+    threads: Annotated[int, typer.Option(help=_doc(PolicySource, "threads"))] = 1,
+    eval_task: Annotated[Optional[list[str]], typer.Option(help=_doc(ActorConfig, "eval_tasks", "Give each as ENV:TASK_ID; repeatable."))] = None,
+    eval_every: Annotated[int, typer.Option(help=_doc(ActorConfig, "eval_every"))] = 0,
+    max_unread: Annotated[int, typer.Option(envvar="SPO3_MAX_UNREAD", help=_doc(ActorConfig, "stream_max_unread"))] = 0,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -137,9 +168,7 @@ def actor_cmd(
     """
     import logging
 
-    from actors.rollout import RolloutConfig
-    from actors.worker import ActorConfig, run_actor
-    from score_store.score_math import ScoreParams
+    from actors.worker import run_actor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if bool(policy_url) == bool(model):
@@ -158,19 +187,10 @@ def actor_cmd(
         if not sep or not task_id:
             raise typer.BadParameter(f"--eval-task wants ENV:TASK_ID (e.g. textworld:/games/g.z8), got {item!r}")
         evals.append((env_name, task_id))
-    if policy_url:
-        from services.policy.vllm_client import VLLMPolicy
+    from services.app.wiring import actor_policy
 
-        policy = VLLMPolicy(policy_url)
-    else:
-        from services.policy.inprocess import InProcessPolicy
-
-        policy = InProcessPolicy(model, threads=threads)
-        if weights_dir:
-            from score_store.connection import connect
-            from services.policy.weights_dir import FollowingPolicy
-
-            policy = FollowingPolicy(policy, weights_dir, connect(redis_url), run)
+    policy = actor_policy(PolicySource(policy_url=policy_url, model=model, weights_dir=weights_dir, threads=threads),
+                          redis_url=redis_url, run=run)
     cfg = ActorConfig(
         redis_url=redis_url, run=run, score_url=score_url, score_token=score_token,
         # Only the fields given here are set: with --score-url they are checked against the service's.
@@ -181,7 +201,7 @@ def actor_cmd(
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,
         eval_tasks=evals, eval_every=eval_every, stream_max_unread=max_unread)
     from score_store.client import ParamsMismatch, ScoreServiceError
-    from score_store.connection import StoreUnavailable
+    from services.transport.connection import StoreUnavailable
 
     try:
         finished = run_actor(cfg, policy)
@@ -201,8 +221,8 @@ def enqueue_cmd(
     repeat: Annotated[int, typer.Option(help="Enqueue every task this many times.")] = 1,
 ) -> None:
     """Put tasks on the run's work queue for actors to take."""
-    from score_store.connection import check_reachable, connect
-    from services.work_queue import WorkQueue
+    from services.transport.connection import check_reachable, connect
+    from services.transport.work_queue import WorkQueue
 
     if algo not in ("3spo", "grpo", "gigpo"):
         raise typer.BadParameter(f"algo must be 3spo, grpo or gigpo, not {algo!r}")
@@ -217,59 +237,48 @@ def enqueue_cmd(
 
 @app.command("learner")
 def learner_cmd(
-    model: Annotated[str, typer.Option(help="Hugging Face model directory to start from.")],
-    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help="Redis holding the groups stream.")],
-    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help="Run id.")] = "default",
-    checkpoint_dir: Annotated[str, typer.Option(help="Where checkpoints go (HF safetensors + optimizer state).")] = "checkpoints",
-    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")] = False,
-    policy_url: Annotated[Optional[list[str]], typer.Option(help="vLLM server(s) to republish weights to (repeat the option).")] = None,
-    staging_dir: Annotated[str, typer.Option(help="Shared directory for weights published to vLLM.")] = "published-weights",
-    publish_dtype: Annotated[Optional[str], typer.Option(help="Cast published weights to the servers' dtype (e.g. bfloat16).")] = None,
-    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help="Instead of --policy-url: publish to this "
-                                                       "(shared) directory for in-process actors (`spo3 actor --model M --weights-dir D`).")] = None,
-    groups_per_update: Annotated[int, typer.Option(help="Step groups per optimizer step (post-step updates).")] = 8,
-    max_staleness: Annotated[int, typer.Option(help="Use a group only if current version - its version <= this.")] = 2,
-    publish_every: Annotated[int, typer.Option(help="Republish weights every k updates.")] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint (and acknowledge groups) every k updates.")] = 10,
-    max_updates: Annotated[Optional[int], typer.Option(help="Stop at this policy version.")] = None,
-    exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after the stream was empty this many seconds.")] = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
-    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage (0-3).")] = 2,
-    bf16: Annotated[bool, typer.Option(help="bf16 training.")] = False,
-    offload_optimizer: Annotated[bool, typer.Option(help="ZeRO-Offload the optimizer to the CPU.")] = False,
-    micro_batch_rows: Annotated[int, typer.Option(help="Rows per micro-batch (gradient accumulation inside a step).")] = 8,
-    mean_only: Annotated[bool, typer.Option(help="Advantages without the std division.")] = False,
-    kl_coef: Annotated[float, typer.Option(help="k3 KL penalty to the frozen reference.")] = 0.01,
-    entropy_coef: Annotated[float, typer.Option(help="Entropy bonus.")] = 0.0,
-    clip: Annotated[float, typer.Option(help="PPO ratio clip around the proximal policy.")] = 0.2,
-    behav_imp_weight_cap: Annotated[Optional[float], typer.Option(
-        help="Cap on the importance weight pi_prox / pi_behav that corrects stale groups.")] = 5.0,
-    ppo_epochs: Annotated[int, typer.Option(min=1, help="Passes (optimizer steps) over each batch.")] = 2,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on METRICS_HOST:PORT/metrics from rank 0 (deployments use 9200).")] = None,
-    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port (0.0.0.0 in containers).")] = "127.0.0.1",
+    model: Annotated[str, typer.Option(help=_doc(TrainerConfig, "model"))],
+    redis_url: Annotated[str, typer.Option(envvar="SPO3_REDIS_URL", help=_doc(LearnerConfig, "redis_url"))],
+    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help=_doc(LearnerConfig, "run"))] = "default",
+    checkpoint_dir: Annotated[str, typer.Option(help=_doc(LearnerConfig, "checkpoint_dir"))] = "checkpoints",
+    resume: Annotated[bool, typer.Option(help=_doc(LearnerConfig, "resume"))] = False,
+    policy_url: Annotated[Optional[list[str]], typer.Option(help=_doc(PublishTarget, "policy_url"))] = None,
+    staging_dir: Annotated[str, typer.Option(help=_doc(PublishTarget, "staging_dir"))] = "published-weights",
+    publish_dtype: Annotated[Optional[str], typer.Option(help=_doc(PublishTarget, "publish_dtype"))] = None,
+    weights_dir: Annotated[Optional[str], typer.Option(envvar="SPO3_WEIGHTS_DIR", help=_doc(PublishTarget, "weights_dir"))] = None,
+    groups_per_update: Annotated[int, typer.Option(help=_doc(LearnerSettings, "groups_per_update"))] = 8,
+    max_staleness: Annotated[int, typer.Option(help=_doc(LearnerSettings, "max_staleness"))] = 2,
+    publish_every: Annotated[int, typer.Option(help=_doc(LearnerSettings, "publish_every"))] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help=_doc(LearnerSettings, "checkpoint_every"))] = 10,
+    max_updates: Annotated[Optional[int], typer.Option(help=_doc(LearnerSettings, "max_updates"))] = None,
+    exit_when_idle: Annotated[Optional[float], typer.Option(help=_doc(LearnerSettings, "exit_when_idle_s"))] = None,
+    lr: Annotated[float, typer.Option(help=_doc(TrainerSettings, "lr"))] = 1e-5,
+    zero_stage: Annotated[int, typer.Option(help=_doc(TrainerSettings, "zero_stage"))] = 2,
+    bf16: Annotated[bool, typer.Option(help=_doc(TrainerSettings, "bf16"))] = False,
+    offload_optimizer: Annotated[bool, typer.Option(help=_doc(TrainerSettings, "offload_optimizer"))] = False,
+    micro_batch_rows: Annotated[int, typer.Option(help=_doc(TrainerSettings, "micro_batch_rows"))] = 8,
+    mean_only: Annotated[bool, typer.Option(help=_doc(AdvantageConfig, "mean_only"))] = False,
+    kl_coef: Annotated[float, typer.Option(help=_doc(LossConfig, "kl_coef"))] = 0.01,
+    entropy_coef: Annotated[float, typer.Option(help=_doc(LossConfig, "entropy_coef"))] = 0.0,
+    clip: Annotated[float, typer.Option(help=_doc(LossConfig, "clip"))] = 0.2,
+    behav_imp_weight_cap: Annotated[Optional[float], typer.Option(help=_doc(LossConfig, "behav_imp_weight_cap"))] = 5.0,
+    ppo_epochs: Annotated[int, typer.Option(min=1, help=_doc(TrainerSettings, "ppo_epochs"))] = 2,
+    metrics_port: Annotated[Optional[int], typer.Option(help=_doc(LearnerConfig, "metrics_port"))] = None,
+    metrics_host: Annotated[str, typer.Option(help=_doc(LearnerConfig, "metrics_host"))] = "127.0.0.1",
 ) -> None:
     """Run the DeepSpeed learner: post-step updates from the groups stream, weight republishing,
-    checkpoints. Several processes: `torchrun --nproc_per_node N -m services.cli learner ...`."""
+    checkpoints. Several processes: `torchrun --nproc_per_node N -m services.app.cli learner ...`."""
     import logging
 
-    from learner.batch import AdvantageConfig
-    from learner.loop import LearnerConfig, run_learner
-    from learner.loss import LossConfig
-    from learner.trainer import TrainerConfig
+    from learner.loop import run_learner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    publisher = None
+    from services.app.wiring import learner_publisher
+
     if policy_url and weights_dir:
         raise typer.BadParameter("give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both")
-    if policy_url:
-        from services.policy.vllm_client import VLLMDiskPublisher
-
-        publisher = VLLMDiskPublisher(policy_url, model, staging_dir, dtype=publish_dtype)
-    elif weights_dir:
-        from score_store.connection import connect
-        from services.policy.weights_dir import DirectoryPublisher
-
-        publisher = DirectoryPublisher(weights_dir, connect(redis_url), run)
+    publisher = learner_publisher(PublishTarget(policy_url=policy_url, staging_dir=staging_dir, publish_dtype=publish_dtype,
+                                                weights_dir=weights_dir), redis_url=redis_url, run=run, model=model)
     cfg = LearnerConfig(
         redis_url=redis_url, run=run, checkpoint_dir=checkpoint_dir, resume=resume,
         groups_per_update=groups_per_update, max_staleness=max_staleness, publish_every=publish_every,
@@ -293,9 +302,16 @@ def train_cmd(
 ) -> None:
     """Train on one machine: embedded Redis, actor processes (Ray), the DeepSpeed learner, held-out
     evaluation before and after; writes metrics.jsonl, plots, a summary and the final checkpoint."""
-    from services.launcher import TrainConfig, train
+    from pydantic import ValidationError
 
-    cfg = TrainConfig.from_yaml(config)
+    from services.app.config import settings_error
+    from services.app.launcher import TrainConfig, train
+
+    try:
+        cfg = TrainConfig.from_yaml(config)
+    except ValidationError as e:  # before anything starts: a misspelt or invalid setting
+        typer.echo(f"error: {config}:\n{settings_error(e)}", err=True)
+        raise typer.Exit(2) from None
     if engine:
         if engine not in ("inprocess", "vllm"):
             raise typer.BadParameter(f"--engine must be inprocess or vllm, not {engine!r}")
@@ -336,7 +352,7 @@ def sft_cmd(
     import yaml
     from pydantic import ValidationError
 
-    from services.sft import SftRunConfig, run_sft, suite_config, with_seed
+    from services.app.sft import SftRunConfig, run_sft, suite_config, with_seed
 
     overrides = {k: v for k, v in dict(out=out, model=model, model_preset=model_preset, demos=demos, tasks=tasks, fraction=fraction,
                                        steps=steps, epochs=epochs, lr=lr, eval_episodes=eval_episodes,
@@ -414,8 +430,12 @@ def bench_cmd(
     (--suite/--algo/--seed) and resumable (same --out)."""
     from pydantic import ValidationError
 
-    from services.benchmark import BenchConfig, SweepConfig, now_tag, run_bench, run_sweep, select
+    from services.app.benchmark import BenchConfig, SweepConfig, now_tag, run_bench, run_sweep, select
+    from services.app.config import bench_settings_check, settings_error
 
+    for a in algo or []:
+        if a not in ("3spo", "grpo", "gigpo"):
+            raise typer.BadParameter(f"--algo must be 3spo, grpo or gigpo, not {a!r}")
     if report_only and not out:
         raise typer.BadParameter("--report-only needs --out (the directory of an earlier bench)")
     try:
@@ -430,10 +450,11 @@ def bench_cmd(
                 raise typer.Exit(1)
             return
         bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
+        bench_settings_check(bench)  # every planned run's settings, before the first starts
         out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
         results = run_bench(bench, out_dir, progress=not no_progress, report_only=report_only)
     except (ValueError, ValidationError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from None
+        raise typer.BadParameter(settings_error(e)) from None
     typer.echo(f"results: {out_dir / 'summary.md'}")
     if results["failed"]:
         typer.echo(f"{len(results['failed'])} run(s) failed: {out_dir / 'failures.jsonl'}", err=True)

@@ -8,8 +8,8 @@ import uuid
 
 import redis
 
-from services.contracts import WorkItem
-from services.redis_names import RedisNames
+from services.transport.contracts import WorkItem
+from services.transport.redis_names import RedisNames
 
 # KEYS: ready list, leased zset, items hash. ARGV: now, lease seconds.
 # Expired leases go back to the ready list (attempt + 1) before one item is taken.

@@ -1,6 +1,6 @@
 """Score-store benchmark: five figures from one run against one real redis-server it starts itself.
 
-    .venv/bin/python -m score_store.bench [--states 1000000] [--http-seconds 30] \
+    .venv/bin/python -m services.app.benches.score [--states 1000000] [--http-seconds 30] \
         [--http-clients 64] [--out bench.json]
 
 1. read path: raw redis-py pipelined HMGET vs RedisScoreStore.scores on the same keys and batch;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
@@ -26,19 +25,20 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import redis
 import typer
 
-from score_store.connection import LocalRedisServer, die_with_parent, connect, free_port, redis_server_binary
 from score_store.state_key import state_key
 from score_store.store import LeafOutcome, RedisScoreStore
+from services.app.benches.harness import (Phases, Row, cpu_seconds, machine_busy_seconds, percentile, print_table,
+                                          progress, start_score_service, wait_healthy, write_json)
+from services.transport.connection import LocalRedisServer, connect, redis_server_binary
+from services.transport.procs import free_port
 
 PATH_LEN = 20  # states per root-to-leaf path: the depth the commit and memory targets assume
 READ_TARGET_RATIO = 0.5
@@ -46,14 +46,6 @@ COMMIT_TARGET_LEAVES_S = 10_000
 MEMORY_TARGET_BYTES = 200
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    target: str = "-"
-    verdict: str = ""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -74,58 +66,10 @@ def chunks(seq: list, size: int) -> Iterator[list]:
         yield seq[start:start + size]
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def used_memory(client: redis.Redis) -> int:
     """INFO used_memory after a short pause, so client buffers of the last pipeline are freed."""
     time.sleep(0.3)
     return int(client.info("memory")["used_memory"])
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine spent busy (/proc/stat), to see other load."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc; 0 where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-@contextlib.contextmanager
-def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar when rich is importable, else a line every 10%."""
-    try:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-    except ImportError:
-        done, next_mark, start = 0, 0.1, time.perf_counter()
-
-        def advance(n: int) -> None:
-            nonlocal done, next_mark
-            done += n
-            while done >= next_mark * total and next_mark <= 1.0:
-                print(f"  {label}: {done:,}/{total:,} ({time.perf_counter() - start:.1f} s)", flush=True)
-                next_mark += 0.1
-
-        yield advance
-        return
-    with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def redis_info(client: redis.Redis, binary: str) -> dict:
@@ -351,34 +295,6 @@ def bench_redis_benchmark(port: int, server_binary: str) -> tuple[dict, list[Row
 
 # --- figure 5: the HTTP service ----------------------------------------------------------
 
-def start_service(redis_url: str, token: str, port: int, log) -> subprocess.Popen:
-    """The real CLI (`spo3 score-service`, uvicorn) on loopback, its own run id, same Redis."""
-    spo3 = Path(sys.executable).with_name("spo3")
-    spo3 = str(spo3) if spo3.exists() else shutil.which("spo3")
-    if not spo3:
-        raise RuntimeError("the spo3 command is not installed (pip install -e .)")
-    env = {**os.environ, "SPO3_API_TOKEN": token, "SPO3_RUN": "bench-http"}
-    return subprocess.Popen([spo3, "score-service", "--host", "127.0.0.1", "--port", str(port),
-                             "--redis-url", redis_url], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent)
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> float:
-    import httpx
-
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"score service exited with {proc.returncode} before it answered")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"score service did not answer /healthz within {timeout_s} s")
-
-
 async def drive(base: str, token: str, *, seconds: float, clients: int, key_pool: list[str],
                 score_share: float = 0.8, keys_per_score: int = 32) -> dict:
     """`clients` tasks, each sending one request at a time on its own connection until the
@@ -444,7 +360,7 @@ def bench_http(client: redis.Redis, redis_url: str, redis_pid: int, *, seconds: 
     pool = list(dict.fromkeys(pool))
 
     log = tempfile.NamedTemporaryFile(prefix="spo3-bench-service-", suffix=".log", delete=False)
-    proc = start_service(redis_url, token, port, log)
+    proc = start_score_service(redis_url, run="bench-http", token=token, port=port, stdout=log)
     try:
         startup = wait_healthy(base, proc)
         cpu0 = (os.times(), cpu_seconds(proc.pid), cpu_seconds(redis_pid), machine_busy_seconds())
@@ -493,20 +409,6 @@ def bench_http(client: redis.Redis, redis_url: str, redis_pid: int, *, seconds: 
 
 # --- driver ------------------------------------------------------------------------------
 
-def print_table(rows: list[Row], header: str) -> None:
-    cols = [("figure", [r.figure for r in rows]), ("value", [r.value for r in rows]),
-            ("target", [r.target for r in rows]), ("ratio / pass", [r.verdict for r in rows])]
-    widths = [max(len(title), *(len(v) for v in values)) for title, values in cols]
-    line = "+".join("-" * (w + 2) for w in widths)
-    print(header)
-    print(" | ".join(title.ljust(w) for (title, _), w in zip(cols, widths)))
-    print(line)
-    for i, r in enumerate(rows):
-        if i and r.figure[0] != rows[i - 1].figure[0]:
-            print(line)
-        print(" | ".join(v.ljust(w) for v, w in zip((r.figure, r.value, r.target, r.verdict), widths)))
-
-
 @app.command()
 def main(
     states: Annotated[int, typer.Option(help="States to store for the memory figure.", min=PATH_LEN)] = 1_000_000,
@@ -522,14 +424,13 @@ def main(
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path("score_store_bench.json"),
 ) -> None:
     """Benchmark the score store and its HTTP service on a redis-server started for the run."""
-    t_start = time.perf_counter()
+    phases = Phases()
     binary = redis_server or redis_server_binary()
     results: dict = {"args": {"states": states, "http_seconds": http_seconds, "http_clients": http_clients,
                               "read_keys": read_keys, "read_batch": read_batch, "read_reps": read_reps,
                               "seq_leaves": seq_leaves, "batched_leaves": batched_leaves,
                               "commit_batch": commit_batch}}
     rows: dict[str, list[Row]] = {}
-    phase_s: dict[str, float] = {}
     with LocalRedisServer(binary=binary) as server:
         client = connect(server.url)
         results["redis"] = redis_info(client, binary)
@@ -545,21 +446,17 @@ def main(
             ("http", "5 http", lambda: bench_http(client, server.url, server._proc.pid,
                                                  seconds=http_seconds, clients=http_clients)),
         ):
-            print(f"[{time.perf_counter() - t_start:6.1f} s] {label} ...", flush=True)
-            t0 = time.perf_counter()
-            results[key], rows[key] = fn()
-            phase_s[key] = time.perf_counter() - t0
+            results[key], rows[key] = phases.run(key, label, fn, load=False)
         client.close()
-    total = time.perf_counter() - t_start
-    results["phase_seconds"], results["total_seconds"] = phase_s, total
-    out.write_text(json.dumps(results, indent=2, default=str))
+    total = phases.elapsed()
+    results["phase_seconds"], results["total_seconds"] = phases.seconds, total
+    write_json(out, results)
     ordered = [row for key in ("reads", "commits", "memory", "redis_benchmark", "http") for row in rows[key]]
     print()
     print_table(ordered, f"score store benchmark: redis {r['version']} ({r['malloc']}), "
                          f"{r['cpus']} CPUs, total {total:.0f} s")
-    print(f"\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_s.items()))
+    print(f"\n{phases.summary()}")
     print(f"JSON: {out}")
-
 
 if __name__ == "__main__":
     app()

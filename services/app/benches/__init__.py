@@ -1,0 +1,1 @@
+"""Performance benchmarks of the parts (score store, actor loop, policy engines, learner)."""
