@@ -58,7 +58,7 @@ def test_the_shipped_bench_configs_are_valid(tmp_path):
         for suite in bench.suites:
             cfg = bench.run_config(suite, "3spo", 0, tmp_path)  # every suite is a valid TrainConfig
             assert cfg.heldout_checkpoints == bench.heldout_checkpoints
-            assert cfg.games.eval * cfg.eval["episodes"] >= bench.min_heldout_episodes
+            assert cfg.games.eval * cfg.eval.episodes >= bench.min_heldout_episodes
     sweep = SweepConfig.from_yaml(ROOT / "configs" / "bench-sweep.yaml")
     bench = BenchConfig.from_yaml(ROOT / sweep.config)
     assert set(sweep.suites) <= set(bench.suites) and not set(sweep.seeds) & set(bench.seeds)
@@ -75,10 +75,10 @@ def test_settings_layers_warm_start_and_bad_input(tmp_path):
     bench = BenchConfig(base={"env_steps": 100, "eval": {"episodes": 8}, "learner": {"groups_per_update": 8}},
                         suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}},
                         algo_settings={"grpo": {"learner.groups_per_update": 2}}, min_heldout_episodes=64)
-    assert bench.run_config("s", "grpo", 0, tmp_path).learner["groups_per_update"] == 2
-    assert bench.run_config("s", "3spo", 0, tmp_path).learner["groups_per_update"] == 8
+    assert bench.run_config("s", "grpo", 0, tmp_path).learner.groups_per_update == 2
+    assert bench.run_config("s", "3spo", 0, tmp_path).learner.groups_per_update == 8
     over = bench.run_config("s", "grpo", 0, tmp_path, {"learner.groups_per_update": 4}, "gpu=4")
-    assert over.learner["groups_per_update"] == 4 and over.name == "s-grpo-gpu=4-s0"
+    assert over.learner.groups_per_update == 4 and over.name == "s-grpo-gpu=4-s0"
     with pytest.raises(ValueError, match="fewer than min_heldout_episodes 64"):
         BenchConfig(base={"eval": {"episodes": 2}}, suites={"s": {"games": {"eval": 8}}}).run_config("s", "3spo", 0, tmp_path)
     with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
