@@ -55,8 +55,9 @@ class TrainerSettings(BaseModel):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU "
                                     "(saves accelerator memory).")
     micro_batch_rows: int = Field(8, ge=1, description="Rows per micro-batch (gradient accumulation inside a step).")
-    max_len: int = Field(1024, ge=2, description="Longest prompt + response in tokens; longer prompts lose their "
-                         "oldest tokens.")
+    max_len: int = Field(4096, ge=2, description="Longest prompt + response in tokens; longer prompts lose their "
+                         "oldest tokens, so their log-probs are not of the context the actor sampled from "
+                         "(counted per update as truncated_rows in learner.jsonl).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each batch, one optimizer step each; from the second "
                             "on the PPO clip can act (2: measured on the demo, README \"The learner's objective\").")

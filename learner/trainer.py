@@ -95,8 +95,9 @@ class Trainer:
         mine = list(rows[self.rank::self.world])
         micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
         real, padded = padding_counts(micro, self.cfg.max_len)
-        local = [sum(len(r.response_ids) for r in mine), real, padded]
-        response_tokens, real, padded = self._sum_across_ranks(local)
+        cut = sum(len(r.prompt_ids) + len(r.response_ids) > self.cfg.max_len for r in mine)
+        local = [sum(len(r.response_ids) for r in mine), real, padded, cut]
+        response_tokens, real, padded, cut = self._sum_across_ranks(local)
         total_tokens = max(response_tokens, 1.0)
         # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
         # with no rows still runs one empty step so collectives line up.
@@ -137,6 +138,8 @@ class Trainer:
         result["tokens"] = total_tokens
         result["rows"] = float(len(rows))
         result["seq_tokens"], result["padded_tokens"] = real, padded
+        # Rows longer than max_len: their log-probs are of a shorter context than the one sampled from.
+        result["truncated_rows"] = cut
         result["ppo_epochs"] = float(epochs)
         return result
 

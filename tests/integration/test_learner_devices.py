@@ -123,3 +123,18 @@ def test_micro_batches_group_rows_of_like_length():
     capped_real, capped_padded = padding_counts(micro_batches(batch, 8, max_len=10), max_len=10)
     assert capped_real == sum(min(10, len(r.prompt_ids) + len(r.response_ids)) for r in batch)
     assert capped_real <= capped_padded <= 32 * 10
+
+
+def test_rows_longer_than_max_len_are_counted(trainer):
+    """A row cut to max_len is trained on a shorter context than the one sampled from; every update
+    says how many rows that was."""
+    batch = rows(6, seed=5)
+    longest = max(len(r.prompt_ids) + len(r.response_ids) for r in batch)
+    limit = trainer.cfg.max_len
+    try:
+        assert trainer.update(batch)["truncated_rows"] == 0
+        trainer.cfg.max_len = longest - 1
+        expect = sum(len(r.prompt_ids) + len(r.response_ids) > longest - 1 for r in batch)
+        assert expect >= 1 and trainer.update(batch)["truncated_rows"] == expect
+    finally:
+        trainer.cfg.max_len = limit
