@@ -26,7 +26,7 @@ def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
 
 @dataclass(eq=False)
 class _Request:
-    """A free-form request waiting for the engine; whoever runs the batch fills in one of the two."""
+    """A free-form request waiting for the engine thread, which fills in `result` or `error` and sets `done`."""
 
     prompt: list[int]
     params: SamplingParams
