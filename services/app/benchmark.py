@@ -26,7 +26,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +74,11 @@ class BenchConfig(BaseModel):
     init_model: str | None = Field(None, description=(
         "A model directory every run starts from (e.g. from `spo3 sft`); `{suite}` and `{seed}` in it are "
         "replaced. Empty: a fresh `model_preset` model per seed, shared by the algorithms of that seed."))
+    warm_start: dict[str, str] = Field(default_factory=dict, description=(
+        "suite -> its entry in `sft_config`: every run of the suite starts from `spo3 sft`'s model for its "
+        "seed (the SFT -> RL pipeline), made on first need into OUT/sft/<suite>-s<seed> and shared by the "
+        "algorithms of that seed. The entry's games must be the suite's."))
+    sft_config: str = Field("configs/sft.yaml", description="The warm starts' settings (`spo3 sft --config`).")
     algo_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "algo -> {dotted.key: value} overrides for that algorithm's runs (the best settings of a sweep), "
         "e.g. {grpo: {learner.groups_per_update: 2}}."))
@@ -85,6 +90,11 @@ class BenchConfig(BaseModel):
         for a in [*self.algos, *self.algo_settings]:
             if a not in ALGOS:
                 raise ValueError(f"unknown algorithm {a!r}; known: {list(ALGOS)}")
+        unknown = sorted(set(self.warm_start) - set(self.suites))
+        if unknown:
+            raise ValueError(f"warm_start names suite(s) {unknown} that are not in suites ({list(self.suites)})")
+        if self.warm_start and self.init_model:
+            raise ValueError("give init_model or warm_start, not both")
         return self
 
     @classmethod
@@ -160,6 +170,7 @@ def select(bench: BenchConfig, suites: list[str] | None, algos: list[str] | None
         if unknown:
             raise ValueError(f"unknown suite(s) {unknown}; the config has {list(b.suites)}")
         b.suites = {s: b.suites[s] for s in suites}
+        b.warm_start = {s: e for s, e in b.warm_start.items() if s in b.suites}
     if algos:
         unknown = [a for a in algos if a not in b.algos]
         if unknown:
@@ -296,9 +307,12 @@ class Planned:
     overrides: tuple = ()
 
 
-def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path) -> str:
+def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
+               say: Callable[[str], None] = lambda _: None) -> str:
     from services.app.model_init import init_model
 
+    if suite in bench.warm_start:
+        return str(warm_start_model(bench, cfg, suite, seed, out, say).resolve())
     if bench.init_model:
         path = Path(bench.init_model.format(suite=suite, seed=seed))
         if not (path / "config.json").is_file():
@@ -310,6 +324,37 @@ def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out:
     if not (model_dir / "spo3_model.json").is_file():
         init_model(model_dir, cfg.model_preset, seed=seed)
     return str(model_dir.resolve())
+
+
+def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
+                     say: Callable[[str], None] = lambda _: None) -> Path:
+    """The warm-started model of (`suite`, `seed`): OUT/sft/<suite>-s<seed>/model, made by `spo3 sft`
+    with the suite's `sft_config` entry unless a finished one is there (its sft.json is written last).
+    Stops when the entry's games are not the run's: its demos would come from other tasks."""
+    import shutil
+
+    from services.app.sft import run_sft, suite_config, with_seed
+
+    target = out / "sft" / f"{suite}-s{seed}"
+    sft = with_seed(suite_config(bench.sft_config, bench.warm_start[suite], out=str(target), eval_episodes=0), seed)
+    fields = ("env", "kind", "train", "eval", "seed", "settings", "tasks", "eval_tasks")
+    mine, theirs = cfg.games.model_dump(include=set(fields)), sft.games.model_dump(include=set(fields))
+    if mine != theirs:
+        diff = sorted(k for k in fields if mine[k] != theirs[k])
+        raise ValueError(f"warm_start: {bench.sft_config} entry {bench.warm_start[suite]!r} has other games than "
+                         f"suite {suite!r} ({diff})")
+    if sft.model_preset != cfg.model_preset:
+        raise ValueError(f"warm_start: {bench.sft_config} entry {bench.warm_start[suite]!r} starts from preset "
+                         f"{sft.model_preset!r}, suite {suite!r} from {cfg.model_preset!r}")
+    if not (target / "sft.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a warm start cut short is made again whole
+        sft = sft.model_copy(update={"games": sft.games.model_copy(update={"cache_dir": cfg.games.cache_dir})})
+        say(f"warm start of {suite} seed {seed}: spo3 sft ({bench.sft_config} entry {bench.warm_start[suite]!r}) "
+            f"-> {target}")
+        summary = run_sft(sft, progress=False, log=lambda _: None)
+        say(f"warm start of {suite} seed {seed}: {summary['examples']} expert steps, loss {summary['loss_first']:.3f} "
+            f"-> {summary['loss_last']:.3f}, {summary['seconds']:.0f} s")
+    return target / "model"
 
 
 def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bool = True,
@@ -350,7 +395,7 @@ def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bo
             bar.update(task, runs=f"run {i + 1}/{len(todo)} ({len(done)} recorded)", info=label)
             t0 = time.monotonic()
             try:
-                cfg.model = _model_for(bench, cfg, p.suite, p.seed, out)
+                cfg.model = _model_for(bench, cfg, p.suite, p.seed, out, bar.console.print)
                 run_dir = train(cfg, progress=False, on_tick=lambda s, base=finished_steps, c=cfg: bar.update(
                     task, completed=base + min(s["env_steps"], c.env_steps)))
                 result = read_run(run_dir, suite=p.suite, algo=p.algo, seed=p.seed, variant=p.variant,

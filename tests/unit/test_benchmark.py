@@ -280,3 +280,48 @@ def test_results_copied_into_another_out_are_reported(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(recorded.model_dump_json())
     assert run_plan(bench, [p], tmp_path / "here", progress=False, report_only=True)[0] == {p: recorded}
+
+
+def test_warm_start_names_known_suites_checks_games_and_reuses_a_finished_sft(tmp_path, monkeypatch):
+    import services.app.sft as sft_module
+    from services.app.benchmark import warm_start_model
+
+    games = {"env": "twx", "kind": "coin", "eval": 8, "settings": {"numLocations": 9}}
+    bench_file = tmp_path / "bench.yaml"
+    bench_file.write_text(yaml.safe_dump({"suites": {"coin": {"games": games},
+                                                     "other": {"games": {**games, "settings": {"numLocations": 4}}}}}))
+    sft_file = tmp_path / "sft.yaml"
+    sft_file.write_text(yaml.safe_dump({"bench": str(bench_file), "defaults": {"steps": 5},
+                                        "suites": {"coin": {"tasks": 2}, "other": {}}}))
+    base = {"eval": {"episodes": 8}}
+    with pytest.raises(ValueError, match=r"warm_start names suite\(s\) \['nope'\]"):
+        BenchConfig(base=base, suites={"coin": {"games": games}}, warm_start={"nope": "coin"})
+    with pytest.raises(ValueError, match="init_model or warm_start"):
+        BenchConfig(base=base, suites={"coin": {"games": games}}, warm_start={"coin": "coin"}, init_model="m")
+    bench = BenchConfig(base=base, suites={"coin": {"games": games}, "cold": {"games": games}},
+                        warm_start={"coin": "coin"}, sft_config=str(sft_file), min_heldout_episodes=64)
+    assert select(bench, ["cold"], None, None, None, None).warm_start == {}
+    made = []
+
+    def fake_sft(cfg, **_):  # what run_sft leaves behind, its sft.json last
+        made.append(cfg)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "sft.json").write_text("{}")
+        return {"examples": 3, "loss_first": 1.0, "loss_last": 0.5, "seconds": 1.0}
+
+    monkeypatch.setattr(sft_module, "run_sft", fake_sft)
+    cfg = bench.run_config("coin", "grpo", 3, tmp_path)
+    model = warm_start_model(bench, cfg, "coin", 3, tmp_path)
+    assert model == tmp_path / "sft" / "coin-s3" / "model"
+    (sft_cfg,) = made  # the suite's entry, for this seed, with the run's games and no evaluation
+    assert sft_cfg.seed == 3 and sft_cfg.games.seed == 3 and sft_cfg.tasks == 2 and sft_cfg.steps == 5
+    assert sft_cfg.eval_episodes == 0 and sft_cfg.games.cache_dir == cfg.games.cache_dir
+    warm_start_model(bench, cfg, "coin", 3, tmp_path)
+    assert len(made) == 1  # a finished warm start (its sft.json) is reused by every algorithm of the seed
+    (tmp_path / "sft" / "coin-s4").mkdir(parents=True)
+    (tmp_path / "sft" / "coin-s4" / "stale").write_text("cut short")
+    warm_start_model(bench, bench.run_config("coin", "3spo", 4, tmp_path), "coin", 4, tmp_path)
+    assert len(made) == 2 and not (tmp_path / "sft" / "coin-s4" / "stale").exists()  # made again, whole
+    mismatched = bench.model_copy(update={"warm_start": {"coin": "other"}})
+    with pytest.raises(ValueError, match=r"entry 'other' has other games than suite 'coin' \(\['settings'\]\)"):
+        warm_start_model(mismatched, cfg, "coin", 3, tmp_path)
