@@ -26,7 +26,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +47,9 @@ from services.app.bench_stats import (
     visits_from_rollouts,
 )
 from services.app.launcher import TrainConfig
+
+if TYPE_CHECKING:
+    from services.app.sft import SftRunConfig
 
 ALGOS = ("3spo", "grpo", "gigpo")
 FORMAT = "spo3-bench/2"
@@ -326,29 +329,38 @@ def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out:
     return str(model_dir.resolve())
 
 
+def warm_start_config(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path) -> SftRunConfig:
+    """The `spo3 sft` settings of (`suite`, `seed`): the suite's `sft_config` entry for that seed, writing
+    to OUT/sft/<suite>-s<seed>, without evaluation (the bench measures step 0 itself). Stops when the
+    entry's games or model preset are not the run's: its demos would come from other tasks."""
+    from services.app.sft import suite_config, with_seed
+
+    entry = bench.warm_start[suite]
+    sft = with_seed(suite_config(bench.sft_config, entry, out=str(out / "sft" / f"{suite}-s{seed}"),
+                                 eval_episodes=0), seed)
+    fields = {"env", "kind", "train", "eval", "seed", "settings", "tasks", "eval_tasks"}
+    mine, theirs = cfg.games.model_dump(include=fields), sft.games.model_dump(include=fields)
+    if mine != theirs:
+        diff = sorted(k for k in fields if mine[k] != theirs[k])
+        raise ValueError(f"warm_start: {bench.sft_config} entry {entry!r} has other games than suite {suite!r} ({diff})")
+    if sft.model_preset != cfg.model_preset:
+        raise ValueError(f"warm_start: {bench.sft_config} entry {entry!r} starts from preset "
+                         f"{sft.model_preset!r}, suite {suite!r} from {cfg.model_preset!r}")
+    return sft.model_copy(update={"games": sft.games.model_copy(update={"cache_dir": cfg.games.cache_dir})})
+
+
 def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
                      say: Callable[[str], None] = lambda _: None) -> Path:
     """The warm-started model of (`suite`, `seed`): OUT/sft/<suite>-s<seed>/model, made by `spo3 sft`
-    with the suite's `sft_config` entry unless a finished one is there (its sft.json is written last).
-    Stops when the entry's games are not the run's: its demos would come from other tasks."""
+    (`warm_start_config`) unless a finished one is there (its sft.json is written last)."""
     import shutil
 
-    from services.app.sft import run_sft, suite_config, with_seed
+    from services.app.sft import run_sft
 
-    target = out / "sft" / f"{suite}-s{seed}"
-    sft = with_seed(suite_config(bench.sft_config, bench.warm_start[suite], out=str(target), eval_episodes=0), seed)
-    fields = ("env", "kind", "train", "eval", "seed", "settings", "tasks", "eval_tasks")
-    mine, theirs = cfg.games.model_dump(include=set(fields)), sft.games.model_dump(include=set(fields))
-    if mine != theirs:
-        diff = sorted(k for k in fields if mine[k] != theirs[k])
-        raise ValueError(f"warm_start: {bench.sft_config} entry {bench.warm_start[suite]!r} has other games than "
-                         f"suite {suite!r} ({diff})")
-    if sft.model_preset != cfg.model_preset:
-        raise ValueError(f"warm_start: {bench.sft_config} entry {bench.warm_start[suite]!r} starts from preset "
-                         f"{sft.model_preset!r}, suite {suite!r} from {cfg.model_preset!r}")
+    sft = warm_start_config(bench, cfg, suite, seed, out)
+    target = Path(sft.out)
     if not (target / "sft.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # a warm start cut short is made again whole
-        sft = sft.model_copy(update={"games": sft.games.model_copy(update={"cache_dir": cfg.games.cache_dir})})
         say(f"warm start of {suite} seed {seed}: spo3 sft ({bench.sft_config} entry {bench.warm_start[suite]!r}) "
             f"-> {target}")
         summary = run_sft(sft, progress=False, log=lambda _: None)

@@ -48,6 +48,17 @@ def test_run_config_merges_suite_over_base_and_select_overrides(tmp_path):
         select(bench, None, None, None, None, None, ["alpha"])
 
 
+def test_the_shipped_warm_starts_train_on_their_suites_games(tmp_path):
+    from services.app.benchmark import warm_start_config
+
+    bench = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
+    assert bench.warm_start
+    for suite in bench.warm_start:
+        for seed in bench.seeds:
+            sft = warm_start_config(bench, bench.run_config(suite, "3spo", seed, tmp_path), suite, seed, tmp_path)
+            assert sft.games.seed == seed == sft.seed and sft.eval_episodes == 0
+
+
 def test_the_shipped_bench_configs_are_valid(tmp_path):
     old = BenchConfig.from_yaml(ROOT / "configs" / "bench.yaml")
     assert {"tw-coin", "tw-treasure", "tw-cooking", "twx-coin", "alfworld"} <= set(old.suites)
