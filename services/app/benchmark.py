@@ -536,8 +536,25 @@ def markdown(results: dict) -> str:
                                      f"[{_fmt(fmt, iv['low'], scale)}, {_fmt(fmt, iv['high'], scale)}] | "
                                      f"{iv['pairs']} | {verdict} |")
             lines.append("")
-        lines += [f"![{suite}]({suite}.png)", ""]
+        lines += [cost_line([r for r in results["runs"] if r["suite"] == suite], results["algos"]), "",
+                  f"![{suite}]({suite}.png)", ""]
     return "\n".join(lines)
+
+
+def cost_line(runs: list[dict], algos: list[str]) -> str:
+    """What a suite's recorded runs cost in wall time: training + held-out evaluation, in all and per
+    algorithm (mean per run). The runs' own records; not the set-up between runs."""
+    train = sum(r["wall_time_s"] for r in runs)
+    evaluation = sum(r.get("eval_wall_s") or 0.0 for r in runs)
+    per = []
+    for algo in algos:
+        rs = [r for r in runs if r["algo"] == algo]
+        if rs:
+            t = sum(r["wall_time_s"] for r in rs) / len(rs)
+            e = sum(r.get("eval_wall_s") or 0.0 for r in rs) / len(rs)
+            per.append(f"{algo} {t:.0f} s + {e:.0f} s")
+    return (f"Cost: {len(runs)} runs, training {train / 60:.1f} min + held-out evaluation {evaluation / 60:.1f} min "
+            f"= {(train + evaluation) / 60:.1f} min (per run, training + evaluation: {'; '.join(per)}).")
 
 
 def plot_suite(path: Path, suite: str, runs: list[RunResult], algos: list[str]) -> None:

@@ -231,6 +231,14 @@ def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
     assert "| gigpo | held-out success at budget, ours - theirs | +" in text and "**includes no difference**" in text
     assert "| grpo | held-out success at budget, ours - theirs | +50.0 points |" in text and "excludes it" in text
     assert "(reached 0/5)" in text and "5 at start)" in text
+    from services.app.benchmark import cost_line
+
+    line = cost_line([{"algo": "3spo", "wall_time_s": 100.0, "eval_wall_s": 200.0},
+                      {"algo": "3spo", "wall_time_s": 140.0, "eval_wall_s": 160.0},
+                      {"algo": "grpo", "wall_time_s": 30.0, "eval_wall_s": None}], ["3spo", "grpo", "gigpo"])
+    assert line == ("Cost: 3 runs, training 4.5 min + held-out evaluation 6.0 min = 10.5 min "
+                    "(per run, training + evaluation: 3spo 120 s + 180 s; grpo 30 s + 0 s).")
+    assert text.count("Cost: 15 runs") == 1
 
 
 def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_nothing(tmp_path):
