@@ -248,20 +248,27 @@ class InProcessPolicy:
                            finish_reason="stop", policy_version=0, choice_token_ids=choice_ids) for i in picks]
 
     def _choice_logits(self, prompt: list[int], choice_ids: list[list[int]]) -> torch.Tensor:
-        """[choice, position, vocab]: the logits that predict each token of each choice. The prompt
-        runs once and every choice row reads its KV cache: environments offer tens of commands and
-        a prompt with history runs to hundreds of tokens, so a prompt per row cost tens of times more."""
-        width = max(map(len, choice_ids))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        """[choice, position, vocab]: the logits that predict each token of each choice (zeros past a
+        choice's end). The prompt runs once; then every choice's tokens run as one row after it, each
+        token seeing the whole prompt and the tokens before it in its own choice only (a block mask,
+        positions counted from the prompt's end). Environments offer tens of commands and a prompt
+        with history runs to hundreds of tokens: a prompt per choice cost tens of times more, and a
+        batch of choices over a copied prompt cache twice as much as this single row."""
+        n, width, p = len(choice_ids), max(map(len, choice_ids)), len(prompt)
         head = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
-        cache = head.past_key_values
-        cache.batch_repeat_interleave(len(choice_ids))
-        rows = torch.tensor([ids + [pad] * (width - len(ids)) for ids in choice_ids], device=self.device)
-        mask = torch.tensor([[1] * (len(prompt) + len(ids)) + [0] * (width - len(ids)) for ids in choice_ids],
-                            device=self.device)
-        tail = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-        first = head.logits[:, -1:].expand(len(choice_ids), 1, -1)  # predicts every choice's first token
-        return torch.cat([first, tail[:, :-1]], dim=1).float()
+        flat = [t for ids in choice_ids for t in ids]
+        owner = torch.tensor([i for i, ids in enumerate(choice_ids) for _ in ids], device=self.device)
+        step = torch.tensor([j for ids in choice_ids for j in range(len(ids))], device=self.device)
+        own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
+        mask = torch.cat([torch.ones(len(flat), p, dtype=torch.bool, device=self.device), own], dim=1)
+        tail = self.model(input_ids=torch.tensor([flat], device=self.device), position_ids=(step + p)[None],
+                          attention_mask=mask[None, None], past_key_values=head.past_key_values,
+                          use_cache=True).logits[0].float()
+        out = torch.zeros(n, width, tail.shape[-1], device=self.device)
+        out[:, 0] = head.logits[0, -1].float()  # predicts every choice's first token
+        later = step > 0  # token j > 0 of a choice is predicted at its token j - 1, one place before it
+        out[owner[later], step[later]] = tail[:-1][later[1:]]
+        return out
 
     # --- publish ------------------------------------------------------------------------
     def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
