@@ -344,3 +344,10 @@ def test_warm_start_names_known_suites_checks_games_and_reuses_a_finished_sft(tm
     mismatched = bench.model_copy(update={"warm_start": {"coin": "other"}})
     with pytest.raises(ValueError, match=r"entry 'other' has other games than suite 'coin' \(\['settings'\]\)"):
         warm_start_model(mismatched, cfg, "coin", 3, tmp_path)
+
+
+def test_make_bench_runs_suites_of_the_bench_config():
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("BENCH_SUITES ?="))
+    suites = line.split("?=")[1].split()
+    bench = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
+    assert suites and set(suites) <= set(bench.suites), f"Makefile BENCH_SUITES names suites not in bench-v2: {suites}"
