@@ -504,6 +504,7 @@ def markdown(results: dict) -> str:
              f"checkpoint at >= {thr:.0%} (runs that never reach it are left out of its mean and counted). "
              "Visited (task, key): unique pairs stepped into at the budget, counted alike for every algorithm. "
              "Intervals: percentile bootstrap 95% over paired seeds.", ""]
+    lines += targets_table(results)
     for suite, data in results["suites"].items():
         table = data["table"]
         lines += [f"## {suite} ({data['budget']:,} env steps per run, held-out at {data['checkpoints']})", "",
@@ -539,6 +540,45 @@ def markdown(results: dict) -> str:
         lines += [cost_line([r for r in results["runs"] if r["suite"] == suite], results["algos"]), "",
                   f"![{suite}]({suite}.png)", ""]
     return "\n".join(lines)
+
+
+TARGETS = (  # the paper's claims, as issue 13 words them: (baseline, figure, kind, bound, what it says)
+    ("grpo", "visited_states", "ratio", 2.4, "visited pairs >= 2.4x GRPO's"),
+    ("grpo", "steps_to_threshold", "ratio", 1.8, ">= 1.8x fewer env steps to the threshold than GRPO"),
+    ("grpo", "final_success", "difference", 0.0, "final held-out success above GRPO's"),
+    ("gigpo", "final_success", "difference", 0.0, "final held-out success above GiGPO's"),
+)
+
+
+def target_verdict(iv: dict | None, bound: float) -> str:
+    """met: the whole 95% interval is above `bound`; not met: it is below or at it; open: it straddles."""
+    if iv is None:
+        return "n/a (fewer than 2 seed pairs)"
+    if iv["low"] is not None and iv["low"] > bound:
+        return "**met**"
+    if iv["high"] is not None and iv["high"] <= bound:
+        return "not met"
+    return "open (the interval includes it)"
+
+
+def targets_table(results: dict) -> list[str]:
+    """Markdown lines: per suite and target, 3SPO's paired estimate, its 95% interval and the verdict."""
+    rows = []
+    for suite, data in results["suites"].items():
+        for base, fig, kind, bound, what in TARGETS:
+            iv = (data["comparisons"].get(base) or {}).get(fig, {}).get(kind) if data["comparisons"] else None
+            _, fmt, scale = COMPARISON_TITLES[(fig, kind)]
+            value = "n/a" if iv is None else (f"{_fmt(fmt, iv['estimate'], scale)} [{_fmt(fmt, iv['low'], scale)}, "
+                                              f"{_fmt(fmt, iv['high'], scale)}], {iv['pairs']} pairs")
+            verdict = target_verdict(iv, bound)
+            if iv is None and fig == "steps_to_threshold":
+                verdict = "n/a (fewer than 2 seed pairs in which both reached the threshold)"
+            rows.append(f"| {suite} | {what} | {value} | {verdict} |")
+    if not rows:
+        return []
+    return ["## The paper's targets, per suite", "",
+            "3SPO against the baseline over paired seeds; a target is met when the whole 95% interval is beyond it.", "",
+            "| suite | target | 3SPO: estimate [95% interval] | verdict |", "|---|---|---|---|", *rows, ""]
 
 
 def cost_line(runs: list[dict], algos: list[str]) -> str:

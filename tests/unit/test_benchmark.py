@@ -239,6 +239,14 @@ def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
     assert line == ("Cost: 3 runs, training 4.5 min + held-out evaluation 6.0 min = 10.5 min "
                     "(per run, training + evaluation: 3spo 120 s + 180 s; grpo 30 s + 0 s).")
     assert text.count("Cost: 15 runs") == 1
+    from services.app.benchmark import target_verdict
+
+    assert target_verdict({"low": 2.5, "high": 3.0}, 2.4) == "**met**"
+    assert target_verdict({"low": 2.3, "high": 3.0}, 2.4).startswith("open")
+    assert target_verdict({"low": -0.1, "high": 0.0}, 0.0) == "not met"
+    assert target_verdict(None, 0.0).startswith("n/a")
+    assert "| s | final held-out success above GRPO's | +50.0 points [" in text  # grpo: 0.3 vs ours 0.8
+    assert "| s | >= 1.8x fewer env steps to the threshold than GRPO | n/a | n/a (fewer than 2 seed pairs in which" in text
 
 
 def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_nothing(tmp_path):
