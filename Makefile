@@ -69,7 +69,7 @@ $(ALFWORLD_GAMES)/heldout:
 # `make bench-all` runs every suite of configs/bench-v2.yaml into the same directory.
 BENCH_SUITES ?= twx-coin-big-warm tw-treasure-l15 twx-cooking
 
-bench: install ## 3SPO vs GRPO vs GiGPO on the BENCH_SUITES of configs/bench-v2.yaml (resumable; a shard: BENCH_SUITES=twx-cooking BENCH_ARGS="--seed 3")
+bench: install $(if $(filter alfworld-gen,$(BENCH_SUITES)),$(ALFWORLD_GAMES)/heldout) ## 3SPO vs GRPO vs GiGPO on the BENCH_SUITES of configs/bench-v2.yaml (resumable; a shard: BENCH_SUITES=twx-cooking BENCH_ARGS="--seed 3")
 	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(foreach s,$(BENCH_SUITES),--suite $(s)) $(BENCH_ARGS)
 
 bench-all: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on every suite of configs/bench-v2.yaml (resumable across sessions)
