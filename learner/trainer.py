@@ -37,8 +37,6 @@ STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's comm op takes 30-120 s on 2
 def extensions_dir() -> Path:
     """Where DeepSpeed compiles its ops: one cache per virtualenv, so two checkouts do not
     rebuild them for each other (~30 s each time)."""
-    import sys
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
@@ -53,10 +51,9 @@ def clear_stale_build_locks(root: Path, older_than_s: float = STALE_BUILD_LOCK_S
             if now - lock.stat().st_mtime > older_than_s:
                 lock.unlink()
                 removed.append(lock)
+                print(f"removed a stale build lock (a build that died): {lock}", file=sys.stderr)
         except FileNotFoundError:
             continue
-    for lock in removed:
-        print(f"removed a stale build lock (a build that died): {lock}", file=sys.stderr)
     return removed
 
 

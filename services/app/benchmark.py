@@ -566,7 +566,7 @@ def targets_table(results: dict) -> list[str]:
     rows = []
     for suite, data in results["suites"].items():
         for base, fig, kind, bound, what in TARGETS:
-            iv = (data["comparisons"].get(base) or {}).get(fig, {}).get(kind) if data["comparisons"] else None
+            iv = ((data["comparisons"] or {}).get(base) or {}).get(fig, {}).get(kind)
             _, fmt, scale = COMPARISON_TITLES[(fig, kind)]
             value = "n/a" if iv is None else (f"{_fmt(fmt, iv['estimate'], scale)} [{_fmt(fmt, iv['low'], scale)}, "
                                               f"{_fmt(fmt, iv['high'], scale)}], {iv['pairs']} pairs")
