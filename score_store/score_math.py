@@ -29,9 +29,11 @@ class ScoreParams(BaseModel):
         "Score in the step reward's difference S(s_t) - S(s_t+1): raw = S~ = exp(-lambda(t) SR), without the "
         "truncation indicator (a dead end scores like the hard state it is); truncated = S, which scores a "
         "hopeless state 0 like a solved one and so pays most for stepping into it."))
-    novelty: Literal["path", "parent"] = Field("path", description=(
+    novelty: Literal["path", "parent", "none"] = Field("path", description=(
         "R_novel = 1 when the next state is not already on the path from the root (path), or merely differs "
-        "from the current state (parent: also pays for walking back to the previous room)."))
+        "from the current state (parent: also pays for walking back to the previous room); none: R_novel = 0 "
+        "always, the step reward without its novelty term (a diagnostic: what the score term and success "
+        "alone teach)."))
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,11 @@ def reward_score(c: Counts, t: int, p: ScoreParams, *, truncated: bool = False) 
 
 def is_novel(next_key: str, path: Sequence[str], p: ScoreParams) -> bool:
     """R_novel: `path` = the keys from the root to s_t (s_t last). novelty path: the next state is
-    not on that path; novelty parent: it differs from s_t."""
+    not on that path; novelty parent: it differs from s_t; novelty none: never."""
     if not path:
         raise ValueError("the path holds at least the current state")
+    if p.novelty == "none":
+        return False
     if p.novelty == "parent":
         return next_key != path[-1]
     return next_key not in path

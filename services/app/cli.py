@@ -175,8 +175,8 @@ def actor_cmd(
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
     if reward_score not in (None, "raw", "truncated"):
         raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
-    if novelty not in (None, "path", "parent"):
-        raise typer.BadParameter(f"--novelty must be path or parent, not {novelty!r}")
+    if novelty not in (None, "path", "parent", "none"):
+        raise typer.BadParameter(f"--novelty must be path, parent or none, not {novelty!r}")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
     if score_url and not score_token:

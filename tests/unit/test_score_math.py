@@ -147,6 +147,19 @@ def test_novelty_path_vs_parent():
         is_novel("x", [], P)
 
 
+def test_novelty_none_leaves_score_and_success():
+    none = P.model_copy(update={"novelty": "none"})
+    assert not is_novel("room-d", ["room-a"], none)
+    kw = dict(p=none, invalid=False, path=["a"], t=4)
+    # First visit of a new state: path novelty pays 0.5, none pays nothing (w = 0.5 leaves no score weight).
+    assert step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=None, **kw) == 0.0
+    # N=10: only (0.5 - w) (S~(s_t) - S~(s_t+1)) remains; S~ = 1 and 0.5.
+    w = 0.5 * math.exp(-1.0)
+    assert step_reward(before=Counts(10, 0), after=Counts(4, 2), next_key="b", success=None, **kw) == \
+        pytest.approx((0.5 - w) * 0.5, abs=1e-6)
+    assert step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=1.0, **kw) == 0.5
+
+
 def test_step_reward_rejects_raw_env_rewards():
     with pytest.raises(ValueError, match="success"):
         step_reward(before=Counts(0, 0), after=Counts(0, 0), t=1, path=["a"], next_key="b",
