@@ -188,22 +188,28 @@ class Rollout:
         scored = {s.key: s for s in batch.scores}
         here = scored[node.key]
 
-        def reward(next_key: str, success: float | None, invalid: bool) -> float:
+        def reward(next_key: str, success: float | None, invalid: bool, novelty: bool = True) -> float:
             after = scored[next_key]
             return step_reward(path=node.keys, next_key=next_key, before=_counts(here), after=_counts(after),
                                t=batch.t, success=success, invalid=invalid, p=self.params,
-                               before_truncated=here.n_rollouts == 0, after_truncated=after.n_rollouts == 0)
+                               before_truncated=here.n_rollouts == 0, after_truncated=after.n_rollouts == 0,
+                               novelty=novelty)
+
+        # The members' rewards (their advantages) leave the novelty term out under `novelty_use: order`;
+        # the order of the children (which is expanded first) always uses the whole step reward.
+        learn_novelty = self.params.novelty_use == "reward"
 
         members, rewards, reward_of = [], [], {}
         for c, p in kept:
             if p.invalid:
-                r = reward(node.key, None, True)
+                r = reward(node.key, None, True, learn_novelty)
                 members.append(self._member(node, c, p, node.key, r, done=False))
                 rewards.append((r, False))
                 continue
             result, child_key, _ = outcomes[p.action]
-            r = reward(child_key, result.success if result.done else None, False)
-            reward_of[p.action] = r
+            success = result.success if result.done else None
+            r = reward(child_key, success, False, learn_novelty)
+            reward_of[p.action] = r if learn_novelty else reward(child_key, success, False)
             members.append(self._member(node, c, p, child_key, r, done=result.done))
             rewards.append((r, not result.done and scored[child_key].n_rollouts == 0))
         if len(members) > 1:

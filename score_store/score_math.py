@@ -34,6 +34,10 @@ class ScoreParams(BaseModel):
         "from the current state (parent: also pays for walking back to the previous room); none: R_novel = 0 "
         "always, the step reward without its novelty term (a diagnostic: what the score term and success "
         "alone teach)."))
+    novelty_use: Literal["reward", "order"] = Field("reward", description=(
+        "reward: the novelty term is part of the step reward that the group's advantages come from (ALGORITHM.md); "
+        "order: it only orders the DFS (which child is expanded first), and the advantages come from the step "
+        "reward without it, so that exploring does not also train the policy to change state for its own sake."))
 
 
 @dataclass(frozen=True)
@@ -133,19 +137,21 @@ def step_reward(
     p: ScoreParams,
     before_truncated: bool = False,
     after_truncated: bool = False,
+    novelty: bool = True,
 ) -> float:
     """R = w(N) R_novel + (0.5 - w(N)) (S~(s_t) - S~(s_t+1)) + 0.5 R_success - invalid_penalty.
 
     `path`: the keys from the root to s_t (s_t last); `next_key`: s_t+1 (s_t itself for an invalid
     reply); `before`/`after`: the counts of s_t and s_t+1 at time t; N = before.n_total.
     `*_truncated`: whether the store scored the state 0 (used only under `reward_score: truncated`).
+    `novelty`: False leaves the novelty term out (`novelty_use: order` rewards the group's members so).
     `success` is the task's success in [0, 1] on the terminal transition and None before it;
     raw environment rewards (ALFWorld pays 10) must never be passed here.
     """
     if success is not None and not 0.0 <= success <= 1.0:
         raise ValueError(f"success must lie in [0, 1], got {success}")
     w = novelty_weight(before.n_total, p.omega_k)
-    novel = is_novel(next_key, path, p)
+    novel = novelty and is_novel(next_key, path, p)
     diff = reward_score(before, t, p, truncated=before_truncated) - reward_score(after, t, p, truncated=after_truncated)
     r = w * (1.0 if novel else 0.0) + (0.5 - w) * diff
     if success is not None:
