@@ -35,7 +35,7 @@ ACTOR_OPTIONS = {  # `spo3 actor` option -> the settings field it sets
     "group_size": (RolloutConfig, "group_size"), "choice_mode": (RolloutConfig, "choice_mode"),
     "temperature": (RolloutConfig, "temperature"), "max_tokens": (RolloutConfig, "max_tokens"),
     "alpha": (ScoreParams, "alpha"), "g_max": (ScoreParams, "g_max"), "reward_score": (ScoreParams, "reward_score"),
-    "novelty": (ScoreParams, "novelty"), "lease_s": (ActorConfig, "lease_s"),
+    "novelty": (ScoreParams, "novelty"), "novelty_use": (ScoreParams, "novelty_use"), "lease_s": (ActorConfig, "lease_s"),
     "exit_when_idle": (ActorConfig, "exit_when_idle_s"), "metrics_port": (ActorConfig, "metrics_port"),
     "metrics_host": (ActorConfig, "metrics_host"), "eval_task": (ActorConfig, "eval_tasks"),
     "eval_every": (ActorConfig, "eval_every"), "max_unread": (ActorConfig, "stream_max_unread"),
@@ -153,6 +153,7 @@ def actor_cmd(
     g_max: Annotated[Optional[int], typer.Option(help=_doc(ScoreParams, "g_max", _SERVICE_PARAM))] = None,
     reward_score: Annotated[Optional[str], typer.Option(help=_doc(ScoreParams, "reward_score", _SERVICE_PARAM))] = None,
     novelty: Annotated[Optional[str], typer.Option(help=_doc(ScoreParams, "novelty", _SERVICE_PARAM))] = None,
+    novelty_use: Annotated[Optional[str], typer.Option(help=_doc(ScoreParams, "novelty_use", _SERVICE_PARAM))] = None,
     lease_s: Annotated[float, typer.Option(help=_doc(ActorConfig, "lease_s"))] = 120.0,
     exit_when_idle: Annotated[Optional[float], typer.Option(help=_doc(ActorConfig, "exit_when_idle_s"))] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help=_doc(ActorConfig, "metrics_port"))] = None,
@@ -177,6 +178,8 @@ def actor_cmd(
         raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
     if novelty not in (None, "path", "parent", "none"):
         raise typer.BadParameter(f"--novelty must be path, parent or none, not {novelty!r}")
+    if novelty_use not in (None, "reward", "order"):
+        raise typer.BadParameter(f"--novelty-use must be reward or order, not {novelty_use!r}")
     if weights_dir and not model:
         raise typer.BadParameter("--weights-dir goes with --model (a vLLM server gets its weights from the learner)")
     if score_url and not score_token:
@@ -195,7 +198,8 @@ def actor_cmd(
         redis_url=redis_url, run=run, score_url=score_url, score_token=score_token,
         # Only the fields given here are set: with --score-url they are checked against the service's.
         params=ScoreParams(**{k: v for k, v in dict(alpha=alpha, g_max=g_max, reward_score=reward_score,
-                                                    novelty=novelty).items() if v is not None}),
+                                                    novelty=novelty, novelty_use=novelty_use).items()
+                                 if v is not None}),
         rollout=RolloutConfig(max_steps=max_steps, max_leaves=max_leaves, group_size=group_size,
                               choice_mode=choice_mode, temperature=temperature, max_tokens=max_tokens),
         lease_s=lease_s, exit_when_idle_s=exit_when_idle, metrics_port=metrics_port, metrics_host=metrics_host,

@@ -172,3 +172,19 @@ def test_visits_record_every_state_entered_with_its_step(algo):
     steps = [s for s, _ in stats.visits]
     assert steps == sorted(steps) and 0 < steps[-1] <= stats.env_steps
     assert len(stats.visited) >= 2
+
+
+def test_novelty_use_order_explores_the_same_tree_and_rewards_without_novelty():
+    order = P.model_copy(update={"novelty_use": "order"})
+    a, b = make(random_actions(3)), make(random_actions(3), params=order)
+    sa, sb = a[0].run(item()), b[0].run(item())
+    actions = lambda sink: [[m.transitions[0].action for m in g.members] for g in sink.groups]
+    assert actions(a[3]) == actions(b[3]) and sa.env_steps == sb.env_steps  # the DFS order is the same
+    root_a, root_b = a[3].groups[0].members, b[3].groups[0].members
+    forward_a = [m.transitions[0].reward for m in root_a if m.transitions[0].action == "forward"]
+    forward_b = [m.transitions[0].reward for m in root_b if m.transitions[0].action == "forward"]
+    # At the unseen root (w = 0.5) the step reward is all novelty: 0.5 for reaching mile 1, and
+    # without the novelty term nothing, like standing still.
+    assert forward_a and all(r == pytest.approx(0.5) for r in forward_a)
+    assert forward_b and all(r == 0.0 for r in forward_b)
+    assert all(m.transitions[0].reward == 0.0 for m in root_b)
