@@ -307,13 +307,20 @@ def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
     return {"mean": float(np.mean(vs)), "std": float(np.std(vs, ddof=1)) if len(vs) > 1 else 0.0, "n": len(vs)}
 
 
+def arm(algo: str, variant: str = "default") -> str:
+    """The row of the tables a run belongs to: its algorithm, followed by its variant unless that is the
+    default (a bench's `variants`: "3spo novelty_use=order")."""
+    return algo if variant == "default" else f"{algo} {variant}"
+
+
 def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[str, Any]]:
-    """algo -> figure -> mean_std over its seeds, plus "runs", "threshold_met_at_start" (runs whose
-    initial policy already met the threshold) and "stopped_by_time_limit" (counts)."""
+    """arm (algo, or algo and variant) -> figure -> mean_std over its seeds, plus "runs",
+    "threshold_met_at_start" (runs whose initial policy already met the threshold) and
+    "stopped_by_time_limit" (counts)."""
     out: dict[str, dict[str, Any]] = {}
     by_algo: dict[str, list[RunResult]] = {}
     for r in runs:
-        by_algo.setdefault(r.algo, []).append(r)
+        by_algo.setdefault(arm(r.algo, r.variant), []).append(r)
     for algo, rs in by_algo.items():
         figs = [run_figures(r, threshold) for r in rs]
         row: dict[str, Any] = {k: mean_std(f[k] for f in figs) for k in figs[0]
@@ -371,13 +378,16 @@ COMPARED = {  # figure -> kinds of paired comparison
 def suite_comparisons(runs: Sequence[RunResult], threshold: float, *, ours: str = "3spo",
                       resamples: int = 10_000, seed: int = 0) -> dict[str, dict[str, dict[str, Interval | None]]]:
     """baseline -> figure -> kind -> Interval over the seeds both have (None with fewer than 2 pairs).
+    `ours` is an arm (see `arm`); the baselines are the arms of the other algorithms.
     steps_to_threshold pairs only seeds where both reached the threshold, and compares theirs / ours
     (how many times fewer steps ours needed); the other ratios are ours / theirs."""
     figs: dict[str, dict[int, dict[str, Any]]] = {}
+    algo_of: dict[str, str] = {}
     for r in runs:
-        figs.setdefault(r.algo, {})[r.seed] = run_figures(r, threshold)
+        figs.setdefault(arm(r.algo, r.variant), {})[r.seed] = run_figures(r, threshold)
+        algo_of[arm(r.algo, r.variant)] = r.algo
     out: dict[str, dict[str, dict[str, Interval | None]]] = {}
-    for base in sorted(a for a in figs if a != ours):
+    for base in sorted(a for a in figs if algo_of[a] != algo_of.get(ours, ours)):
         out[base] = {}
         for fig, kinds in COMPARED.items():
             mine = {s: f[fig] for s, f in figs.get(ours, {}).items()}

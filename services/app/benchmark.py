@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.app.bench_stats import (
     MIN_CHECKPOINTS,
     RunResult,
+    arm,
     best_variant,
     checkpoint_steps,
     curve_band,
@@ -85,12 +86,15 @@ class BenchConfig(BaseModel):
     algo_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "algo -> {dotted.key: value} overrides for that algorithm's runs (the best settings of a sweep), "
         "e.g. {grpo: {learner.groups_per_update: 2}}."))
+    variants: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description=(
+        "algo -> [{dotted.key: value}, ...]: more settings of an algorithm, each run beside its default on every "
+        "suite and seed and reported as its own row (\"3spo novelty_use=order\"), paired with the same seeds."))
     curve_points: int = Field(32, ge=1, description="Points of the visited-state curve over the budget.")
     resamples: int = Field(10_000, ge=100, description="Bootstrap resamples of the paired intervals.")
 
     @model_validator(mode="after")
     def _known_algos(self) -> "BenchConfig":
-        for a in [*self.algos, *self.algo_settings]:
+        for a in [*self.algos, *self.algo_settings, *self.variants]:
             if a not in ALGOS:
                 raise ValueError(f"unknown algorithm {a!r}; known: {list(ALGOS)}")
         unknown = sorted(set(self.warm_start) - set(self.suites))
@@ -480,18 +484,24 @@ def _cell(stats: dict, fmt: str) -> str:
 
 def build_results(bench: BenchConfig, runs: list[RunResult]) -> dict:
     """results.json: the bench's settings, every run, and per suite the table and the paired intervals."""
+    def dumped(comps: dict) -> dict:
+        return {base: {fig: {k: (iv.model_dump() if iv else None) for k, iv in kinds.items()}
+                       for fig, kinds in figs.items()} for base, figs in comps.items()}
+
     suites = {}
     for suite in dict.fromkeys(r.suite for r in runs):
         rs = [r for r in runs if r.suite == suite]
-        comps = suite_comparisons(rs, bench.success_threshold, resamples=bench.resamples) if any(
-            r.algo == "3spo" for r in rs) else {}
+        ours = list(dict.fromkeys(arm(r.algo, r.variant) for r in rs if r.algo == "3spo"))
+        comps = {o: dumped(suite_comparisons(rs, bench.success_threshold, ours=o, resamples=bench.resamples))
+                 for o in ours}
         suites[suite] = {
             "budget": rs[0].budget, "checkpoints": [int(p[0]) for p in rs[0].held_out],
             "table": suite_table(rs, bench.success_threshold),
-            "comparisons": {base: {fig: {k: (iv.model_dump() if iv else None) for k, iv in kinds.items()}
-                                   for fig, kinds in figs.items()} for base, figs in comps.items()},
+            "comparisons": comps.pop("3spo", {}),
+            "variant_comparisons": comps,
         }
-    return {"format": FORMAT, "algos": bench.algos, "seeds": bench.seeds,
+    return {"format": FORMAT, "algos": bench.algos, "arms": list(dict.fromkeys(arm(r.algo, r.variant) for r in runs)),
+            "seeds": bench.seeds,
             "success_threshold": bench.success_threshold, "heldout_checkpoints": bench.heldout_checkpoints,
             "suites": suites, "runs": [r.model_dump() for r in runs]}
 
@@ -522,10 +532,12 @@ def markdown(results: dict) -> str:
                                        if row["stopped_by_time_limit"] else "")
             lines.append(f"| {algo} | {runs} | " + " | ".join(cells) + " |")
         lines.append("")
-        if data["comparisons"]:
-            lines += ["| 3spo vs | figure | estimate | 95% interval | seed pairs | no difference? |",
+        for ours, comparisons in [("3spo", data["comparisons"]), *data.get("variant_comparisons", {}).items()]:
+            if not comparisons:
+                continue
+            lines += [f"| {ours} vs | figure | estimate | 95% interval | seed pairs | no difference? |",
                       "|---|---|---|---|---|---|"]
-            for base, figs in data["comparisons"].items():
+            for base, figs in comparisons.items():
                 for fig, kinds in figs.items():
                     for kind, iv in kinds.items():
                         title, fmt, scale = COMPARISON_TITLES[(fig, kind)]
@@ -537,7 +549,7 @@ def markdown(results: dict) -> str:
                                      f"[{_fmt(fmt, iv['low'], scale)}, {_fmt(fmt, iv['high'], scale)}] | "
                                      f"{iv['pairs']} | {verdict} |")
             lines.append("")
-        lines += [cost_line([r for r in results["runs"] if r["suite"] == suite], results["algos"]), "",
+        lines += [cost_line([r for r in results["runs"] if r["suite"] == suite]), "",
                   f"![{suite}]({suite}.png)", ""]
     return "\n".join(lines)
 
@@ -565,51 +577,54 @@ def targets_table(results: dict) -> list[str]:
     """Markdown lines: per suite and target, 3SPO's paired estimate, its 95% interval and the verdict."""
     rows = []
     for suite, data in results["suites"].items():
-        for base, fig, kind, bound, what in TARGETS:
-            iv = ((data["comparisons"] or {}).get(base) or {}).get(fig, {}).get(kind)
+        arms = [("3spo", data["comparisons"]), *data.get("variant_comparisons", {}).items()]
+        for (ours, comparisons), (base, fig, kind, bound, what) in itertools.product(arms, TARGETS):
+            if ours != "3spo" and not comparisons:
+                continue
+            iv = ((comparisons or {}).get(base) or {}).get(fig, {}).get(kind)
             _, fmt, scale = COMPARISON_TITLES[(fig, kind)]
             value = "n/a" if iv is None else (f"{_fmt(fmt, iv['estimate'], scale)} [{_fmt(fmt, iv['low'], scale)}, "
                                               f"{_fmt(fmt, iv['high'], scale)}], {iv['pairs']} pairs")
             verdict = target_verdict(iv, bound)
             if iv is None and fig == "steps_to_threshold":
                 verdict = "n/a (fewer than 2 seed pairs in which both reached the threshold)"
-            rows.append(f"| {suite} | {what} | {value} | {verdict} |")
+            rows.append(f"| {suite} | {ours} | {what} | {value} | {verdict} |")
     if not rows:
         return []
     return ["## The paper's targets, per suite", "",
             "3SPO against the baseline over paired seeds; a target is met when the whole 95% interval is beyond it.", "",
-            "| suite | target | 3SPO: estimate [95% interval] | verdict |", "|---|---|---|---|", *rows, ""]
+            "| suite | 3SPO | target | estimate [95% interval] | verdict |", "|---|---|---|---|---|", *rows, ""]
 
 
-def cost_line(runs: list[dict], algos: list[str]) -> str:
+def cost_line(runs: list[dict]) -> str:
     """What a suite's recorded runs cost in wall time: training + held-out evaluation, in all and per
-    algorithm (mean per run). The runs' own records; not the set-up between runs."""
+    arm (algorithm, and variant unless the default; mean per run). The runs' own records; not the
+    set-up between runs."""
     train = sum(r["wall_time_s"] for r in runs)
     evaluation = sum(r.get("eval_wall_s") or 0.0 for r in runs)
     per = []
-    for algo in algos:
-        rs = [r for r in runs if r["algo"] == algo]
-        if rs:
-            t = sum(r["wall_time_s"] for r in rs) / len(rs)
-            e = sum(r.get("eval_wall_s") or 0.0 for r in rs) / len(rs)
-            per.append(f"{algo} {t:.0f} s + {e:.0f} s")
+    by_arm: dict[str, list[dict]] = {}
+    for r in runs:
+        by_arm.setdefault(arm(r["algo"], r.get("variant", "default")), []).append(r)
+    for name, rs in by_arm.items():
+        t = sum(r["wall_time_s"] for r in rs) / len(rs)
+        e = sum(r.get("eval_wall_s") or 0.0 for r in rs) / len(rs)
+        per.append(f"{name} {t:.0f} s + {e:.0f} s")
     return (f"Cost: {len(runs)} runs, training {train / 60:.1f} min + held-out evaluation {evaluation / 60:.1f} min "
             f"= {(train + evaluation) / 60:.1f} min (per run, training + evaluation: {'; '.join(per)}).")
 
 
-def plot_suite(path: Path, suite: str, runs: list[RunResult], algos: list[str]) -> None:
-    """Held-out success and visited (task, key) pairs against env steps: per algorithm the mean over
-    seeds and its bootstrap 95% band."""
+def plot_suite(path: Path, suite: str, runs: list[RunResult]) -> None:
+    """Held-out success and visited (task, key) pairs against env steps: per arm (algorithm, and variant
+    unless the default) the mean over seeds and its bootstrap 95% band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_h, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-    for algo in algos:
-        rs = [r for r in runs if r.algo == algo]
-        if not rs:
-            continue
+    for algo in dict.fromkeys(arm(r.algo, r.variant) for r in runs):
+        rs = [r for r in runs if arm(r.algo, r.variant) == algo]
         for ax, curves in ((ax_h, [r.held_out for r in rs]), (ax_v, [r.visited_states for r in rs])):
             grid = sorted({int(p[0]) for c in curves for p in c})
             band = curve_band(curves, grid)
@@ -627,10 +642,18 @@ def plot_suite(path: Path, suite: str, runs: list[RunResult], algos: list[str]) 
 def write_report(bench: BenchConfig, runs: list[RunResult], out: Path) -> dict:
     results = build_results(bench, runs)
     for suite in results["suites"]:
-        plot_suite(out / f"{suite}.png", suite, [r for r in runs if r.suite == suite], bench.algos)
+        plot_suite(out / f"{suite}.png", suite, [r for r in runs if r.suite == suite])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
     return results
+
+
+def bench_plan(bench: BenchConfig) -> list[Planned]:
+    """Every run of a bench: per suite and seed, each algorithm with its default settings and then with
+    each of its `variants`."""
+    return [Planned(suite=s, algo=a, seed=seed, variant=variant_name(sets), overrides=tuple(sets.items()))
+            for s in bench.suites for seed in bench.seeds for a in bench.algos
+            for sets in [{}, *bench.variants.get(a, [])]]
 
 
 def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_only: bool = False) -> dict:
@@ -640,7 +663,7 @@ def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_on
     from rich.console import Console
 
     console = Console()
-    plan = [Planned(suite=s, algo=a, seed=seed) for s in bench.suites for seed in bench.seeds for a in bench.algos]
+    plan = bench_plan(bench)
     done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, console=console)
     runs = [done[p] for p in plan if p in done]
     results = write_report(bench, runs, out) if runs else {"suites": {}, "runs": []}

@@ -235,7 +235,7 @@ def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
 
     line = cost_line([{"algo": "3spo", "wall_time_s": 100.0, "eval_wall_s": 200.0},
                       {"algo": "3spo", "wall_time_s": 140.0, "eval_wall_s": 160.0},
-                      {"algo": "grpo", "wall_time_s": 30.0, "eval_wall_s": None}], ["3spo", "grpo", "gigpo"])
+                      {"algo": "grpo", "wall_time_s": 30.0, "eval_wall_s": None}])
     assert line == ("Cost: 3 runs, training 4.5 min + held-out evaluation 6.0 min = 10.5 min "
                     "(per run, training + evaluation: 3spo 120 s + 180 s; grpo 30 s + 0 s).")
     assert text.count("Cost: 15 runs") == 1
@@ -245,8 +245,45 @@ def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
     assert target_verdict({"low": 2.3, "high": 3.0}, 2.4).startswith("open")
     assert target_verdict({"low": -0.1, "high": 0.0}, 0.0) == "not met"
     assert target_verdict(None, 0.0).startswith("n/a")
-    assert "| s | final held-out success above GRPO's | +50.0 points [" in text  # grpo: 0.3 vs ours 0.8
-    assert "| s | >= 1.8x fewer env steps to the threshold than GRPO | n/a | n/a (fewer than 2 seed pairs in which" in text
+    assert "| s | 3spo | final held-out success above GRPO's | +50.0 points [" in text  # grpo: 0.3 vs ours 0.8
+    assert "| s | 3spo | >= 1.8x fewer env steps to the threshold than GRPO | n/a | n/a (fewer than 2 seed pairs" in text
+
+
+def test_a_variant_is_its_own_row_compared_with_the_baselines_on_the_same_seeds():
+    variant = [run("3spo", s, 0.2, 300).model_copy(update={"variant": "novelty_use=order"}) for s in range(3)]
+    runs = [run("3spo", s, 0.8, 400) for s in range(3)] + [run("grpo", s, 0.3, 100) for s in range(3)] + variant
+    results = build_results(BenchConfig(algos=["3spo", "grpo"], resamples=500), runs)
+    suite = results["suites"]["s"]
+    assert set(suite["table"]) == {"3spo", "grpo", "3spo novelty_use=order"}
+    assert suite["table"]["3spo novelty_use=order"]["final_success"]["mean"] == pytest.approx(0.2)
+    # each 3SPO arm against the baselines only, never against the other 3SPO arm
+    assert set(suite["comparisons"]) == {"grpo"}
+    assert set(suite["variant_comparisons"]) == {"3spo novelty_use=order"}
+    order = suite["variant_comparisons"]["3spo novelty_use=order"]
+    assert set(order) == {"grpo"}
+    order = order["grpo"]
+    assert order["final_success"]["difference"]["estimate"] == pytest.approx(-0.1)
+    assert order["visited_states"]["ratio"]["estimate"] == pytest.approx(3.0)
+    text = markdown(results)
+    assert "| 3spo novelty_use=order vs | figure |" in text
+    assert "| s | 3spo novelty_use=order | final held-out success above GRPO's | -10.0 points [" in text
+    assert "3spo novelty_use=order 0 s + 0 s" in text
+
+
+def test_a_bench_plans_each_variant_beside_its_algorithms_default():
+    bench = BenchConfig(algos=["3spo", "grpo"], seeds=[0], variants={"3spo": [{"score.novelty_use": "order"}]},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 16}}}, min_heldout_episodes=32)
+    from services.app.benchmark import bench_plan
+
+    plan = bench_plan(bench)
+    assert [(p.algo, p.variant) for p in plan] == [("3spo", "default"), ("3spo", "novelty_use=order"),
+                                                  ("grpo", "default")]
+    p = plan[1]
+    cfg = bench.run_config(p.suite, p.algo, p.seed, Path("out"), dict(p.overrides), p.variant)
+    assert cfg.score.novelty_use == "order" and cfg.name == "s-3spo-novelty_use=order-s0"
+    assert bench.run_config("s", "3spo", 0, Path("out")).score.novelty_use == "reward"
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        BenchConfig(variants={"ppo": [{"learner.lr": 0.1}]})
 
 
 def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_nothing(tmp_path):
