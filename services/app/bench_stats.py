@@ -241,6 +241,9 @@ class RunResult(BaseModel):
                                         "its held-out curve stops at the last checkpoint reached.")
     train_success: float | None = Field(None, description="Training leaf success over the last quarter of the env "
                                         "steps: a diagnostic, comparable between settings of one algorithm only.")
+    updates_at: list[list[int]] = Field(default_factory=list, description=(
+        "[[env_steps, updates], ...]: the policy version evaluated at each held-out checkpoint (the points of "
+        "`held_out`), so that held-out success can be read against updates as well as env steps."))
     eval_wall_s: float = Field(0.0, description="Wall time of the held-out evaluations after training.")
     eval_env_steps: int = Field(0, description="Env steps of the held-out episodes (not training env steps).")
     run_dir: str | None = Field(None, description="The run's directory (config, metrics, visits, heldout.json).")

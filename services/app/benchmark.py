@@ -278,7 +278,8 @@ def read_run(run_dir: Path, *, suite: str, algo: str, seed: int, variant: str, b
         replay_env_steps=int(totals.get("replay_steps", 0)), generated_tokens=int(totals.get("generated_tokens", 0)),
         learner_tokens=learner_tokens, updates=int(summary.get("policy_version") or 0),
         wall_time_s=float(summary.get("wall_time_s", 0.0)), budget=budget, stopped_by_time_limit=stopped,
-        train_success=late_success(_jsonl(run_dir / "metrics.jsonl")), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
+        train_success=late_success(_jsonl(run_dir / "metrics.jsonl")),
+        updates_at=[[int(k["env_steps"]), int(k["version"])] for k in held["checkpoints"]], eval_wall_s=float(held.get("eval_wall_s", 0.0)),
         eval_env_steps=int(held.get("eval_env_steps", 0)), run_dir=str(run_dir))
 
 
@@ -622,18 +623,27 @@ def plot_suite(path: Path, suite: str, runs: list[RunResult]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_h, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_h, ax_v, ax_u) = plt.subplots(1, 3, figsize=(16, 4))
     for algo in dict.fromkeys(arm(r.algo, r.variant) for r in runs):
         rs = [r for r in runs if arm(r.algo, r.variant) == algo]
         for ax, curves in ((ax_h, [r.held_out for r in rs]), (ax_v, [r.visited_states for r in rs])):
             grid = sorted({int(p[0]) for c in curves for p in c})
             band = curve_band(curves, grid)
-            ax.plot(band["steps"], band["mean"], marker="o" if ax is ax_h else None, ms=3, label=f"{algo} ({len(rs)})")
+            line, = ax.plot(band["steps"], band["mean"], marker="o" if ax is ax_h else None, ms=3,
+                            label=f"{algo} ({len(rs)})")
             ax.fill_between(band["steps"], band["low"], band["high"], alpha=0.2)
+        # against updates every run is its own line: runs of one arm differ in how many updates they made
+        for i, r in enumerate(r for r in rs if len(r.updates_at) == len(r.held_out)):
+            ax_u.plot([u for _, u in r.updates_at], [p[1] for p in r.held_out], color=line.get_color(), marker="o",
+                      ms=2, lw=0.8, alpha=0.7, label=algo if i == 0 else None)
     ax_h.set(title=f"{suite}: held-out success", xlabel="env steps", ylabel="success", ylim=(-0.02, 1.02))
     ax_v.set(title=f"{suite}: visited (task, key) pairs", xlabel="env steps", ylabel="pairs")
+    ax_u.set(title=f"{suite}: held-out success against updates", xlabel="learner updates (policy version)",
+             ylabel="success", ylim=(-0.02, 1.02))
     for ax in (ax_h, ax_v):
         ax.legend(title="mean, 95% band")
+    if ax_u.lines:
+        ax_u.legend(title="one line per run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

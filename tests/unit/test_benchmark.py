@@ -187,6 +187,7 @@ def test_read_run_turns_a_run_directory_into_a_run_result(tmp_path):
     r = read_run(d, suite="s", algo="grpo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4,
                  settings={"algo": "grpo"})
     assert r.held_out[0] == [0, 0.25, 4] and r.held_out[2] == [20, 0.5, 4] and r.held_out[-1] == [80, 1.0, 4]
+    assert r.updates_at == [[s, v] for s, v in kept]  # the version evaluated at each checkpoint
     # rollout 1 covers run steps 0-40, rollout 2 steps 40-82: t2's "a" is at 42, its "c" at 82 (after the budget)
     assert r.visited_states == [[0, 1], [20, 2], [40, 4], [60, 5], [80, 5]]
     assert (r.new_env_steps, r.replay_env_steps, r.generated_tokens, r.learner_tokens, r.updates) == (82, 30, 900, 600, 3)
@@ -396,3 +397,14 @@ def test_make_bench_runs_suites_of_the_bench_config():
     suites = line.split("?=")[1].split()
     bench = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
     assert suites and set(suites) <= set(bench.suites), f"Makefile BENCH_SUITES names suites not in bench-v2: {suites}"
+
+
+def test_the_report_plots_held_out_success_against_updates_where_runs_recorded_them(tmp_path):
+    from services.app.benchmark import write_report
+
+    with_updates = [run("3spo", s, 0.5, 300).model_copy(update={"updates_at": [[100 * i, 3 * i] for i in range(9)]})
+                    for s in range(2)]
+    runs = with_updates + [run("grpo", s, 0.3, 100) for s in range(2)]  # grpo: an older record without them
+    results = write_report(BenchConfig(algos=["3spo", "grpo"], resamples=200), runs, tmp_path)
+    assert (tmp_path / "s.png").stat().st_size > 10_000 and results["arms"] == ["3spo", "grpo"]
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["updates_at"][-1] == [800, 24]
