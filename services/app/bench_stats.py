@@ -241,6 +241,9 @@ class RunResult(BaseModel):
                                         "its held-out curve stops at the last checkpoint reached.")
     train_success: float | None = Field(None, description="Training leaf success over the last quarter of the env "
                                         "steps: a diagnostic, comparable between settings of one algorithm only.")
+    train_eval_success: float | None = Field(None, description=(
+        "The last checkpoint's success on training tasks at evaluation temperature (train_eval_tasks; None: not "
+        "measured): for choosing settings without held-out tasks."))
     updates_at: list[list[int]] = Field(default_factory=list, description=(
         "[[env_steps, updates], ...]: the policy version evaluated at each held-out checkpoint (the points of "
         "`held_out`), so that held-out success can be read against updates as well as env steps."))
@@ -299,6 +302,7 @@ def run_figures(run: RunResult, threshold: float) -> dict[str, Any]:
         "learner_tokens": run.learner_tokens,
         "updates": run.updates,
         "train_success": run.train_success,
+        "train_eval_success": run.train_eval_success,
     }
 
 

@@ -209,9 +209,15 @@ class SweepConfig(BaseModel):
                                             "(reported, not used to choose; default: the bench config's).")
     mode: Literal["one-at-a-time", "grid"] = Field("one-at-a-time", description=(
         "one-at-a-time: the default settings and each listed value of one key at a time; grid: every combination."))
-    select_by: Literal["train_success", "visited_states"] = Field("train_success", description=(
-        "Training-time figure that picks an algorithm's best variant: training leaf success over the last quarter "
-        "of the budget (comparable between variants of one algorithm), or visited (task, key) pairs."))
+    select_by: Literal["train_eval_success", "train_success", "visited_states"] = Field(
+        "train_eval_success", description=(
+            "Figure that picks an algorithm's best variant, from training tasks only: the last checkpoint's success on "
+            "`train_eval_tasks` training tasks at evaluation temperature; training leaf success over the last quarter "
+            "of the budget (comparable between variants of one algorithm only; 3SPO's search can win every task "
+            "whatever the policy learnt); or visited (task, key) pairs."))
+    train_eval_tasks: int = Field(16, ge=1, description=(
+        "Training tasks each sweep run's last checkpoint is evaluated on (eval temperature, eval.episodes each) "
+        "for select_by: train_eval_success."))
     grid: dict[str, dict[str, list[Any]]] = Field(description="algo -> {dotted.key: [values]}.")
 
     @model_validator(mode="after")
@@ -279,7 +285,8 @@ def read_run(run_dir: Path, *, suite: str, algo: str, seed: int, variant: str, b
         learner_tokens=learner_tokens, updates=int(summary.get("policy_version") or 0),
         wall_time_s=float(summary.get("wall_time_s", 0.0)), budget=budget, stopped_by_time_limit=stopped,
         train_success=late_success(_jsonl(run_dir / "metrics.jsonl")),
-        updates_at=[[int(k["env_steps"]), int(k["version"])] for k in held["checkpoints"]], eval_wall_s=float(held.get("eval_wall_s", 0.0)),
+        updates_at=[[int(k["env_steps"]), int(k["version"])] for k in held["checkpoints"]],
+        train_eval_success=(held.get("train_eval") or {}).get("success"), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
         eval_env_steps=int(held.get("eval_env_steps", 0)), run_dir=str(run_dir))
 
 
@@ -702,7 +709,8 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
     bench = select(bench, tuning, None, seeds or sweep.seeds, sweep.env_steps, None)
     if sweep.heldout_checkpoints:
         bench.heldout_checkpoints = sweep.heldout_checkpoints
-    bench.algo_settings = {}  # the sweep varies the settings itself
+    bench.algo_settings, bench.variants = {}, {}  # the sweep varies the settings itself
+    bench.base["train_eval_tasks"] = sweep.train_eval_tasks
     plan: list[Planned] = []
     variants: dict[str, dict[str, dict[str, Any]]] = {}
     for algo in algos or list(sweep.grid):

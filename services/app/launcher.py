@@ -140,6 +140,11 @@ class TrainConfig(BaseModel):
         "checkpoint_steps): the published weights current when the run's env steps cross each one are kept and "
         "evaluated after training (each distinct version once, on `actors` processes; eval episodes are not "
         "training env steps), into heldout.json. 0: only before and after training."))
+    train_eval_tasks: int = Field(0, ge=0, description=(
+        "After training, the last checkpoint's policy is also evaluated on this many of the training tasks (eval "
+        "temperature, eval.episodes each), into heldout.json's `train_eval`: a success figure at evaluation "
+        "temperature that looks at no held-out task, for choosing settings (spo3 bench --sweep, select_by: "
+        "train_eval_success). Needs heldout_checkpoints. 0: none."))
     max_unread_groups: int | None = Field(None, ge=0, description=(
         "Actors wait while the learner has this many groups not read yet, so that the env-step budget "
         "buys updates rather than a backlog of stale groups; empty: twice learner.groups_per_update; 0: no bound."))
@@ -156,6 +161,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"heldout_checkpoints ({self.heldout_checkpoints}) needs env_steps >= it")
         if self.heldout_checkpoints and self.engine == "vllm":
             raise ValueError("heldout_checkpoints needs engine: inprocess (it keeps the weights directory's versions)")
+        if self.train_eval_tasks and not self.heldout_checkpoints:
+            raise ValueError("train_eval_tasks needs heldout_checkpoints (it evaluates the last checkpoint's policy)")
         return self
 
     @model_validator(mode="before")
@@ -433,6 +440,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_tick: Callable[[dict], 
                 held = evaluate_checkpoints(kept, eval_games, cfg, model_dir, keep_root, eval_kw, actors)
             evals = held.pop("_results")
             before, after = evals[kept[0]["version"]], evals[kept[-1]["version"]]
+            if cfg.train_eval_tasks:
+                with console.status(f"evaluating the last checkpoint on {cfg.train_eval_tasks} training tasks"):
+                    tr = evaluate_checkpoints(kept[-1:], train_games[:cfg.train_eval_tasks], cfg, model_dir,
+                                              keep_root, eval_kw, actors)
+                tr.pop("_results")
+                held["train_eval"] = {**tr["checkpoints"][0], "tasks": min(cfg.train_eval_tasks, len(train_games)),
+                                      "eval_wall_s": tr["eval_wall_s"]}
+                console.print(f"training tasks at evaluation temperature: {held['train_eval']['success']:.0%}")
             (run_dir / "heldout.json").write_text(json.dumps(
                 {**held, "planned": checkpoints, "stopped_by_time_limit": stopped_by_time}, indent=1))
             console.print(f"held-out success at {len(kept)} checkpoints: "

@@ -40,7 +40,7 @@ def leftovers(marker: str) -> list[str]:
 def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
     """2 seeds x 2 algorithms on TWX: held-out curves at 8 checkpoints, visited-state curves, the paired
     table; a second invocation runs nothing new; --report-only rebuilds the report from the run files."""
-    base = {**TINY, "env_steps": 64, "eval": {"temperature": 0.4, "episodes": 2}}
+    base = {**TINY, "env_steps": 64, "eval": {"temperature": 0.4, "episodes": 2}, "train_eval_tasks": 1}
     config = {"base": base, "algos": ["3spo", "grpo"],
               "seeds": [0, 1], "success_threshold": 0.25, "heldout_checkpoints": 8, "min_heldout_episodes": 4,
               "resamples": 500, "curve_points": 8,
@@ -67,6 +67,11 @@ def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
         assert r["updates"] >= 1 and r["learner_tokens"] > 0 and r["generated_tokens"] > 0, r
         assert r["replay_env_steps"] >= 0 and r["budget"] == base["env_steps"]
         assert r["eval_env_steps"] > 0 and r["eval_wall_s"] > 0
+        # the policy version evaluated at each checkpoint, and the training-task figure a sweep selects by
+        versions = [u for _, u in r["updates_at"]]
+        assert [s for s, _ in r["updates_at"]] == [p[0] for p in held] and versions == sorted(versions), r
+        assert versions[0] == 0 and versions[-1] <= r["updates"], r
+        assert r["train_eval_success"] in (0.0, 0.5, 1.0), r  # 1 training task x 2 episodes
         assert (Path(r["run_dir"]) / "heldout.json").is_file() and (Path(r["run_dir"]) / "visits.jsonl").is_file()
     # the same initial model and held-out tasks per seed: step-0 evaluations agree across algorithms
     by = {(r["algo"], r["seed"]): r for r in runs}

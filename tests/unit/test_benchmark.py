@@ -143,6 +143,9 @@ def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_pa
         TrainConfig(score={"reward_scor": "raw"})
     with pytest.raises(ValueError, match="reward_score"):
         TrainConfig(score={"reward_score": "literal"})
+    with pytest.raises(ValueError, match="train_eval_tasks needs heldout_checkpoints"):
+        TrainConfig(train_eval_tasks=4)
+    assert TrainConfig(train_eval_tasks=4, heldout_checkpoints=8).train_eval_tasks == 4
 
 
 def test_diagnostics_names_and_ratios():
@@ -161,7 +164,7 @@ def test_diagnostics_names_and_ratios():
 
 
 def write_run_dir(d: Path, *, successes_by_version: dict[int, list[float]], kept: list[tuple[int, int]],
-                  stopped: bool = False) -> Path:
+                  stopped: bool = False, train_eval: dict | None = None) -> Path:
     """A hand-made `spo3 train` run directory with held-out checkpoints (the files read_run reads)."""
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"env_steps": 82, "policy_version": 3, "wall_time_s": 12.5}))
@@ -176,7 +179,8 @@ def write_run_dir(d: Path, *, successes_by_version: dict[int, list[float]], kept
     (d / "heldout.json").write_text(json.dumps({
         "checkpoints": [{"env_steps": s, "version": v} for s, v in kept],
         "evaluations": {str(v): {"successes": s} for v, s in successes_by_version.items()},
-        "eval_wall_s": 3.0, "eval_env_steps": 77, "stopped_by_time_limit": stopped}))
+        "eval_wall_s": 3.0, "eval_env_steps": 77, "stopped_by_time_limit": stopped,
+        **({"train_eval": train_eval} if train_eval else {})}))
     return d
 
 
@@ -188,6 +192,11 @@ def test_read_run_turns_a_run_directory_into_a_run_result(tmp_path):
                  settings={"algo": "grpo"})
     assert r.held_out[0] == [0, 0.25, 4] and r.held_out[2] == [20, 0.5, 4] and r.held_out[-1] == [80, 1.0, 4]
     assert r.updates_at == [[s, v] for s, v in kept]  # the version evaluated at each checkpoint
+    assert r.train_eval_success is None  # not measured
+    measured = read_run(write_run_dir(tmp_path / "te", successes_by_version={0: [0.0], 3: [1.0]}, kept=kept[:1] + [
+        (s, 3) for s, _ in kept[1:]], train_eval={"success": 0.75, "episodes": 4, "tasks": 2}), suite="s",
+        algo="3spo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4, settings={})
+    assert measured.train_eval_success == 0.75
     # rollout 1 covers run steps 0-40, rollout 2 steps 40-82: t2's "a" is at 42, its "c" at 82 (after the budget)
     assert r.visited_states == [[0, 1], [20, 2], [40, 4], [60, 5], [80, 5]]
     assert (r.new_env_steps, r.replay_env_steps, r.generated_tokens, r.learner_tokens, r.updates) == (82, 30, 900, 600, 3)
@@ -321,7 +330,10 @@ def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch
 
     def fake_run_plan(bench, plan, out, **kw):
         planned.extend(plan)
-        results = {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_success": {
+        # every sweep run measures the training tasks at evaluation temperature, which selects by default
+        assert all(bench.run_config(p.suite, p.algo, p.seed, out, dict(p.overrides)).train_eval_tasks == 16
+                   for p in plan)
+        results = {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_eval_success": {
             "default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}[p.variant]}) for p in plan}
         return results, []
 
