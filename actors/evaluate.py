@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,7 +28,7 @@ def evaluate(env: Env, policy: Policy, tasks: Sequence[str], *, max_steps: int =
     for task in tasks:
         for _ in range(episodes):
             obs = env.reset(task)
-            goal, history, success, steps = obs.text, [], 0.0, 0
+            goal, history, success, steps, taken = obs.text, [], 0.0, 0, []
             while steps < max_steps:
                 admissible = list(obs.admissible_actions)
                 messages = build_messages(goal, history, obs.text, admissible, history_len=history_len)
@@ -37,6 +38,7 @@ def evaluate(env: Env, policy: Policy, tasks: Sequence[str], *, max_steps: int =
                 parsed = parse_action(reply.text, admissible, bare_ok=choice_mode)
                 steps += 1
                 actions += 1
+                taken.append(None if parsed.invalid else parsed.action)
                 if parsed.invalid:
                     invalid += 1
                     continue
@@ -46,8 +48,16 @@ def evaluate(env: Env, policy: Policy, tasks: Sequence[str], *, max_steps: int =
                 if result.done:
                     success = result.success
                     break
-            per_task.append({"task": task, "success": success, "steps": steps})
+            per_task.append({"task": task, "success": success, "steps": steps, "actions": taken})
     n = max(len(per_task), 1)
     return EvalResult(tasks=len(tasks), success_rate=sum(t["success"] for t in per_task) / n,
                       mean_steps=sum(t["steps"] for t in per_task) / n, invalid_rate=invalid / max(actions, 1),
                       per_task=per_task)
+
+
+def action_shares(per_task: Sequence[dict]) -> dict[str, float]:
+    """Share of each action verb (the action's first word) among the valid actions of evaluated episodes,
+    most frequent first: what a policy does, e.g. {"go": 0.83, "close": 0.12, "open": 0.05}."""
+    verbs = Counter(a.split()[0] if a.split() else a for t in per_task for a in t.get("actions", []) if a is not None)
+    total = sum(verbs.values())
+    return {v: n / total for v, n in verbs.most_common()} if total else {}

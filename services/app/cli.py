@@ -395,18 +395,37 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper evaluates at 0.4).")] = 0.4,
     episodes: Annotated[int, typer.Option(help="Episodes per game.")] = 1,
     choice_mode: Annotated[bool, typer.Option(help="Constrain replies to the admissible actions.")] = True,
+    weights: Annotated[Optional[str], typer.Option(help=(
+        "A published weights file loaded over --checkpoint, e.g. a bench run's held-out version "
+        "RUN/heldout-weights/v00000048.safetensors (with --checkpoint the run's initial model)."))] = None,
+    show_actions: Annotated[bool, typer.Option(help="Print every episode's actions.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
-    """Evaluate a checkpoint on held-out games: success rate, steps, invalid-action rate."""
+    """Evaluate a checkpoint on held-out games: success rate, steps, invalid-action rate, and the share
+    of each action verb (what the policy does)."""
+    import torch
+
     from actors.envs.registry import make_env
-    from actors.evaluate import evaluate
+    from actors.evaluate import action_shares, evaluate
     from services.policy.inprocess import InProcessPolicy
 
+    torch.manual_seed(seed)
+    policy = InProcessPolicy(checkpoint)
+    if weights:
+        from safetensors.torch import load_file
+
+        policy.publish(1, load_file(weights))
     env = make_env(env)
-    result = evaluate(env, InProcessPolicy(checkpoint), games, max_steps=max_steps, temperature=temperature,
+    result = evaluate(env, policy, games, max_steps=max_steps, temperature=temperature,
                       choice_mode=choice_mode, episodes=episodes)
     env.close()
+    if show_actions:
+        for t in result.per_task:
+            typer.echo(f"{'WIN ' if t['success'] else 'fail'} {t['task']}: "
+                       + " | ".join(a if a is not None else "<invalid>" for a in t["actions"]))
     typer.echo(f"success {result.success_rate:.1%} over {len(result.per_task)} episodes, "
                f"mean steps {result.mean_steps:.1f}, invalid actions {result.invalid_rate:.1%}")
+    typer.echo("actions: " + ", ".join(f"{v} {share:.0%}" for v, share in action_shares(result.per_task).items()))
 
 
 @app.command("bench")
