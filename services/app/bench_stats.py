@@ -244,6 +244,9 @@ class RunResult(BaseModel):
     train_eval_success: float | None = Field(None, description=(
         "The last checkpoint's success on training tasks at evaluation temperature (train_eval_tasks; None: not "
         "measured): for choosing settings without held-out tasks."))
+    actions_at_budget: dict[str, float] = Field(default_factory=dict, description=(
+        "Share of each action verb in the held-out episodes of the last checkpoint (what the policy does; "
+        "empty in records made before it was kept)."))
     updates_at: list[list[int]] = Field(default_factory=list, description=(
         "[[env_steps, updates], ...]: the policy version evaluated at each held-out checkpoint (the points of "
         "`held_out`), so that held-out success can be read against updates as well as env steps."))
@@ -320,6 +323,17 @@ def arm(algo: str, variant: str = "default") -> str:
     return algo if variant == "default" else f"{algo} {variant}"
 
 
+def mean_shares(shares: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The mean over runs of per-run shares (a verb a run never used counts 0 there), largest first;
+    runs without shares are left out."""
+    kept = [s for s in shares if s]
+    if not kept:
+        return {}
+    verbs = {v for s in kept for v in s}
+    mean = {v: sum(s.get(v, 0.0) for s in kept) / len(kept) for v in verbs}
+    return dict(sorted(mean.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[str, Any]]:
     """arm (algo, or algo and variant) -> figure -> mean_std over its seeds, plus "runs",
     "threshold_met_at_start" (runs whose initial policy already met the threshold) and
@@ -333,6 +347,7 @@ def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[s
         row: dict[str, Any] = {k: mean_std(f[k] for f in figs) for k in figs[0]
                                if k != "threshold_met_at_start"}
         row["runs"] = len(rs)
+        row["actions_at_budget"] = mean_shares([r.actions_at_budget for r in rs])
         row["threshold_met_at_start"] = sum(f["threshold_met_at_start"] for f in figs)
         row["stopped_by_time_limit"] = sum(r.stopped_by_time_limit for r in rs)
         out[algo] = row

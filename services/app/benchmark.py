@@ -286,7 +286,8 @@ def read_run(run_dir: Path, *, suite: str, algo: str, seed: int, variant: str, b
         wall_time_s=float(summary.get("wall_time_s", 0.0)), budget=budget, stopped_by_time_limit=stopped,
         train_success=late_success(_jsonl(run_dir / "metrics.jsonl")),
         updates_at=[[int(k["env_steps"]), int(k["version"])] for k in held["checkpoints"]],
-        train_eval_success=(held.get("train_eval") or {}).get("success"), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
+        train_eval_success=(held.get("train_eval") or {}).get("success"),
+        actions_at_budget=evals[str(held["checkpoints"][-1]["version"])].get("actions", {}), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
         eval_env_steps=int(held.get("eval_env_steps", 0)), run_dir=str(run_dir))
 
 
@@ -540,6 +541,12 @@ def markdown(results: dict) -> str:
                                        if row["stopped_by_time_limit"] else "")
             lines.append(f"| {algo} | {runs} | " + " | ".join(cells) + " |")
         lines.append("")
+        acted = {algo: row["actions_at_budget"] for algo, row in table.items() if row.get("actions_at_budget")}
+        if acted:
+            lines += ["Held-out actions at the budget, by verb (mean share over runs):", ""]
+            lines += [f"- {algo}: " + ", ".join(f"{v} {p:.0%}" for v, p in list(shares.items())[:6])
+                      for algo, shares in acted.items()]
+            lines.append("")
         for ours, comparisons in [("3spo", data["comparisons"]), *data.get("variant_comparisons", {}).items()]:
             if not comparisons:
                 continue

@@ -283,7 +283,7 @@ def evaluate_checkpoints(kept: list[dict], eval_games: list[str], cfg: "TrainCon
     spread over the (stopped, already warm) actor processes; returns heldout.json's content."""
     import ray
 
-    from actors.evaluate import EvalResult
+    from actors.evaluate import EvalResult, action_shares
 
     versions = sorted({k["version"] for k in kept})
     episodes = int(eval_kw.get("episodes", 1))
@@ -310,7 +310,8 @@ def evaluate_checkpoints(kept: list[dict], eval_games: list[str], cfg: "TrainCon
     return {"checkpoints": [{**k, "success": results[k["version"]].success_rate,
                              "episodes": len(results[k["version"]].per_task)} for k in kept],
             "evaluations": {str(v): {"successes": [t["success"] for t in r.per_task],
-                                     "steps": [t["steps"] for t in r.per_task], "invalid_rate": r.invalid_rate}
+                                     "steps": [t["steps"] for t in r.per_task], "invalid_rate": r.invalid_rate,
+                                     "actions": action_shares(r.per_task)}
                             for v, r in results.items()},
             "eval_wall_s": wall, "eval_workers": workers,
             "eval_episodes": sum(len(r.per_task) for r in results.values()),

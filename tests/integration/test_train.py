@@ -73,6 +73,8 @@ def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
         assert versions[0] == 0 and versions[-1] <= r["updates"], r
         assert r["train_eval_success"] in (0.0, 0.5, 1.0), r  # 1 training task x 2 episodes
         assert (Path(r["run_dir"]) / "heldout.json").is_file() and (Path(r["run_dir"]) / "visits.jsonl").is_file()
+        shares = json.loads((Path(r["run_dir"]) / "heldout.json").read_text())["evaluations"]["0"]["actions"]
+        assert shares and abs(sum(shares.values()) - 1) < 1e-9, shares  # what the policy did, by verb
     # the same initial model and held-out tasks per seed: step-0 evaluations agree across algorithms
     by = {(r["algo"], r["seed"]): r for r in runs}
     for seed in (0, 1):

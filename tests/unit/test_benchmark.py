@@ -178,7 +178,8 @@ def write_run_dir(d: Path, *, successes_by_version: dict[int, list[float]], kept
     (d / "visits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     (d / "heldout.json").write_text(json.dumps({
         "checkpoints": [{"env_steps": s, "version": v} for s, v in kept],
-        "evaluations": {str(v): {"successes": s} for v, s in successes_by_version.items()},
+        "evaluations": {str(v): {"successes": s, **({"actions": {"go": 0.75, "take": 0.25}} if train_eval else {})}
+                        for v, s in successes_by_version.items()},
         "eval_wall_s": 3.0, "eval_env_steps": 77, "stopped_by_time_limit": stopped,
         **({"train_eval": train_eval} if train_eval else {})}))
     return d
@@ -193,10 +194,12 @@ def test_read_run_turns_a_run_directory_into_a_run_result(tmp_path):
     assert r.held_out[0] == [0, 0.25, 4] and r.held_out[2] == [20, 0.5, 4] and r.held_out[-1] == [80, 1.0, 4]
     assert r.updates_at == [[s, v] for s, v in kept]  # the version evaluated at each checkpoint
     assert r.train_eval_success is None  # not measured
+    assert r.actions_at_budget == {}  # an evaluation recorded without its actions
     measured = read_run(write_run_dir(tmp_path / "te", successes_by_version={0: [0.0], 3: [1.0]}, kept=kept[:1] + [
         (s, 3) for s, _ in kept[1:]], train_eval={"success": 0.75, "episodes": 4, "tasks": 2}), suite="s",
         algo="3spo", seed=1, variant="default", budget=80, checkpoints=8, curve_points=4, settings={})
     assert measured.train_eval_success == 0.75
+    assert measured.actions_at_budget == {"go": 0.75, "take": 0.25}
     # rollout 1 covers run steps 0-40, rollout 2 steps 40-82: t2's "a" is at 42, its "c" at 82 (after the budget)
     assert r.visited_states == [[0, 1], [20, 2], [40, 4], [60, 5], [80, 5]]
     assert (r.new_env_steps, r.replay_env_steps, r.generated_tokens, r.learner_tokens, r.updates) == (82, 30, 900, 600, 3)
@@ -275,6 +278,13 @@ def test_a_variant_is_its_own_row_compared_with_the_baselines_on_the_same_seeds(
     assert order["final_success"]["difference"]["estimate"] == pytest.approx(-0.1)
     assert order["visited_states"]["ratio"]["estimate"] == pytest.approx(3.0)
     text = markdown(results)
+    assert "Held-out actions" not in text  # no run recorded them
+    runs[0] = runs[0].model_copy(update={"actions_at_budget": {"go": 1.0}})
+    runs[1] = runs[1].model_copy(update={"actions_at_budget": {"go": 0.5, "take": 0.5}})
+    results = build_results(BenchConfig(algos=["3spo", "grpo"], resamples=500), runs)
+    assert results["suites"]["s"]["table"]["3spo"]["actions_at_budget"] == {"go": 0.75, "take": 0.25}
+    text = markdown(results)
+    assert "- 3spo: go 75%, take 25%" in text and "- grpo:" not in text
     assert "| 3spo novelty_use=order vs | figure |" in text
     assert "| s | 3spo novelty_use=order | final held-out success above GRPO's | -10.0 points [" in text
     assert "3spo novelty_use=order 0 s + 0 s" in text
