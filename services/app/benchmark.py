@@ -287,7 +287,8 @@ def read_run(run_dir: Path, *, suite: str, algo: str, seed: int, variant: str, b
         train_success=late_success(_jsonl(run_dir / "metrics.jsonl")),
         updates_at=[[int(k["env_steps"]), int(k["version"])] for k in held["checkpoints"]],
         train_eval_success=(held.get("train_eval") or {}).get("success"),
-        actions_at_budget=evals[str(held["checkpoints"][-1]["version"])].get("actions", {}), eval_wall_s=float(held.get("eval_wall_s", 0.0)),
+        actions_at_budget=evals[str(held["checkpoints"][-1]["version"])].get("actions", {}),
+        eval_wall_s=float(held.get("eval_wall_s", 0.0)),
         eval_env_steps=int(held.get("eval_env_steps", 0)), run_dir=str(run_dir))
 
 
@@ -509,8 +510,8 @@ def build_results(bench: BenchConfig, runs: list[RunResult]) -> dict:
             "comparisons": comps.pop("3spo", {}),
             "variant_comparisons": comps,
         }
-    return {"format": FORMAT, "algos": bench.algos, "arms": list(dict.fromkeys(arm(r.algo, r.variant) for r in runs)),
-            "seeds": bench.seeds,
+    return {"format": FORMAT, "algos": bench.algos, "seeds": bench.seeds,
+            "arms": list(dict.fromkeys(arm(r.algo, r.variant) for r in runs)),
             "success_threshold": bench.success_threshold, "heldout_checkpoints": bench.heldout_checkpoints,
             "suites": suites, "runs": [r.model_dump() for r in runs]}
 
