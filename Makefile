@@ -75,7 +75,7 @@ bench: install $(if $(filter alfworld-gen,$(BENCH_SUITES)),$(ALFWORLD_GAMES)/hel
 bench-all: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on every suite of configs/bench-v2.yaml (resumable across sessions)
 	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(BENCH_ARGS)
 
-bench-sweep: install $(ALFWORLD_GAMES)/heldout ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
+bench-sweep: install ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
 	$(BIN)/spo3 bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
 
 bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recorded so far
