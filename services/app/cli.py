@@ -409,6 +409,9 @@ def eval_cmd(
     from actors.evaluate import action_shares, evaluate
     from services.policy.inprocess import InProcessPolicy
 
+    if weights and not Path(weights).is_file():
+        raise typer.BadParameter(f"--weights {weights}: no such file (a run keeps its held-out versions in "
+                                 "RUN/heldout-weights/)")
     torch.manual_seed(seed)
     policy = InProcessPolicy(checkpoint)
     if weights:

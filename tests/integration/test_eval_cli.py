@@ -3,6 +3,7 @@ episode's actions, the verb shares."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,5 +43,5 @@ def test_eval_loads_a_weights_file_and_shows_what_the_policy_did(tmp_path):
     # the weights file was really loaded: the same seed samples other actions
     assert before.stdout != after.stdout
     bad = subprocess.run(cmd + ["--weights", str(tmp_path / "missing.safetensors")], capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode != 0
+                         timeout=300, env={**os.environ, "COLUMNS": "400"})  # the error box unwrapped
+    assert bad.returncode == 2 and "no such file" in bad.stderr, bad.stderr[-2000:]
