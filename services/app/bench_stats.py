@@ -339,10 +339,10 @@ def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[s
     "threshold_met_at_start" (runs whose initial policy already met the threshold) and
     "stopped_by_time_limit" (counts)."""
     out: dict[str, dict[str, Any]] = {}
-    by_algo: dict[str, list[RunResult]] = {}
+    by_arm: dict[str, list[RunResult]] = {}
     for r in runs:
-        by_algo.setdefault(arm(r.algo, r.variant), []).append(r)
-    for algo, rs in by_algo.items():
+        by_arm.setdefault(arm(r.algo, r.variant), []).append(r)
+    for name, rs in by_arm.items():
         figs = [run_figures(r, threshold) for r in rs]
         row: dict[str, Any] = {k: mean_std(f[k] for f in figs) for k in figs[0]
                                if k != "threshold_met_at_start"}
@@ -350,7 +350,7 @@ def suite_table(runs: Sequence[RunResult], threshold: float) -> dict[str, dict[s
         row["actions_at_budget"] = mean_shares([r.actions_at_budget for r in rs])
         row["threshold_met_at_start"] = sum(f["threshold_met_at_start"] for f in figs)
         row["stopped_by_time_limit"] = sum(r.stopped_by_time_limit for r in rs)
-        out[algo] = row
+        out[name] = row
     return out
 
 
