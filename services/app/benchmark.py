@@ -717,8 +717,11 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
     bench = select(bench, tuning, None, seeds or sweep.seeds, sweep.env_steps, None)
     if sweep.heldout_checkpoints:
         bench.heldout_checkpoints = sweep.heldout_checkpoints
-    bench.algo_settings, bench.variants = {}, {}  # the sweep varies the settings itself
-    bench.base["train_eval_tasks"] = sweep.train_eval_tasks
+    # Each variant changes one setting of the bench's own (its algo_settings included), so that "default"
+    # is what the bench runs now and the block the sweep prints replaces it whole.
+    bench.variants = {}
+    if sweep.select_by == "train_eval_success":  # an evaluation on training tasks only when it chooses
+        bench.base["train_eval_tasks"] = sweep.train_eval_tasks
     plan: list[Planned] = []
     variants: dict[str, dict[str, dict[str, Any]]] = {}
     for algo in algos or list(sweep.grid):
@@ -749,7 +752,10 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
                                                                         "visited_states", "updates")}}
         best = best_variant(rows)
         report["algos"][algo] = {"variants": table, "best": best, "best_settings": vs.get(best, {}) if best else None}
-    report["algo_settings"] = {a: d["best_settings"] for a, d in report["algos"].items() if d["best_settings"]}
+    settings = {a: dict(sets) for a, sets in bench.algo_settings.items()}  # what the bench runs now
+    for algo, d in report["algos"].items():
+        settings[algo] = {**settings.get(algo, {}), **(d["best_settings"] or {})}
+    report["algo_settings"] = {a: sets for a, sets in settings.items() if sets}
     report["failed"] = failures
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(report, indent=1))

@@ -357,6 +357,31 @@ def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch
     assert "## 3spo: best `alpha=50`" in text and "score.alpha: 50" in text
 
 
+def test_a_sweep_starts_from_the_benchs_own_algo_settings(tmp_path, monkeypatch):
+    """GRPO runs at groups_per_update 1 in the bench: the sweep's default is that, the listed 1 is not run
+    again, and the block it prints keeps it when no variant beats it."""
+    import services.app.benchmark as bm
+
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
+        "base": {"env_steps": 80, "eval": {"episodes": 8}}, "algo_settings": {"grpo": {"learner.groups_per_update": 1}},
+        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}}))
+    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7],
+                        grid={"grpo": {"learner.groups_per_update": [1, 2]}, "3spo": {"score.alpha": [50]}})
+    planned = []
+
+    def fake_run_plan(bench, plan, out, **kw):
+        planned.extend(plan)
+        assert bench.run_config("s", "grpo", 7, out).learner.groups_per_update == 1
+        return {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_eval_success": {
+            "default": 0.2, "groups_per_update=2": 0.1, "alpha=50": 0.3}[p.variant]}) for p in plan}, []
+
+    monkeypatch.setattr(bm, "run_plan", fake_run_plan)
+    report = bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    assert [(p.algo, p.variant) for p in planned] == [("grpo", "default"), ("grpo", "groups_per_update=2"),
+                                                      ("3spo", "default"), ("3spo", "alpha=50")]
+    assert report["algo_settings"] == {"grpo": {"learner.groups_per_update": 1}, "3spo": {"score.alpha": 50}}
+
+
 def test_results_copied_into_another_out_are_reported(tmp_path):
     bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
                         suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"], seeds=[1])
