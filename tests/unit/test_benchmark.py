@@ -326,29 +326,40 @@ def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_no
     assert run_plan(bench, [p, missing], tmp_path, progress=False, report_only=True)[0] == {p: recorded}
 
 
-def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
-    """`score.alpha: [1, 50]` with alpha 1.0 the default: the 'alpha=1' variant is the default one and
-    is not run twice. (run_plan is replaced: this checks the plan, not training.)"""
+def sweep_with_scores(tmp_path, monkeypatch, bench: dict, grid: dict, scores: dict, check=None):
+    """run_sweep over a hand-made bench with run_plan replaced (this checks the plan and the choice, not
+    training): every run gets train_eval_success scores[variant]; `check(bench, plan, out)` looks at what
+    run_plan was given. Returns (planned runs, report)."""
     import services.app.benchmark as bm
 
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
-        "base": {"env_steps": 80, "eval": {"episodes": 8}, "score": {"alpha": 1.0}},
-        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}}))
-    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7],
-                        grid={"3spo": {"score.alpha": [1, 50]}, "grpo": {"learner.groups_per_update": [2]}})
+        "base": {"env_steps": 80, "eval": {"episodes": 8}},
+        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, **bench}))
+    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7], grid=grid)
     planned = []
 
     def fake_run_plan(bench, plan, out, **kw):
         planned.extend(plan)
-        # every sweep run measures the training tasks at evaluation temperature, which selects by default
-        assert all(bench.run_config(p.suite, p.algo, p.seed, out, dict(p.overrides)).train_eval_tasks == 16
-                   for p in plan)
-        results = {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_eval_success": {
-            "default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}[p.variant]}) for p in plan}
-        return results, []
+        if check:
+            check(bench, plan, out)
+        return {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={
+            "variant": p.variant, "train_eval_success": scores[p.variant]}) for p in plan}, []
 
     monkeypatch.setattr(bm, "run_plan", fake_run_plan)
-    report = bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    return planned, bm.run_sweep(sweep, tmp_path / "out", progress=False)
+
+
+def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
+    """`score.alpha: [1, 50]` with alpha 1.0 the default: the 'alpha=1' variant is the default one and
+    is not run twice."""
+    def every_run_evaluates_training_tasks(bench, plan, out):  # which selects by default
+        assert all(bench.run_config(p.suite, p.algo, p.seed, out, dict(p.overrides)).train_eval_tasks == 16
+                   for p in plan)
+
+    planned, report = sweep_with_scores(
+        tmp_path, monkeypatch, {"base": {"env_steps": 80, "eval": {"episodes": 8}, "score": {"alpha": 1.0}}},
+        {"3spo": {"score.alpha": [1, 50]}, "grpo": {"learner.groups_per_update": [2]}},
+        {"default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}, every_run_evaluates_training_tasks)
     assert [(p.algo, p.variant) for p in planned] == [("3spo", "default"), ("3spo", "alpha=50"),
                                                       ("grpo", "default"), ("grpo", "groups_per_update=2")]
     assert report["algos"]["3spo"]["best"] == "alpha=50" and report["algos"]["grpo"]["best"] == "default"
@@ -360,23 +371,13 @@ def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch
 def test_a_sweep_starts_from_the_benchs_own_algo_settings(tmp_path, monkeypatch):
     """GRPO runs at groups_per_update 1 in the bench: the sweep's default is that, the listed 1 is not run
     again, and the block it prints keeps it when no variant beats it."""
-    import services.app.benchmark as bm
-
-    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
-        "base": {"env_steps": 80, "eval": {"episodes": 8}}, "algo_settings": {"grpo": {"learner.groups_per_update": 1}},
-        "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}}))
-    sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7],
-                        grid={"grpo": {"learner.groups_per_update": [1, 2]}, "3spo": {"score.alpha": [50]}})
-    planned = []
-
-    def fake_run_plan(bench, plan, out, **kw):
-        planned.extend(plan)
+    def grpo_default_is_the_benchs(bench, plan, out):
         assert bench.run_config("s", "grpo", 7, out).learner.groups_per_update == 1
-        return {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={"variant": p.variant, "train_eval_success": {
-            "default": 0.2, "groups_per_update=2": 0.1, "alpha=50": 0.3}[p.variant]}) for p in plan}, []
 
-    monkeypatch.setattr(bm, "run_plan", fake_run_plan)
-    report = bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    planned, report = sweep_with_scores(
+        tmp_path, monkeypatch, {"algo_settings": {"grpo": {"learner.groups_per_update": 1}}},
+        {"grpo": {"learner.groups_per_update": [1, 2]}, "3spo": {"score.alpha": [50]}},
+        {"default": 0.2, "groups_per_update=2": 0.1, "alpha=50": 0.3}, grpo_default_is_the_benchs)
     assert [(p.algo, p.variant) for p in planned] == [("grpo", "default"), ("grpo", "groups_per_update=2"),
                                                       ("3spo", "default"), ("3spo", "alpha=50")]
     assert report["algo_settings"] == {"grpo": {"learner.groups_per_update": 1}, "3spo": {"score.alpha": 50}}
