@@ -300,14 +300,20 @@ def result_path(out: Path, suite: str, algo: str, variant: str, seed: int) -> Pa
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings that must match for a recorded run to stand for a planned one, with every default filled
     in (a record written when fewer settings were spelt out compares by what they amount to): not the
-    time limit (it may change) nor where files go (results copied into another --out stay valid)."""
+    time limit (it may change) nor where files go (results copied into another --out stay valid).
+    A record from before `games.seed_stride` generated its tasks at stride 1; what it amounts to is the
+    first game seed, so a seed-0 record stands for a seed-0 run at any stride."""
+    if isinstance(settings.get("games"), dict):
+        settings = {**settings, "games": {"seed_stride": 1, **settings["games"]}}
     try:
         settings = TrainConfig.model_validate(settings).model_dump(mode="json")
     except ValueError:
         pass  # compared as recorded: it differs from any plan, and the error names the keys
     out = {k: v for k, v in _numbers_alike(settings).items() if k not in ("time_limit_s", "runs_dir", "model")}
     if isinstance(out.get("games"), dict):
-        out["games"] = {k: v for k, v in out["games"].items() if k != "cache_dir"}
+        games = {k: v for k, v in out["games"].items() if k not in ("cache_dir", "seed_stride")}
+        games["first_game_seed"] = out["games"].get("seed", 0) * out["games"].get("seed_stride", 1)
+        out["games"] = games
     return out
 
 
@@ -363,6 +369,13 @@ def warm_start_config(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: in
     return sft.model_copy(update={"games": sft.games.model_copy(update={"cache_dir": cfg.games.cache_dir})})
 
 
+def _comparable_sft(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a warm start's `spo3 sft` settings amount to, as `_comparable` for runs: not where files
+    go, nor the free-text note."""
+    out = {k: v for k, v in _numbers_alike(settings).items() if k not in ("out", "note", "games")}
+    return out | {"games": _comparable({"games": settings["games"]})["games"]}
+
+
 def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
                      say: Callable[[str], None] = lambda _: None) -> Path:
     """The warm-started model of (`suite`, `seed`): OUT/sft/<suite>-s<seed>/model, made by `spo3 sft`
@@ -373,7 +386,14 @@ def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int
 
     sft = warm_start_config(bench, cfg, suite, seed, out)
     target = Path(sft.out)
-    if not (target / "sft.json").is_file():
+    if (target / "sft.json").is_file():
+        made = _comparable_sft(json.loads((target / "sft.json").read_text())["config"])
+        wanted = _comparable_sft(sft.model_dump(mode="json"))
+        if made != wanted:
+            diff = sorted(k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k))
+            raise ValueError(f"{target} was made with other settings ({diff}) than warm start {suite} seed {seed} "
+                             "wants; use another --out, or delete that folder to make it again")
+    else:
         shutil.rmtree(target, ignore_errors=True)  # a warm start cut short is made again whole
         say(f"warm start of {suite} seed {seed}: spo3 sft ({bench.sft_config} entry {bench.warm_start[suite]!r}) "
             f"-> {target}")

@@ -33,6 +33,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+HELD_OUT_OFFSET = 10_000  # TextWorld's held-out game seeds start here within a seed's block (TWX's at twice it)
+
+
 class GamesConfig(BaseModel):
     """Which tasks a run trains and evaluates on."""
 
@@ -41,9 +44,15 @@ class GamesConfig(BaseModel):
     kind: str = Field("tw-coin_collector", description=(
         "textworld: the tw-make generator (tw-coin_collector, tw-treasure_hunter, tw-simple, tw-cooking); "
         "twx: the game (coin, cookingworld, mapreader, ...); alfworld: unused."))
-    train: int = Field(8, ge=1, description="Training tasks (generated: seeds seed..seed+train-1).")
-    eval: int = Field(8, ge=1, description="Held-out tasks (other seeds: seed+10000..).")
-    seed: int = Field(0, description="First seed of the generated tasks (and of the initial model).")
+    train: int = Field(8, ge=1, le=HELD_OUT_OFFSET, description=(
+        "Training tasks (generated: game seeds seed*seed_stride + 0..train-1)."))
+    eval: int = Field(8, ge=1, le=HELD_OUT_OFFSET, description=(
+        "Held-out tasks (generated: game seeds seed*seed_stride + 10000.. for TextWorld, + 20000.. for TWX's test fold)."))
+    seed: int = Field(0, ge=0, description="Seed of the task split (and of the initial model).")
+    seed_stride: int = Field(100_000, ge=1, description=(
+        "Game seeds per run seed: seed s generates its tasks from game seed s*seed_stride on, so that runs of "
+        "different seeds share no task (at 1, seed s and s+1 share all but one). Records made before this setting "
+        "existed used 1."))
     settings: dict[str, Any] = Field(default_factory=dict, description=(
         "textworld: generator settings, e.g. {level: 3}; twx: generation properties, e.g. {numLocations: 4}; "
         "alfworld: {data_dir: ..., eval_data_dir: ..., task_types: [1, 2]} (data_dir empty: $ALFWORLD_DATA; "
@@ -53,6 +62,22 @@ class GamesConfig(BaseModel):
     eval_tasks: list[str] = Field(default_factory=list, description=(
         "Explicit held-out task ids. Empty while `tasks` is set: evaluate on the training tasks."))
     cache_dir: str | None = Field(None, description="Where generated games are kept (default: the run directory).")
+
+    @model_validator(mode="after")
+    def _blocks_apart(self) -> "GamesConfig":
+        if 1 < self.seed_stride < 3 * HELD_OUT_OFFSET:
+            raise ValueError(f"games.seed_stride={self.seed_stride}: the game seeds of one seed span "
+                             f"{3 * HELD_OUT_OFFSET:,} (held-out ones from +{HELD_OUT_OFFSET:,}, TWX's from "
+                             f"+{2 * HELD_OUT_OFFSET:,}); give at least that, or 1 for splits that overlap")
+        return self
+
+
+def task_seeds(games: GamesConfig) -> tuple[list[int], list[int]]:
+    """(training, held-out) game seeds of a generated split (TextWorld; TWX adds HELD_OUT_OFFSET
+    to the held-out ones, in its test fold): a block of its own per `games.seed`."""
+    base = games.seed * games.seed_stride
+    return ([base + i for i in range(games.train)],
+            [base + HELD_OUT_OFFSET + i for i in range(games.eval)])
 
 
 def task_lists(games: GamesConfig, default_dir: Path) -> tuple[list[str], list[str]]:
@@ -67,14 +92,16 @@ def task_lists(games: GamesConfig, default_dir: Path) -> tuple[list[str], list[s
         from actors.envs.textworld_env import generate_games
 
         out = Path(games.cache_dir) if games.cache_dir else default_dir
-        train = generate_games(out, games.kind, games.train, seed=games.seed, **games.settings)
-        held_out = generate_games(out, games.kind, games.eval, seed=games.seed + 10_000, **games.settings)
+        train_seeds, held_seeds = task_seeds(games)
+        train = generate_games(out, games.kind, games.train, seed=train_seeds[0], **games.settings)
+        held_out = generate_games(out, games.kind, games.eval, seed=held_seeds[0], **games.settings)
         return train, held_out
     if env in ("twx", "textworld-express"):
         params = ",".join(f"{k}={int(v)}" for k, v in games.settings.items())
         suffix = f":{params}" if params else ""
-        train = [f"{games.kind}:seed={games.seed + i}:fold=train{suffix}" for i in range(games.train)]
-        held_out = [f"{games.kind}:seed={games.seed + 20_000 + i}:fold=test{suffix}" for i in range(games.eval)]
+        train_seeds, held_seeds = task_seeds(games)
+        train = [f"{games.kind}:seed={s}:fold=train{suffix}" for s in train_seeds]
+        held_out = [f"{games.kind}:seed={s + HELD_OUT_OFFSET}:fold=test{suffix}" for s in held_seeds]
         return train, held_out
     if env == "alfworld":
         from actors.envs.alfworld_env import list_games

@@ -22,7 +22,7 @@ from services.app.benchmark import (
     sweep_variants,
     variant_name,
 )
-from services.app.launcher import GamesConfig, task_lists
+from services.app.launcher import GamesConfig, task_lists, task_seeds
 
 ROOT = Path(__file__).parents[2]
 
@@ -123,13 +123,53 @@ def test_sweep_variants_and_names():
 def test_task_lists_for_twx_and_explicit_tasks(tmp_path):
     train, held_out = task_lists(GamesConfig(env="twx", kind="coin", train=2, eval=1, seed=5,
                                              settings={"numLocations": 4}), tmp_path)
-    assert train == ["coin:seed=5:fold=train:numLocations=4", "coin:seed=6:fold=train:numLocations=4"]
-    assert held_out == ["coin:seed=20005:fold=test:numLocations=4"]
+    assert train == ["coin:seed=500000:fold=train:numLocations=4", "coin:seed=500001:fold=train:numLocations=4"]
+    assert held_out == ["coin:seed=520000:fold=test:numLocations=4"]
     (tmp_path / "g.z8").write_text("")
     train, held_out = task_lists(GamesConfig(tasks=[str(tmp_path / "g.z8"), "coin:seed=1"]), tmp_path)
     assert train == held_out == [str((tmp_path / "g.z8").resolve()), "coin:seed=1"]
     with pytest.raises(ValueError, match="games.tasks"):
         task_lists(GamesConfig(env="scienceworld"), tmp_path)
+
+
+def test_seeds_of_the_shipped_bench_and_sweep_share_no_task(tmp_path):
+    bench = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
+    seeds = bench.seeds + SweepConfig.from_yaml(ROOT / "configs" / "bench-sweep.yaml").seeds
+    for suite in ("twx-coin-big", "tw-treasure-l15"):  # one TWX suite (ids), one TextWorld suite (game seeds)
+        games = bench.run_config(suite, "grpo", 0, tmp_path).games
+        seen: dict[str, tuple[int, str]] = {}
+        for seed in seeds:
+            split = games.model_copy(update={"seed": seed})
+            if games.env == "twx":
+                train, held = task_lists(split, tmp_path)
+            else:
+                train, held = (list(map(str, s)) for s in task_seeds(split))
+            assert len(set(train)) == games.train and len(set(held)) == games.eval
+            for part, ids in (("train", train), ("held-out", held)):
+                for t in ids:
+                    assert t not in seen, f"{suite}: {t} is in seed {seen[t]} and in seed {seed} {part}"
+                    seen[t] = (seed, part)
+    shared = GamesConfig(env="twx", kind="coin", train=4, eval=2, seed=1, seed_stride=1)  # the old, overlapping split
+    assert task_lists(shared, tmp_path)[0][:3] == [f"coin:seed={s}:fold=train" for s in (1, 2, 3)]
+    with pytest.raises(ValueError, match="seed_stride=5000: the game seeds of one seed span 30,000"):
+        GamesConfig(seed_stride=5000)
+
+
+def test_a_record_from_before_seed_stride_stands_only_for_seed_0(tmp_path):
+    """Records without games.seed_stride generated their tasks at stride 1: seed 0's tasks are the same at
+    any stride, seed 1's are not, so resume keeps the first and refuses the second."""
+    bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"], seeds=[0, 1])
+    plan = [Planned(suite="s", algo="grpo", seed=seed) for seed in (0, 1)]
+    for p in plan:
+        settings = bench.run_config("s", "grpo", p.seed, tmp_path).model_dump(mode="json")
+        del settings["games"]["seed_stride"]
+        path = result_path(tmp_path, "s", "grpo", "default", p.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run("grpo", p.seed, 0.5, 10).model_copy(update={"settings": settings}).model_dump_json())
+    assert set(run_plan(bench, plan[:1], tmp_path, progress=False)[0]) == {plan[0]}
+    with pytest.raises(ValueError, match=r"grpo-default-s1.json was recorded with other settings \(\['games'\]\)"):
+        run_plan(bench, plan, tmp_path, progress=False)
 
 
 def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
@@ -419,7 +459,7 @@ def test_warm_start_names_known_suites_checks_games_and_reuses_a_finished_sft(tm
     def fake_sft(cfg, **_):  # what run_sft leaves behind, its sft.json last
         made.append(cfg)
         Path(cfg.out).mkdir(parents=True)
-        (Path(cfg.out) / "sft.json").write_text("{}")
+        (Path(cfg.out) / "sft.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
         return {"examples": 3, "loss_first": 1.0, "loss_last": 0.5, "seconds": 1.0}
 
     monkeypatch.setattr(sft_module, "run_sft", fake_sft)
@@ -435,6 +475,12 @@ def test_warm_start_names_known_suites_checks_games_and_reuses_a_finished_sft(tm
     (tmp_path / "sft" / "coin-s4" / "stale").write_text("cut short")
     warm_start_model(bench, bench.run_config("coin", "3spo", 4, tmp_path), "coin", 4, tmp_path)
     assert len(made) == 2 and not (tmp_path / "sft" / "coin-s4" / "stale").exists()  # made again, whole
+    sft_json = tmp_path / "sft" / "coin-s3" / "sft.json"  # made before games.seed_stride: other tasks than seed 3's now
+    made_before = json.loads(sft_json.read_text())
+    del made_before["config"]["games"]["seed_stride"]
+    sft_json.write_text(json.dumps(made_before))
+    with pytest.raises(ValueError, match=r"coin-s3 was made with other settings \(\['games'\]\)"):
+        warm_start_model(bench, cfg, "coin", 3, tmp_path)
     mismatched = bench.model_copy(update={"warm_start": {"coin": "other"}})
     with pytest.raises(ValueError, match=r"entry 'other' has other games than suite 'coin' \(\['settings'\]\)"):
         warm_start_model(mismatched, cfg, "coin", 3, tmp_path)
