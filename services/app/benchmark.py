@@ -358,7 +358,7 @@ def warm_start_config(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: in
     entry = bench.warm_start[suite]
     sft = with_seed(suite_config(bench.sft_config, entry, out=str(out / "sft" / f"{suite}-s{seed}"),
                                  eval_episodes=0), seed)
-    fields = {"env", "kind", "train", "eval", "seed", "settings", "tasks", "eval_tasks"}
+    fields = {"env", "kind", "train", "eval", "seed", "seed_stride", "settings", "tasks", "eval_tasks"}
     mine, theirs = cfg.games.model_dump(include=fields), sft.games.model_dump(include=fields)
     if mine != theirs:
         diff = sorted(k for k in fields if mine[k] != theirs[k])

@@ -481,6 +481,10 @@ def test_warm_start_names_known_suites_checks_games_and_reuses_a_finished_sft(tm
     sft_json.write_text(json.dumps(made_before))
     with pytest.raises(ValueError, match=r"coin-s3 was made with other settings \(\['games'\]\)"):
         warm_start_model(bench, cfg, "coin", 3, tmp_path)
+    strided = BenchConfig(base={**base, "games": {"seed_stride": 1}}, suites=bench.suites, warm_start={"coin": "coin"},
+                          sft_config=str(sft_file), min_heldout_episodes=64)  # the SFT entry keeps the default
+    with pytest.raises(ValueError, match=r"other games than suite 'coin' \(\['seed_stride'\]\)"):
+        warm_start_model(strided, strided.run_config("coin", "grpo", 3, tmp_path), "coin", 3, tmp_path)
     mismatched = bench.model_copy(update={"warm_start": {"coin": "other"}})
     with pytest.raises(ValueError, match=r"entry 'other' has other games than suite 'coin' \(\['settings'\]\)"):
         warm_start_model(mismatched, cfg, "coin", 3, tmp_path)
