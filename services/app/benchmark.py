@@ -297,19 +297,21 @@ def result_path(out: Path, suite: str, algo: str, variant: str, seed: int) -> Pa
     return out / "results" / suite / f"{algo}-{safe}-s{seed}.json"
 
 
-def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match for a recorded run to stand for a planned one, with every default filled
-    in (a record written when fewer settings were spelt out compares by what they amount to): not the
-    time limit (it may change) nor where files go (results copied into another --out stay valid).
-    A record from before `games.seed_stride` generated its tasks at stride 1; what it amounts to is the
-    first game seed, so a seed-0 record stands for a seed-0 run at any stride."""
+def _comparable(settings: dict[str, Any], model: type[BaseModel] | None = None,
+                ignore: tuple[str, ...] = ("time_limit_s", "runs_dir", "model")) -> dict[str, Any]:
+    """Settings that must match for a recorded run (a `model`, TrainConfig by default) to stand for a
+    planned one, with every default filled in (a record written when fewer settings were spelt out
+    compares by what they amount to): not the `ignore`d keys, by default the time limit (it may change)
+    and where files go (results copied into another --out stay valid). A record from before
+    `games.seed_stride` generated its tasks at stride 1; what it amounts to is the first game seed, so
+    a seed-0 record stands for a seed-0 run at any stride."""
     if isinstance(settings.get("games"), dict):
         settings = {**settings, "games": {"seed_stride": 1, **settings["games"]}}
     try:
-        settings = TrainConfig.model_validate(settings).model_dump(mode="json")
+        settings = (model or TrainConfig).model_validate(settings).model_dump(mode="json")
     except ValueError:
         pass  # compared as recorded: it differs from any plan, and the error names the keys
-    out = {k: v for k, v in _numbers_alike(settings).items() if k not in ("time_limit_s", "runs_dir", "model")}
+    out = {k: v for k, v in _numbers_alike(settings).items() if k not in ignore}
     if isinstance(out.get("games"), dict):
         games = {k: v for k, v in out["games"].items() if k not in ("cache_dir", "seed_stride")}
         games["first_game_seed"] = out["games"].get("seed", 0) * out["games"].get("seed_stride", 1)
@@ -369,26 +371,20 @@ def warm_start_config(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: in
     return sft.model_copy(update={"games": sft.games.model_copy(update={"cache_dir": cfg.games.cache_dir})})
 
 
-def _comparable_sft(settings: dict[str, Any]) -> dict[str, Any]:
-    """What a warm start's `spo3 sft` settings amount to, as `_comparable` for runs: not where files
-    go, nor the free-text note."""
-    out = {k: v for k, v in _numbers_alike(settings).items() if k not in ("out", "note", "games")}
-    return out | {"games": _comparable({"games": settings["games"]})["games"]}
-
-
 def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
                      say: Callable[[str], None] = lambda _: None) -> Path:
     """The warm-started model of (`suite`, `seed`): OUT/sft/<suite>-s<seed>/model, made by `spo3 sft`
     (`warm_start_config`) unless a finished one is there (its sft.json is written last)."""
     import shutil
 
-    from services.app.sft import run_sft
+    from services.app.sft import SftRunConfig, run_sft
 
     sft = warm_start_config(bench, cfg, suite, seed, out)
     target = Path(sft.out)
     if (target / "sft.json").is_file():
-        made = _comparable_sft(json.loads((target / "sft.json").read_text())["config"])
-        wanted = _comparable_sft(sft.model_dump(mode="json"))
+        ignore = ("out", "note")  # where it was written, and free text
+        made = _comparable(json.loads((target / "sft.json").read_text())["config"], SftRunConfig, ignore)
+        wanted = _comparable(sft.model_dump(mode="json"), SftRunConfig, ignore)
         if made != wanted:
             diff = sorted(k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k))
             raise ValueError(f"{target} was made with other settings ({diff}) than warm start {suite} seed {seed} "
