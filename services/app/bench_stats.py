@@ -400,7 +400,8 @@ COMPARED = {  # figure -> kinds of paired comparison
 def suite_comparisons(runs: Sequence[RunResult], threshold: float, *, ours: str = "3spo",
                       resamples: int = 10_000, seed: int = 0) -> dict[str, dict[str, dict[str, Interval | None]]]:
     """baseline -> figure -> kind -> Interval over the seeds both have (None with fewer than 2 pairs).
-    `ours` is an arm (see `arm`); the baselines are the arms of the other algorithms.
+    `ours` is an arm (see `arm`); the baselines are the arms of the other algorithms and, when `ours` is a
+    variant, its own algorithm's default arm (what the variant changes, measured on the same seeds).
     steps_to_threshold pairs only seeds where both reached the threshold, and compares theirs / ours
     (how many times fewer steps ours needed); the other ratios are ours / theirs."""
     figs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -409,7 +410,8 @@ def suite_comparisons(runs: Sequence[RunResult], threshold: float, *, ours: str 
         figs.setdefault(arm(r.algo, r.variant), {})[r.seed] = run_figures(r, threshold)
         algo_of[arm(r.algo, r.variant)] = r.algo
     out: dict[str, dict[str, dict[str, Interval | None]]] = {}
-    for base in sorted(a for a in figs if algo_of[a] != algo_of.get(ours, ours)):
+    mine_algo = algo_of.get(ours, ours)
+    for base in sorted(a for a in figs if algo_of[a] != mine_algo or (a == mine_algo and ours != a)):
         out[base] = {}
         for fig, kinds in COMPARED.items():
             mine = {s: f[fig] for s, f in figs.get(ours, {}).items()}

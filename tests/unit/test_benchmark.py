@@ -309,11 +309,13 @@ def test_a_variant_is_its_own_row_compared_with_the_baselines_on_the_same_seeds(
     suite = results["suites"]["s"]
     assert set(suite["table"]) == {"3spo", "grpo", "3spo novelty_use=order"}
     assert suite["table"]["3spo novelty_use=order"]["final_success"]["mean"] == pytest.approx(0.2)
-    # each 3SPO arm against the baselines only, never against the other 3SPO arm
+    # the default arm against the baselines; the variant against them and against the default arm
     assert set(suite["comparisons"]) == {"grpo"}
     assert set(suite["variant_comparisons"]) == {"3spo novelty_use=order"}
     order = suite["variant_comparisons"]["3spo novelty_use=order"]
-    assert set(order) == {"grpo"}
+    assert set(order) == {"grpo", "3spo"}
+    assert order["3spo"]["final_success"]["difference"]["estimate"] == pytest.approx(-0.6)  # 0.2 - 0.8
+    assert order["3spo"]["visited_states"]["ratio"]["estimate"] == pytest.approx(0.75)  # 300 / 400
     order = order["grpo"]
     assert order["final_success"]["difference"]["estimate"] == pytest.approx(-0.1)
     assert order["visited_states"]["ratio"]["estimate"] == pytest.approx(3.0)
@@ -326,6 +328,7 @@ def test_a_variant_is_its_own_row_compared_with_the_baselines_on_the_same_seeds(
     text = markdown(results)
     assert "- 3spo: go 75%, take 25%" in text and "- grpo:" not in text
     assert "| 3spo novelty_use=order vs | figure |" in text
+    assert "| 3spo | held-out success at budget, ours - theirs | -60.0 points | [" in text
     assert "| s | 3spo novelty_use=order | final held-out success above GRPO's | -10.0 points [" in text
     assert "3spo novelty_use=order 0 s + 0 s" in text
 
