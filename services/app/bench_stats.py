@@ -411,7 +411,8 @@ def suite_comparisons(runs: Sequence[RunResult], threshold: float, *, ours: str 
         algo_of[arm(r.algo, r.variant)] = r.algo
     out: dict[str, dict[str, dict[str, Interval | None]]] = {}
     mine_algo = algo_of.get(ours, ours)
-    for base in sorted(a for a in figs if algo_of[a] != mine_algo or (a == mine_algo and ours != a)):
+    # the other algorithms' arms and, for a variant, its own algorithm's default arm (named after the algorithm)
+    for base in sorted(a for a in figs if a != ours and (algo_of[a] != mine_algo or a == mine_algo)):
         out[base] = {}
         for fig, kinds in COMPARED.items():
             mine = {s: f[fig] for s, f in figs.get(ours, {}).items()}
