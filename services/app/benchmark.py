@@ -332,6 +332,21 @@ class Planned:
     overrides: tuple = ()
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The runs one invocation may start (`--suite/--algo/--seed`; an empty field: every one). Its
+    report still covers every run of the plan recorded in OUT, so shards run one after another build
+    one report."""
+
+    suites: tuple[str, ...] = ()
+    algos: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+
+    def __contains__(self, p: Planned) -> bool:
+        return ((not self.suites or p.suite in self.suites) and (not self.algos or p.algo in self.algos)
+                and (not self.seeds or p.seed in self.seeds))
+
+
 def _model_for(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int, out: Path,
                say: Callable[[str], None] = lambda _: None) -> str:
     from services.app.model_init import init_model
@@ -400,10 +415,13 @@ def warm_start_model(bench: BenchConfig, cfg: TrainConfig, suite: str, seed: int
 
 
 def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bool = True,
-             report_only: bool = False, console=None) -> tuple[dict[Planned, RunResult], list[dict]]:
-    """Run every planned run whose result file does not exist yet (none with `report_only`); returns
-    the recorded results of the plan and the failures of this invocation. A failed run is logged to
-    failures.jsonl and the next one starts; re-running retries it."""
+             report_only: bool = False, shard: Shard = Shard(),
+             console=None) -> tuple[dict[Planned, RunResult], list[dict]]:
+    """Run every planned run of `shard` whose result file does not exist yet (none with `report_only`);
+    returns the recorded results of the plan and the failures of this invocation. A failed run is
+    logged to failures.jsonl and the next one starts; re-running retries it. A recorded run made with
+    other settings stops the plan when it is in the shard (it would be resumed as this one) and is left
+    out, named, when it is not."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from services.app.launcher import train
@@ -418,10 +436,14 @@ def run_plan(bench: BenchConfig, plan: list[Planned], out: Path, *, progress: bo
             planned = cfgs[p].model_dump(mode="json")
             if _comparable(r.settings) != _comparable(planned):
                 diff = sorted(k for k in set(planned) | set(r.settings) if planned.get(k) != r.settings.get(k))
-                raise ValueError(f"{path} was recorded with other settings ({diff}); use another --out, or "
-                                 "delete that file to run it again")
+                if p in shard:
+                    raise ValueError(f"{path} was recorded with other settings ({diff}); use another --out, "
+                                     "or delete that file to run it again")
+                if console is not None:
+                    console.print(f"left out of the report: {path} (recorded with other settings: {diff})")
+                continue
             done[p] = r
-    todo = [] if report_only else [p for p in plan if p not in done]
+    todo = [] if report_only else [p for p in plan if p not in done and p in shard]
     failures: list[dict] = []
     total_steps = sum(cfgs[p].env_steps for p in todo)
     eta = {"text": "ETA: after the first run"}
@@ -697,23 +719,27 @@ def bench_plan(bench: BenchConfig) -> list[Planned]:
             for sets in [{}, *bench.variants.get(a, [])]]
 
 
-def run_bench(bench: BenchConfig, out: Path, *, progress: bool = True, report_only: bool = False) -> dict:
-    """Run every (suite, seed, algo) not yet recorded in `out` (none with `report_only`), then write
-    results.json, summary.md and the plots from every recorded run of the plan. The result has
-    "failed": the runs that failed in this invocation."""
+def run_bench(bench: BenchConfig, out: Path, *, shard: Shard = Shard(), progress: bool = True,
+              report_only: bool = False) -> dict:
+    """Run every (suite, seed, algo) of `shard` not yet recorded in `out` (none with `report_only`),
+    then write results.json, summary.md and the plots from every recorded run of the plan. The result
+    has "failed": the runs that failed in this invocation."""
     from rich.console import Console
 
     console = Console()
     plan = bench_plan(bench)
-    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, console=console)
+    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, shard=shard,
+                              console=console)
     runs = [done[p] for p in plan if p in done]
     results = write_report(bench, runs, out) if runs else {"suites": {}, "runs": []}
     if runs:
         console.print(markdown(results), markup=False, highlight=False)
-    missing = len(plan) - len(runs)
-    if missing:
-        console.print(f"{missing} of {len(plan)} planned runs are not recorded in {out}"
-                      + ("" if report_only else " (re-run the same command to resume)"))
+    unrun = sum(p in shard and p not in done for p in plan)
+    if unrun and not report_only:
+        console.print(f"{unrun} of this invocation's runs are not recorded in {out} (re-run the same command "
+                      "to resume)")
+    if len(runs) < len(plan):
+        console.print(f"the report covers the {len(runs)} of {len(plan)} planned runs recorded in {out}")
     results["failed"] = failures
     return results
 
@@ -726,11 +752,19 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
 
     console = Console()
     bench = BenchConfig.from_yaml(sweep.config)
-    tuning = suites or sweep.suites
+    unknown_algos = [a for a in algos or [] if a not in sweep.grid]
+    if unknown_algos:
+        raise ValueError(f"--algo {unknown_algos}: the sweep has no grid for it ({list(sweep.grid)})")
+    if report_only:  # a report of what the filters name
+        tuning, seeds, algos, shard = suites or sweep.suites, seeds or sweep.seeds, algos or list(sweep.grid), Shard()
+    else:  # run what the filters name; report every recorded run of the sweep
+        shard = Shard(tuple(suites or ()), tuple(algos or ()), tuple(seeds or ()))
+        tuning = list(dict.fromkeys([*sweep.suites, *(suites or [])]))
+        seeds, algos = sorted({*sweep.seeds, *(seeds or [])}), list(sweep.grid)
     unknown = [s for s in tuning if s not in bench.suites]
     if unknown:
         raise ValueError(f"sweep suite(s) {unknown} are not in {sweep.config} ({list(bench.suites)})")
-    bench = select(bench, tuning, None, seeds or sweep.seeds, sweep.env_steps, None)
+    bench = select(bench, tuning, None, seeds, sweep.env_steps, None)
     if sweep.heldout_checkpoints:
         bench.heldout_checkpoints = sweep.heldout_checkpoints
     # Each variant changes one setting of the bench's own (its algo_settings included), so that "default"
@@ -740,9 +774,7 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
         bench.base["train_eval_tasks"] = sweep.train_eval_tasks
     plan: list[Planned] = []
     variants: dict[str, dict[str, dict[str, Any]]] = {}
-    for algo in algos or list(sweep.grid):
-        if algo not in sweep.grid:
-            raise ValueError(f"--algo {algo}: the sweep has no grid for it ({list(sweep.grid)})")
+    for algo in algos:
         seen: dict[str, str] = {}
         for sets in sweep_variants(sweep.grid[algo], sweep.mode):
             name = variant_name(sets)
@@ -754,7 +786,8 @@ def run_sweep(sweep: SweepConfig, out: Path, *, algos: list[str] | None = None, 
             variants.setdefault(algo, {})[name] = sets
             plan += [Planned(suite=s, algo=algo, seed=seed, variant=name, overrides=tuple(sets.items()))
                      for s in tuning for seed in bench.seeds]
-    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, console=console)
+    done, failures = run_plan(bench, plan, out, progress=progress, report_only=report_only, shard=shard,
+                              console=console)
     report: dict[str, Any] = {"format": FORMAT + "-sweep", "config": sweep.config, "suites": tuning,
                               "seeds": bench.seeds, "select_by": sweep.select_by, "algos": {}}
     for algo, vs in variants.items():

@@ -447,16 +447,18 @@ def bench_cmd(
     out: Annotated[Optional[str], typer.Option(help="Output directory; re-running with the same one skips the runs "
                                                     "already recorded there (results/<suite>/*.json).")] = None,
     report_only: Annotated[bool, typer.Option(help="Run nothing: write the tables and plots from the runs "
-                                                   "already recorded in --out.")] = False,
+                                                   "already recorded in --out (only those --suite/--algo/--seed "
+                                                   "name, if given).")] = False,
     no_progress: Annotated[bool, typer.Option(help="No live progress bar.")] = False,
 ) -> None:
     """3SPO vs GRPO vs GiGPO at equal env steps over paired seeds: held-out success at fixed env-step
     checkpoints, visited (task, key) pairs, steps to threshold, costs; bootstrap 95% intervals on the
     paired differences and ratios (results.json, summary.md, one plot per suite). Shardable
-    (--suite/--algo/--seed) and resumable (same --out)."""
+    (--suite/--algo/--seed run only those runs; the report covers every run of the config recorded in
+    --out) and resumable (same --out)."""
     from pydantic import ValidationError
 
-    from services.app.benchmark import BenchConfig, SweepConfig, now_tag, run_bench, run_sweep, select
+    from services.app.benchmark import BenchConfig, Shard, SweepConfig, now_tag, run_bench, run_sweep, select
     from services.app.config import bench_settings_check, settings_error
 
     for a in algo or []:
@@ -475,10 +477,15 @@ def bench_cmd(
             if report["failed"]:
                 raise typer.Exit(1)
             return
-        bench = select(BenchConfig.from_yaml(config), suite, algo, seed, env_steps, time_limit_s, set_)
+        whole = BenchConfig.from_yaml(config)
+        bench = select(whole, suite, algo, seed, env_steps, time_limit_s, set_)
         bench_settings_check(bench)  # every planned run's settings, before the first starts
+        shard = Shard()
+        if not report_only:  # run the runs the filters name; report every recorded run of the bench
+            shard = Shard(tuple(suite or ()), tuple(algo or ()), tuple(seed or ()))
+            bench = select(whole, None, None, sorted({*whole.seeds, *(seed or [])}), env_steps, time_limit_s, set_)
         out_dir = Path(out) if out else Path("bench-results") / f"algos-{now_tag()}"
-        results = run_bench(bench, out_dir, progress=not no_progress, report_only=report_only)
+        results = run_bench(bench, out_dir, shard=shard, progress=not no_progress, report_only=report_only)
     except (ValueError, ValidationError, FileNotFoundError) as e:
         raise typer.BadParameter(settings_error(e)) from None
     typer.echo(f"results: {out_dir / 'summary.md'}")

@@ -39,7 +39,8 @@ def leftovers(marker: str) -> list[str]:
 
 def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
     """2 seeds x 2 algorithms on TWX: held-out curves at 8 checkpoints, visited-state curves, the paired
-    table; a second invocation runs nothing new; --report-only rebuilds the report from the run files."""
+    table; a second invocation runs nothing new; --report-only rebuilds the report from the run files
+    (narrowed by --seed); a running shard reports every recorded run."""
     base = {**TINY, "env_steps": 64, "eval": {"temperature": 0.4, "episodes": 2}, "train_eval_tasks": 1}
     config = {"base": base, "algos": ["3spo", "grpo"],
               "seeds": [0, 1], "success_threshold": 0.25, "heldout_checkpoints": 8, "min_heldout_episodes": 4,
@@ -108,6 +109,10 @@ def test_bench_pairs_seeds_resumes_and_reports(tmp_path):
     rebuilt = json.loads((out / "results.json").read_text())
     assert sorted(r["seed"] for r in rebuilt["runs"]) == [0, 0]
     assert rebuilt["suites"]["twx-coin"]["comparisons"]["grpo"]["final_success"]["difference"] is None  # one pair
+    # a running shard (--seed 1, every run of it recorded) reports every recorded run of the bench again
+    shard = subprocess.run(cmd + ["--seed", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert shard.returncode == 0, shard.stdout[-3000:] + shard.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
     assert leftovers(str(tmp_path)) == []
 

@@ -11,8 +11,10 @@ from services.app.bench_stats import RunResult
 from services.app.benchmark import (
     BenchConfig,
     Planned,
+    Shard,
     SweepConfig,
     apply_sets,
+    bench_plan,
     build_results,
     markdown,
     read_run,
@@ -336,8 +338,6 @@ def test_a_variant_is_its_own_row_compared_with_the_baselines_on_the_same_seeds(
 def test_a_bench_plans_each_variant_beside_its_algorithms_default():
     bench = BenchConfig(algos=["3spo", "grpo"], seeds=[0], variants={"3spo": [{"score.novelty_use": "order"}]},
                         suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 16}}}, min_heldout_episodes=32)
-    from services.app.benchmark import bench_plan
-
     plan = bench_plan(bench)
     assert [(p.algo, p.variant) for p in plan] == [("3spo", "default"), ("3spo", "novelty_use=order"),
                                                   ("grpo", "default")]
@@ -369,27 +369,61 @@ def test_resume_refuses_results_made_with_other_settings_and_report_only_runs_no
     assert run_plan(bench, [p, missing], tmp_path, progress=False, report_only=True)[0] == {p: recorded}
 
 
-def sweep_with_scores(tmp_path, monkeypatch, bench: dict, grid: dict, scores: dict, check=None):
+def test_a_shard_starts_only_its_runs_and_reports_every_recorded_one(tmp_path, monkeypatch):
+    """--seed 1 into an OUT that holds seed 0: only seed 1 is started and seed 0 is reported beside it.
+    A recorded run made with other settings is left out of the report when the shard does not name it,
+    and stops the plan when it does (resuming it would mix settings)."""
+    import services.app.benchmark as bm
+    import services.app.launcher as launcher
+
+    bench = BenchConfig(base={"env_steps": 80, "eval": {"episodes": 8}},
+                        suites={"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, algos=["grpo"],
+                        seeds=[0, 1, 2])
+    plan = bench_plan(bench)
+    for p, lr in ((plan[0], None), (plan[2], 0.1)):
+        cfg = bench.run_config("s", "grpo", p.seed, tmp_path, {"learner.lr": lr} if lr else {})
+        path = result_path(tmp_path, "s", "grpo", "default", p.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run("grpo", p.seed, 0.5, 10).model_copy(update={"settings": cfg.model_dump(mode="json")})
+                        .model_dump_json())
+
+    def no_training(cfg, **kw):
+        raise RuntimeError("not trained in unit tests")
+
+    monkeypatch.setattr(bm, "_model_for", lambda *a, **kw: "/m")
+    monkeypatch.setattr(launcher, "train", no_training)
+    done, failures = run_plan(bench, plan, tmp_path, progress=False, shard=Shard(seeds=(1,)))
+    assert set(done) == {plan[0]}  # seed 2's record has another learning rate: not reported as this bench's
+    assert [(f["seed"], f["error"]) for f in failures] == [(1, "RuntimeError: not trained in unit tests")]
+    with pytest.raises(ValueError, match=r"grpo-default-s2.json was recorded with other settings \(\['learner'\]\)"):
+        run_plan(bench, plan, tmp_path, progress=False, shard=Shard(seeds=(2,)))
+    assert plan[2] in Shard() and plan[2] not in Shard(algos=("3spo",), seeds=(2,))
+
+
+def sweep_with_scores(tmp_path, monkeypatch, bench: dict, grid: dict, scores: dict, check=None, **sweep_kw):
     """run_sweep over a hand-made bench with run_plan replaced (this checks the plan and the choice, not
     training): every run gets train_eval_success scores[variant]; `check(bench, plan, out)` looks at what
-    run_plan was given. Returns (planned runs, report)."""
+    run_plan was given, `sweep_kw` goes to run_sweep (its filters). Returns (planned runs, report)."""
     import services.app.benchmark as bm
 
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
         "base": {"env_steps": 80, "eval": {"episodes": 8}},
         "suites": {"s": {"games": {"env": "twx", "kind": "coin", "eval": 8}}}, **bench}))
     sweep = SweepConfig(config=str(tmp_path / "bench.yaml"), suites=["s"], seeds=[7], grid=grid)
-    planned = []
+    planned, shards = [], []
 
     def fake_run_plan(bench, plan, out, **kw):
         planned.extend(plan)
+        shards.append(kw["shard"])
         if check:
             check(bench, plan, out)
         return {p: run(p.algo, p.seed, 0.5, 10).model_copy(update={
             "variant": p.variant, "train_eval_success": scores[p.variant]}) for p in plan}, []
 
     monkeypatch.setattr(bm, "run_plan", fake_run_plan)
-    return planned, bm.run_sweep(sweep, tmp_path / "out", progress=False)
+    report = bm.run_sweep(sweep, tmp_path / "out", progress=False, **sweep_kw)
+    report["shard"] = shards[0]
+    return planned, report
 
 
 def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch):
@@ -409,6 +443,20 @@ def test_a_sweep_runs_a_variant_equal_to_the_defaults_once(tmp_path, monkeypatch
     assert report["algo_settings"] == {"3spo": {"score.alpha": 50}}
     text = (tmp_path / "out" / "sweep.md").read_text()
     assert "## 3spo: best `alpha=50`" in text and "score.alpha: 50" in text
+
+
+def test_a_sweep_shard_runs_its_algorithm_and_reports_every_one(tmp_path, monkeypatch):
+    """`--algo grpo`: only GRPO's runs may start, every algorithm's recorded runs are reported (the block
+    the sweep prints is the whole bench's); with --report-only the filter narrows the report instead."""
+    grid = {"3spo": {"score.alpha": [50]}, "grpo": {"learner.groups_per_update": [2]}}
+    scores = {"default": 0.2, "alpha=50": 0.4, "groups_per_update=2": 0.1}
+    planned, report = sweep_with_scores(tmp_path, monkeypatch, {}, grid, scores, algos=["grpo"])
+    assert {p.algo for p in planned} == {"3spo", "grpo"} and report["shard"] == Shard(algos=("grpo",))
+    assert set(report["algos"]) == {"3spo", "grpo"} and report["algo_settings"] == {"3spo": {"score.alpha": 50}}
+    planned, report = sweep_with_scores(tmp_path, monkeypatch, {}, grid, scores, algos=["grpo"], report_only=True)
+    assert {p.algo for p in planned} == {"grpo"} and set(report["algos"]) == {"grpo"}
+    with pytest.raises(ValueError, match="--algo \\['ppo'\\]: the sweep has no grid"):
+        sweep_with_scores(tmp_path, monkeypatch, {}, grid, scores, algos=["ppo"])
 
 
 def test_a_sweep_starts_from_the_benchs_own_algo_settings(tmp_path, monkeypatch):
