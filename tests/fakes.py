@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from actors.envs.base import EnvError, Observation, StepResult
-from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
-from score_store.store import CommitResult, LeafOutcome, ScoreBatch, StateScore, StoreStats
-from services.transport.contracts import ChatMessage, Completion, Group, SamplingParams
+from spo3.actors.envs.base import EnvError, Observation, StepResult
+from spo3.score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
+from spo3.score_store.store import CommitResult, LeafOutcome, ScoreBatch, StateScore, StoreStats
+from spo3.transport.contracts import ChatMessage, Completion, Group, SamplingParams
 
 
 class LineWorld:
@@ -26,8 +26,11 @@ class LineWorld:
 
     def _obs(self) -> Observation:
         actions = ("forward", "look", "jump") + (("back",) if self.pos > 0 else ())
-        return Observation(text=f"You are at mile {self.pos}.", state_text=f"mile {self.pos}",
-                           admissible_actions=actions)
+        return Observation(
+            text=f"You are at mile {self.pos}.",
+            state_text=f"mile {self.pos}",
+            admissible_actions=actions,
+        )
 
     def reset(self, task_id: str) -> Observation:
         if not task_id.startswith("line"):
@@ -39,10 +42,17 @@ class LineWorld:
         self.steps += 1
         if action == "jump":
             return StepResult(self._obs(), done=True, success=0.0)
-        self.pos = min(self.length, self.pos + 1) if action == "forward" else \
-            max(0, self.pos - 1) if action == "back" else self.pos
+        self.pos = (
+            min(self.length, self.pos + 1)
+            if action == "forward"
+            else max(0, self.pos - 1)
+            if action == "back"
+            else self.pos
+        )
         won = self.pos == self.length
-        return StepResult(self._obs(), done=won, success=1.0 if won else 0.0, raw_reward=10.0 if won else 0.0)
+        return StepResult(
+            self._obs(), done=won, success=1.0 if won else 0.0, raw_reward=10.0 if won else 0.0
+        )
 
     def snapshot(self):
         return self.pos if self.snapshots else None
@@ -58,7 +68,9 @@ class LineWorld:
 class ScriptedPolicy:
     """Replies chosen by `script(messages, params, i)`; token ids are the reply's bytes."""
 
-    def __init__(self, script: Callable[[Sequence[ChatMessage], SamplingParams, int], str], version: int = 0):
+    def __init__(
+        self, script: Callable[[Sequence[ChatMessage], SamplingParams, int], str], version: int = 0
+    ):
         self.script, self.version = script, version
         self.requests: list[SamplingParams] = []
 
@@ -67,9 +79,17 @@ class ScriptedPolicy:
         out = []
         for i in range(params.n):
             text = self.script(messages, params, i)
-            ids = list(text.encode("utf-8", "replace"))[:params.max_tokens] or [0]
-            out.append(Completion(text=text, token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop",
-                                  policy_version=self.version, prompt_token_ids=[1, 2, 3]))
+            ids = list(text.encode("utf-8", "replace"))[: params.max_tokens] or [0]
+            out.append(
+                Completion(
+                    text=text,
+                    token_ids=ids,
+                    logprobs=[-1.0] * len(ids),
+                    finish_reason="stop",
+                    policy_version=self.version,
+                    prompt_token_ids=[1, 2, 3],
+                )
+            )
         return out
 
 
@@ -79,7 +99,9 @@ def random_actions(seed: int = 0):
     def script(messages, params, i):
         if params.choices:
             return rng.choice(params.choices)
-        admissible = messages[-1].content.split("Admissible actions: ")[1].split("\n")[0].split(", ")
+        admissible = (
+            messages[-1].content.split("Admissible actions: ")[1].split("\n")[0].split(", ")
+        )
         return f"<think>hm</think><action>{rng.choice(admissible)}</action>"
 
     return script
@@ -110,8 +132,15 @@ class MemoryScoreStore:
         for k in keys:
             n, s = self.counts.get(k, (0, 0))
             sc = state_score(Counts(n, s), t, self.params, is_root=k in self.roots)
-            out.append(StateScore(key=k, score=sc, n_rollouts=n_rollouts(sc, self.params.g_max),
-                                  n_total=n, n_success=s))
+            out.append(
+                StateScore(
+                    key=k,
+                    score=sc,
+                    n_rollouts=n_rollouts(sc, self.params.g_max),
+                    n_total=n,
+                    n_success=s,
+                )
+            )
         return ScoreBatch(t=t, scores=out)
 
     def commit_leaf(self, leaf_id: str, path: Sequence[str], success: float) -> CommitResult:
@@ -129,5 +158,10 @@ class MemoryScoreStore:
         return [self.commit_leaf(x.leaf_id, x.path, x.success) for x in leaves]
 
     def stats(self) -> StoreStats:
-        return StoreStats(t=len(self.leaf_ids) + 1, n_states=len(self.counts), truncated_states=0,
-                          leaves_counted=len(self.leaf_ids), duplicate_commits=0)
+        return StoreStats(
+            t=len(self.leaf_ids) + 1,
+            n_states=len(self.counts),
+            truncated_states=0,
+            leaves_counted=len(self.leaf_ids),
+            duplicate_commits=0,
+        )

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import torch
 
-from services.transport.contracts import ChatMessage, SamplingParams
+from spo3.transport.contracts import ChatMessage, SamplingParams
 
-MESSAGES = [ChatMessage(role="system", content="You are an agent in a text game."),
-            ChatMessage(role="user", content="You are in the kitchen. You see a fridge. Exits: north.")]
+MESSAGES = [
+    ChatMessage(role="system", content="You are an agent in a text game."),
+    ChatMessage(role="user", content="You are in the kitchen. You see a fridge. Exits: north."),
+]
 
 
 def recompute_logprobs(model, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
-    return logits.log_softmax(-1).gather(-1, torch.tensor(token_ids).unsqueeze(-1)).squeeze(-1).tolist()
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    return (
+        logits.log_softmax(-1)
+        .gather(-1, torch.tensor(token_ids).unsqueeze(-1))
+        .squeeze(-1)
+        .tolist()
+    )
 
 
 def check_n_samples_with_ids_and_logprobs(policy, reference, tol: float) -> None:
@@ -46,12 +53,16 @@ def check_greedy_is_deterministic(policy) -> list[int]:
 
 def check_choice_mode(policy) -> None:
     choices = ["go north", "open fridge", "take apple from table"]
-    outs = policy.sample(MESSAGES, SamplingParams(n=6, choices=choices, temperature=1.0, max_tokens=16))
+    outs = policy.sample(
+        MESSAGES, SamplingParams(n=6, choices=choices, temperature=1.0, max_tokens=16)
+    )
     assert len(outs) == 6
     for c in outs:
         assert c.text in choices
         assert len(c.logprobs) == len(c.token_ids) >= 1
     # Token-by-token constrained sampling: a random model does not pin every sample to the
     # choice with the fewest tokens (scoring whole sequences would).
-    many = policy.sample(MESSAGES, SamplingParams(n=48, choices=choices, temperature=1.0, max_tokens=16, seed=3))
+    many = policy.sample(
+        MESSAGES, SamplingParams(n=48, choices=choices, temperature=1.0, max_tokens=16, seed=3)
+    )
     assert len({c.text for c in many}) >= 2

@@ -24,8 +24,8 @@ fi
 set +e
 python - <<'PY'
 import os, sys
-from services.transport.connection import check_reachable, connect
-from services.transport.work_queue import WorkQueue
+from spo3.transport.connection import check_reachable, connect
+from spo3.transport.work_queue import WorkQueue
 
 url = os.environ["SPO3_REDIS_URL"]
 client = connect(url, retries=10)

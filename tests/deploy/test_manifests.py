@@ -29,9 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 JOBS = {"score-service", "actor", "learner", "vllm"}
-SECRETS = {"REDIS_PASSWORD": "throwaway-redis", "SPO3_API_TOKEN": "throwaway-token",
-           "GRAFANA_ADMIN_PASSWORD": "throwaway-grafana"}
-PROJECT_VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+SECRETS = {
+    "REDIS_PASSWORD": "throwaway-redis",
+    "SPO3_API_TOKEN": "throwaway-token",
+    "GRAFANA_ADMIN_PASSWORD": "throwaway-grafana",
+}
+PROJECT_VERSION = re.search(
+    r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M
+).group(1)
 WORKLOADS = ("Deployment", "StatefulSet", "Job", "DaemonSet")
 
 
@@ -61,7 +66,9 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def ok(cmd: list[str], **kw) -> str:
     res = run(cmd, **kw)
-    assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
     return res.stdout
 
 
@@ -76,10 +83,19 @@ def k8s_tree(tmp_path_factory) -> Path:
     (root / "k8s/base/secrets.env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()))
     extra = root / "k8s/overlays/all-components"
     extra.mkdir()
-    (extra / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../gpu"],
-        "components": [f"../../components/{c.name}" for c in sorted((root / "k8s/components").iterdir())]}))
+    (extra / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../gpu"],
+                "components": [
+                    f"../../components/{c.name}"
+                    for c in sorted((root / "k8s/components").iterdir())
+                ],
+            }
+        )
+    )
     return root
 
 
@@ -89,7 +105,14 @@ def rendered(k8s_tree) -> dict[str, tuple[Path, list[dict]]]:
     kubectl = tool("kubectl")
     out = {}
     for overlay in ("gpu", "cpu", "all-components"):
-        text = ok([kubectl, "kustomize", "--load-restrictor=LoadRestrictionsNone", str(k8s_tree / "k8s/overlays" / overlay)])
+        text = ok(
+            [
+                kubectl,
+                "kustomize",
+                "--load-restrictor=LoadRestrictionsNone",
+                str(k8s_tree / "k8s/overlays" / overlay),
+            ]
+        )
         path = k8s_tree / f"{overlay}.rendered.yaml"
         path.write_text(text)
         out[overlay] = (path, [d for d in yaml.safe_load_all(text) if d])
@@ -108,14 +131,22 @@ def one(rendered, overlay: str, kind: str, name: str) -> dict:
 
 def generated(rendered, overlay: str, kind: str, prefix: str) -> dict:
     """A ConfigMap/Secret from a generator (name-<hash>)."""
-    found = [o for o in objects(rendered, overlay, kind) if re.fullmatch(rf"{prefix}-[a-z0-9]{{10}}", o["metadata"]["name"])]
+    found = [
+        o
+        for o in objects(rendered, overlay, kind)
+        if re.fullmatch(rf"{prefix}-[a-z0-9]{{10}}", o["metadata"]["name"])
+    ]
     assert len(found) == 1, f"{overlay}: expected one generated {kind} {prefix}, found {len(found)}"
     return found[0]
 
 
 def pod_templates(rendered, overlay: str) -> dict[str, dict]:
     """workload name -> pod template (metadata + spec)."""
-    return {o["metadata"]["name"]: o["spec"]["template"] for o in objects(rendered, overlay) if o["kind"] in WORKLOADS}
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]
+        for o in objects(rendered, overlay)
+        if o["kind"] in WORKLOADS
+    }
 
 
 def containers(template: dict) -> list[dict]:
@@ -132,7 +163,9 @@ def pinned(image: str) -> bool:
 
 def test_overlays_pass_the_kubernetes_schemas(rendered):
     validate = tool("kubernetes-validate")
-    res = run([validate, "--strict", "--quiet", "-k", "1.30.0", *(str(p) for p, _ in rendered.values())])
+    res = run(
+        [validate, "--strict", "--quiet", "-k", "1.30.0", *(str(p) for p, _ in rendered.values())]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -144,16 +177,26 @@ def test_every_pod_runs_as_non_root_under_the_restricted_policy(rendered):
             pod = template["spec"].get("securityContext", {})
             assert not template["spec"].get("hostNetwork") and not template["spec"].get("hostPID")
             for volume in template["spec"].get("volumes", []):
-                assert "hostPath" not in volume, f"{overlay}/{workload}: hostPath volume {volume['name']}"
+                assert "hostPath" not in volume, (
+                    f"{overlay}/{workload}: hostPath volume {volume['name']}"
+                )
             for c in containers(template):
                 sc = {**pod, **c.get("securityContext", {})}
                 where = f"{overlay}/{workload}/{c['name']}"
                 assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
-                assert isinstance(sc.get("runAsUser"), int) and sc["runAsUser"] > 0, f"{where}: no non-root runAsUser"
-                assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+                assert isinstance(sc.get("runAsUser"), int) and sc["runAsUser"] > 0, (
+                    f"{where}: no non-root runAsUser"
+                )
+                assert sc.get("allowPrivilegeEscalation") is False, (
+                    f"{where}: allowPrivilegeEscalation"
+                )
                 assert not sc.get("privileged"), f"{where}: privileged"
-                assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{where}: capabilities not dropped"
-                assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: no seccompProfile"
+                assert "ALL" in sc.get("capabilities", {}).get("drop", []), (
+                    f"{where}: capabilities not dropped"
+                )
+                assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", (
+                    f"{where}: no seccompProfile"
+                )
 
 
 def test_every_container_has_a_pinned_image_and_resources(rendered):
@@ -163,10 +206,14 @@ def test_every_container_has_a_pinned_image_and_resources(rendered):
                 where = f"{overlay}/{workload}/{c['name']}"
                 assert pinned(c["image"]), f"{where}: image {c['image']!r} is untagged or :latest"
                 if c["image"].startswith("spo3-"):
-                    assert c["image"].endswith(f":{PROJECT_VERSION}"), f"{where}: {c['image']} is not the project's version"
+                    assert c["image"].endswith(f":{PROJECT_VERSION}"), (
+                        f"{where}: {c['image']} is not the project's version"
+                    )
                 res = c.get("resources", {})
                 for part in ("requests", "limits"):
-                    assert {"cpu", "memory"} <= set(res.get(part, {})), f"{where}: no cpu/memory {part}"
+                    assert {"cpu", "memory"} <= set(res.get(part, {})), (
+                        f"{where}: no cpu/memory {part}"
+                    )
 
 
 def test_redis_keeps_an_append_only_file_and_needs_a_password(rendered):
@@ -180,8 +227,9 @@ def test_redis_keeps_an_append_only_file_and_needs_a_password(rendered):
         assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
         data_dir = re.search(r"--dir (\S+)", script).group(1)
         claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-        assert {m["name"] for m in redis["volumeMounts"] if m["mountPath"] == data_dir} & claims, \
+        assert {m["name"] for m in redis["volumeMounts"] if m["mountPath"] == data_dir} & claims, (
             "the AOF directory is not on a volumeClaimTemplate"
+        )
         secret = generated(rendered, overlay, "Secret", "spo3-secrets")
         assert set(SECRETS) <= set(secret["data"])
         # every client connects with the password
@@ -189,7 +237,9 @@ def test_redis_keeps_an_append_only_file_and_needs_a_password(rendered):
             for c in template["spec"]["containers"]:
                 for e in c.get("env", []):
                     if e["name"] == "SPO3_REDIS_URL":
-                        assert e["value"].startswith("redis://:$(REDIS_PASSWORD)@redis:6379/"), f"{workload}: {e['value']}"
+                        assert e["value"].startswith("redis://:$(REDIS_PASSWORD)@redis:6379/"), (
+                            f"{workload}: {e['value']}"
+                        )
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -203,17 +253,30 @@ def ingress_sources(rendered, overlay: str, target: str, port: int) -> set[str]:
     ipBlock); a pod selected by no policy admits everyone."""
     templates = pod_templates(rendered, overlay)
     labels = {name: t["metadata"].get("labels", {}) for name, t in templates.items()}
-    named_ports = {p["name"]: p["containerPort"] for c in templates[target]["spec"]["containers"] for p in c.get("ports", [])}
-    policies = [p for p in objects(rendered, overlay, "NetworkPolicy")
-                if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and selects(p["spec"]["podSelector"], labels[target])]
+    named_ports = {
+        p["name"]: p["containerPort"]
+        for c in templates[target]["spec"]["containers"]
+        for p in c.get("ports", [])
+    }
+    policies = [
+        p
+        for p in objects(rendered, overlay, "NetworkPolicy")
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], labels[target])
+    ]
     if not policies:
         return {"*"}
     admitted: set[str] = set()
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
             ports = [named_ports.get(p["port"], p["port"]) for p in rule.get("ports", [])]
-            ranges = [(named_ports.get(p["port"], p["port"]), p.get("endPort", named_ports.get(p["port"], p["port"])))
-                      for p in rule.get("ports", [])]
+            ranges = [
+                (
+                    named_ports.get(p["port"], p["port"]),
+                    p.get("endPort", named_ports.get(p["port"], p["port"])),
+                )
+                for p in rule.get("ports", [])
+            ]
             if ports and not any(lo <= port <= hi for lo, hi in ranges):
                 continue
             peers = rule.get("from", [])
@@ -223,7 +286,9 @@ def ingress_sources(rendered, overlay: str, target: str, port: int) -> set[str]:
                 if "ipBlock" in peer or "namespaceSelector" in peer:
                     admitted.add("*")
                 else:
-                    admitted |= {name for name, lab in labels.items() if selects(peer["podSelector"], lab)}
+                    admitted |= {
+                        name for name, lab in labels.items() if selects(peer["podSelector"], lab)
+                    }
     return admitted
 
 
@@ -254,35 +319,58 @@ def test_only_the_learner_reaches_vllms_weight_routes(rendered):
     assert {"ip": "127.0.0.1", "hostnames": ["vllm-backend"]} in vllm["spec"]["hostAliases"]
 
     assert ingress_sources(rendered, "gpu", "vllm", raw_port) == {"learner"}
-    assert ingress_sources(rendered, "gpu", "vllm", proxy_port) == {"actors", "learner", "prometheus"}
+    assert ingress_sources(rendered, "gpu", "vllm", proxy_port) == {
+        "actors",
+        "learner",
+        "prometheus",
+    }
     # the learner publishes to the raw port, actors sample through the proxy
-    learner_args = one(rendered, "gpu", "Deployment", "learner")["spec"]["template"]["spec"]["containers"][0]["args"]
-    actor_args = one(rendered, "gpu", "Deployment", "actors")["spec"]["template"]["spec"]["containers"][0]["args"]
+    learner_args = one(rendered, "gpu", "Deployment", "learner")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    actor_args = one(rendered, "gpu", "Deployment", "actors")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
     assert f"--policy-url=http://vllm:{raw_port}" in learner_args
     assert f"--policy-url=http://vllm:{proxy_port}" in actor_args
 
     # the proxy passes on exact sampling/read routes only; everything else is 404
-    from services.policy.publish import VLLMDiskPublisher
-    from services.policy.vllm_client import VLLMPolicy
+    from spo3.policy.publish import VLLMDiskPublisher
+    from spo3.policy.vllm_client import VLLMPolicy
 
     exact, prefix = proxy_routes()
     assert prefix == ["/"] and re.search(r"location\s+/\s*\{\s*return 404;", conf)
     # each route forwards to itself by name, so vLLM never sees a raw path like /pause/../health
-    passes = re.findall(r"location\s*=\s*(\S+)\s*\{[^\n]*?proxy_pass\s+([^;\s]+);", re.sub(r"#.*", "", conf))
+    passes = re.findall(
+        r"location\s*=\s*(\S+)\s*\{[^\n]*?proxy_pass\s+([^;\s]+);", re.sub(r"#.*", "", conf)
+    )
     assert passes and all(target == f"http://vllm{route}" for route, target in passes), passes
     assert len(passes) == len(re.findall(r"proxy_pass", re.sub(r"#.*", "", conf)))
-    assert client_routes(VLLMPolicy) <= exact | {"/v1/chat/completions"}, "actors could not sample through the proxy"
+    assert client_routes(VLLMPolicy) <= exact | {"/v1/chat/completions"}, (
+        "actors could not sample through the proxy"
+    )
     assert "/v1/chat/completions" in exact
     weight_routes = client_routes(VLLMDiskPublisher) | {
-        "/init_weight_transfer_engine", "/start_weight_update", "/update_weights", "/finish_weight_update",
-        "/weight_checker", "/abort_requests", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-    assert weight_routes & exact == set(), f"the proxy passes weight/admin routes: {weight_routes & exact}"
+        "/init_weight_transfer_engine",
+        "/start_weight_update",
+        "/update_weights",
+        "/finish_weight_update",
+        "/weight_checker",
+        "/abort_requests",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    }
+    assert weight_routes & exact == set(), (
+        f"the proxy passes weight/admin routes: {weight_routes & exact}"
+    )
 
 
 def test_only_our_redis_clients_reach_redis(rendered):
     for overlay in ("gpu", "cpu"):
         admitted = ingress_sources(rendered, overlay, "redis", 6379)
-        assert admitted and admitted <= {"score-service", "actors", "learner", "bootstrap"}, admitted
+        assert admitted and admitted <= {"score-service", "actors", "learner", "bootstrap"}, (
+            admitted
+        )
         assert {"actors", "learner", "bootstrap"} <= admitted
 
 
@@ -304,7 +392,10 @@ def test_actors_use_the_score_service_and_take_its_parameters(rendered, compose_
     for name in ("actors-cpu", "actors-gpu"):
         svc = services[name]
         assert svc["environment"]["SPO3_SCORE_URL"] == "http://score-service:8100"
-        assert svc["environment"]["SPO3_SCORE_TOKEN"] == services["score-service"]["environment"]["SPO3_API_TOKEN"]
+        assert (
+            svc["environment"]["SPO3_SCORE_TOKEN"]
+            == services["score-service"]["environment"]["SPO3_API_TOKEN"]
+        )
         assert "score-service" in svc["depends_on"]
         assert not [a for a in svc["command"] if a.split("=")[0] in score_flags], svc["command"]
 
@@ -312,17 +403,27 @@ def test_actors_use_the_score_service_and_take_its_parameters(rendered, compose_
 def test_actors_are_scaled_by_kubectl_scale(rendered):
     for overlay in ("gpu", "cpu"):
         actors = one(rendered, overlay, "Deployment", "actors")
-        assert "replicas" not in actors["spec"], \
+        assert "replicas" not in actors["spec"], (
             "spec.replicas would reset every `kubectl scale` on the next `make up` (and fight an HPA)"
-        assert not objects(rendered, overlay, "HorizontalPodAutoscaler"), "an HPA overrides `kubectl scale`"
+        )
+        assert not objects(rendered, overlay, "HorizontalPodAutoscaler"), (
+            "an HPA overrides `kubectl scale`"
+        )
     (hpa,) = objects(rendered, "all-components", "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "actors"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "actors",
+    }
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     assert "replicas" not in one(rendered, "all-components", "Deployment", "actors")["spec"]
 
 
 def gpu_limit(template: dict) -> int:
-    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in containers(template))
+    return sum(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        for c in containers(template)
+    )
 
 
 def test_gpu_overlay_puts_vllm_and_the_learner_on_gpus_and_cpu_overlay_has_none(rendered):
@@ -338,42 +439,61 @@ def test_gpu_overlay_puts_vllm_and_the_learner_on_gpus_and_cpu_overlay_has_none(
     for name in ("vllm", "learner"):
         vols = {v["name"]: v for v in gpu[name]["spec"]["volumes"]}
         (c,) = [c for c in gpu[name]["spec"]["containers"] if c["name"] == name]
-        mounts[name] = {m["mountPath"] for m in c["volumeMounts"]
-                        if vols[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == "shared"}
+        mounts[name] = {
+            m["mountPath"]
+            for m in c["volumeMounts"]
+            if vols[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == "shared"
+        }
     assert mounts["vllm"] == mounts["learner"] == {"/shared"}
 
     cpu = pod_templates(rendered, "cpu")
-    assert "vllm" not in cpu and not [o for o in objects(rendered, "cpu") if "vllm" in o["metadata"]["name"]]
+    assert "vllm" not in cpu and not [
+        o for o in objects(rendered, "cpu") if "vllm" in o["metadata"]["name"]
+    ]
     assert all(gpu_limit(t) == 0 for t in cpu.values())
     actor_args = cpu["actors"]["spec"]["containers"][0]["args"]
-    assert "--model=$(SPO3_MODEL)" in actor_args and not any(a.startswith("--policy-url") for a in actor_args)
+    assert "--model=$(SPO3_MODEL)" in actor_args and not any(
+        a.startswith("--policy-url") for a in actor_args
+    )
 
 
 def test_dashboards_and_datasource_are_provisioned_in_kubernetes(rendered):
     assert DASHBOARDS, "no dashboards in deploy/grafana/dashboards"
-    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/spo3.yml").read_text())
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/spo3.yml").read_text()
+    )
     (path,) = [p["options"]["path"] for p in provider["providers"]]
     for overlay in ("gpu", "cpu"):
         cm = generated(rendered, overlay, "ConfigMap", "grafana-dashboards")
         missing = {p.name for p in DASHBOARDS} - set(cm["data"])
-        assert not missing, (f"dashboards not in k8s: {sorted(missing)}; add them to the grafana-dashboards "
-                             "configMapGenerator in k8s/base/grafana/kustomization.yaml")
+        assert not missing, (
+            f"dashboards not in k8s: {sorted(missing)}; add them to the grafana-dashboards "
+            "configMapGenerator in k8s/base/grafana/kustomization.yaml"
+        )
         assert set(cm["data"]) == {p.name for p in DASHBOARDS}
         for p in DASHBOARDS:
             assert json.loads(cm["data"][p.name]) == json.loads(p.read_text())
         grafana = one(rendered, overlay, "Deployment", "grafana")["spec"]["template"]["spec"]
         volumes = {v["name"]: v.get("configMap", {}).get("name") for v in grafana["volumes"]}
-        mounted = {m["mountPath"]: volumes[m["name"]] for m in grafana["containers"][0]["volumeMounts"]}
+        mounted = {
+            m["mountPath"]: volumes[m["name"]] for m in grafana["containers"][0]["volumeMounts"]
+        }
         assert mounted[path] == cm["metadata"]["name"]
-        for sub, prefix, source in (("datasources", "grafana-datasources", "datasources/prometheus.yml"),
-                                    ("dashboards", "grafana-dashboard-providers", "dashboards/spo3.yml")):
+        for sub, prefix, source in (
+            ("datasources", "grafana-datasources", "datasources/prometheus.yml"),
+            ("dashboards", "grafana-dashboard-providers", "dashboards/spo3.yml"),
+        ):
             cm = generated(rendered, overlay, "ConfigMap", prefix)
             assert mounted[f"/etc/grafana/provisioning/{sub}"] == cm["metadata"]["name"]
-            assert list(cm["data"].values()) == [(ROOT / "deploy/grafana/provisioning" / source).read_text()]
+            assert list(cm["data"].values()) == [
+                (ROOT / "deploy/grafana/provisioning" / source).read_text()
+            ]
 
 
 def test_dashboards_use_the_provisioned_datasource():
-    (ds,) = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    (ds,) = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
     assert ds["uid"] == "prometheus" and ds["url"] == "http://prometheus:9090"
     uids = set()
 
@@ -433,10 +553,22 @@ def test_kubernetes_prometheus_config(tmp_path, rendered):
             for name in sd["names"]:
                 svc = services[name]["spec"]
                 assert svc.get("clusterIP") == "None", f"{name} must be headless to list every pod"
-                (pods,) = [t for t in templates.values() if selects({"matchLabels": svc["selector"]}, t["metadata"]["labels"])]
-                exposed = {p["containerPort"] for c in pods["spec"]["containers"] for p in c.get("ports", [])}
-                assert sd["port"] in exposed, f"job {job['job_name']}: port {sd['port']} not exposed by {name}'s pods"
-                assert "prometheus" in ingress_sources(rendered, "gpu", [k for k, t in templates.items() if t is pods][0], sd["port"])
+                (pods,) = [
+                    t
+                    for t in templates.values()
+                    if selects({"matchLabels": svc["selector"]}, t["metadata"]["labels"])
+                ]
+                exposed = {
+                    p["containerPort"]
+                    for c in pods["spec"]["containers"]
+                    for p in c.get("ports", [])
+                }
+                assert sd["port"] in exposed, (
+                    f"job {job['job_name']}: port {sd['port']} not exposed by {name}'s pods"
+                )
+                assert "prometheus" in ingress_sources(
+                    rendered, "gpu", [k for k, t in templates.items() if t is pods][0], sd["port"]
+                )
 
 
 # ---- docker compose ---------------------------------------------------------------------------
@@ -448,7 +580,16 @@ def env_file(tmp_path_factory) -> Path:
 
 
 def compose(env_file: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--env-file", str(env_file), *args])
+    return run(
+        [
+            compose_binary(),
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--env-file",
+            str(env_file),
+            *args,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -468,14 +609,26 @@ def test_compose_config_is_valid(env_file, profile):
 def test_compose_refuses_to_start_without_secrets(tmp_path, missing):
     # One secret left out at a time: Compose names the first missing variable it meets, in no set order.
     partial = tmp_path / "partial.env"
-    partial.write_text("".join(f"{k}=x{i}\n" for i, k in enumerate(
-        ("REDIS_PASSWORD", "SPO3_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")) if k != missing))
+    partial.write_text(
+        "".join(
+            f"{k}=x{i}\n"
+            for i, k in enumerate(("REDIS_PASSWORD", "SPO3_API_TOKEN", "GRAFANA_ADMIN_PASSWORD"))
+            if k != missing
+        )
+    )
     res = compose(partial, "--profile", "cpu", "config", "-q")
     assert res.returncode != 0 and missing in res.stderr, res.stderr
 
 
 def test_compose_file_passes_the_compose_spec_schema():
-    ok([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")])
+    ok(
+        [
+            tool("check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "docker-compose.yml"),
+        ]
+    )
 
 
 def test_compose_services_run_as_non_root_with_pinned_images(compose_config):
@@ -507,7 +660,9 @@ def test_compose_keeps_vllms_weight_routes_on_the_learners_network(compose_confi
     vllm = services["vllm"]
     assert vllm["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
     assert set(vllm["networks"]) == {"weights"} and not vllm.get("ports")
-    on_weights = {name for name, svc in services.items() if "weights" in (svc.get("networks") or {})}
+    on_weights = {
+        name for name, svc in services.items() if "weights" in (svc.get("networks") or {})
+    }
     assert on_weights == {"vllm", "vllm-proxy", "learner-gpu"}
     assert compose_config["networks"]["weights"].get("internal") is True
     assert "vllm-backend" in vllm["networks"]["weights"]["aliases"]
@@ -517,24 +672,38 @@ def test_compose_keeps_vllms_weight_routes_on_the_learners_network(compose_confi
     assert proxy_mounts["/etc/nginx/nginx.conf"] == str(ROOT / "deploy/docker/vllm-proxy.conf")
     # both learners share the volume with vLLM at /shared
     for name in ("vllm", "learner-gpu", "learner-cpu"):
-        assert any(v["source"] == "shared" and v["target"] == "/shared" for v in services[name]["volumes"]), name
+        assert any(
+            v["source"] == "shared" and v["target"] == "/shared" for v in services[name]["volumes"]
+        ), name
 
 
 def test_compose_actors_scale_with_replicas(compose_config):
     for name in ("actors-cpu", "actors-gpu"):
         svc = compose_config["services"][name]
-        assert svc["deploy"]["replicas"] >= 1 and "container_name" not in svc and not svc.get("ports")
+        assert (
+            svc["deploy"]["replicas"] >= 1 and "container_name" not in svc and not svc.get("ports")
+        )
         assert "actors" in svc["networks"]["monitoring"]["aliases"]
 
 
 def test_compose_provisions_every_dashboard(compose_config):
     assert DASHBOARDS
-    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/spo3.yml").read_text())
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/spo3.yml").read_text()
+    )
     (path,) = [p["options"]["path"] for p in provider["providers"]]
-    mounts = {v["target"]: v["source"] for v in compose_config["services"]["grafana"]["volumes"] if v["type"] == "bind"}
+    mounts = {
+        v["target"]: v["source"]
+        for v in compose_config["services"]["grafana"]["volumes"]
+        if v["type"] == "bind"
+    }
     assert mounts[path] == str(ROOT / "deploy/grafana/dashboards")
     assert mounts["/etc/grafana/provisioning"] == str(ROOT / "deploy/grafana/provisioning")
-    prom = {v["target"]: v["source"] for v in compose_config["services"]["prometheus"]["volumes"] if v["type"] == "bind"}
+    prom = {
+        v["target"]: v["source"]
+        for v in compose_config["services"]["prometheus"]["volumes"]
+        if v["type"] == "bind"
+    }
     assert prom["/etc/prometheus"] == str(ROOT / "deploy/prometheus")
 
 
@@ -572,7 +741,7 @@ def spo3_invocations(rendered, compose_config) -> list[tuple[str, list[str]]]:
 def test_every_spo3_flag_in_the_manifests_exists(rendered, compose_config):
     from typer.main import get_command
 
-    from services.app.cli import app
+    from spo3.app.cli import app
 
     commands = get_command(app).commands
     invocations = spo3_invocations(rendered, compose_config)
@@ -582,14 +751,20 @@ def test_every_spo3_flag_in_the_manifests_exists(rendered, compose_config):
         known = {o for p in command.params for o in p.opts + p.secondary_opts}
         for arg in args[1:]:
             if arg.startswith("--"):
-                assert arg.split("=")[0] in known, f"{where}: `spo3 {args[0]}` has no option {arg.split('=')[0]}"
+                assert arg.split("=")[0] in known, (
+                    f"{where}: `spo3 {args[0]}` has no option {arg.split('=')[0]}"
+                )
 
 
 # ---- images -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_dockerfile_is_pinned_non_root_and_copies_only_what_the_context_has(dockerfile):
     text = (ROOT / "deploy/docker" / dockerfile).read_text()
-    lines = [ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in re.sub(r"\\\n", " ", text).splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", "\n".join(lines), re.M))
     stages = set()
     for ln in lines:
@@ -599,17 +774,28 @@ def test_dockerfile_is_pinned_non_root_and_copies_only_what_the_context_has(dock
             if m.group(2):
                 stages.add(m.group(2))
         if m := re.search(r"--from=(\S+)", ln):
-            assert m.group(1) in stages or pinned(m.group(1)), f"{dockerfile}: COPY --from={m.group(1)}"
+            assert m.group(1) in stages or pinned(m.group(1)), (
+                f"{dockerfile}: COPY --from={m.group(1)}"
+            )
     (user,) = [ln.split()[1] for ln in lines if ln.startswith("USER ")][-1:]
-    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, f"{dockerfile}: USER {user}"
-    assert lines.index(f"USER {user}") > max(i for i, ln in enumerate(lines) if ln.startswith(("RUN", "COPY")))
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, (
+        f"{dockerfile}: USER {user}"
+    )
+    assert lines.index(f"USER {user}") > max(
+        i for i, ln in enumerate(lines) if ln.startswith(("RUN", "COPY"))
+    )
     # .dockerignore is an allowlist: every COPY source must be on it
-    allowed = [ln[1:].rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")]
+    allowed = [
+        ln[1:].rstrip("/")
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.startswith("!")
+    ]
     for ln in lines:
         if ln.startswith("COPY ") and "--from=" not in ln:
             for src in ln.split()[1:-1]:
-                assert any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed), \
+                assert any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed), (
                     f"{dockerfile}: COPY {src} is excluded by .dockerignore"
+                )
                 assert (ROOT / src).exists(), f"{dockerfile}: COPY {src}: no such file"
 
 
@@ -633,10 +819,14 @@ def test_in_process_actors_follow_the_weights_the_learner_publishes(rendered, co
     templates = pod_templates(rendered, "cpu")
     actor_args = templates["actors"]["spec"]["containers"][0]["args"]
     learner_args = templates["learner"]["spec"]["containers"][0]["args"]
-    assert _flag(actor_args, "--weights-dir") and _flag(actor_args, "--weights-dir") == _flag(learner_args, "--weights-dir")
+    assert _flag(actor_args, "--weights-dir") and _flag(actor_args, "--weights-dir") == _flag(
+        learner_args, "--weights-dir"
+    )
     assert _flag(learner_args, "--policy-url") is None
     services = compose_config["services"]
     actor_cmd, learner_cmd = services["actors-cpu"]["command"], services["learner-cpu"]["command"]
-    assert _flag(actor_cmd, "--weights-dir") and _flag(actor_cmd, "--weights-dir") == _flag(learner_cmd, "--weights-dir")
+    assert _flag(actor_cmd, "--weights-dir") and _flag(actor_cmd, "--weights-dir") == _flag(
+        learner_cmd, "--weights-dir"
+    )
     gpu_actor = pod_templates(rendered, "gpu")["actors"]["spec"]["containers"][0]["args"]
     assert _flag(gpu_actor, "--weights-dir") is None and _flag(gpu_actor, "--policy-url")

@@ -18,14 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from actors.envs.textworld_env import generate_games
-from score_store.client import ScoreServiceError, ServiceScoreStore
-from services.transport.connection import connect
-from services.transport.procs import free_port
-from score_store.store import LeafOutcome
-from services.transport.redis_names import RedisNames
-from services.transport.stream import GroupStream
-from services.transport.work_queue import WorkQueue
+from spo3.actors.envs.textworld_env import generate_games
+from spo3.score_store.client import ScoreServiceError, ServiceScoreStore
+from spo3.score_store.store import LeafOutcome
+from spo3.transport.connection import connect
+from spo3.transport.procs import free_port
+from spo3.transport.redis_names import RedisNames
+from spo3.transport.stream import GroupStream
+from spo3.transport.work_queue import WorkQueue
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -45,13 +45,26 @@ class Service:
     """`spo3 score-service` as a process on a fixed port, so it can be killed and started again."""
 
     def __init__(self, redis_url: str, run: str, *extra: str) -> None:
-        self.port, self.args = free_port(), [SPO3, "score-service", "--redis-url", redis_url, "--run", run,
-                                             "--token", TOKEN, *extra]
+        self.port, self.args = (
+            free_port(),
+            [
+                SPO3,
+                "score-service",
+                "--redis-url",
+                redis_url,
+                "--run",
+                run,
+                "--token",
+                TOKEN,
+                *extra,
+            ],
+        )
         self.url, self.proc = f"http://127.0.0.1:{self.port}", None
 
-    def start(self) -> "Service":
-        self.proc = subprocess.Popen([*self.args, "--port", str(self.port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+    def start(self) -> Service:
+        self.proc = subprocess.Popen(
+            [*self.args, "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read().decode()[-2000:]
@@ -80,10 +93,23 @@ class Service:
 
 
 def start_actor(redis_url: str, run: str, seed: int, **extra) -> subprocess.Popen:
-    spec = {"redis_url": redis_url, "run": run, "seed": seed, "exit_when_idle_s": 1.0, "rollout": ROLLOUT, **extra}
+    spec = {
+        "redis_url": redis_url,
+        "run": run,
+        "seed": seed,
+        "exit_when_idle_s": 1.0,
+        "rollout": ROLLOUT,
+        **extra,
+    }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, ACTOR, json.dumps(spec)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, ACTOR, json.dumps(spec)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(actor: subprocess.Popen, timeout: float = 300) -> dict:
@@ -105,10 +131,15 @@ def counts(redis_url: str, run: str) -> dict:
     states = {}
     for key in client.scan_iter(match=prefix + "*", count=1000):
         h = client.hgetall(key)
-        states[key.decode()[len(prefix):]] = (int(h[b"n"]), int(h.get(b"s", 0)))
+        states[key.decode()[len(prefix) :]] = (int(h[b"n"]), int(h.get(b"s", 0)))
     totals = {k.decode(): int(v) for k, v in client.hgetall(names.actor_totals).items()}
     groups = sorted((g.group_id, len(g.members)) for g in GroupStream(client, run).read_all())
-    return {"leaves": int(client.get(names.leaves) or 0), "states": states, "totals": totals, "groups": groups}
+    return {
+        "leaves": int(client.get(names.leaves) or 0),
+        "states": states,
+        "totals": totals,
+        "groups": groups,
+    }
 
 
 def direct_reference(redis_url: str, games: list[str], seed: int) -> dict:
@@ -131,7 +162,9 @@ def test_actor_through_the_service_counts_what_the_direct_path_counts(redis_url,
         assert report["score_errors"] == 0
         # Every score request went to the service; leaves rode along (one request per scoring).
         batches = service.metric('spo3_score_requests_total{route="/v1/batch",status="200"}')
-        assert batches == report["score_requests"] - 2  # minus the start's GET /v1/stats and /v1/params
+        assert (
+            batches == report["score_requests"] - 2
+        )  # minus the start's GET /v1/stats and /v1/params
         assert service.metric('spo3_score_leaves_total{counted="true"}') == ref["leaves"]
         stats = httpx.get(f"{service.url}/v1/stats").json()
         assert (stats["leaves_counted"], stats["duplicate_commits"]) == (ref["leaves"], 0)
@@ -144,7 +177,9 @@ def test_service_killed_and_restarted_mid_rollout_loses_and_doubles_nothing(redi
     service = Service(redis_url, "restart").start()
     try:
         fill_queue(redis_url, "restart", games)
-        actor = start_actor(redis_url, "restart", 11, score_url=service.url, score_token=TOKEN, score_retry_s=90)
+        actor = start_actor(
+            redis_url, "restart", 11, score_url=service.url, score_token=TOKEN, score_retry_s=90
+        )
         leaves = RedisNames("restart").leaves
         client = connect(redis_url)
         deadline = time.monotonic() + 120
@@ -159,8 +194,12 @@ def test_service_killed_and_restarted_mid_rollout_loses_and_doubles_nothing(redi
         report = finish(actor)
         got = counts(redis_url, "restart")
         assert at_kill < ref["leaves"], "the kill came after the last leaf: nothing was tested"
-        assert report["finished"] == 2 * len(games) and report["score_errors"] >= 1  # it met the dead service
-        assert got == ref  # exact: no leaf counted twice or lost, and the rollouts went on unchanged
+        assert (
+            report["finished"] == 2 * len(games) and report["score_errors"] >= 1
+        )  # it met the dead service
+        assert (
+            got == ref
+        )  # exact: no leaf counted twice or lost, and the rollouts went on unchanged
     finally:
         service.stop()
 
@@ -170,16 +209,35 @@ def test_actor_refuses_parameters_that_differ_from_the_service(redis_url, games)
     try:
         WorkQueue(connect(redis_url), "params").put("textworld", games[0], item_id="p-1")
         # The policy server is never asked: the actor stops before its first task.
-        base = [SPO3, "actor", "--redis-url", redis_url, "--run", "params", "--policy-url", f"http://127.0.0.1:{free_port()}",
-                "--score-url", service.url, "--score-token", TOKEN]
-        out = subprocess.run([*base, "--alpha", "2", "--g-max", "8"], capture_output=True, text=True, timeout=120)
+        base = [
+            SPO3,
+            "actor",
+            "--redis-url",
+            redis_url,
+            "--run",
+            "params",
+            "--policy-url",
+            f"http://127.0.0.1:{free_port()}",
+            "--score-url",
+            service.url,
+            "--score-token",
+            TOKEN,
+        ]
+        out = subprocess.run(
+            [*base, "--alpha", "2", "--g-max", "8"], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 2, out.stdout + out.stderr
-        assert "alpha: actor 2.0, service 50.0" in out.stderr and "g_max" not in out.stderr.split("differ")[1]
+        assert (
+            "alpha: actor 2.0, service 50.0" in out.stderr
+            and "g_max" not in out.stderr.split("differ")[1]
+        )
         assert WorkQueue(connect(redis_url), "params").counts()["ready"] == 1  # it took no work
         # No explicit parameters: the actor takes the service's (and says so).
         actor = start_actor(redis_url, "params", 0, score_url=service.url, score_token=TOKEN)
         out, _ = actor.communicate(timeout=300)
-        assert actor.returncode == 0 and json.loads(out.splitlines()[-1])["finished"] == 1, out[-3000:]
+        assert actor.returncode == 0 and json.loads(out.splitlines()[-1])["finished"] == 1, out[
+            -3000:
+        ]
         assert "parameters from it: alpha=50.0" in out
     finally:
         service.stop()
@@ -194,11 +252,20 @@ def test_client_errors_are_clear_and_retries_are_bounded(redis_url):
         with ServiceScoreStore(service.url, TOKEN) as store:
             assert store.commit_leaf("l1", ["r", "a"], 1.0).counted is None  # queued
             assert store.pending and store.requests == 0
-            batch = store.scores(["a", "b"])  # the queued leaf is counted first, in the same request
+            batch = store.scores(
+                ["a", "b"]
+            )  # the queued leaf is counted first, in the same request
             assert store.requests == 1 and not store.pending
-            assert [(s.key, s.n_total, s.n_success) for s in batch.scores] == [("a", 1, 1), ("b", 0, 0)]
-            results = store.commit_leaves([LeafOutcome(leaf_id="l1", path=["r", "a"], success=1.0),
-                                           LeafOutcome(leaf_id="l2", path=["r", "b"], success=0.0)])
+            assert [(s.key, s.n_total, s.n_success) for s in batch.scores] == [
+                ("a", 1, 1),
+                ("b", 0, 0),
+            ]
+            results = store.commit_leaves(
+                [
+                    LeafOutcome(leaf_id="l1", path=["r", "a"], success=1.0),
+                    LeafOutcome(leaf_id="l2", path=["r", "b"], success=0.0),
+                ]
+            )
             assert [r.counted for r in results] == [False, True]  # l1 again: idempotent
             assert store.stats().leaves_counted == 2
             assert store.params().alpha == 1.0 and store.served_run() == "client"
@@ -209,7 +276,9 @@ def test_client_errors_are_clear_and_retries_are_bounded(redis_url):
             with pytest.raises(Exception, match="unreachable.*spo3 score-service"):
                 store.scores(["a"])
             assert time.monotonic() - start < 6
-            assert len(store.pending) == 1  # not confirmed: still queued, sent with the next request
+            assert (
+                len(store.pending) == 1
+            )  # not confirmed: still queued, sent with the next request
     finally:
         service.stop()
     with pytest.raises(ValueError, match="http"):

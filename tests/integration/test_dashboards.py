@@ -26,12 +26,20 @@ RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 SPO3 = str(Path(sys.executable).with_name("spo3"))
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 # Grafana's built-in variables, as Grafana would fill them for a short time range.
-BUILTINS = {"$__rate_interval": "30s", "${__rate_interval}": "30s", "$__interval": "5s", "${__interval}": "5s",
-            "$__range": "10m", "${__range}": "10m"}
+BUILTINS = {
+    "$__rate_interval": "30s",
+    "${__rate_interval}": "30s",
+    "$__interval": "5s",
+    "${__interval}": "5s",
+    "$__range": "10m",
+    "${__range}": "10m",
+}
 RUN_BUDGET_S = 130
 
 needs_prometheus = pytest.mark.skipif(
-    not (PROMETHEUS and PROMTOOL), reason="prometheus/promtool not installed (apt-get install prometheus)")
+    not (PROMETHEUS and PROMTOOL),
+    reason="prometheus/promtool not installed (apt-get install prometheus)",
+)
 
 
 # --- the dashboards as data ------------------------------------------------------------------
@@ -72,7 +80,9 @@ def variable_queries() -> list[tuple[str, str, str]]:
         for var in board.get("templating", {}).get("list", []):
             m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["definition"])
             assert m, f"{name}: variable {var['name']} is not label_values(...)"
-            out.append((name, m.group(2), f"count by ({m.group(2)}) ({concrete(m.group(1), board)})"))
+            out.append(
+                (name, m.group(2), f"count by ({m.group(2)}) ({concrete(m.group(1), board)})")
+            )
     return out
 
 
@@ -95,16 +105,27 @@ def test_dashboards_are_well_formed():
         for panel in _panels(board["panels"]):
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, (name, panel["title"])
-            assert panel["targets"] and all(t.get("expr") for t in panel["targets"]), (name, panel["title"])
-            assert all(t["datasource"]["uid"] == "prometheus" for t in panel["targets"]), (name, panel["title"])
+            assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, (
+                name,
+                panel["title"],
+            )
+            assert panel["targets"] and all(t.get("expr") for t in panel["targets"]), (
+                name,
+                panel["title"],
+            )
+            assert all(t["datasource"]["uid"] == "prometheus" for t in panel["targets"]), (
+                name,
+                panel["title"],
+            )
     for _, title, ref, expr in panel_queries():
         assert "$" not in expr, f"{title} {ref}: unresolved variable in {expr}"
 
 
 @needs_prometheus
 def test_promtool_accepts_the_rules():
-    out = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -117,9 +138,15 @@ class Processes:
 
     def start(self, name: str, cmd: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                            start_new_session=True)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+        )
         log.close()
 
     def check_alive(self) -> None:
@@ -153,8 +180,10 @@ def prometheus_config(path: Path, targets: dict[str, int]) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-                           for job, port in targets.items()],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+            for job, port in targets.items()
+        ],
     }
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     return path
@@ -187,18 +216,22 @@ def rule_problems(http: httpx.Client) -> list[str]:
     rules = [r for g in groups for r in g["rules"]]
     if not rules:
         return ["no rules loaded"]
-    return [f"{r['name']}: {r.get('health')} {r.get('lastError', '')}" for r in rules if r.get("health") != "ok"]
+    return [
+        f"{r['name']}: {r.get('health')} {r.get('lastError', '')}"
+        for r in rules
+        if r.get("health") != "ok"
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.redis
 @needs_prometheus
 def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
-    from actors.envs.textworld_env import generate_games
-    from services.transport.connection import connect
-    from services.transport.procs import free_port
-    from services.app.model_init import init_model
-    from services.transport.work_queue import WorkQueue
+    from spo3.actors.envs.textworld_env import generate_games
+    from spo3.app.model_init import init_model
+    from spo3.transport.connection import connect
+    from spo3.transport.procs import free_port
+    from spo3.transport.work_queue import WorkQueue
 
     start = time.monotonic()
     run, token = "obs", "obs-token"
@@ -221,21 +254,91 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
     weights = tmp_path / "weights"
     procs = Processes(tmp_path)
     try:
-        procs.start("score-service", [SPO3, "score-service", "--port", str(ports["score-service"]),
-                                      "--redis-url", redis_url, "--run", run, "--token", token])
-        procs.start("learner", [SPO3, "learner", "--model", str(model), "--redis-url", redis_url, "--run", run,
-                                "--weights-dir", str(weights), "--checkpoint-dir", str(tmp_path / "ckpt"),
-                                "--groups-per-update", "2", "--max-staleness", "4", "--checkpoint-every", "3",
-                                "--lr", "0.01", "--micro-batch-rows", "16", "--metrics-port", str(ports["learner"])])
+        procs.start(
+            "score-service",
+            [
+                SPO3,
+                "score-service",
+                "--port",
+                str(ports["score-service"]),
+                "--redis-url",
+                redis_url,
+                "--run",
+                run,
+                "--token",
+                token,
+            ],
+        )
+        procs.start(
+            "learner",
+            [
+                SPO3,
+                "learner",
+                "--model",
+                str(model),
+                "--redis-url",
+                redis_url,
+                "--run",
+                run,
+                "--weights-dir",
+                str(weights),
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+                "--groups-per-update",
+                "2",
+                "--max-staleness",
+                "4",
+                "--checkpoint-every",
+                "3",
+                "--lr",
+                "0.01",
+                "--micro-batch-rows",
+                "16",
+                "--metrics-port",
+                str(ports["learner"]),
+            ],
+        )
         # The actor scores states and commits leaves through the score service, as deployed.
-        procs.start("actor", [SPO3, "actor", "--model", str(model), "--weights-dir", str(weights), "--redis-url",
-                              redis_url, "--run", run, "--score-url", f"http://127.0.0.1:{ports['score-service']}",
-                              "--score-token", token, "--max-steps", "5", "--max-leaves", "12", "--choice-mode",
-                              "--metrics-port", str(ports["actor"]), "--eval-task", f"textworld:{eval_game}",
-                              "--eval-every", "1"])
-        procs.start("prometheus", [PROMETHEUS, f"--config.file={prometheus_config(tmp_path / 'prometheus.yml', ports)}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"])
+        procs.start(
+            "actor",
+            [
+                SPO3,
+                "actor",
+                "--model",
+                str(model),
+                "--weights-dir",
+                str(weights),
+                "--redis-url",
+                redis_url,
+                "--run",
+                run,
+                "--score-url",
+                f"http://127.0.0.1:{ports['score-service']}",
+                "--score-token",
+                token,
+                "--max-steps",
+                "5",
+                "--max-leaves",
+                "12",
+                "--choice-mode",
+                "--metrics-port",
+                str(ports["actor"]),
+                "--eval-task",
+                f"textworld:{eval_game}",
+                "--eval-every",
+                "1",
+            ],
+        )
+        procs.start(
+            "prometheus",
+            [
+                PROMETHEUS,
+                f"--config.file={prometheus_config(tmp_path / 'prometheus.yml', ports)}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+        )
         prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
         service = httpx.Client(base_url=f"http://127.0.0.1:{ports['score-service']}", timeout=10)
         served = False
@@ -246,7 +349,9 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
             time.sleep(3)
             procs.check_alive()
             keep_the_actor_busy()
-            if not learner_up:  # its first start compiles a DeepSpeed op: the budget counts from its start
+            if (
+                not learner_up
+            ):  # its first start compiles a DeepSpeed op: the budget counts from its start
                 try:
                     httpx.get(f"http://127.0.0.1:{ports['learner']}/metrics", timeout=2)
                     learner_up, deadline = True, max(deadline, time.monotonic() + 90)
@@ -256,8 +361,11 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
                 try:
                     keys = [f"probe-{i}" for i in range(8)]
                     service.post("/v1/scores", json={"keys": keys}).raise_for_status()
-                    service.post("/v1/leaves", json={"leaf_id": "probe", "path": keys, "success": 1.0},
-                                 headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+                    service.post(
+                        "/v1/leaves",
+                        json={"leaf_id": "probe", "path": keys, "success": 1.0},
+                        headers={"Authorization": f"Bearer {token}"},
+                    ).raise_for_status()
                     served = True
                 except httpx.TransportError:
                     continue
@@ -273,13 +381,20 @@ def test_every_panel_shows_data_from_a_real_run(redis_url, tmp_path):
         for line in failed + problems:
             print("FAILED", line)
         targets = prom.get("/api/v1/targets").json()["data"]["activeTargets"]
-        assert all(t["health"] == "up" for t in targets), [(t["labels"]["job"], t["lastError"]) for t in targets]
-        assert not failed, f"{len(failed)} panel queries without data:\n" + "\n".join(failed) + \
-            "".join(f"\n--- {n} log ---\n{procs.tail(n, 1500)}" for n in ("actor", "learner"))
+        assert all(t["health"] == "up" for t in targets), [
+            (t["labels"]["job"], t["lastError"]) for t in targets
+        ]
+        assert not failed, (
+            f"{len(failed)} panel queries without data:\n"
+            + "\n".join(failed)
+            + "".join(f"\n--- {n} log ---\n{procs.tail(n, 1500)}" for n in ("actor", "learner"))
+        )
         assert not problems, "rules that do not evaluate cleanly:\n" + "\n".join(problems)
         # The learner really updated and published; the actor followed and evaluated.
         assert float(query(prom, "max(spo3_learner_published_version)")[0]["value"][1]) >= 1
-        assert float(query(prom, "sum(spo3_policy_reloads_total)")[0]["value"][1]) >= 1, procs.tail("actor", 1500)
+        assert float(query(prom, "sum(spo3_policy_reloads_total)")[0]["value"][1]) >= 1, procs.tail(
+            "actor", 1500
+        )
         assert float(query(prom, "sum(spo3_actor_eval_episodes_total)")[0]["value"][1]) >= 1
         assert float(query(prom, "sum(spo3_policy_checksum_failures_total)")[0]["value"][1]) == 0
     finally:

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from actors.envs.textworld_env import generate_games
-from services.transport.connection import connect
-from score_store.store import RedisScoreStore
-from services.transport.contracts import SamplingParams
-from services.app.model_init import init_model
-from services.policy.vllm_client import VLLMPolicy
-from services.policy.vllm_server import VLLMServer
-from services.transport.redis_names import RedisNames
-from services.transport.work_queue import WorkQueue
+from spo3.actors.envs.textworld_env import generate_games
+from spo3.app.model_init import init_model
+from spo3.policy.vllm_client import VLLMPolicy
+from spo3.policy.vllm_server import VLLMServer
+from spo3.score_store.store import RedisScoreStore
+from spo3.transport.connection import connect
+from spo3.transport.contracts import SamplingParams
+from spo3.transport.redis_names import RedisNames
+from spo3.transport.work_queue import WorkQueue
 from tests import policy_contract as contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.vllm]
@@ -41,16 +41,58 @@ def test_actor_learner_vllm_end_to_end(redis_url, tmp_path):
         policy = VLLMPolicy(server.url)
         probe = SamplingParams(n=1, max_tokens=8, temperature=0.0)
         before = policy.sample(contract.MESSAGES, probe)[0]
-        actor = subprocess.Popen([SPO3, "actor", "--redis-url", redis_url, "--policy-url", server.url, "--run", "e2e",
-                                  "--choice-mode", "--max-steps", "3", "--max-leaves", "16"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        actor = subprocess.Popen(
+            [
+                SPO3,
+                "actor",
+                "--redis-url",
+                redis_url,
+                "--policy-url",
+                server.url,
+                "--run",
+                "e2e",
+                "--choice-mode",
+                "--max-steps",
+                "3",
+                "--max-leaves",
+                "16",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             learner = subprocess.run(
-                [SPO3, "learner", "--model", str(model), "--redis-url", redis_url, "--run", "e2e",
-                 "--policy-url", server.url, "--staging-dir", str(tmp_path / "staging"),
-                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--groups-per-update", "2",
-                 "--max-updates", str(UPDATES), "--lr", "0.02", "--max-staleness", "4"],
-                env=env, capture_output=True, text=True, timeout=400)
+                [
+                    SPO3,
+                    "learner",
+                    "--model",
+                    str(model),
+                    "--redis-url",
+                    redis_url,
+                    "--run",
+                    "e2e",
+                    "--policy-url",
+                    server.url,
+                    "--staging-dir",
+                    str(tmp_path / "staging"),
+                    "--checkpoint-dir",
+                    str(tmp_path / "ckpt"),
+                    "--groups-per-update",
+                    "2",
+                    "--max-updates",
+                    str(UPDATES),
+                    "--lr",
+                    "0.02",
+                    "--max-staleness",
+                    "4",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
             assert learner.returncode == 0, learner.stdout[-3000:] + learner.stderr[-3000:]
             assert f"stopped at version {UPDATES}" in learner.stdout
         finally:
@@ -60,8 +102,10 @@ def test_actor_learner_vllm_end_to_end(redis_url, tmp_path):
         assert policy.version() == UPDATES
         after = policy.sample(contract.MESSAGES, probe)[0]
         assert after.policy_version == UPDATES
-        assert after.token_ids != before.token_ids or \
-            max(abs(a - b) for a, b in zip(after.logprobs, before.logprobs)) > 1e-3
+        assert (
+            after.token_ids != before.token_ids
+            or max(abs(a - b) for a, b in zip(after.logprobs, before.logprobs)) > 1e-3
+        )
         assert int(client.get(RedisNames("e2e").policy_version)) == UPDATES
         # Leaves are only real path ends (ALGORITHM.md section 6): with 3 steps, paths reach the
         # depth limit (these games' coin is 5 rooms away, and 6 steps without revisiting a room

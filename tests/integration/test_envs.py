@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.envs.base import EnvError, Observation, StepResult
-from actors.envs.registry import ENV_NAMES, env_class, make_env
-from score_store.state_key import state_key
+from spo3.actors.envs.base import EnvError, Observation, StepResult
+from spo3.actors.envs.registry import ENV_NAMES, env_class, make_env
+from spo3.score_store.state_key import state_key
 
 ALF_DATA = Path(__file__).resolve().parents[1] / "data" / "alfworld"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (11+)")
@@ -33,8 +33,9 @@ def _read_only(action: str) -> bool:
     return action.split(" ", 1)[0] in READ_ONLY
 
 
-def play(env, task: str, actions: list[str], *, check_keys: bool = True,
-         check_admissible: bool = True) -> tuple[StepResult, list[str]]:
+def play(
+    env, task: str, actions: list[str], *, check_keys: bool = True, check_admissible: bool = True
+) -> tuple[StepResult, list[str]]:
     """Play `actions` from a fresh reset; check admissible lists and state keys on the way.
     Returns the last step and the state keys (root first)."""
     obs = env.reset(task)
@@ -54,8 +55,9 @@ def play(env, task: str, actions: list[str], *, check_keys: bool = True,
             else:
                 assert keys[-1] != keys[-2], f"action {action!r} did not change the state key"
         if result.done:
-            assert i == len(actions) - 1 or all(_read_only(a) or a.startswith("wait") for a in actions[i + 1:]), \
-                f"episode ended early at step {i} ({action!r})"
+            assert i == len(actions) - 1 or all(
+                _read_only(a) or a.startswith("wait") for a in actions[i + 1 :]
+            ), f"episode ended early at step {i} ({action!r})"
             break
         assert result.success == 0.0, "success before the end"
     assert result is not None
@@ -102,7 +104,7 @@ def test_registry_names_and_errors():
 def tw_game(tmp_path_factory):
     """tw_game(kind) -> path of a small game of that kind (seed 11), generated once per module."""
     pytest.importorskip("textworld")
-    from actors.envs.textworld_env import generate_games
+    from spo3.actors.envs.textworld_env import generate_games
 
     out = tmp_path_factory.mktemp("twgames")
     return lambda kind: generate_games(out, kind, 1, seed=11)[0]
@@ -124,12 +126,16 @@ def tw_env_facts():
     env.close()
 
 
-@pytest.mark.parametrize("kind", ["tw-coin_collector", "tw-treasure_hunter", "tw-simple", "tw-cooking"])
+@pytest.mark.parametrize(
+    "kind", ["tw-coin_collector", "tw-treasure_hunter", "tw-simple", "tw-cooking"]
+)
 def test_textworld_walkthrough_wins(tw_env, tw_env_facts, tw_game, kind):
     task = tw_game(kind)
     obs = tw_env.reset(task)
     assert obs.text and obs.state_text and obs.admissible_actions
-    assert "$$$$" not in obs.text and "\n>" not in obs.text, "banner or prompt left in the observation"
+    assert "$$$$" not in obs.text and "\n>" not in obs.text, (
+        "banner or prompt left in the observation"
+    )
     walkthrough = tw_env.walkthrough()
     # Default state text (room description + inventory): reads keep the key, the game's end differs.
     result, keys = play(tw_env, task, walkthrough, check_keys=False)
@@ -143,12 +149,14 @@ def test_textworld_walkthrough_wins(tw_env, tw_env_facts, tw_game, kind):
 
 
 def test_textworld_generation_is_deterministic(tmp_path, tw_game):
-    from actors.envs.textworld_env import generate_games
+    from spo3.actors.envs.textworld_env import generate_games
 
     first = tw_game("tw-treasure_hunter")
     again = generate_games(tmp_path, "tw-treasure_hunter", 1, seed=11)[0]
     assert Path(again).name == Path(first).name
-    meta = [json.loads(Path(p).with_suffix(".json").read_text())["metadata"] for p in (first, again)]
+    meta = [
+        json.loads(Path(p).with_suffix(".json").read_text())["metadata"] for p in (first, again)
+    ]
     assert meta[0]["walkthrough"] == meta[1]["walkthrough"]
     # An existing game is reused, not regenerated.
     assert generate_games(tmp_path, "tw-treasure_hunter", 1, seed=11) == [again]
@@ -204,8 +212,13 @@ def test_textworld_snapshot_survives_game_switch(tw_game):
 
 def test_textworld_bad_task_ids(tw_env, tmp_path):
     (tmp_path / "lonely.z8").write_bytes(b"\0" * 64)  # no .json sidecar
-    for bad in ["", str(tmp_path / "missing.z8"), str(tmp_path / "game.ulx"), str(tmp_path / "lonely.z8"),
-                str(tmp_path)]:
+    for bad in [
+        "",
+        str(tmp_path / "missing.z8"),
+        str(tmp_path / "game.ulx"),
+        str(tmp_path / "lonely.z8"),
+        str(tmp_path),
+    ]:
         with pytest.raises(EnvError):
             tw_env.reset(bad)
 
@@ -213,7 +226,7 @@ def test_textworld_bad_task_ids(tw_env, tmp_path):
 # --- TextWorld-Express ----------------------------------------------------------------------------
 TWX_TASKS = {
     "cookingworld": "cookingworld:seed=3:numLocations=2,numIngredients=2,numDistractorItems=1,"
-                    "includeDoors=0,limitInventorySize=0",
+    "includeDoors=0,limitInventorySize=0",
     "coin": "coin:seed=1:numLocations=3,numDistractorItems=0,includeDoors=1",
     "twc": "twc:seed=2:numLocations=1,numItemsToPutAway=2,includeDoors=0",
     "mapreader": "mapreader:seed=4:numLocations=4,maxDistanceApart=3,maxDistractorItemsPerLocation=0,includeDoors=0",
@@ -241,7 +254,9 @@ def test_twx_gold_path_wins(twx_env, game):
     assert_won(result)
     assert_noops_keep_key(twx_env, task, ["look around", "inventory"])
     # Snapshots are copies of the game inside the JVM when the helper could be compiled (a JDK).
-    assert (twx_env.snapshot() is not None) == twx_env.snapshots == (shutil.which("javac") is not None)
+    assert (
+        (twx_env.snapshot() is not None) == twx_env.snapshots == (shutil.which("javac") is not None)
+    )
     assert_replay_deterministic(twx_env, task, gold[:-1], keys)
 
 
@@ -282,8 +297,13 @@ def test_twx_replay_in_the_jvm_equals_stepping(twx_env, tmp_path, monkeypatch):
 
 @needs_java
 def test_twx_other_games_win(twx_env):
-    for task in ("arithmetic:seed=1", "sorting:seed=2", "simonsays:seed=3", "peckingorder:seed=4",
-                 "coin:seed=10001:fold=dev:numLocations=2"):
+    for task in (
+        "arithmetic:seed=1",
+        "sorting:seed=2",
+        "simonsays:seed=3",
+        "peckingorder:seed=4",
+        "coin:seed=10001:fold=dev:numLocations=2",
+    ):
         twx_env.reset(task)
         result, _ = play(twx_env, task, twx_env.walkthrough(), check_keys=False)
         assert_won(result)
@@ -291,12 +311,26 @@ def test_twx_other_games_win(twx_env):
 
 @needs_java
 def test_twx_bad_task_ids(twx_env):
-    from actors.envs.twx_env import parse_task_id
+    from spo3.actors.envs.twx_env import parse_task_id
 
-    assert parse_task_id("coin:numLocations=2:seed=5:fold=dev").task_id == "coin:seed=5:fold=dev:numLocations=2"
-    for bad in ["", "coin", "chess:seed=1", "coin:seed=x", "coin:seed=-1", "coin:seed=1:seed=2",
-                "coin:seed=1:fold=valid", "coin:seed=1:numLocations=abc", "coin:seed=1:numLocations=2,numLocations=3",
-                "coin:seed=1::numLocations=2", "coin:seed=1:noSuchProperty=1", "coin:seed=1:numLocations=99"]:
+    assert (
+        parse_task_id("coin:numLocations=2:seed=5:fold=dev").task_id
+        == "coin:seed=5:fold=dev:numLocations=2"
+    )
+    for bad in [
+        "",
+        "coin",
+        "chess:seed=1",
+        "coin:seed=x",
+        "coin:seed=-1",
+        "coin:seed=1:seed=2",
+        "coin:seed=1:fold=valid",
+        "coin:seed=1:numLocations=abc",
+        "coin:seed=1:numLocations=2,numLocations=3",
+        "coin:seed=1::numLocations=2",
+        "coin:seed=1:noSuchProperty=1",
+        "coin:seed=1:numLocations=99",
+    ]:
         with pytest.raises(EnvError):
             twx_env.reset(bad)
     # The engine is still usable after refusing a task.
@@ -335,7 +369,9 @@ def test_scienceworld_admissible_is_bounded(sw_env):
     acts = r.observation.admissible_actions
     assert r.info["n_valid"] > 200 and r.info["admissible_truncated"] is True
     assert len(acts) == 200 and len(set(acts)) == 200
-    assert acts.index("look around") < 10 and acts.index("inventory") < 10  # object-free actions first
+    assert (
+        acts.index("look around") < 10 and acts.index("inventory") < 10
+    )  # object-free actions first
     assert "reset task" not in acts and "focus on agent" not in acts
     assert not any(a.startswith(("move air ", "pour air ")) for a in acts)
     assert len(sw_env.all_valid_actions()) > len(acts)
@@ -366,7 +402,7 @@ def test_scienceworld_bad_task_ids(sw_env):
 @pytest.fixture(scope="module")
 def alf_games():
     pytest.importorskip("alfworld")
-    from actors.envs.alfworld_env import list_games
+    from spo3.actors.envs.alfworld_env import list_games
 
     games = list_games(ALF_DATA)
     assert len(games) == 3
@@ -399,7 +435,9 @@ def _walk(env, task, actions):
     return obs
 
 
-def test_alfworld_world_states_with_the_same_feedback_get_different_keys(alf_env, alf_env_obs, alf_games):
+def test_alfworld_world_states_with_the_same_feedback_get_different_keys(
+    alf_env, alf_env_obs, alf_games
+):
     """At the fridge with empty hands and at the fridge holding the apple: the same feedback text,
     two world states. The default (facts) keys tell them apart; the feedback-text keys merge them."""
     task = next(g for g in alf_games if "Apple" in g)
@@ -446,7 +484,9 @@ def test_alfworld_expert_wins_every_game(alf_env, alf_games):
     for task in alf_games:
         obs = alf_env.reset(task)
         assert "Welcome to TextWorld" not in obs.text and "Your task is to:" in obs.text
-        expert = alf_env.walkthrough()  # ALFWorld's hand-coded expert, recorded by alfworld-generate
+        expert = (
+            alf_env.walkthrough()
+        )  # ALFWorld's hand-coded expert, recorded by alfworld-generate
         result, keys = play(alf_env, task, expert)
         assert_won(result)
         assert result.raw_reward == 10.0 and result.success == 1.0
@@ -460,7 +500,9 @@ def test_alfworld_expert_wins_every_game(alf_env, alf_games):
 
 def test_alfworld_facts_state_ignores_reads_and_invalid_actions(alf_env, alf_games):
     task = alf_games[0]
-    assert_noops_keep_key(alf_env, task, ["look", "inventory", "help", "examine bed 1", "fly away", "look"])
+    assert_noops_keep_key(
+        alf_env, task, ["look", "inventory", "help", "examine bed 1", "fly away", "look"]
+    )
     r = alf_env.step("fly away")
     assert r.observation.text == "Nothing happens." and r.info["valid"] is False
 
@@ -489,9 +531,15 @@ def test_alfworld_snapshots_reproduce_replay(alf_env, alf_games):
                     replayed = replayer.step(a).observation
                 assert replayed == obs[i] and replayer.snapshot() is None
                 for _ in range(2):
-                    a = rng.choice(obs[i].admissible_actions if _ == 0 else mine.observation.admissible_actions)
+                    a = rng.choice(
+                        obs[i].admissible_actions if _ == 0 else mine.observation.admissible_actions  # noqa: F821
+                    )
                     mine, theirs = alf_env.step(a), replayer.step(a)
-                    assert mine.observation == theirs.observation and mine.done == theirs.done, (task, i, a)
+                    assert mine.observation == theirs.observation and mine.done == theirs.done, (
+                        task,
+                        i,
+                        a,
+                    )
                     if mine.done:
                         break
             alf_env.reset(task)
@@ -515,7 +563,7 @@ def test_alfworld_observation_state_has_no_banner_or_task(alf_env_obs, alf_games
 
 
 def test_alfworld_bad_task_ids_and_empty_data(alf_env, tmp_path):
-    from actors.envs.alfworld_env import list_games
+    from spo3.actors.envs.alfworld_env import list_games
 
     for bad in ["", str(tmp_path / "nope"), str(tmp_path), str(ALF_DATA)]:
         with pytest.raises(EnvError):
@@ -544,35 +592,52 @@ def test_rollout_with_snapshots_equals_rollout_with_replay(name, redis_url):
     """The same 3SPO rollout (same policy draws, fresh stores) with snapshots (TWX: copies of the
     game inside the JVM; ALFWorld: Fast Downward's state id) and with reset + replay: the same
     groups, the same new steps, and no replay step with snapshots."""
-    from actors.rollout import Rollout, RolloutConfig
-    from services.transport.connection import connect
-    from score_store.score_math import ScoreParams
-    from score_store.store import RedisScoreStore
-    from services.transport.contracts import WorkItem
-    from services.transport.stream import GroupStream
+    from spo3.actors.rollout import Rollout, RolloutConfig
+    from spo3.score_store.score_math import ScoreParams
+    from spo3.score_store.store import RedisScoreStore
+    from spo3.transport.connection import connect
+    from spo3.transport.contracts import WorkItem
+    from spo3.transport.stream import GroupStream
     from tests.fakes import ScriptedPolicy, random_actions
 
     if name == "twx":
         pytest.importorskip("textworld_express")
         if shutil.which("javac") is None:
             pytest.skip("TWX snapshots need the helper compiled by a JDK's javac")
-        task, envs = TWX_TASKS["coin"], (make_env("twx"), make_env("twx", snapshots=False, fast_replay=False))
+        task, envs = (
+            TWX_TASKS["coin"],
+            (make_env("twx"), make_env("twx", snapshots=False, fast_replay=False)),
+        )
     else:
         pytest.importorskip("alfworld")
-        from actors.envs.alfworld_env import list_games
+        from spo3.actors.envs.alfworld_env import list_games
 
         task = next(g for g in list_games(ALF_DATA) if "Apple" in g)
-        envs = (make_env("alfworld", data_dir=str(ALF_DATA)), make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False))
+        envs = (
+            make_env("alfworld", data_dir=str(ALF_DATA)),
+            make_env("alfworld", data_dir=str(ALF_DATA), snapshots=False),
+        )
     params, client = ScoreParams(), connect(redis_url)
-    cfg = RolloutConfig(max_steps=6, max_leaves=64, choice_mode=True, env_step_budget=60 if name == "twx" else 30)
+    cfg = RolloutConfig(
+        max_steps=6, max_leaves=64, choice_mode=True, env_step_budget=60 if name == "twx" else 30
+    )
     out = []
     try:
         for i, env in enumerate(envs):
             run = f"snap-{name}-{i}"
             stream = GroupStream(client, run)
-            stats = Rollout(env, ScriptedPolicy(random_actions(4)), RedisScoreStore(client, params, run=run), stream,
-                            params, cfg, run=run).run(WorkItem(item_id="s", env=name, task_id=task))
-            out.append((stats, [g.model_dump(exclude={"created_at", "run"}) for g in stream.read_all()]))
+            stats = Rollout(
+                env,
+                ScriptedPolicy(random_actions(4)),
+                RedisScoreStore(client, params, run=run),
+                stream,
+                params,
+                cfg,
+                run=run,
+            ).run(WorkItem(item_id="s", env=name, task_id=task))
+            out.append(
+                (stats, [g.model_dump(exclude={"created_at", "run"}) for g in stream.read_all()])
+            )
     finally:
         for env in envs:
             env.close()

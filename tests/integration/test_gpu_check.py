@@ -10,20 +10,41 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from services.app import gpu_check
+from spo3.app import gpu_check
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
     out = tmp_path / "gpu-check.json"
-    proc = subprocess.run([sys.executable, "-m", "services.app.gpu_check", "--device", "cpu", "--reps", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.perf.gpu_check",
+            "--device",
+            "cpu",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads(out.read_text())
     assert data["failed"] == []
     stages = data["stages"]
-    assert set(stages) == {"updates/tiny-a", "updates/tiny-b", "checkpoint", "publish", "engine", "learner"}
+    assert set(stages) == {
+        "updates/tiny-a",
+        "updates/tiny-b",
+        "checkpoint",
+        "publish",
+        "engine",
+        "learner",
+    }
     for name in ("tiny-a", "tiny-b"):
         u = stages[f"updates/{name}"]
         c = u["batch"]
@@ -32,7 +53,10 @@ def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
         assert u["trainer_reports"]["padded_tokens"] == c["padded_tokens"]
         assert u["ratio_trainer_to_plain"] > 0 and u["tflops"]["trainer"] > 0
         assert 0 < u["weights_after_one_update"]["max_abs_move"]
-    assert stages["checkpoint"]["pass"] and stages["checkpoint"]["resumed_vs_uninterrupted_max_abs_diff"] == 0.0
+    assert (
+        stages["checkpoint"]["pass"]
+        and stages["checkpoint"]["resumed_vs_uninterrupted_max_abs_diff"] == 0.0
+    )
     assert stages["publish"]["versions_seen"] == [1]
     assert stages["publish"]["checksum_served"] == stages["publish"]["checksum_written"]
     assert stages["engine"]["tokens_per_s"]["threads_batched"] > 0
@@ -41,9 +65,19 @@ def test_every_stage_runs_on_cpu_and_writes_table_and_json(tmp_path):
     engine = stages["engine"]
     assert len(engine["threaded_batches"]) == engine["reps"]  # every request served once per round
     assert all(sum(sizes) == engine["prompts"] for sizes in engine["threaded_batches"])
-    assert set(engine["tokens_per_s"]) == {"one_request_at_a_time", "threads_batched", "engine_generate_one_batch",
-                                           "raw_generate"}
-    for figure in ("1 tiny-a: Trainer ZeRO-1 bf16", "2 checkpoint", "3 publish", "4 in-process engine", "5 spo3 learner"):
+    assert set(engine["tokens_per_s"]) == {
+        "one_request_at_a_time",
+        "threads_batched",
+        "engine_generate_one_batch",
+        "raw_generate",
+    }
+    for figure in (
+        "1 tiny-a: Trainer ZeRO-1 bf16",
+        "2 checkpoint",
+        "3 publish",
+        "4 in-process engine",
+        "5 spo3 learner",
+    ):
         assert figure in proc.stdout
 
 
@@ -53,7 +87,9 @@ def test_a_failing_stage_is_reported_and_the_rest_still_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(gpu_check, "stage_checkpoint", broken)
     out = tmp_path / "gpu-check.json"
-    result = CliRunner().invoke(gpu_check.app, ["--device", "cpu", "--stages", "checkpoint,engine", "--out", str(out)])
+    result = CliRunner().invoke(
+        gpu_check.app, ["--device", "cpu", "--stages", "checkpoint,engine", "--out", str(out)]
+    )
     assert result.exit_code == 1, result.output
     data = json.loads(out.read_text())
     assert data["failed"] == ["checkpoint"]
@@ -73,7 +109,9 @@ def test_unknown_stage_or_shape_is_refused_before_anything_runs(tmp_path):
 def test_flops_count_the_output_projection_once():
     tied = dict(vocab_size=100, hidden_size=10, tie_word_embeddings=True)
     untied = dict(tied, tie_word_embeddings=False)
-    assert gpu_check.matmul_params(tied, 5000) == 5000  # the tied embedding is the output projection
+    assert (
+        gpu_check.matmul_params(tied, 5000) == 5000
+    )  # the tied embedding is the output projection
     assert gpu_check.matmul_params(untied, 6000) == 5000  # the input embedding is a lookup
     assert gpu_check.update_flops(tied, 5000, 3) == 8 * 5000 * 3
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.0 and gpu_check.peak_tflops("cpu") is None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from learner.batch import batch_rows
-from services.transport.stream import GroupConsumer
-from learner.staleness import StalenessFilter
-from services.transport.connection import connect
-from services.transport.stream import GroupStream
+from spo3.learner.batch import batch_rows
+from spo3.learner.staleness import StalenessFilter
+from spo3.transport.connection import connect
+from spo3.transport.stream import GroupConsumer, GroupStream
 from tests.integration.test_stream_queue import group
 
 pytestmark = pytest.mark.redis
@@ -73,8 +72,11 @@ def test_unknown_schema_versions_are_dead_lettered_with_a_clear_error(redis_url)
     for t in (t for m in old["members"] for t in m["transitions"]):  # what a version-1 actor sent
         t.pop("choices"), t.pop("choice_token_ids")
     for version in (1, 3, None):
-        body = {**old, "schema_version": version} if version is not None else {k: v for k, v in old.items()
-                                                                               if k != "schema_version"}
+        body = (
+            {**old, "schema_version": version}
+            if version is not None
+            else {k: v for k, v in old.items() if k != "schema_version"}
+        )
         client.xadd(stream.names.groups_stream, {"group": json.dumps(body).encode()})
     stream.append(group("new"))
     got = consumer.read(10, block_ms=100)

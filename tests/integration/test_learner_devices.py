@@ -16,14 +16,25 @@ import pytest
 import torch
 import torch.distributed as real_dist
 
-import learner.trainer as trainer_module
-from learner.batch import Row
-from learner.trainer import Trainer, TrainerConfig, micro_batches, padding_counts
-from services.app.model_init import init_model
+import spo3.learner.trainer as trainer_module
+from spo3.app.model_init import init_model
+from spo3.learner.batch import Row
+from spo3.learner.trainer import Trainer, TrainerConfig, micro_batches, padding_counts
 
 pytestmark = pytest.mark.slow
 
-_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint")
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+)
 
 
 def _explicit_device_torch() -> types.SimpleNamespace:
@@ -33,9 +44,12 @@ def _explicit_device_torch() -> types.SimpleNamespace:
         def make(*args, **kwargs):
             kwargs.setdefault("device", "meta")
             return fn(*args, **kwargs)
+
         return make
 
-    ns = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    ns = types.SimpleNamespace(
+        **{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+    )
     for name in _FACTORIES:
         setattr(ns, name, wrap(getattr(torch, name)))
     return ns
@@ -53,7 +67,9 @@ class _CheckedCollectives:
     def _check(self, name: str, tensor: torch.Tensor) -> None:
         self.calls.append((name, tensor.device))
         if tensor.device != self.device:
-            raise AssertionError(f"dist.{name} on a tensor on {tensor.device}; the engine runs on {self.device}")
+            raise AssertionError(
+                f"dist.{name} on a tensor on {tensor.device}; the engine runs on {self.device}"
+            )
 
     def all_reduce(self, tensor, *args, **kwargs):
         self._check("all_reduce", tensor)
@@ -74,7 +90,9 @@ def rows(n: int = 9, seed: int = 0) -> list[Row]:
     for i in range(n):
         prompt = [rng.randrange(3, 200) for _ in range(rng.randint(2, 30))]
         response = [rng.randrange(3, 200) for _ in range(rng.randint(1, 8))]
-        out.append(Row(prompt, response, rng.choice([-1.0, 0.5, 1.5]), [-1.0] * len(response), 0, f"g{i}"))
+        out.append(
+            Row(prompt, response, rng.choice([-1.0, 0.5, 1.5]), [-1.0] * len(response), 0, f"g{i}")
+        )
     return out
 
 
@@ -111,7 +129,7 @@ def test_the_check_catches_a_collective_on_a_tensor_without_a_device(trainer, mo
 
 def test_micro_batches_group_rows_of_like_length():
     batch = rows(32, seed=3)
-    plain = [batch[i:i + 8] for i in range(0, 32, 8)]
+    plain = [batch[i : i + 8] for i in range(0, 32, 8)]
     bucketed = micro_batches(batch, 8)
     assert sorted(id(r) for mb in bucketed for r in mb) == sorted(id(r) for r in batch)
     assert all(len(mb) <= 8 for mb in bucketed)

@@ -8,17 +8,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batch import Row
-from learner.restricted import restricted_logprobs
-from learner.trainer import Trainer, TrainerConfig
-from services.transport.contracts import SamplingParams
-from services.app.model_init import init_model
-from services.policy.inprocess import InProcessPolicy
+from spo3.app.model_init import init_model
+from spo3.learner.batch import Row
+from spo3.learner.restricted import restricted_logprobs
+from spo3.learner.trainer import Trainer, TrainerConfig
+from spo3.policy.inprocess import InProcessPolicy
+from spo3.transport.contracts import SamplingParams
 from tests import policy_contract as contract
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
-CHOICES = ["go north", "go south", "take apple", "take apple from table", "take red apple", "take red pen", "look"]
+CHOICES = [
+    "go north",
+    "go south",
+    "take apple",
+    "take apple from table",
+    "take red apple",
+    "take red pen",
+    "look",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +45,19 @@ def trainer(model_dir):
 
 
 def rows_from(outs, advantages, with_token_ids: bool = True, choices=CHOICES) -> list[Row]:
-    return [Row(c.prompt_token_ids, c.token_ids, a, c.logprobs, c.policy_version, f"g{i}",
-                choices=choices, choice_token_ids=c.choice_token_ids if with_token_ids else None)
-            for i, (c, a) in enumerate(zip(outs, advantages))]
+    return [
+        Row(
+            c.prompt_token_ids,
+            c.token_ids,
+            a,
+            c.logprobs,
+            c.policy_version,
+            f"g{i}",
+            choices=choices,
+            choice_token_ids=c.choice_token_ids if with_token_ids else None,
+        )
+        for i, (c, a) in enumerate(zip(outs, advantages))
+    ]
 
 
 def learner_logprobs(trainer: Trainer, rows: list[Row]) -> list[list[float]]:
@@ -47,12 +65,16 @@ def learner_logprobs(trainer: Trainer, rows: list[Row]) -> list[list[float]]:
     prep = trainer._prepare(rows)
     with torch.no_grad():
         logits = trainer.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
-        lp = restricted_logprobs(logits, prep["targets"], prep["allowed_ids"], prep["allowed_valid"])
+        lp = restricted_logprobs(
+            logits, prep["targets"], prep["allowed_ids"], prep["allowed_valid"]
+        )
     return [lp[b][prep["mask"][b] != 0].tolist() for b in range(len(rows))]
 
 
 def test_learner_restricted_logprobs_equal_the_samplers(policy, trainer):
-    outs = policy.sample(contract.MESSAGES, SamplingParams(n=32, choices=CHOICES, temperature=1.0, seed=3))
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=32, choices=CHOICES, temperature=1.0, seed=3)
+    )
     assert len({c.text for c in outs}) >= 3
     rows = rows_from(outs, [1.0] * len(outs))
     got = learner_logprobs(trainer, rows)
@@ -64,16 +86,24 @@ def test_learner_restricted_logprobs_equal_the_samplers(policy, trainer):
     guided = learner_logprobs(trainer, rows_from(outs, [1.0] * len(outs), with_token_ids=False))
     assert max(abs(a - b) for c, lp in zip(outs, guided) for a, b in zip(lp, c.logprobs)) > 1e-3
     # The full-vocabulary log-probs are another distribution (what the learner used to optimize).
-    free = learner_logprobs(trainer, [Row(r.prompt_ids, r.response_ids, 1.0, [], 0, "x") for r in rows])
+    free = learner_logprobs(
+        trainer, [Row(r.prompt_ids, r.response_ids, 1.0, [], 0, "x") for r in rows]
+    )
     assert max(abs(a - b) for c, lp in zip(outs, free) for a, b in zip(lp, c.logprobs)) > 0.1
 
 
 def test_on_policy_rows_have_importance_weight_one_then_the_clip_acts(policy, trainer, model_dir):
-    outs = policy.sample(contract.MESSAGES, SamplingParams(n=16, choices=CHOICES, temperature=1.0, seed=4))
-    free = policy.sample(contract.MESSAGES, SamplingParams(n=8, max_tokens=6, temperature=1.0, seed=5))
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=16, choices=CHOICES, temperature=1.0, seed=4)
+    )
+    free = policy.sample(
+        contract.MESSAGES, SamplingParams(n=8, max_tokens=6, temperature=1.0, seed=5)
+    )
     rows = rows_from(outs, [2.0 if i % 2 else -2.0 for i in range(16)])
-    rows += [Row(c.prompt_token_ids, c.token_ids, 1.5 if i % 2 else -1.5, c.logprobs, 0, f"f{i}")
-             for i, c in enumerate(free)]
+    rows += [
+        Row(c.prompt_token_ids, c.token_ids, 1.5 if i % 2 else -1.5, c.logprobs, 0, f"f{i}")
+        for i, c in enumerate(free)
+    ]
     trainer.cfg.ppo_epochs = 1
     one = trainer.update(rows)  # same weights as the sampler: importance weights and ratios are 1
     assert one["imp_weight_mean"] == pytest.approx(1.0, abs=TOL)

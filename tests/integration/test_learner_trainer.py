@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from learner.batch import Row
-from learner.loss import LossConfig, policy_loss, token_logprobs
-from learner.trainer import TrainerConfig
-from services.app.model_init import init_model
+from spo3.app.model_init import init_model
+from spo3.learner.batch import Row
+from spo3.learner.loss import LossConfig, policy_loss, token_logprobs
+from spo3.learner.trainer import TrainerConfig
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -29,17 +29,34 @@ def fixed_rows(update: int) -> list[Row]:
     for i in range(7):  # odd count: ranks get different numbers of rows and tokens
         prompt = [rng.randrange(3, 200) for _ in range(rng.randint(3, 9))]
         response = [rng.randrange(3, 200) for _ in range(rng.randint(1, 6))]
-        rows.append(Row(prompt, response, rng.choice([-1.5, -0.5, 0.7, 1.2]), [-1.0] * len(response), 0, f"g{i}"))
+        rows.append(
+            Row(
+                prompt,
+                response,
+                rng.choice([-1.5, -0.5, 0.7, 1.2]),
+                [-1.0] * len(response),
+                0,
+                f"g{i}",
+            )
+        )
     return rows
 
 
-def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int = TrainerConfig.model_fields["ppo_epochs"].default
-                        ) -> dict[str, torch.Tensor]:
+def plain_torch_updates(
+    model_dir,
+    updates: int,
+    lr: float = 1e-2,
+    epochs: int = TrainerConfig.model_fields["ppo_epochs"].default,
+) -> dict[str, torch.Tensor]:
     """The reference: the whole batch at once, token-mean loss, AdamW, clip 1.0; `epochs` steps per
     batch, the proximal log-probs being the first pass's."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    ref = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        .eval()
+        .requires_grad_(False)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for u in range(updates):
         rows = fixed_rows(u)
@@ -49,19 +66,30 @@ def plain_torch_updates(model_dir, updates: int, lr: float = 1e-2, epochs: int =
         attn = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             seq = r.prompt_ids + r.response_ids
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, len(r.prompt_ids):len(seq)] = 1
-            attn[i, :len(seq)] = 1
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, len(r.prompt_ids) : len(seq)] = 1
+            attn[i, : len(seq)] = 1
         with torch.no_grad():
-            ref_logp = token_logprobs(ref(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+            ref_logp = token_logprobs(
+                ref(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:]
+            )
         adv = torch.tensor([r.advantage for r in rows])
         prox = None
         for _ in range(epochs):
-            logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+            logp = token_logprobs(
+                model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:]
+            )
             prox = logp.detach() if prox is None else prox
             # The rows' sampler log-probs (-1.0) are the behaviour policy: weight exp(prox + 1), capped.
-            loss, _ = policy_loss(logp, prox, ref_logp, adv, mask[:, 1:], LossConfig(),
-                                  behav_logprobs=torch.full_like(logp, -1.0))
+            loss, _ = policy_loss(
+                logp,
+                prox,
+                ref_logp,
+                adv,
+                mask[:, 1:],
+                LossConfig(),
+                behav_logprobs=torch.full_like(logp, -1.0),
+            )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,15 +109,25 @@ def max_diff(a: dict, b: dict) -> float:
 
 def run_ranks(model_dir, out: Path, nproc: int, updates: int, micro: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_port()}", str(REPO / "tests/integration/scripts/ds_updates.py"), str(model_dir),
-           str(out), str(updates), str(micro)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_port()}",
+        str(REPO / "tests/integration/scripts/ds_updates.py"),
+        str(model_dir),
+        str(out),
+        str(updates),
+        str(micro),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _port() -> int:
-    from services.transport.procs import free_port
+    from spo3.transport.procs import free_port
 
     return free_port()
 

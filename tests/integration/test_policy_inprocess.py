@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.transport.contracts import SamplingParams
-from services.app.model_init import init_model
-from services.policy.inprocess import InProcessPolicy
-from services.policy.interface import PolicyError
-from services.policy.weights import weights_checksum
+from spo3.app.model_init import init_model
+from spo3.policy.inprocess import InProcessPolicy
+from spo3.policy.interface import PolicyError
+from spo3.policy.weights import weights_checksum
+from spo3.transport.contracts import SamplingParams
 from tests import policy_contract as contract
 
 
@@ -43,10 +43,22 @@ def test_choice_logprobs_match_a_full_forward_of_prompt_and_choice(policy, refer
     to the tokens that keep the text a prefix of some choice) equals the one a plain forward of
     prompt + choice gives, for choices of different lengths (padded rows)."""
     # Shared prefixes, so that later tokens are drawn among several too (not forced).
-    choices = ["go north", "go south", "take apple", "take apple from table", "take red apple", "take red pen", "look"]
-    outs = policy.sample(contract.MESSAGES, SamplingParams(n=64, choices=choices, temperature=1.0, seed=1))
+    choices = [
+        "go north",
+        "go south",
+        "take apple",
+        "take apple from table",
+        "take red apple",
+        "take red pen",
+        "look",
+    ]
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=64, choices=choices, temperature=1.0, seed=1)
+    )
     prompt = outs[0].prompt_token_ids
-    choice_ids = {c: policy.tokenizer.encode(c, add_special_tokens=False) + [policy.eos_id] for c in choices}
+    choice_ids = {
+        c: policy.tokenizer.encode(c, add_special_tokens=False) + [policy.eos_id] for c in choices
+    }
     allowed: dict[tuple[int, ...], set[int]] = {}
     for ids in choice_ids.values():
         for j, tok in enumerate(ids):
@@ -58,18 +70,26 @@ def test_choice_logprobs_match_a_full_forward_of_prompt_and_choice(policy, refer
         ids = choice_ids[c.text]
         assert c.token_ids == ids
         with torch.no_grad():
-            logits = reference(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1: -1].float()
+            logits = (
+                reference(input_ids=torch.tensor([prompt + ids]))
+                .logits[0, len(prompt) - 1 : -1]
+                .float()
+            )
         for j, tok in enumerate(ids):
             cand = sorted(allowed[tuple(ids[:j])])
             expect = float(logits[j, cand].log_softmax(-1)[cand.index(tok)])
             assert abs(c.logprobs[j] - expect) < 1e-4, (c.text, j, c.logprobs[j], expect)
         checked.add(c.text)
     assert len(checked) >= 4
-    assert any(lp < 0 for c in outs for lp in c.logprobs[1:]), "no choice token after the first was drawn"
+    assert any(lp < 0 for c in outs for lp in c.logprobs[1:]), (
+        "no choice token after the first was drawn"
+    )
 
 
 def test_stop_strings_cut_text_and_say_stop(policy):
-    outs = policy.sample(contract.MESSAGES, SamplingParams(n=8, max_tokens=40, temperature=1.0, stop=["o"], seed=1))
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=8, max_tokens=40, temperature=1.0, stop=["o"], seed=1)
+    )
     for c in outs:
         assert "o" not in c.text
         assert c.finish_reason in ("stop", "length")
@@ -136,9 +156,9 @@ def test_version_always_matches_the_weights_that_produced_it(policy, model_dir):
 
 
 def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_url, tmp_path):
-    from services.transport.connection import connect
-    from services.policy.follow import FollowingPolicy
-    from services.policy.publish import DirectoryPublisher
+    from spo3.policy.follow import FollowingPolicy
+    from spo3.policy.publish import DirectoryPublisher
+    from spo3.transport.connection import connect
 
     client = connect(redis_url)
     publisher = DirectoryPublisher(tmp_path / "weights", client, "run1", keep=2)
@@ -159,9 +179,12 @@ def test_in_process_engines_follow_directory_publishes(policy, model_dir, redis_
 def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, reference):
     """Threads asking at once run as one left-padded `generate`; every row's logprobs are still
     those of a plain forward of its own prompt + tokens, and greedy answers equal solo ones."""
-    from services.transport.contracts import ChatMessage
+    from spo3.transport.contracts import ChatMessage
 
-    prompts = [[ChatMessage(role="user", content="You are in the kitchen." + " You see a box." * k)] for k in range(4)]
+    prompts = [
+        [ChatMessage(role="user", content="You are in the kitchen." + " You see a box." * k)]
+        for k in range(4)
+    ]
     calls = []
     real_generate = policy.model.generate
 
@@ -171,10 +194,16 @@ def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, 
 
     policy.model.generate = counting_generate
     results: dict[int, list] = {}
-    params = [SamplingParams(n=3, max_tokens=12, temperature=1.0)] * 3 + [SamplingParams(n=2, max_tokens=12, temperature=0.0)]
+    params = [SamplingParams(n=3, max_tokens=12, temperature=1.0)] * 3 + [
+        SamplingParams(n=2, max_tokens=12, temperature=0.0)
+    ]
     policy._lock.acquire()  # hold the engine so that all four requests are waiting together
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, policy.sample(prompts[i], params[i])))
-               for i in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, policy.sample(prompts[i], params[i]))
+        )
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     while len(policy._pending) < 4:
@@ -189,11 +218,19 @@ def test_concurrent_requests_share_one_generate_and_keep_their_logprobs(policy, 
         for c in outs:
             ids = torch.tensor([c.prompt_token_ids + c.token_ids])
             with torch.no_grad():
-                logits = reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1:-1].float()
-            expect = logits.log_softmax(-1).gather(-1, ids[0, len(c.prompt_token_ids):, None]).squeeze(-1)
+                logits = (
+                    reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1 : -1].float()
+                )
+            expect = (
+                logits.log_softmax(-1)
+                .gather(-1, ids[0, len(c.prompt_token_ids) :, None])
+                .squeeze(-1)
+            )
             assert torch.allclose(torch.tensor(c.logprobs), expect, atol=1e-4), i
     policy.model.generate = real_generate
-    assert policy._announced == 0 and policy._pending == []  # nothing left for a later leader to wait for
+    assert (
+        policy._announced == 0 and policy._pending == []
+    )  # nothing left for a later leader to wait for
     solo = policy.sample(prompts[3], SamplingParams(n=1, max_tokens=12, temperature=0.0))[0]
     assert results[3][0].token_ids == solo.token_ids
 
@@ -212,7 +249,7 @@ def test_requests_arriving_within_the_settle_time_join_the_batch(policy):
     """A leader waits while new requests keep being announced less than `settle_s` apart (threads
     released together reach the engine a little apart), but a lone caller does not wait out the
     whole batch window."""
-    from services.transport.contracts import ChatMessage
+    from spo3.transport.contracts import ChatMessage
 
     sizes: list[int] = []
     run_batch = policy._run_batch
@@ -246,12 +283,15 @@ def test_engine_thread_serves_every_caller_and_ends_with_its_policy(model_dir):
     import gc
     import weakref
 
-    from services.transport.contracts import ChatMessage
+    from spo3.transport.contracts import ChatMessage
 
     policy = InProcessPolicy(model_dir)
     ran_on: list[str] = []
     generate = policy._generate
-    policy._generate = lambda requests: (ran_on.append(threading.current_thread().name), generate(requests))[1]
+    policy._generate = lambda requests: (
+        ran_on.append(threading.current_thread().name),
+        generate(requests),  # noqa: F821
+    )[1]
     chat = [ChatMessage(role="user", content="You are in the kitchen.")]
     params = SamplingParams(n=2, max_tokens=4, temperature=1.0)
     for _ in range(2):

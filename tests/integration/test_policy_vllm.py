@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.transport.procs import free_port
-from services.transport.contracts import SamplingParams
-from services.app.model_init import init_model
-from services.policy.interface import PolicyError
-from services.policy.publish import VLLMDiskPublisher
-from services.policy.vllm_client import VLLMPolicy
-from services.policy.vllm_server import VLLMServer
+from spo3.app.model_init import init_model
+from spo3.policy.interface import PolicyError
+from spo3.policy.publish import VLLMDiskPublisher
+from spo3.policy.vllm_client import VLLMPolicy
+from spo3.policy.vllm_server import VLLMServer
+from spo3.transport.contracts import SamplingParams
+from spo3.transport.procs import free_port
 from tests import policy_contract as contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -70,7 +70,9 @@ def test_prompt_token_ids_are_the_chat_template(policy, model_dir):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     c = policy.sample(contract.MESSAGES, GREEDY)[0]
-    ids = tok.apply_chat_template([m.model_dump() for m in contract.MESSAGES], add_generation_prompt=True)
+    ids = tok.apply_chat_template(
+        [m.model_dump() for m in contract.MESSAGES], add_generation_prompt=True
+    )
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert c.prompt_token_ids == list(ids)
 
@@ -120,14 +122,28 @@ def test_unreachable_server_is_a_clear_error_not_a_hang():
 def test_malformed_completion_is_reported():
     """A server answering garbage (here: token ids without logprobs) gives a PolicyError that
     names the fields, never a crash deeper in the actor."""
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/weight_info":
             return httpx.Response(200, json={"weight_version": "3"})
-        return httpx.Response(200, json={"choices": [{"message": {"content": "x"}, "token_ids": [1, 2],
-                                                      "logprobs": None, "finish_reason": "stop"}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "message": {"content": "x"},
+                        "token_ids": [1, 2],
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ]
+            },
+        )
 
     p = VLLMPolicy("http://policy.invalid")
-    p.http._client = httpx.Client(base_url="http://policy.invalid", transport=httpx.MockTransport(handler))
+    p.http._client = httpx.Client(
+        base_url="http://policy.invalid", transport=httpx.MockTransport(handler)
+    )
     with pytest.raises(PolicyError, match="malformed completion.*logprobs"):
         p.sample(contract.MESSAGES, GREEDY)
 
@@ -140,11 +156,26 @@ def test_learner_restricted_logprobs_equal_vllm_guided_choice(policy, model_dir,
     canonical tokenizations would not (checked, so the test can tell them apart)."""
     from transformers import AutoTokenizer
 
-    from learner.restricted import (VocabText, allowed_index, allowed_tokens, guided_allowed_tokens,
-                                    restricted_logprobs, tokenize_choices)
+    from spo3.learner.restricted import (
+        VocabText,
+        allowed_index,
+        allowed_tokens,
+        guided_allowed_tokens,
+        restricted_logprobs,
+        tokenize_choices,
+    )
 
-    choices = ["go north", "go south", "take apple", "take apple from table", "take red apple", "look"]
-    outs = policy.sample(contract.MESSAGES, SamplingParams(n=24, choices=choices, temperature=1.0, max_tokens=16))
+    choices = [
+        "go north",
+        "go south",
+        "take apple",
+        "take apple from table",
+        "take red apple",
+        "look",
+    ]
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=24, choices=choices, temperature=1.0, max_tokens=16)
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab, canonical = VocabText(tokenizer), tokenize_choices(tokenizer, choices)
 
@@ -153,7 +184,9 @@ def test_learner_restricted_logprobs_equal_vllm_guided_choice(policy, model_dir,
         for c in outs:
             seq = c.prompt_token_ids + c.token_ids
             start = len(c.prompt_token_ids) - 1
-            ids, valid = allowed_index([[(start + j, a) for j, a in enumerate(allowed(c))]], (1, len(seq) - 1))
+            ids, valid = allowed_index(
+                [[(start + j, a) for j, a in enumerate(allowed(c))]], (1, len(seq) - 1)
+            )
             with torch.no_grad():
                 logits = reference(input_ids=torch.tensor([seq])).logits[:, :-1]
             lp = restricted_logprobs(logits, torch.tensor([seq[1:]]), ids, valid)[0, start:]

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from actors.envs.registry import make_env
-from actors.envs.textworld_env import generate_games
-from actors.rollout import Rollout, RolloutConfig
-from services.transport.connection import connect
-from score_store.score_math import ScoreParams
-from score_store.state_key import state_key
-from score_store.store import RedisScoreStore
-from services.transport.contracts import WorkItem
-from services.app.model_init import init_model
-from services.transport.stream import GroupStream
-from services.transport.work_queue import WorkQueue
+from spo3.actors.envs.registry import make_env
+from spo3.actors.envs.textworld_env import generate_games
+from spo3.actors.rollout import Rollout, RolloutConfig
+from spo3.app.model_init import init_model
+from spo3.score_store.score_math import ScoreParams
+from spo3.score_store.state_key import state_key
+from spo3.score_store.store import RedisScoreStore
+from spo3.transport.connection import connect
+from spo3.transport.contracts import WorkItem
+from spo3.transport.stream import GroupStream
+from spo3.transport.work_queue import WorkQueue
 from tests.fakes import ScriptedPolicy, random_actions
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -122,7 +122,9 @@ class RecordingStore:
 def two_exits(tmp_path_factory):
     """tw-treasure_hunter level 15 seed 3: the first room has two exits, east (away from the
     goal) and south (the walkthrough's first step)."""
-    return generate_games(tmp_path_factory.mktemp("games"), "tw-treasure_hunter", 1, seed=3, level=15)[0]
+    return generate_games(
+        tmp_path_factory.mktemp("games"), "tw-treasure_hunter", 1, seed=3, level=15
+    )[0]
 
 
 def keys_after(env, game, *actions):
@@ -152,10 +154,13 @@ def test_dead_end_child_is_never_the_top_reward_under_raw(env, two_exits, redis_
     policy = ScriptedPolicy(replies)
     stream = GroupStream(connect(redis_url), run)
     stats = Rollout(env, policy, store, stream, params, cfg, run=run).run(
-        WorkItem(item_id="dead", env="textworld", task_id=game))
+        WorkItem(item_id="dead", env="textworld", task_id=game)
+    )
     (group,) = stream.read_all()  # the budget covers the root's expansion only
     reward = {m.transitions[0].next_state_key: m.score for m in group.members}
-    assert east_key in reward and south_key in reward and root_key in reward  # look / inventory: no move
+    assert (
+        east_key in reward and south_key in reward and root_key in reward
+    )  # look / inventory: no move
     assert stats.informative_groups == 1
     if reward_score == "raw":
         assert reward[east_key] < reward[south_key] == max(reward.values())
@@ -218,12 +223,18 @@ def test_novelty_path_vs_parent(env, game, redis_url, novelty):
     reward is w(0) R_novel = 0.5 R_novel."""
     params = P.model_copy(update={"novelty": novelty})
     run = f"novel-{novelty}"
-    store, stream = RedisScoreStore(connect(redis_url), params, run=run), GroupStream(connect(redis_url), run)
+    store, stream = (
+        RedisScoreStore(connect(redis_url), params, run=run),
+        GroupStream(connect(redis_url), run),
+    )
     shower, basement, bedroom = keys_after(env, game, "go north", "go east")
-    replies = lambda m, p, i: "go north" if "go north" in p.choices else ["go south", "go east", "look"][i % 3]
+    replies = lambda m, p, i: (
+        "go north" if "go north" in p.choices else ["go south", "go east", "look"][i % 3]
+    )
     cfg = RolloutConfig(max_steps=5, choice_mode=True, env_step_budget=4)
     stats = Rollout(env, ScriptedPolicy(replies), store, stream, params, cfg, run=run).run(
-        WorkItem(item_id="novel", env="textworld", task_id=game))
+        WorkItem(item_id="novel", env="textworld", task_id=game)
+    )
     groups = stream.read_all()
     at_basement = next(g for g in groups if g.members[0].transitions[0].state_key == basement)
     reward = {m.transitions[0].action: m.score for m in at_basement.members}
@@ -249,11 +260,35 @@ def test_actor_killed_mid_task_another_finishes_it(env, two_exits, redis_url, tm
     model = init_model(tmp_path / "model", "tiny", seed=0)
     queue = WorkQueue(client, "kill")
     queue.put("textworld", game, item_id="task-1")
-    args = [SPO3, "actor", "--redis-url", redis_url, "--model", str(model), "--run", "kill", "--choice-mode",
-            "--max-steps", "4", "--g-max", "32", "--max-leaves", "400", "--lease-s", "4", "--exit-when-idle", "6"]
+    args = [
+        SPO3,
+        "actor",
+        "--redis-url",
+        redis_url,
+        "--model",
+        str(model),
+        "--run",
+        "kill",
+        "--choice-mode",
+        "--max-steps",
+        "4",
+        "--g-max",
+        "32",
+        "--max-leaves",
+        "400",
+        "--lease-s",
+        "4",
+        "--exit-when-idle",
+        "6",
+    ]
     proc_env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(args + ["--max-unread", "1"], env=proc_env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        args + ["--max-unread", "1"],
+        env=proc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     stream = GroupStream(client, "kill")
     deadline = time.monotonic() + 120
     while stream.length() < 1:
@@ -266,7 +301,9 @@ def test_actor_killed_mid_task_another_finishes_it(env, two_exits, redis_url, tm
     leaves_before = store.stats().leaves_counted
     assert queue.counts()["done"] == 0  # the task died with the actor
 
-    second = subprocess.Popen(args, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(
+        args, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
     assert "actor finished 1 work items" in out
@@ -276,4 +313,6 @@ def test_actor_killed_mid_task_another_finishes_it(env, two_exits, redis_url, tm
     groups = GroupStream(client, "kill").read_all()
     ids = [g.group_id for g in groups]
     assert len(ids) == len(set(ids))
-    assert any(i.startswith("task-1:a0:") for i in ids) and any(i.startswith("task-1:a1:") for i in ids)
+    assert any(i.startswith("task-1:a0:") for i in ids) and any(
+        i.startswith("task-1:a1:") for i in ids
+    )

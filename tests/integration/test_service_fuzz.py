@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
-from services.transport.connection import LocalRedisServer
-from score_store.service import ServiceSettings, create_app
+from spo3.score_store.service import ServiceSettings, create_app
+from spo3.transport.connection import LocalRedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -37,9 +36,11 @@ def _schema_violating(case) -> bool:
     request models refuse must be rejected."""
     from pydantic import ValidationError
 
-    from score_store.service import BatchRequest, LeafRequest, ScoresRequest
+    from spo3.score_store.service import BatchRequest, LeafRequest, ScoresRequest
 
-    model = {"/v1/scores": ScoresRequest, "/v1/leaves": LeafRequest, "/v1/batch": BatchRequest}.get(case.path)
+    model = {"/v1/scores": ScoresRequest, "/v1/leaves": LeafRequest, "/v1/batch": BatchRequest}.get(
+        case.path
+    )
     if model is None:
         return False
     try:
@@ -61,13 +62,20 @@ def test_no_server_errors_and_rejections_change_nothing(case):
     before = _counts(app)
     # Our own rule replaces schemathesis' negative-data check: it does not count 413
     # (batch too large) as a rejection, and we do.
-    response = case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"},
-                                      excluded_checks=[negative_data_rejection])
+    response = case.call_and_validate(
+        headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=[negative_data_rejection]
+    )
     assert response.status_code < 500, response.text
-    if case.meta is not None and case.meta.generation.mode.name == "NEGATIVE" and case.path != "/healthz":
+    if (
+        case.meta is not None
+        and case.meta.generation.mode.name == "NEGATIVE"
+        and case.path != "/healthz"
+    ):
         assert 400 <= response.status_code < 500 or not _schema_violating(case), response.text
     if response.status_code >= 400:
-        assert _counts(app) == before, f"{case.method} {case.path} -> {response.status_code} changed counts"
+        assert _counts(app) == before, (
+            f"{case.method} {case.path} -> {response.status_code} changed counts"
+        )
 
 
 @schema.parametrize()

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from actors.evaluate import evaluate
-from learner.sft import SftConfig, target_logprobs, train_sft
-from services.transport.contracts import ChatMessage, Completion, SamplingParams
-from services.app.model_init import init_model
-from services.policy.inprocess import InProcessPolicy
-from services.policy.weights import weights_checksum
-from services.app.sft import collect_demo, load_demos, save_demos, to_examples
+from spo3.actors.evaluate import evaluate
+from spo3.app.model_init import init_model
+from spo3.app.sft import collect_demo, load_demos, save_demos, to_examples
+from spo3.learner.sft import SftConfig, target_logprobs, train_sft
+from spo3.policy.inprocess import InProcessPolicy
+from spo3.policy.weights import weights_checksum
+from spo3.transport.contracts import ChatMessage, Completion, SamplingParams
 
 TWX_TASK = "coin:seed=3:numLocations=4,numDistractorItems=1,includeDoors=1,limitInventorySize=0"
 
@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def twx_env():
-    from actors.envs.twx_env import TwxEnv
+    from spo3.actors.envs.twx_env import TwxEnv
 
     env = TwxEnv()
     yield env
@@ -47,7 +47,7 @@ def twx_env():
 
 @pytest.fixture(scope="module")
 def tw_env():
-    from actors.envs.textworld_env import TextWorldEnv
+    from spo3.actors.envs.textworld_env import TextWorldEnv
 
     env = TextWorldEnv()
     yield env
@@ -56,9 +56,11 @@ def tw_env():
 
 @pytest.fixture(scope="module")
 def tw_game(tmp_path_factory):
-    from actors.envs.textworld_env import generate_games
+    from spo3.actors.envs.textworld_env import generate_games
 
-    return generate_games(tmp_path_factory.mktemp("sft-tw"), "tw-coin_collector", 1, seed=2, level=5)[0]
+    return generate_games(
+        tmp_path_factory.mktemp("sft-tw"), "tw-coin_collector", 1, seed=2, level=5
+    )[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +76,27 @@ class ScriptedPolicy:
 
     def sample(self, messages, params: SamplingParams) -> list[Completion]:
         self.seen.append((list(messages), list(params.choices or [])))
-        return [Completion(text=self.actions.pop(0), token_ids=[], logprobs=[], finish_reason="stop", policy_version=0)]
+        return [
+            Completion(
+                text=self.actions.pop(0),
+                token_ids=[],
+                logprobs=[],
+                finish_reason="stop",
+                policy_version=0,
+            )
+        ]
 
 
 @pytest.mark.parametrize("which", ["twx", "textworld"])
 def test_expert_demos_win_and_look_like_the_policys_prompts(demos, twx_env, tw_env, tw_game, which):
     env, task = (twx_env, TWX_TASK) if which == "twx" else (tw_env, tw_game)
     demo = demos[which]
-    assert demo.success == 1.0 and demo.stopped == "" and demo.skipped == 0 and len(demo.steps) == demo.expert_len >= 2
+    assert (
+        demo.success == 1.0
+        and demo.stopped == ""
+        and demo.skipped == 0
+        and len(demo.steps) == demo.expert_len >= 2
+    )
     # The held-out evaluation (the rollout's prompt code) playing the same actions sees the same prompts.
     policy = ScriptedPolicy([s.action for s in demo.steps])
     result = evaluate(env, policy, [task], max_steps=len(demo.steps), choice_mode=True)
@@ -94,8 +109,10 @@ def test_expert_demos_win_and_look_like_the_policys_prompts(demos, twx_env, tw_e
 def test_an_expert_action_the_engine_does_not_list_is_skipped(twx_env):
     """TWX cooking seed 6: the gold path opens the kitchen cupboard, which validActions does not
     list (the policy could not pick it); the demo goes on without it and the expert still wins."""
-    task = ("cookingworld:seed=6:fold=train:numLocations=4,numIngredients=2,numDistractorItems=2,includeDoors=1,"
-            "limitInventorySize=0")
+    task = (
+        "cookingworld:seed=6:fold=train:numLocations=4,numIngredients=2,numDistractorItems=2,includeDoors=1,"
+        "limitInventorySize=0"
+    )
     demo = collect_demo(twx_env, task)
     assert demo.skipped >= 1 and demo.success == 1.0
     assert len(demo.steps) == demo.expert_len - demo.skipped
@@ -123,18 +140,28 @@ def test_examples_are_the_engines_tokens(demos, model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for step, ex in zip(steps, examples):
         assert ex.prompt_ids == policy.prompt_ids(step.messages)
-        outs = policy.sample(step.messages, SamplingParams(n=32, temperature=1.0, choices=list(step.admissible), seed=0))
+        outs = policy.sample(
+            step.messages,
+            SamplingParams(n=32, temperature=1.0, choices=list(step.admissible), seed=0),
+        )
         assert ex.choice_token_ids == outs[0].choice_token_ids
-        for c in outs[:4]:  # any sampled choice as a target: the learner's score = the engine's log-prob
+        for c in outs[
+            :4
+        ]:  # any sampled choice as a target: the learner's score = the engine's log-prob
             as_target = type(ex)(ex.prompt_ids, c.token_ids, ex.choice_token_ids)
             (lp,) = target_logprobs(model, [as_target], policy.tokenizer.pad_token_id)
             assert lp == pytest.approx(sum(c.logprobs), abs=1e-4)
     free = to_examples(steps[:1], policy.tokenizer, choice_mode=False)[0]
-    assert policy.tokenizer.decode(free.target_ids, skip_special_tokens=True) == f"<action>{steps[0].action}</action>"
+    assert (
+        policy.tokenizer.decode(free.target_ids, skip_special_tokens=True)
+        == f"<action>{steps[0].action}</action>"
+    )
     assert free.target_ids[-1] == policy.tokenizer.eos_token_id and free.choice_token_ids is None
 
 
-def test_sft_raises_the_expert_actions_logprob_and_saves_a_loadable_model(demos, model_dir, tmp_path):
+def test_sft_raises_the_expert_actions_logprob_and_saves_a_loadable_model(
+    demos, model_dir, tmp_path
+):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     steps = [s for d in demos.values() for s in d.steps[:3]]  # short prompts: a CI-sized run
     examples = to_examples(steps, tokenizer, choice_mode=True)
@@ -164,26 +191,65 @@ def test_sft_is_deterministic(demos, model_dir):
 
     def once() -> str:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        train_sft(model, examples, SftConfig(lr=1e-3, steps=3, batch_rows=4, seed=5), tokenizer.pad_token_id)
+        train_sft(
+            model,
+            examples,
+            SftConfig(lr=1e-3, steps=3, batch_rows=4, seed=5),
+            tokenizer.pad_token_id,
+        )
         return weights_checksum(model.state_dict())
 
     assert once() == once()
 
 
 def test_spo3_sft_command_end_to_end(tmp_path, model_dir):
-    from services.app.cli import app
+    from spo3.app.cli import app
 
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["sft", "--env", "twx", "--kind", "coin", "--train", "2", "--heldout", "2",
-                                 "--setting", "numLocations=4", "--model", str(model_dir), "--steps", "3",
-                                 "--eval-episodes", "1", "--out", str(out), "--no-progress"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sft",
+            "--env",
+            "twx",
+            "--kind",
+            "coin",
+            "--train",
+            "2",
+            "--heldout",
+            "2",
+            "--setting",
+            "numLocations=4",
+            "--model",
+            str(model_dir),
+            "--steps",
+            "3",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "sft.json").read_text())
-    assert summary["demos_won"] == 2 and summary["steps"] == 3 and summary["examples"] == summary["expert_steps"] > 0
-    assert len(load_demos(out / "demos.json", [f"coin:seed={i}:fold=train:numLocations=4" for i in range(2)])) == 2
+    assert (
+        summary["demos_won"] == 2
+        and summary["steps"] == 3
+        and summary["examples"] == summary["expert_steps"] > 0
+    )
+    assert (
+        len(
+            load_demos(
+                out / "demos.json", [f"coin:seed={i}:fold=train:numLocations=4" for i in range(2)]
+            )
+        )
+        == 2
+    )
     assert set(summary["heldout"]) == {"base", "sft"} and summary["heldout"]["sft"]["episodes"] == 2
     assert InProcessPolicy(out / "model").sample(
-        [ChatMessage(role="user", content="hi")], SamplingParams(choices=["look", "go north"]))[0].text in ("look", "go north")
+        [ChatMessage(role="user", content="hi")], SamplingParams(choices=["look", "go north"])
+    )[0].text in ("look", "go north")
     bad = tmp_path / "bad.yaml"
     bad.write_text("games: {env: twx}\nfractoin: 0.5\n")
     r = CliRunner().invoke(app, ["sft", "--config", str(bad), "--out", str(tmp_path / "no")])

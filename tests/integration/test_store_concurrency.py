@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from services.transport.connection import connect
-from score_store.store import RedisScoreStore
+from spo3.score_store.store import RedisScoreStore
+from spo3.transport.connection import connect
 
 pytestmark = pytest.mark.redis
 
@@ -38,7 +38,9 @@ def _plan(proc: int) -> list[tuple[str, list[str], float]]:
 def _worker(url: str, proc: int, barrier) -> int:
     store = RedisScoreStore(connect(url))
     barrier.wait()
-    return sum(store.commit_leaf(leaf_id, path, success).counted for leaf_id, path, success in _plan(proc))
+    return sum(
+        store.commit_leaf(leaf_id, path, success).counted for leaf_id, path, success in _plan(proc)
+    )
 
 
 def test_eight_processes_count_exactly(redis_url):

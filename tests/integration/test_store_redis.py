@@ -8,9 +8,15 @@ import time
 import pytest
 import redis
 
-from services.transport.connection import EmbeddedRedis, LocalRedisServer, StoreUnavailable, connect, redact
-from score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
-from score_store.store import LeafOutcome, RedisScoreStore
+from spo3.score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
+from spo3.score_store.store import LeafOutcome, RedisScoreStore
+from spo3.transport.connection import (
+    EmbeddedRedis,
+    LocalRedisServer,
+    StoreUnavailable,
+    connect,
+    redact,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -18,8 +24,10 @@ pytestmark = pytest.mark.redis
 def test_unseen_states_score_one(store):
     batch = store.scores(["a", "b"])
     assert batch.t == 1
-    assert [(s.key, s.score, s.n_rollouts, s.n_total) for s in batch.scores] == \
-        [("a", 1.0, 8, 0), ("b", 1.0, 8, 0)]
+    assert [(s.key, s.score, s.n_rollouts, s.n_total) for s in batch.scores] == [
+        ("a", 1.0, 8, 0),
+        ("b", 1.0, 8, 0),
+    ]
 
 
 def test_commit_counts_each_unique_state_once_and_bumps_t(store):
@@ -27,7 +35,9 @@ def test_commit_counts_each_unique_state_once_and_bumps_t(store):
     assert r.counted and r.t == 2
     r = store.commit_leaf("leaf-2", ["root", "x", "z"], success=1.0)
     assert r.counted and r.t == 3
-    got = {s.key: (s.n_total, s.n_success) for s in store.scores(["root", "x", "y", "z", "w"]).scores}
+    got = {
+        s.key: (s.n_total, s.n_success) for s in store.scores(["root", "x", "y", "z", "w"]).scores
+    }
     assert got == {"root": (2, 1), "x": (2, 1), "y": (1, 0), "z": (1, 1), "w": (0, 0)}
     st = store.stats()
     assert (st.t, st.n_states, st.leaves_counted) == (3, 4, 2)
@@ -106,7 +116,10 @@ def test_runs_are_isolated(store):
 
 
 def test_batched_commits_in_one_round_trip(store):
-    leaves = [LeafOutcome(leaf_id=f"b{i}", path=["r", f"s{i % 3}"], success=float(i % 2)) for i in range(30)]
+    leaves = [
+        LeafOutcome(leaf_id=f"b{i}", path=["r", f"s{i % 3}"], success=float(i % 2))
+        for i in range(30)
+    ]
     leaves.append(leaves[0])  # a duplicate inside the batch
     results = store.commit_leaves(leaves)
     assert sum(r.counted for r in results) == 30

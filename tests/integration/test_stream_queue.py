@@ -7,19 +7,35 @@ import time
 
 import pytest
 
-from services.transport.connection import connect
-from services.transport.contracts import Group, GroupMember, Transition
-from services.transport.stream import GroupStream, StreamFull
-from services.transport.work_queue import WorkQueue
+from spo3.transport.connection import connect
+from spo3.transport.contracts import Group, GroupMember, Transition
+from spo3.transport.stream import GroupStream, StreamFull
+from spo3.transport.work_queue import WorkQueue
 
 pytestmark = pytest.mark.redis
 
 
 def group(gid: str, version: int = 0) -> Group:
-    t = Transition(state_key="s", next_state_key="s2", prompt_token_ids=[1], token_ids=[2, 3], logprobs=[-1.0, -2.0],
-                   action="go", reward=0.5, policy_version=version)
-    return Group(group_id=gid, run="r", algo="3spo", task_id="t", node_id="r", depth=0,
-                 members=[GroupMember(transitions=[t], score=0.5)] * 2, created_at=time.time())
+    t = Transition(
+        state_key="s",
+        next_state_key="s2",
+        prompt_token_ids=[1],
+        token_ids=[2, 3],
+        logprobs=[-1.0, -2.0],
+        action="go",
+        reward=0.5,
+        policy_version=version,
+    )
+    return Group(
+        group_id=gid,
+        run="r",
+        algo="3spo",
+        task_id="t",
+        node_id="r",
+        depth=0,
+        members=[GroupMember(transitions=[t], score=0.5)] * 2,
+        created_at=time.time(),
+    )
 
 
 def test_append_is_idempotent_per_group_id(redis_url):
@@ -56,7 +72,7 @@ def test_full_stream_makes_actors_wait_never_drop(redis_url):
 def test_unread_bound_waits_for_the_learner_to_read_not_to_checkpoint(redis_url):
     """max_unread counts only what the learner has not read: entries it read but has not
     acknowledged yet (they stay until a checkpoint) do not hold actors back."""
-    from services.transport.stream import GroupConsumer
+    from spo3.transport.stream import GroupConsumer
 
     client = connect(redis_url)
     s = GroupStream(client, "u", max_len=100, max_unread=2)
@@ -67,7 +83,9 @@ def test_unread_bound_waits_for_the_learner_to_read_not_to_checkpoint(redis_url)
     with pytest.raises(StreamFull):  # a consumer group alone reads nothing
         s.append(group("c"), wait_limit_s=0.3)
     assert [g.group_id for _, g in consumer.read(1, 100)] == ["a"]
-    assert s.append(group("c"), wait_limit_s=1) is not None  # "a" read, not acknowledged: room for one
+    assert (
+        s.append(group("c"), wait_limit_s=1) is not None
+    )  # "a" read, not acknowledged: room for one
     with pytest.raises(StreamFull):
         s.append(group("d"), wait_limit_s=0.3)
     assert s.length() == 3 and consumer.pending() == 1

@@ -1,11 +1,11 @@
-"""Hand-computed checks of the advantage estimators (learner/advantages.py)."""
+"""Hand-computed checks of the advantage estimators (spo3/learner/advantages.py)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from learner.advantages import (
+from spo3.learner.advantages import (
     discounted_returns,
     gigpo_advantages,
     group_advantages,
@@ -35,7 +35,9 @@ def test_std_normalization_three_values():
 
 def test_mean_only():
     # mean_only keeps r - mean: [1,0,0,1] -> [0.5,-0.5,-0.5,0.5]; [0.5,1.5,2.5] -> [-1,0,1]
-    np.testing.assert_allclose(group_advantages([1, 0, 0, 1], mean_only=True), [0.5, -0.5, -0.5, 0.5])
+    np.testing.assert_allclose(
+        group_advantages([1, 0, 0, 1], mean_only=True), [0.5, -0.5, -0.5, 0.5]
+    )
     np.testing.assert_allclose(group_advantages([0.5, 1.5, 2.5], mean_only=True), [-1.0, 0.0, 1.0])
 
 
@@ -123,9 +125,7 @@ def test_gigpo_default_gamma_uses_discounted_return_from_step():
     # Anchor "x" at step 0 of both episodes, gamma 0.95, mean_only, omega 1, equal episode returns
     # (episode term 0): ep0 rewards [0, 1] -> G0 = 0.95; ep1 rewards [1] -> G0 = 1
     # group [0.95, 1]: mean 0.975 -> [-0.025, +0.025]; second step of ep0 ("y") is a singleton.
-    out = gigpo_advantages(
-        [[("x", 0.0), ("y", 1.0)], [("x", 1.0)]], [1.0, 1.0], mean_only=True
-    )
+    out = gigpo_advantages([[("x", 0.0), ("y", 1.0)], [("x", 1.0)]], [1.0, 1.0], mean_only=True)
     np.testing.assert_allclose(out[0], [-0.025, 0.0], atol=1e-12)
     np.testing.assert_allclose(out[1], [0.025], atol=1e-12)
 

@@ -4,7 +4,7 @@ on it forever; starts now remove such leftovers."""
 import os
 import time
 
-from learner.trainer import clear_stale_build_locks
+from spo3.learner.trainer import clear_stale_build_locks
 
 
 def test_only_locks_older_than_any_build_are_removed(tmp_path):

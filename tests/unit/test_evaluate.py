@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.evaluate import action_shares, evaluate
+from spo3.actors.evaluate import action_shares, evaluate
 from tests.fakes import LineWorld, ScriptedPolicy
 
 SCRIPT = ["forward", "look", "garbage", "forward", "forward"]
@@ -17,9 +17,15 @@ def test_evaluation_records_each_episodes_actions_and_the_verb_shares():
     r = evaluate(LineWorld(length=3), policy, ["line-1"], max_steps=10, episodes=2)
     first = r.per_task[0]
     # the invalid reply costs a turn and is recorded as None; the third forward wins
-    assert first["actions"] == ["forward", "look", None, "forward", "forward"] and first["success"] == 1.0
+    assert (
+        first["actions"] == ["forward", "look", None, "forward", "forward"]
+        and first["success"] == 1.0
+    )
     assert r.invalid_rate == pytest.approx(2 / 10)
     shares = action_shares(r.per_task)
     assert list(shares) == ["forward", "look"] and shares["forward"] == pytest.approx(6 / 8)
     assert action_shares([{"actions": [None]}]) == {} and action_shares([]) == {}
-    assert action_shares([{"actions": ["go north", "go south", "take key"]}]) == {"go": 2 / 3, "take": 1 / 3}
+    assert action_shares([{"actions": ["go north", "go south", "take key"]}]) == {
+        "go": 2 / 3,
+        "take": 1 / 3,
+    }

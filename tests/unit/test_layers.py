@@ -1,9 +1,7 @@
 """The import rule of the layers (README "Layout"), enforced with import-linter on the code's own
-imports: app -> actors | learner -> policy | score_store -> transport, one way only."""
+imports: bench -> app -> actors | learner -> policy | score_store -> transport, one way only."""
 
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,10 +20,21 @@ def test_layers_are_kept(monkeypatch, capsys):
 
 def test_an_import_up_a_layer_breaks_the_contract(monkeypatch, capsys, tmp_path):
     """The check can fail: a transport module that imports the app layer is reported."""
-    probe = ROOT / "services" / "transport" / "_probe_upward.py"
-    probe.write_text("import services.app.cli\n")
+    probe = ROOT / "spo3" / "transport" / "_probe_upward.py"
+    probe.write_text("import spo3.app.cli\n")
     try:
         assert _lint(monkeypatch) == 1
-        assert "services.transport._probe_upward -> services.app.cli" in capsys.readouterr().out
+        assert "spo3.transport._probe_upward -> spo3.app.cli" in capsys.readouterr().out
+    finally:
+        probe.unlink()
+
+
+def test_the_library_does_not_import_the_benchmarks(monkeypatch, capsys):
+    """bench/ is the top layer: an app module that imports it breaks the contract."""
+    probe = ROOT / "spo3" / "app" / "_probe_bench.py"
+    probe.write_text("import bench.compare.benchmark\n")
+    try:
+        assert _lint(monkeypatch) == 1
+        assert "spo3.app._probe_bench -> bench.compare.benchmark" in capsys.readouterr().out
     finally:
         probe.unlink()

@@ -1,14 +1,14 @@
-"""Hand-computed checks of the policy loss (learner/loss.py)."""
+"""Hand-computed checks of the policy loss (spo3/learner/loss.py)."""
 
 import math
 
 import pytest
-from pydantic import ValidationError
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from learner.loss import (
+from spo3.learner.loss import (
     LossConfig,
     k3_kl,
     masked_mean,
@@ -119,7 +119,9 @@ def test_masked_tokens_contribute_nothing():
     l0, g0, m0 = run(0.0)
     l1, g1, m1 = run(5.0)
     assert l0 == pytest.approx(l1, abs=1e-7)
-    assert {k: float(v) for k, v in m0.items()} == pytest.approx({k: float(v) for k, v in m1.items()})
+    assert {k: float(v) for k, v in m0.items()} == pytest.approx(
+        {k: float(v) for k, v in m1.items()}
+    )
     assert torch.all(g0[~mask.bool()] == 0) and torch.all(g1[~mask.bool()] == 0)
     torch.testing.assert_close(g0, g1)
     assert m0["n_tokens"] == 6.0
@@ -139,9 +141,13 @@ def test_nonfinite_values_in_masked_slots_do_not_leak():
 
 def test_k3_hand_values():
     # logp=-1, ref=-2: d = -1 -> exp(-1) + 1 - 1 = 0.36787944
-    assert k3_kl(torch.tensor(-1.0), torch.tensor(-2.0)).item() == pytest.approx(0.36787944, abs=1e-7)
+    assert k3_kl(torch.tensor(-1.0), torch.tensor(-2.0)).item() == pytest.approx(
+        0.36787944, abs=1e-7
+    )
     # d = +1 -> e - 1 - 1 = 0.71828183
-    assert k3_kl(torch.tensor(-2.0), torch.tensor(-1.0)).item() == pytest.approx(0.71828183, abs=1e-6)
+    assert k3_kl(torch.tensor(-2.0), torch.tensor(-1.0)).item() == pytest.approx(
+        0.71828183, abs=1e-6
+    )
     assert k3_kl(torch.tensor(-3.0), torch.tensor(-3.0)).item() == 0.0
 
 
@@ -180,7 +186,9 @@ def test_entropy_bonus_lowers_loss():
     mask = torch.tensor([[1, 1, 0]])
     ent = torch.tensor([[1.0, 2.0, 99.0]])
     adv = torch.tensor([0.7])
-    base, m_base = policy_loss(logp, logp, logp, adv, mask, LossConfig(entropy_coef=0.0), entropy=ent)
+    base, m_base = policy_loss(
+        logp, logp, logp, adv, mask, LossConfig(entropy_coef=0.0), entropy=ent
+    )
     bonus, m = policy_loss(logp, logp, logp, adv, mask, LossConfig(entropy_coef=0.1), entropy=ent)
     assert m["entropy"] == pytest.approx(1.5) and m_base["entropy"] == pytest.approx(1.5)
     assert base.item() - bonus.item() == pytest.approx(0.15, abs=1e-6)
@@ -197,7 +205,9 @@ def test_row_advantages_equal_broadcast():
     l_row, m_row = policy_loss(lp, old, ref, adv, mask, cfg)
     l_tok, m_tok = policy_loss(lp, old, ref, adv[:, None].expand(3, 4).clone(), mask, cfg)
     assert l_row.item() == pytest.approx(l_tok.item())
-    assert {k: float(v) for k, v in m_row.items()} == pytest.approx({k: float(v) for k, v in m_tok.items()})
+    assert {k: float(v) for k, v in m_row.items()} == pytest.approx(
+        {k: float(v) for k, v in m_tok.items()}
+    )
 
 
 def test_token_logprobs_matches_manual_log_softmax():
@@ -210,7 +220,9 @@ def test_token_logprobs_matches_manual_log_softmax():
     lse = 3 + math.log(1 + math.exp(-1) + math.exp(-2))
     assert out[0, 0].item() == pytest.approx(1 - lse, abs=1e-6)
     assert out[0, 1].item() == pytest.approx(-math.log(3), abs=1e-6)  # uniform over 3
-    assert token_logprobs(logits, torch.tensor([[2, 2]]))[0, 0].item() == pytest.approx(3 - lse, abs=1e-6)
+    assert token_logprobs(logits, torch.tensor([[2, 2]]))[0, 0].item() == pytest.approx(
+        3 - lse, abs=1e-6
+    )
 
 
 def test_token_entropy():

@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from learner.loss import LossConfig, importance_weight, policy_loss
-from learner.restricted import allowed_index, allowed_tokens, restricted_entropy, restricted_logprobs
+from spo3.learner.loss import LossConfig, importance_weight, policy_loss
+from spo3.learner.restricted import (
+    allowed_index,
+    allowed_tokens,
+    restricted_entropy,
+    restricted_logprobs,
+)
 
 EOS = 9
 # Shared prefixes (1 / 1,2), a choice that ends where another goes on (1,2 + EOS vs 1,2,3), an
@@ -51,7 +56,7 @@ def test_restricted_logprobs_and_gradients_match_direct_computation():
     targets = torch.zeros(5, width, dtype=torch.long)
     per_row = []
     for b, (resp, ch, s) in enumerate(zip(responses, choice_sets, starts)):
-        targets[b, s:s + len(resp)] = torch.tensor(resp)
+        targets[b, s : s + len(resp)] = torch.tensor(resp)
         per_row.append([(s + j, a) for j, a in enumerate(allowed_tokens(resp, ch))])
     targets[4, 1:4] = torch.tensor(free_row)
     per_row.append([])
@@ -66,8 +71,12 @@ def test_restricted_logprobs_and_gradients_match_direct_computation():
         l, e = direct(theirs[b], resp, ch, s)
         ref_lp.append(l)
         ref_ent.append(e)
-        torch.testing.assert_close(lp[b, s:s + len(resp)].double(), l.float().double(), rtol=0, atol=1e-5)
-        torch.testing.assert_close(ent[b, s:s + len(resp)].double(), e.float().double(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            lp[b, s : s + len(resp)].double(), l.float().double(), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            ent[b, s : s + len(resp)].double(), e.float().double(), rtol=0, atol=1e-5
+        )
     full = torch.log_softmax(theirs[4].float(), -1)
     free_lp = full[torch.arange(1, 4), torch.tensor(free_row)]
     torch.testing.assert_close(lp[4, 1:4], free_lp, rtol=0, atol=1e-5)
@@ -79,8 +88,12 @@ def test_restricted_logprobs_and_gradients_match_direct_computation():
 
     # Gradients: the same weighted sum of the restricted log-probs and entropies, both ways.
     w = torch.randn(5, width, dtype=torch.float32)
-    sel = [(b, s + j) for b, (resp, s) in enumerate(zip(responses, starts)) for j in range(len(resp))]
-    (sum(w[b, t] * (lp[b, t] + 0.3 * ent[b, t]) for b, t in sel) + (w[4, 1:4] * lp[4, 1:4]).sum()).backward()
+    sel = [
+        (b, s + j) for b, (resp, s) in enumerate(zip(responses, starts)) for j in range(len(resp))
+    ]
+    (
+        sum(w[b, t] * (lp[b, t] + 0.3 * ent[b, t]) for b, t in sel) + (w[4, 1:4] * lp[4, 1:4]).sum()
+    ).backward()
     total = 0.0
     for b, (resp, s) in enumerate(zip(responses, starts)):
         for j in range(len(resp)):
@@ -107,9 +120,13 @@ def test_importance_weight_is_one_on_policy_and_capped():
     lp = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
     w, clipped = importance_weight(lp, lp.clone(), 5.0)
     assert torch.equal(w, torch.ones_like(w)) and not clipped.any()
-    w, clipped = importance_weight(torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.1, 0.1]])), 5.0)
+    w, clipped = importance_weight(
+        torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.1, 0.1]])), 5.0
+    )
     assert w.tolist() == [[5.0, pytest.approx(1.0)]] and clipped.tolist() == [[True, False]]
-    w, _ = importance_weight(torch.log(torch.tensor([[0.9]])), torch.log(torch.tensor([[0.1]])), None)
+    w, _ = importance_weight(
+        torch.log(torch.tensor([[0.9]])), torch.log(torch.tensor([[0.1]])), None
+    )
     assert w.item() == pytest.approx(9.0)
 
 
@@ -119,8 +136,15 @@ def test_on_policy_rows_get_plain_policy_gradient():
     logp = torch.randn(3, 4).log_softmax(-1).requires_grad_(True)
     adv = torch.tensor([1.0, -0.5, 2.0])
     mask = torch.ones(3, 4)
-    loss, m = policy_loss(logp, logp.detach(), logp.detach(), adv, mask, LossConfig(kl_coef=0.0),
-                          behav_logprobs=logp.detach().clone())
+    loss, m = policy_loss(
+        logp,
+        logp.detach(),
+        logp.detach(),
+        adv,
+        mask,
+        LossConfig(kl_coef=0.0),
+        behav_logprobs=logp.detach().clone(),
+    )
     assert m["imp_weight_mean"] == pytest.approx(1.0) and m["imp_weight_max"] == pytest.approx(1.0)
     assert m["imp_weight_clipped_frac"] == 0.0 and m["clip_frac"] == 0.0
     loss.backward()
@@ -140,12 +164,21 @@ def test_importance_weight_corrects_a_stale_batch():
     actions = torch.repeat_interleave(torch.arange(4), counts)
     adv = reward[actions]
 
-    expected = torch.autograd.grad((torch.softmax(theta, -1) * reward).sum(), theta)[0]  # d E_new[A] / d theta
+    expected = torch.autograd.grad((torch.softmax(theta, -1) * reward).sum(), theta)[
+        0
+    ]  # d E_new[A] / d theta
 
     def grad_of(behav: torch.Tensor | None) -> torch.Tensor:
         logp = torch.log_softmax(theta, -1)[actions][:, None]
-        loss, m = policy_loss(logp, logp.detach(), logp.detach(), adv, torch.ones_like(logp),
-                              LossConfig(kl_coef=0.0, behav_imp_weight_cap=None), behav_logprobs=behav)
+        loss, m = policy_loss(
+            logp,
+            logp.detach(),
+            logp.detach(),
+            adv,
+            torch.ones_like(logp),
+            LossConfig(kl_coef=0.0, behav_imp_weight_cap=None),
+            behav_logprobs=behav,
+        )
         return -torch.autograd.grad(loss, theta)[0]  # ascent direction, per sample
 
     corrected = grad_of(torch.log(pi_old)[actions][:, None])
@@ -162,8 +195,21 @@ class _Tokenizer:
 
     eos_token_id = 0
     all_special_ids = [0, 1]
-    pieces = {0: "<eos>", 1: "<pad>", 2: "l", 3: "o", 4: "k", 5: "lo", 6: "look", 7: "go", 8: " north", 9: "g",
-              10: " ", 11: "north", 12: "x"}
+    pieces = {
+        0: "<eos>",
+        1: "<pad>",
+        2: "l",
+        3: "o",
+        4: "k",
+        5: "lo",
+        6: "look",
+        7: "go",
+        8: " north",
+        9: "g",
+        10: " ",
+        11: "north",
+        12: "x",
+    }
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -173,7 +219,7 @@ class _Tokenizer:
 
 
 def test_guided_allowed_tokens_admit_every_spelling_of_a_choice():
-    from learner.restricted import VocabText, guided_allowed_tokens
+    from spo3.learner.restricted import VocabText, guided_allowed_tokens
 
     vocab = VocabText(_Tokenizer())
     choices = ["look", "go north"]
@@ -181,6 +227,11 @@ def test_guided_allowed_tokens_admit_every_spelling_of_a_choice():
     # "loo" only "k"; after "look" only EOS (no choice goes on).
     assert guided_allowed_tokens([5, 3, 4, 0], choices, vocab) == [[2, 5, 6, 7, 9], [3], [4], [0]]
     # "g" + "o" + " north" + EOS; after "go" a space-led piece or a bare space.
-    assert guided_allowed_tokens([9, 3, 8, 0], choices, vocab) == [[2, 5, 6, 7, 9], [3], [8, 10], [0]]
+    assert guided_allowed_tokens([9, 3, 8, 0], choices, vocab) == [
+        [2, 5, 6, 7, 9],
+        [3],
+        [8, 10],
+        [0],
+    ]
     assert vocab.prefixes_of("xx") == {12} and vocab.prefixes_of("north") == {11}
     assert vocab.prefixes_of("look") == {2, 5, 6}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.rollout import ReplayMismatch, Rollout, RolloutConfig
-from score_store.score_math import ScoreParams, n_rollouts, state_score, Counts
-from score_store.state_key import state_key
-from services.transport.contracts import WorkItem
+from spo3.actors.rollout import ReplayMismatch, Rollout, RolloutConfig
+from spo3.score_store.score_math import Counts, ScoreParams, n_rollouts, state_score
+from spo3.score_store.state_key import state_key
+from spo3.transport.contracts import WorkItem
 from tests.fakes import LineWorld, ListSink, MemoryScoreStore, ScriptedPolicy, random_actions
 
 P = ScoreParams()
@@ -23,7 +23,9 @@ def make(script=None, *, cfg=None, env=None, store=None, params=P):
     store = store or MemoryScoreStore(params)
     sink = ListSink()
     policy = ScriptedPolicy(script or random_actions(0))
-    ro = Rollout(env, policy, store, sink, params, cfg or RolloutConfig(max_steps=6, max_leaves=200))
+    ro = Rollout(
+        env, policy, store, sink, params, cfg or RolloutConfig(max_steps=6, max_leaves=200)
+    )
     return ro, env, store, sink, policy
 
 
@@ -32,7 +34,9 @@ def item(algo="3spo", attempt=0):
 
 
 def test_first_visit_branches_g_max_and_emits_the_group():
-    ro, env, store, sink, policy = make(cfg=RolloutConfig(max_steps=6, max_leaves=1000, env_step_budget=8))
+    ro, env, store, sink, policy = make(
+        cfg=RolloutConfig(max_steps=6, max_leaves=1000, env_step_budget=8)
+    )
     stats = ro.run(item())
     assert policy.requests[0].n == 8  # unseen root: S = 1, n = ceil(8 * 1)
     root_group = sink.groups[0]
@@ -48,7 +52,7 @@ def test_branching_follows_n_of_the_stored_counts():
         store.commit_leaf(f"pre-{i}", [key(0), f"other-{i}"], float(won))
     expected = n_rollouts(state_score(Counts(4, 2), 5, P, is_root=True), P.g_max)
     assert expected == 4  # S = exp(-ln 5 * 0.5) = 0.447 -> ceil(8 * 0.447) = ceil(3.58) = 4
-    ro, *_ , policy = make(store=store)
+    ro, *_, policy = make(store=store)
     ro.run(item())
     assert policy.requests[0].n == expected
 
@@ -75,7 +79,9 @@ def test_leaves_are_committed_once_with_stable_ids_and_groups_match_expansions()
     assert stats.leaves <= 40
     multi = sum(c for n, c in stats.branching.items() if n > 1)
     assert stats.groups == len(sink.groups)
-    assert multi - 1 <= stats.groups <= multi  # the last expansion may be cut to one member by the budget
+    assert (
+        multi - 1 <= stats.groups <= multi
+    )  # the last expansion may be cut to one member by the budget
     for g in sink.groups:
         assert len(g.members) > 1
         assert g.group_id.startswith("task-1:a2:")
@@ -105,8 +111,9 @@ def test_replay_without_snapshots_gives_the_same_tree():
     a = make(random_actions(3), env=LineWorld(3, snapshots=True))
     b = make(random_actions(3), env=LineWorld(3, snapshots=False))
     sa, sb = a[0].run(item()), b[0].run(item())
-    assert [g.model_dump(exclude={"created_at"}) for g in a[3].groups] == \
-        [g.model_dump(exclude={"created_at"}) for g in b[3].groups]
+    assert [g.model_dump(exclude={"created_at"}) for g in a[3].groups] == [
+        g.model_dump(exclude={"created_at"}) for g in b[3].groups
+    ]
     assert sa.replay_steps == 0 and sb.replay_steps > 0
     assert sa.env_steps == sb.env_steps
 
@@ -114,7 +121,7 @@ def test_replay_without_snapshots_gives_the_same_tree():
 def test_replay_that_drifts_is_an_error():
     class Drifting(LineWorld):
         def reset(self, task_id):
-            obs = super().reset(task_id)
+            super().reset(task_id)
             self.pos = self.steps % 2  # a different start on some resets
             return self._obs()
 
@@ -123,8 +130,18 @@ def test_replay_that_drifts_is_an_error():
         ro.run(item())
 
 
-@pytest.mark.parametrize("garbage", ["", "\x00\x01\x02", "é" * 5000, "<action>", "<action>fly</action>",
-                                     "no tags at all", "<think>" * 100])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "\x00\x01\x02",
+        "é" * 5000,
+        "<action>",
+        "<action>fly</action>",
+        "no tags at all",
+        "<think>" * 100,
+    ],
+)
 def test_garbage_outputs_are_penalized_invalid_actions(garbage):
     ro, env, store, sink, _ = make(lambda m, p, i: garbage)
     stats = ro.run(item())
@@ -179,7 +196,9 @@ def test_novelty_use_order_explores_the_same_tree_and_rewards_without_novelty():
     a, b = make(random_actions(3)), make(random_actions(3), params=order)
     sa, sb = a[0].run(item()), b[0].run(item())
     actions = lambda sink: [[m.transitions[0].action for m in g.members] for g in sink.groups]
-    assert actions(a[3]) == actions(b[3]) and sa.env_steps == sb.env_steps  # the DFS order is the same
+    assert (
+        actions(a[3]) == actions(b[3]) and sa.env_steps == sb.env_steps
+    )  # the DFS order is the same
     root_a, root_b = a[3].groups[0].members, b[3].groups[0].members
     forward_a = [m.transitions[0].reward for m in root_a if m.transitions[0].action == "forward"]
     forward_b = [m.transitions[0].reward for m in root_b if m.transitions[0].action == "forward"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from score_store.client import ParamsMismatch, reconcile_params
-from score_store.score_math import ScoreParams
+from spo3.score_store.client import ParamsMismatch, reconcile_params
+from spo3.score_store.score_math import ScoreParams
 
 
 def test_service_parameters_are_taken_when_none_were_given():

@@ -4,9 +4,19 @@ import math
 
 import pytest
 
-from score_store.score_math import (
-    Counts, ScoreParams, is_novel, is_truncated, lambda_t, n_rollouts, novelty_weight, raw_score,
-    reward_score, state_score, step_reward, success_rate,
+from spo3.score_store.score_math import (
+    Counts,
+    ScoreParams,
+    is_novel,
+    is_truncated,
+    lambda_t,
+    n_rollouts,
+    novelty_weight,
+    raw_score,
+    reward_score,
+    state_score,
+    step_reward,
+    success_rate,
 )
 
 P = ScoreParams()  # alpha 1, xi 10, zeta 0.1, g_max 8, omega_k 0.1, eps 1e-6
@@ -48,14 +58,17 @@ def test_alpha_50_makes_score_almost_binary():
     assert state_score(Counts(5, 0), t=4, p=p50) == 1.0
 
 
-@pytest.mark.parametrize("counts,truncated", [
-    (Counts(10, 1), False),   # N_fail = 9 < xi
-    (Counts(11, 1), True),    # N_fail = 10 >= xi and SR = 0.0909 <= 0.1
-    (Counts(20, 2), True),    # SR = 2/(20+eps) just below 0.1
-    (Counts(20, 3), False),   # SR = 0.15 > zeta: still worth exploring
-    (Counts(10, 0), True),    # N_fail = 10, SR = 0
-    (Counts(9, 0), False),
-])
+@pytest.mark.parametrize(
+    "counts,truncated",
+    [
+        (Counts(10, 1), False),  # N_fail = 9 < xi
+        (Counts(11, 1), True),  # N_fail = 10 >= xi and SR = 0.0909 <= 0.1
+        (Counts(20, 2), True),  # SR = 2/(20+eps) just below 0.1
+        (Counts(20, 3), False),  # SR = 0.15 > zeta: still worth exploring
+        (Counts(10, 0), True),  # N_fail = 10, SR = 0
+        (Counts(9, 0), False),
+    ],
+)
 def test_truncation_indicator(counts, truncated):
     assert is_truncated(counts, P) is truncated
     s = state_score(counts, t=50, p=P)
@@ -90,17 +103,29 @@ def test_step_reward_hand_values():
     kw = dict(p=P, invalid=False, path=["a"], t=4)
     half = Counts(4, 2)  # S~ = exp(-ln 4 * 0.5) = 0.5 at t = 4
     # First visit (N=0): w = 0.5, all weight on novelty: 0.5 * 1 + 0 * (1 - 0.5) = 0.5
-    assert step_reward(before=Counts(0, 0), after=half, next_key="b", success=None, **kw) == pytest.approx(0.5)
+    assert step_reward(
+        before=Counts(0, 0), after=half, next_key="b", success=None, **kw
+    ) == pytest.approx(0.5)
     # N=10 (no success: S~ = 1): w = 0.18394; 0.18394 * 1 + 0.31606 * (1 - 0.5) = 0.34197
     w = 0.5 * math.exp(-1.0)
-    assert step_reward(before=Counts(10, 0), after=half, next_key="b", success=None, **kw) == \
-        pytest.approx(w + (0.5 - w) * 0.5, abs=1e-6)
+    assert step_reward(
+        before=Counts(10, 0), after=half, next_key="b", success=None, **kw
+    ) == pytest.approx(w + (0.5 - w) * 0.5, abs=1e-6)
     # Same state (not novel), moving to a harder state is penalized: 0 + 0.31606 * (0.5 - 1) = -0.15803
-    assert step_reward(before=Counts(10, 5), after=Counts(0, 0), next_key="a", success=None, **kw) == \
-        pytest.approx((0.5 - w) * (math.exp(-math.log(4) * 5 / (10 + 1e-6)) - 1.0))
+    assert step_reward(
+        before=Counts(10, 5), after=Counts(0, 0), next_key="a", success=None, **kw
+    ) == pytest.approx((0.5 - w) * (math.exp(-math.log(4) * 5 / (10 + 1e-6)) - 1.0))
     # Terminal success adds 0.5 * success; invalid output subtracts the penalty 0.1.
-    r = step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="a", success=1.0, p=P, invalid=True,
-                    path=["a"], t=4)
+    r = step_reward(
+        before=Counts(0, 0),
+        after=Counts(0, 0),
+        next_key="a",
+        success=1.0,
+        p=P,
+        invalid=True,
+        path=["a"],
+        t=4,
+    )
     assert r == pytest.approx(0.5 - 0.1)
     r = step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="a", success=0.4, **kw)
     assert r == pytest.approx(0.2)
@@ -112,7 +137,10 @@ def test_raw_score_has_no_truncation_indicator():
     assert raw_score(dead, t=50, p=P) == 1.0  # exp(-lambda * 0)
     assert raw_score(Counts(4, 2), t=4, p=P) == pytest.approx(state_score(Counts(4, 2), t=4, p=P))
     assert reward_score(dead, 50, P, truncated=True) == 1.0
-    assert reward_score(dead, 50, P.model_copy(update={"reward_score": "truncated"}), truncated=True) == 0.0
+    assert (
+        reward_score(dead, 50, P.model_copy(update={"reward_score": "truncated"}), truncated=True)
+        == 0.0
+    )
 
 
 def test_dead_end_child_is_never_the_top_reward_under_raw():
@@ -120,11 +148,27 @@ def test_dead_end_child_is_never_the_top_reward_under_raw():
     a state on the way to success. Under `truncated` the dead end earns the most (S jumps to 0);
     under `raw` it earns no more than the fresh state and less than the promising one."""
     before, t = Counts(20, 4), 40
-    children = {"dead": (Counts(12, 0), True), "fresh": (Counts(0, 0), False), "good": (Counts(6, 4), False)}
+    children = {
+        "dead": (Counts(12, 0), True),
+        "fresh": (Counts(0, 0), False),
+        "good": (Counts(6, 4), False),
+    }
 
     def rewards(params):
-        return {k: step_reward(path=["root", "p"], next_key=k, before=before, after=c, t=t, success=None,
-                               invalid=False, p=params, after_truncated=tr) for k, (c, tr) in children.items()}
+        return {
+            k: step_reward(
+                path=["root", "p"],
+                next_key=k,
+                before=before,
+                after=c,
+                t=t,
+                success=None,
+                invalid=False,
+                p=params,
+                after_truncated=tr,
+            )
+            for k, (c, tr) in children.items()
+        }
 
     lit = rewards(P.model_copy(update={"reward_score": "truncated"}))
     assert max(lit, key=lit.get) == "dead" and lit["dead"] > lit["good"] > lit["fresh"]
@@ -152,18 +196,32 @@ def test_novelty_none_leaves_score_and_success():
     assert not is_novel("room-d", ["room-a"], none)
     kw = dict(p=none, invalid=False, path=["a"], t=4)
     # First visit of a new state: path novelty pays 0.5, none pays nothing (w = 0.5 leaves no score weight).
-    assert step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=None, **kw) == 0.0
+    assert (
+        step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=None, **kw)
+        == 0.0
+    )
     # N=10: only (0.5 - w) (S~(s_t) - S~(s_t+1)) remains; S~ = 1 and 0.5.
     w = 0.5 * math.exp(-1.0)
-    assert step_reward(before=Counts(10, 0), after=Counts(4, 2), next_key="b", success=None, **kw) == \
-        pytest.approx((0.5 - w) * 0.5, abs=1e-6)
-    assert step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=1.0, **kw) == 0.5
+    assert step_reward(
+        before=Counts(10, 0), after=Counts(4, 2), next_key="b", success=None, **kw
+    ) == pytest.approx((0.5 - w) * 0.5, abs=1e-6)
+    assert (
+        step_reward(before=Counts(0, 0), after=Counts(0, 0), next_key="b", success=1.0, **kw) == 0.5
+    )
 
 
 def test_step_reward_rejects_raw_env_rewards():
     with pytest.raises(ValueError, match="success"):
-        step_reward(before=Counts(0, 0), after=Counts(0, 0), t=1, path=["a"], next_key="b",
-                    success=10.0, invalid=False, p=P)
+        step_reward(
+            before=Counts(0, 0),
+            after=Counts(0, 0),
+            t=1,
+            path=["a"],
+            next_key="b",
+            success=10.0,
+            invalid=False,
+            p=P,
+        )
 
 
 def test_new_settings_validate():

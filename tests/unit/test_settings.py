@@ -10,20 +10,41 @@ import typer.testing
 from pydantic import BaseModel, ValidationError
 from typer.main import get_command
 
-from actors.config import ActorConfig, EvalConfig, RolloutConfig
-from learner.config import (AdvantageConfig, LearnerConfig, LearnerSettings, LossConfig, TrainerConfig,
-                            TrainerSettings)
-from score_store.score_math import ScoreParams
-from services.app import cli
-from services.app.benchmark import BenchConfig, select
-from services.app.config import bench_settings_check, settings_error
-from services.app.launcher import GamesConfig, LearnerSection, TrainConfig
-from services.app.wiring import PolicySource, PublishTarget
+from bench import cli as bench_cli
+from bench.compare.benchmark import BenchConfig, bench_settings_check, select
+from spo3.actors.config import ActorConfig, EvalConfig, RolloutConfig
+from spo3.app import cli
+from spo3.app.config import settings_error
+from spo3.app.launcher import GamesConfig, LearnerSection, TrainConfig
+from spo3.app.wiring import PolicySource, PublishTarget
+from spo3.learner.config import (
+    AdvantageConfig,
+    LearnerConfig,
+    LearnerSettings,
+    LossConfig,
+    TrainerConfig,
+    TrainerSettings,
+)
+from spo3.score_store.score_math import ScoreParams
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = [RolloutConfig, EvalConfig, ActorConfig, ScoreParams, LossConfig, AdvantageConfig, TrainerSettings,
-          TrainerConfig, LearnerSettings, LearnerConfig, PolicySource, PublishTarget, GamesConfig, LearnerSection,
-          TrainConfig]
+MODELS = [
+    RolloutConfig,
+    EvalConfig,
+    ActorConfig,
+    ScoreParams,
+    LossConfig,
+    AdvantageConfig,
+    TrainerSettings,
+    TrainerConfig,
+    LearnerSettings,
+    LearnerConfig,
+    PolicySource,
+    PublishTarget,
+    GamesConfig,
+    LearnerSection,
+    TrainConfig,
+]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -32,7 +53,9 @@ def test_every_field_has_a_description(model: type[BaseModel]):
     assert not missing, f"{model.__name__}: fields without a description: {missing}"
 
 
-@pytest.mark.parametrize("command, mapping", [("actor", cli.ACTOR_OPTIONS), ("learner", cli.LEARNER_OPTIONS)])
+@pytest.mark.parametrize(
+    "command, mapping", [("actor", cli.ACTOR_OPTIONS), ("learner", cli.LEARNER_OPTIONS)]
+)
 def test_cli_options_are_settings_fields(command, mapping):
     """Every option of `spo3 actor` / `spo3 learner` sets a field of a settings model: its help is
     that field's description and its default is the field's (or empty: the field's default applies)."""
@@ -40,7 +63,9 @@ def test_cli_options_are_settings_fields(command, mapping):
     params = [p for p in group.commands[command].params if isinstance(p, typer.core.TyperOption)]
     assert params
     for p in params:
-        assert p.name in mapping, f"spo3 {command} --{p.name.replace('_', '-')} maps to no settings field"
+        assert p.name in mapping, (
+            f"spo3 {command} --{p.name.replace('_', '-')} maps to no settings field"
+        )
         model, field = mapping[p.name]
         info = model.model_fields[field]
         assert p.help.startswith(info.description), (command, p.name)
@@ -60,17 +85,23 @@ def test_misspelt_key_in_yaml_names_the_key_and_the_closest(tmp_path):
     path.write_text("name: typo\nlearner:\n  groups_per_updat: 4\nrollout:\n  max_steps: 5\n")
     with pytest.raises(ValidationError) as e:
         TrainConfig.from_yaml(path)
-    assert "unknown setting 'learner.groups_per_updat'; did you mean 'learner.groups_per_update'?" in settings_error(e.value)
+    assert (
+        "unknown setting 'learner.groups_per_updat'; did you mean 'learner.groups_per_update'?"
+        in settings_error(e.value)
+    )
 
 
-@pytest.mark.parametrize("yaml_text, key, closest", [
-    ("rollout: {max_step: 3}\n", "rollout.max_step", "rollout.max_steps"),
-    ("score: {alhpa: 50}\n", "score.alhpa", "score.alpha"),
-    ("eval: {episode: 2}\n", "eval.episode", "eval.episodes"),
-    ("games: {trian: 3}\n", "games.trian", "games.train"),
-    ("learner: {kl_coeff: 0.1}\n", "learner.kl_coeff", "learner.kl_coef"),
-    ("actor: 3\n", "actor", "actors"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, key, closest",
+    [
+        ("rollout: {max_step: 3}\n", "rollout.max_step", "rollout.max_steps"),
+        ("score: {alhpa: 50}\n", "score.alhpa", "score.alpha"),
+        ("eval: {episode: 2}\n", "eval.episode", "eval.episodes"),
+        ("games: {trian: 3}\n", "games.trian", "games.train"),
+        ("learner: {kl_coeff: 0.1}\n", "learner.kl_coeff", "learner.kl_coef"),
+        ("actor: 3\n", "actor", "actors"),
+    ],
+)
 def test_every_section_rejects_a_misspelt_key(tmp_path, yaml_text, key, closest):
     path = tmp_path / "run.yaml"
     path.write_text(yaml_text)
@@ -94,13 +125,20 @@ def test_bench_set_with_a_misspelt_key_fails_naming_it():
     with pytest.raises(ValueError) as e:
         bench_settings_check(narrowed)
     assert "unknown setting 'learner.lrr'; did you mean 'learner.lr'?" in settings_error(e.value)
-    result = typer.testing.CliRunner().invoke(cli.app, ["bench", "--set", "score.alhpa=50", "--out", "/nonexistent"])
+    result = typer.testing.CliRunner().invoke(
+        bench_cli.app, ["--set", "score.alhpa=50", "--out", "/nonexistent"]
+    )
     assert result.exit_code == 2 and "did you mean 'score.alpha'?" in result.output
 
 
 def test_learner_section_builds_the_learner_config():
     section = LearnerSection(groups_per_update=4, lr=0.5, kl_coef=0.2, ppo_epochs=1)
     cfg = section.learner_config(redis_url="redis://x", run="r", checkpoint_dir="c", model="m")
-    assert (cfg.groups_per_update, cfg.trainer.lr, cfg.trainer.loss.kl_coef, cfg.trainer.ppo_epochs) == (4, 0.5, 0.2, 1)
+    assert (
+        cfg.groups_per_update,
+        cfg.trainer.lr,
+        cfg.trainer.loss.kl_coef,
+        cfg.trainer.ppo_epochs,
+    ) == (4, 0.5, 0.2, 1)
     with pytest.raises(ValidationError):
         LearnerConfig(redis_url="r", trainer=TrainerConfig(model="m"), groups_per_updat=3)

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from learner.sft import SftConfig, SftExample, _order, build_batch, planned_steps, sft_loss
-from learner.restricted import restricted_logprobs
-from services.transport.contracts import ChatMessage
-from services.app.sft import Demo, DemoStep, SftRunConfig, select_steps, suite_config, with_seed
+from spo3.app.sft import Demo, DemoStep, SftRunConfig, select_steps, suite_config, with_seed
+from spo3.learner.restricted import restricted_logprobs
+from spo3.learner.sft import SftConfig, SftExample, _order, build_batch, planned_steps, sft_loss
+from spo3.transport.contracts import ChatMessage
 
 PAD = 0
 
@@ -25,7 +25,11 @@ def test_batch_masks_exactly_the_target_tokens():
     assert batch.attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # logits position t predicts ids[t+1]: the masked positions' next tokens are exactly the targets
     for row, ex in enumerate([a, b]):
-        picked = [int(batch.targets[row, t]) for t in range(batch.targets.shape[1]) if batch.loss_mask[row, t] == 1]
+        picked = [
+            int(batch.targets[row, t])
+            for t in range(batch.targets.shape[1])
+            if batch.loss_mask[row, t] == 1
+        ]
         assert picked == ex.target_ids
     assert batch.loss_mask.sum() == 5
     assert batch.allowed_ids is None  # free-form rows: the full vocabulary
@@ -70,7 +74,11 @@ def test_choice_mode_scores_the_target_under_the_choices_trie():
     logp = restricted_logprobs(logits, batch.targets, batch.allowed_ids, batch.allowed_valid)
     l0 = logits[0, 1]
     l1 = logits[0, 2]
-    expected = [float(l0[4] - torch.logsumexp(l0[[4, 7]], 0)), float(l1[6] - torch.logsumexp(l1[[5, 6]], 0)), 0.0]
+    expected = [
+        float(l0[4] - torch.logsumexp(l0[[4, 7]], 0)),
+        float(l1[6] - torch.logsumexp(l1[[5, 6]], 0)),
+        0.0,
+    ]
     got = [float(logp[0, t]) for t in range(logp.shape[1]) if batch.loss_mask[0, t] == 1]
     assert got == pytest.approx(expected, abs=1e-6)
     assert float(sft_loss(logp, batch.loss_mask)) == pytest.approx(-sum(expected) / 3, abs=1e-6)
@@ -116,9 +124,12 @@ def test_suite_config_takes_games_from_the_bench_file(tmp_path):
     bench.write_text(
         "base: {model_preset: tiny, rollout: {max_steps: 20, choice_mode: true}, eval: {temperature: 0.4}}\n"
         "suites:\n  s1: {games: {env: twx, kind: coin, train: 32, eval: 16, settings: {numLocations: 9}},"
-        " rollout: {max_steps: 25}}\n")
+        " rollout: {max_steps: 25}}\n"
+    )
     sft = tmp_path / "sft.yaml"
-    sft.write_text(f"bench: {bench}\ndefaults: {{lr: 0.002}}\nsuites:\n  s1: {{tasks: 4, fraction: 0.5, note: why}}\n")
+    sft.write_text(
+        f"bench: {bench}\ndefaults: {{lr: 0.002}}\nsuites:\n  s1: {{tasks: 4, fraction: 0.5, note: why}}\n"
+    )
     cfg = suite_config(sft, "s1", out="x")
     assert cfg.games.kind == "coin" and cfg.games.settings == {"numLocations": 9}
     assert (cfg.max_steps, cfg.choice_mode, cfg.eval_temperature) == (25, True, 0.4)

@@ -1,6 +1,6 @@
 import pytest
 
-from score_store.state_key import canonical_text, state_key
+from spo3.score_store.state_key import canonical_text, state_key
 
 
 def test_key_is_stable_hex_and_ignores_whitespace_and_case():
@@ -14,8 +14,9 @@ def test_scope_task_separates_tasks_and_global_merges_them():
     a = state_key("alfworld", "task-a", "Nothing happens.")
     b = state_key("alfworld", "task-b", "Nothing happens.")
     assert a != b
-    assert state_key("alfworld", "task-a", "Nothing happens.", "global") == \
-        state_key("alfworld", "task-b", "Nothing happens.", "global")
+    assert state_key("alfworld", "task-a", "Nothing happens.", "global") == state_key(
+        "alfworld", "task-b", "Nothing happens.", "global"
+    )
 
 
 def test_parts_cannot_shift_into_each_other():

@@ -5,11 +5,14 @@ import sys
 
 from safetensors.torch import save_file
 
-from learner.trainer import Trainer, TrainerConfig
+from spo3.learner.trainer import Trainer, TrainerConfig
 from tests.integration.test_learner_trainer import fixed_rows
 
 model_dir, out_dir, updates, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 trainer = Trainer(TrainerConfig(model=model_dir, lr=1e-2, micro_batch_rows=micro, zero_stage=2))
 for u in range(updates):
     trainer.update(fixed_rows(u))
-save_file({k: v.contiguous() for k, v in trainer.state_dict().items()}, f"{out_dir}/rank{trainer.rank}.safetensors")
+save_file(
+    {k: v.contiguous() for k, v in trainer.state_dict().items()},
+    f"{out_dir}/rank{trainer.rank}.safetensors",
+)

@@ -1,1 +1,0 @@
-"""Process wiring shared by every part: Redis names, the CLI, launchers, metrics."""

@@ -1,0 +1,215 @@
+"""Make a small causal LM with no downloads: a tokenizer trained here and a Qwen2-shaped model.
+
+Real users point the system at a real checkpoint directory (e.g. Qwen2.5-1.5B-Instruct); this
+exists so the whole system runs and trains offline, on CPU, in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+# Head size 32: vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... only.
+PRESETS: dict[str, dict] = {
+    # ~0.15M parameters: tests and CI.
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        vocab_size=1024,
+    ),
+    # ~3.5M parameters: the single-machine demo.
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        vocab_size=4096,
+    ),
+    # ~360M parameters: Qwen2.5-0.5B's body with the small vocabulary (`make check-gpu`).
+    "qwen0.5b-body": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=4096,
+    ),
+}
+
+# Qwen2.5-style chat template, so prompts look as they will with real checkpoints.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_VERBS = [
+    "go",
+    "take",
+    "drop",
+    "open",
+    "close",
+    "put",
+    "examine",
+    "look",
+    "inventory",
+    "eat",
+    "cook",
+    "slice",
+    "chop",
+    "insert",
+    "unlock",
+    "lock",
+    "use",
+    "heat",
+    "cool",
+    "clean",
+    "toggle",
+    "move",
+]
+_OBJECTS = [
+    "apple",
+    "key",
+    "door",
+    "fridge",
+    "table",
+    "counter",
+    "box",
+    "chest",
+    "knife",
+    "coin",
+    "lettuce",
+    "carrot",
+    "potato",
+    "oven",
+    "stove",
+    "drawer",
+    "cabinet",
+    "shelf",
+    "sofa",
+    "bed",
+    "mug",
+    "plate",
+    "bowl",
+    "book",
+    "lamp",
+    "towel",
+    "sink",
+    "bathtub",
+    "garbage can",
+    "safe",
+]
+_PLACES = [
+    "kitchen",
+    "bedroom",
+    "bathroom",
+    "corridor",
+    "pantry",
+    "garden",
+    "living room",
+    "attic",
+    "cellar",
+    "study",
+    "street",
+    "backyard",
+    "shed",
+    "office",
+]
+_DIRECTIONS = ["north", "south", "east", "west", "up", "down"]
+
+
+def _corpus(seed: int, n_lines: int = 20000):
+    """Text in the shape of agent prompts and replies, so BPE merges fit the domain."""
+    rng = random.Random(seed)
+    for _ in range(n_lines):
+        v, o, p, d = (
+            rng.choice(_VERBS),
+            rng.choice(_OBJECTS),
+            rng.choice(_PLACES),
+            rng.choice(_DIRECTIONS),
+        )
+        yield rng.choice(
+            [
+                f"You are in the {p}. You see a {o} and a {rng.choice(_OBJECTS)}. Exits: {d}.",
+                f"<think>I should {v} the {o}.</think><action>{v} {o}</action>",
+                f"<action>go {d}</action>",
+                f"Admissible actions: {v} {o}, go {d}, look, inventory, examine {rng.choice(_OBJECTS)}",
+                f"Your task is to put a {o} in the {rng.choice(_OBJECTS)}. Step {rng.randint(1, 50)}.",
+                f"Nothing happens. You are carrying: a {o}. Score: {rng.randint(0, 10)}/10.",
+            ]
+        )
+
+
+def train_tokenizer(vocab_size: int, seed: int = 0):
+    """Byte-level BPE (no unknown tokens: any byte string round-trips) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def init_model(
+    out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write a tokenizer + randomly initialized Qwen2 model in Hugging Face format (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = dict(PRESETS[preset])
+    tokenizer = train_tokenizer(spec.pop("vocab_size"), seed)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        # Untied: vLLM's in-place weight reload updates embed_tokens but not a tied lm_head.
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "spo3_model.json").write_text(
+        json.dumps(
+            {
+                "preset": preset,
+                "seed": seed,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
+    return out

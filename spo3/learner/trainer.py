@@ -1,0 +1,412 @@
+"""The policy update on a DeepSpeed engine: decoupled PPO-clip + k3 KL to a frozen reference,
+token-mean over every response token of the batch, across micro-batches and data-parallel ranks.
+
+`ppo_epochs` passes over the batch, each pass = every micro-batch, then one optimizer step. The
+proximal log-probs (the clip's reference) are the first pass's own, taken before its step; the
+behaviour log-probs are the sampler's (rows' `sampler_logprobs`). Choice-mode rows are scored
+under the distribution the sampler drew from (spo3/learner/restricted.py).
+
+Rows are split across ranks; each micro-batch's loss is scaled by (its tokens / all tokens of
+the batch) x world size, so that after DeepSpeed averages gradients over ranks the gradient
+is exactly that of the token-mean over the whole batch, whatever the split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spo3.learner.batch import Row
+from spo3.learner.config import TrainerConfig
+from spo3.learner.loss import policy_loss
+from spo3.learner.restricted import (
+    VocabText,
+    allowed_index,
+    allowed_tokens,
+    guided_allowed_tokens,
+    restricted_entropy,
+    restricted_logprobs,
+)
+from spo3.transport.procs import free_port
+
+STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's comm op takes 30-120 s on 2 cores
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed compiles its ops: one cache per virtualenv, so two checkouts do not
+    rebuild them for each other (~30 s each time)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def clear_stale_build_locks(root: Path, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the lock files of op builds that died: torch holds a build's lock file while it
+    compiles, and a build killed mid-way leaves it behind, after which every later start waits
+    on it forever. A lock older than any build takes is taken for such a leftover."""
+    now, removed = time.time(), []
+    for lock in root.glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale build lock (a build that died): {lock}", file=sys.stderr)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def build_ops() -> bool:
+    """Compile DeepSpeed's shared-memory comm op now (`make install` does), so that no learner
+    start compiles it, or dies while compiling it. False: this accelerator has no such op."""
+    clear_stale_build_locks(extensions_dir())
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return False
+    builder.load()
+    return True
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher (deepspeed / torchrun) set up, or a group of one."""
+    clear_stale_build_locks(extensions_dir())
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A group of one that no launcher set up needs no agreed port; an inherited MASTER_PORT
+        # may still be held by the process that set it (a parent that ran a learner itself).
+        # (torchrun's agent hosts the store on its port: keep that one.)
+        os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if torch.cuda.is_available():
+        # One GPU per rank, chosen before NCCL starts: without it every rank of a node would put
+        # its tensors (and the reference model) on GPU 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        if cfg.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {cfg.ppo_epochs}")
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        torch.manual_seed(cfg.seed)
+        self.device = (
+            torch.device(f"cuda:{torch.cuda.current_device()}")
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile an op first (~35 s on CPU).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.zero_stage = effective_zero_stage(cfg.zero_stage, self.world)
+        zero: dict = {"stage": self.zero_stage}
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cfg.bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=_merged(ds_config, cfg.deepspeed)
+        )
+        self.pad_id = model.config.pad_token_id or 0
+
+    # --- one update ------------------------------------------------------------------
+    def update(self, rows: Sequence[Row]) -> dict[str, float]:
+        """`ppo_epochs` optimizer steps on all rows (the same list on every rank)."""
+        mine = list(rows[self.rank :: self.world])
+        micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
+        real, padded = padding_counts(micro, self.cfg.max_len)
+        cut = sum(len(r.prompt_ids) + len(r.response_ids) > self.cfg.max_len for r in mine)
+        local = [sum(len(r.response_ids) for r in mine), real, padded, cut]
+        response_tokens, real, padded, cut = self._sum_across_ranks(local)
+        total_tokens = max(response_tokens, 1.0)
+        # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
+        # with no rows still runs one empty step so collectives line up.
+        micro = micro or [[]]
+        epochs = self.cfg.ppo_epochs
+        sums: dict[str, torch.Tensor] = {}
+        imp_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.engine.train()
+        prepared = [
+            self._prepare(mb) for mb in micro
+        ]  # padded inputs, reference and behaviour log-probs
+        for _epoch in range(epochs):
+            for i, prep in enumerate(prepared):
+                self.engine.set_gradient_accumulation_boundary(i == len(prepared) - 1)
+                loss, metrics, n_tok = self._micro_loss(prep)
+                self.engine.backward(loss * (n_tok / total_tokens) * self.world)
+                if "imp_weight_max" in metrics:
+                    imp_max = torch.maximum(imp_max, metrics.pop("imp_weight_max").double())
+                for k, v in metrics.items():  # on the device: read once, after the last pass
+                    sums[k] = sums.get(k, 0.0) + v.double() * (n_tok / epochs)
+            # ZeRO stages 1-3 report the gradient norm they clip with; without ZeRO it is computed here.
+            own_norm = self._grad_norm() if self.zero_stage == 0 else None
+            self.engine.step()
+        names = _METRICS
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        out = torch.stack(
+            [
+                torch.as_tensor(sums.get(k, zero), dtype=torch.float64, device=self.device)
+                for k in names
+            ]
+        )
+        dist.all_reduce(out)
+        peak = imp_max.reshape(1)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        # Means over all passes; the first pass's clip fraction is 0 by construction.
+        result = {k: v / total_tokens for k, v in zip(names, out.tolist())}
+        result["imp_weight_max"] = float(peak.item())
+        loss_cfg = self.cfg.loss
+        result["loss"] = (
+            result["pg_loss"]
+            + loss_cfg.kl_coef * result["kl"]
+            - loss_cfg.entropy_coef * result["entropy"]
+        )
+        grad_norm = (
+            self.engine.get_global_grad_norm()
+        )  # of the last pass, before clipping; the same on every rank
+        if grad_norm is None:
+            grad_norm = own_norm
+        if grad_norm is not None:
+            result["grad_norm"] = float(grad_norm)
+        result["tokens"] = total_tokens
+        result["rows"] = float(len(rows))
+        result["seq_tokens"], result["padded_tokens"] = real, padded
+        # Rows longer than max_len: their log-probs are of a shorter context than the one sampled from.
+        result["truncated_rows"] = cut
+        result["ppo_epochs"] = float(epochs)
+        return result
+
+    def _sum_across_ranks(self, values: Sequence[float]) -> list[float]:
+        """Sums over the data-parallel ranks. The tensor lives on the engine's device: NCCL has
+        no CPU backend, so a CPU tensor here kills every GPU learner at its first update."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _grad_norm(self) -> float:
+        """2-norm of the (already averaged across ranks) gradients, before clipping."""
+        norms = [
+            p.grad.detach().float().norm()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        ]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _prepare(self, rows: Sequence[Row]) -> dict | None:
+        """What every pass over a micro-batch shares, computed once: padded ids, the allowed-token
+        index of choice-mode rows, behaviour log-probs, advantages, the reference's log-probs."""
+        if not rows:
+            return None
+        ids, mask, attn, spans = self._pad(rows)
+        targets, resp_mask = ids[:, 1:], mask[:, 1:]
+        width = targets.shape[1]
+        starts = [s - 1 for s, _ in spans]  # logits index of each row's first response token
+        counts = [n for _, n in spans]
+        behav = torch.zeros((len(rows), width), dtype=torch.float32, device="cpu")
+        has_behav = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")
+        restricted: list[list[tuple[int, list[int]]]] = []
+        for b, r in enumerate(rows):
+            start, n = starts[b], counts[b]  # n < len(response) when max_len cut the response
+            if len(r.sampler_logprobs) == len(r.response_ids):
+                behav[b, start : start + n] = torch.tensor(
+                    r.sampler_logprobs[:n], dtype=torch.float32, device="cpu"
+                )
+                has_behav[b, start : start + n] = True
+            if r.choice_token_ids is not None:  # the sampler walked the trie of these tokenizations
+                steps = allowed_tokens(r.response_ids, r.choice_token_ids)[:n]
+                restricted.append([(start + j, a) for j, a in enumerate(steps)])
+            elif r.choices is not None:  # a guided decoder: any tokenization of a choice's text
+                steps = guided_allowed_tokens(r.response_ids, r.choices, self._vocab_text())[:n]
+                restricted.append([(start + j, a) for j, a in enumerate(steps)])
+            else:
+                restricted.append([])
+        # Free-form rows only: no index at all (restricted_* then take the full vocabulary without
+        # asking the device whether any position is restricted).
+        allowed_ids, allowed_valid = (
+            allowed_index(restricted, (len(rows), width), self.device)
+            if any(restricted)
+            else (None, None)
+        )
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            ref_logp = restricted_logprobs(ref_logits, targets, allowed_ids, allowed_valid)
+        # Flat indices of the response positions, for the entropy diagnostic ([N, V], not [B, T, V]).
+        flat = [
+            b * width + start + j
+            for b, (start, n) in enumerate(zip(starts, counts))
+            for j in range(n)
+        ]
+        return {
+            "ids": ids,
+            "attn": attn,
+            "targets": targets,
+            "mask": resp_mask,
+            "ref_logp": ref_logp,
+            "n_tokens": sum(counts),
+            "response_index": torch.tensor(flat, dtype=torch.long, device="cpu").to(
+                self.device, non_blocking=True
+            ),
+            "allowed_ids": allowed_ids,
+            "allowed_valid": allowed_valid,
+            "prox_logp": None,
+            "behav": behav.to(self.device),
+            "has_behav": has_behav.to(self.device),
+            "adv": torch.tensor(
+                [r.advantage for r in rows], dtype=torch.float32, device=self.device
+            ),
+        }
+
+    def _vocab_text(self) -> VocabText:
+        if getattr(self, "_vocab", None) is None:
+            from transformers import AutoTokenizer
+
+            self._vocab = VocabText(AutoTokenizer.from_pretrained(self.cfg.model))
+        return self._vocab
+
+    def _micro_loss(self, prep: dict | None) -> tuple[torch.Tensor, dict[str, float], int]:
+        if prep is None:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)
+            dummy = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+            return dummy, {}, 0
+        logits = self.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
+        allowed = (prep["allowed_ids"], prep["allowed_valid"])
+        logp = restricted_logprobs(logits, prep["targets"], *allowed)
+        # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
+        bonus = self.cfg.loss.entropy_coef > 0
+        idx = prep["response_index"]
+        flat = (logits if bonus else logits.detach()).reshape(-1, logits.shape[-1])
+        picked_allowed = [None if a is None else a.reshape(-1, a.shape[-1])[idx] for a in allowed]
+        with torch.set_grad_enabled(bonus and torch.is_grad_enabled()):
+            picked = restricted_entropy(flat.index_select(0, idx), *picked_allowed)
+            entropy = (
+                torch.zeros(prep["mask"].numel(), dtype=picked.dtype, device=picked.device)
+                .index_put((idx,), picked)
+                .view(prep["mask"].shape)
+            )
+        if prep["prox_logp"] is None:  # the first pass: its weights are the proximal policy
+            prep["prox_logp"] = logp.detach()
+        prox = prep["prox_logp"]
+        # Rows without the sampler's log-probs (length mismatch) count as sampled by the proximal policy.
+        behav = torch.where(prep["has_behav"], prep["behav"], prox)
+        loss, metrics = policy_loss(
+            logp,
+            prox,
+            prep["ref_logp"],
+            prep["adv"],
+            prep["mask"],
+            self.cfg.loss,
+            entropy=entropy,
+            behav_logprobs=behav,
+        )
+        return loss, metrics, prep["n_tokens"]
+
+    def _pad(
+        self, rows: Sequence[Row]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Right-padded ids, response mask and attention mask, built on the host and moved to the
+        engine's device in one copy each; and per row (first response position, response tokens
+        kept), known on the host so that nothing has to be read back from the device."""
+        seqs, starts = [], []
+        for r in rows:
+            prompt = r.prompt_ids[-max(1, self.cfg.max_len - len(r.response_ids)) :]
+            seqs.append((prompt + r.response_ids)[: self.cfg.max_len])
+            starts.append(len(prompt))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(seqs), width), dtype=torch.float32, device="cpu")
+        attn = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
+            mask[i, start : len(s)] = 1.0
+            attn[i, : len(s)] = 1
+        spans = [(start, len(s) - start) for s, start in zip(seqs, starts)]
+        return (
+            ids.to(self.device, non_blocking=True),
+            mask.to(self.device, non_blocking=True),
+            attn.to(self.device, non_blocking=True),
+            spans,
+        )
+
+    # --- weights out -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights with Hugging Face names (gathered from every rank under ZeRO-3)."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+def effective_zero_stage(stage: int, world: int) -> int:
+    """ZeRO-2 on a single rank runs as ZeRO-1. With one rank there is nothing to partition, so
+    both hold the same memory, but ZeRO-2 moves every gradient through its reduction buckets on
+    each micro-batch while ZeRO-1 reduces once per step (measured on an H200 with `make
+    check-gpu --zero-variants`, Qwen2.5-0.5B shape: ZeRO-2 0.72x a plain torch loop, ZeRO-1 1.02x)."""
+    return 1 if stage == 2 and world == 1 else stage
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def micro_batches(rows: Sequence[Row], size: int, max_len: int | None = None) -> list[list[Row]]:
+    """Rows sorted by length, longest first, then cut every `size` rows: rows of like length
+    share a micro-batch, so padding to the longest row costs little. The loss weights each
+    micro-batch by its share of the batch's response tokens, so the grouping does not change the
+    gradient."""
+    order = sorted(rows, key=lambda r: _seq_len(r, max_len), reverse=True)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def padding_counts(micro: Sequence[Sequence[Row]], max_len: int | None = None) -> tuple[int, int]:
+    """(tokens of the sequences, tokens computed once every micro-batch is padded to its longest row)."""
+    real = sum(_seq_len(r, max_len) for mb in micro for r in mb)
+    padded = sum(len(mb) * max(_seq_len(r, max_len) for r in mb) for mb in micro if mb)
+    return real, padded
+
+
+def _seq_len(row: Row, max_len: int | None) -> int:
+    n = len(row.prompt_ids) + len(row.response_ids)
+    return min(n, max_len) if max_len else n
+
+
+_METRICS = (
+    "pg_loss",
+    "kl",
+    "clip_frac",
+    "ratio_mean",
+    "approx_kl_old",
+    "entropy",
+    "imp_weight_mean",
+    "imp_weight_clipped_frac",
+    "behav_kl",
+)
