@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels)
 
 .DEFAULT_GOAL := help
-.PHONY: help install vllm-venv system-deps demo lint format test test-fast bench bench-all bench-sweep bench-report bench-score bench-actor bench-policy bench-learner clean
+.PHONY: help install vllm-venv system-deps demo lint format docs test test-fast bench bench-all bench-sweep bench-report bench-score bench-actor bench-policy bench-learner clean
 .PHONY: check-gpu gpu-wheels
 .PHONY: secrets images up down purge scale compose-up compose-down check-deploy
 
@@ -62,6 +62,9 @@ lint: install ## ruff (lint + format check) on everything, mypy on the library (
 format: install ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+docs: install ## Write docs/configuration.md from the settings models (a unit test fails while it is stale)
+	$(BIN)/python -m spo3.app.settings_doc
 
 test: install ## Run the whole test suite (real Redis and services are started by the tests)
 	$(BIN)/python -m pytest
