@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,9 +61,11 @@ class InProcessPolicy:
             torch.set_num_threads(threads)
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        # Any: transformers' decorated `to` does not type-check as a bound method.
+        model: Any = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=getattr(torch, dtype)
-        ).to(device)
+        )
+        self.model = model.to(device)
         self.model.eval()
         self.device = device
         self.version = version
@@ -119,6 +122,7 @@ class InProcessPolicy:
         request.done.wait()
         if request.error is not None:
             raise request.error
+        assert request.result is not None  # the engine thread sets result or error
         return request.result
 
     def _serve_pending(self) -> None:
@@ -215,15 +219,19 @@ class InProcessPolicy:
             eos_token_id=self.eos_id,
             pad_token_id=pad,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_scores=True,
         )
         gen = out.sequences[:, width:]
-        # Raw-model logprobs (before temperature/top-p), as vLLM reports by default; one step at a
-        # time, so a large vocabulary never needs a [rows, steps, vocab] float32 copy.
+        # Behaviour log-probs: those of the distribution each token was drawn from. `scores` are the
+        # logits after generate's processors (temperature, then top-p), the very tensor it samples
+        # from, so this is log_softmax(logits / T) (renormalized over the top-p nucleus when
+        # top_p < 1), what vLLM reports with --logprobs-mode processed_logprobs. Greedy decoding has
+        # no temperature: the model's own log-probs. One step at a time, so a large vocabulary never
+        # needs a [rows, steps, vocab] float32 copy.
         chosen = torch.stack(
             [
                 step.float().log_softmax(-1).gather(-1, gen[:, t : t + 1]).squeeze(-1)
-                for t, step in enumerate(out.logits)
+                for t, step in enumerate(out.scores)
             ],
             dim=1,
         ).cpu()
@@ -236,6 +244,7 @@ class InProcessPolicy:
                 ids = ids[: ids.index(self.eos_id) + 1]
                 finish = "stop"
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence in, one string out
             text, ids, finish = self._apply_stop(text, ids, finish, rows[row][1].stop)
             completions.append(
                 Completion(
@@ -272,8 +281,10 @@ class InProcessPolicy:
         from the model's distribution restricted to tokens that keep the text a prefix of some
         choice. One pass over the prompt and one teacher-forced pass over all choices give every logit
         this needs."""
+        choices = p.choices
+        assert choices, "constrained mode needs choices"
         choice_ids = [
-            self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in p.choices
+            self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in choices
         ]
         logits = self._choice_logits(prompt, choice_ids)
         allowed: dict[tuple[int, ...], list[int]] = {}
@@ -282,17 +293,19 @@ class InProcessPolicy:
                 nxt = allowed.setdefault(tuple(ids[:j]), [])
                 if tok not in nxt:
                     nxt.append(tok)
+        # Each token is drawn from softmax(restricted logits / T); its log-prob under that very
+        # distribution is the behaviour log-prob. Greedy decoding (T = 0) has no temperature: the
+        # walk compares the model's own restricted log-probs.
         temperature = p.temperature if p.temperature > 0 else 1.0
-        seq_logp, token_logps = [], []
+        seq_logp: list[float] = []
+        token_logps: list[list[float]] = []
         for i, ids in enumerate(choice_ids):
-            total, per_token = 0.0, []
+            per_token = []
             for j, tok in enumerate(ids):
                 cand = allowed[tuple(ids[:j])]
-                restricted = logits[i, j, cand]
-                k = cand.index(tok)
-                per_token.append(float(restricted.log_softmax(-1)[k]))
-                total += float((restricted / temperature).log_softmax(-1)[k])
-            seq_logp.append(total)
+                restricted = logits[i, j, cand] / temperature
+                per_token.append(float(restricted.log_softmax(-1)[cand.index(tok)]))
+            seq_logp.append(sum(per_token))
             token_logps.append(per_token)
         if p.temperature == 0:
             best = max(
@@ -304,7 +317,7 @@ class InProcessPolicy:
             picks = torch.multinomial(probs / probs.sum(), p.n, replacement=True).tolist()
         return [
             Completion(
-                text=p.choices[i],
+                text=choices[i],
                 token_ids=choice_ids[i],
                 logprobs=token_logps[i],
                 finish_reason="stop",

@@ -4,6 +4,19 @@ Sampling uses /v1/chat/completions: the server renders the chat template and ret
 prompt's and every completion's token ids with per-token logprobs, for `n` samples in one
 request (the shared prefix is computed once and cached).
 
+Behaviour log-probs. The learner needs the log-prob of each token under the distribution it was
+drawn from. vLLM's per-token logprobs are an engine setting, not a request field: with its
+default `--logprobs-mode raw_logprobs` they are log_softmax of the model's logits before
+temperature and top-p (the structured-output mask of choice mode is applied before that point, so
+they are renormalized over the allowed tokens, at T = 1); only a server started with
+`--logprobs-mode processed_logprobs` returns log_softmax(logits / T) after top-k/top-p, the
+distribution actually sampled (greedy requests get the model's own log-probs in both modes).
+At temperature 1 with top_p = 1 the two modes agree; at any other temperature a server in the
+default mode reports another policy's log-probs, and this client cannot tell which mode a server
+runs: every server it talks to must be started with `--logprobs-mode processed_logprobs`
+(spo3.policy.vllm_server and the deployments' vLLM arguments). On CUDA that mode turns off
+vLLM's FlashInfer top-k/top-p sampler (its kernel does not expose the processed values).
+
 The version a completion reports is the server's weight version read before and after the
 request: publishing changes weights and version together while the server is paused, so equal
 reads prove the whole generation ran on one version; unequal reads are retried.

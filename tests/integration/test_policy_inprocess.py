@@ -305,3 +305,69 @@ def test_engine_thread_serves_every_caller_and_ends_with_its_policy(model_dir):
     gc.collect()
     engine_thread.join(timeout=10)
     assert alive() is None and not engine_thread.is_alive()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_free_form_logprobs_are_those_of_the_tempered_distribution(policy, reference, temperature):
+    """Behaviour log-probs describe the distribution each token was drawn from: at temperature T
+    that is softmax(logits / T), not the model's T = 1 distribution (else the learner's importance
+    weight and KL compare against another policy than the one sampled)."""
+    outs = policy.sample(
+        contract.MESSAGES,
+        SamplingParams(n=4, max_tokens=12, temperature=temperature, seed=5),
+    )
+    gap = 0.0
+    for c in outs:
+        assert len(c.logprobs) == len(c.token_ids) >= 1
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+        with torch.no_grad():
+            logits = reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1 : -1].float()
+        picked = ids[0, len(c.prompt_token_ids) :, None]
+        tempered = (logits / temperature).log_softmax(-1).gather(-1, picked).squeeze(-1)
+        untempered = logits.log_softmax(-1).gather(-1, picked).squeeze(-1)
+        got = torch.tensor(c.logprobs)
+        assert torch.allclose(got, tempered, atol=1e-4), (got, tempered)
+        gap = max(gap, float((got - untempered).abs().max()))
+    assert gap > 1e-2, "the test cannot tell tempered from untempered log-probs"
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_choice_logprobs_are_those_of_the_tempered_restricted_distribution(
+    policy, reference, temperature
+):
+    """Choice mode draws each token from the model's logits restricted to the trie's next tokens
+    and divided by T; the log-prob returned with each token is under exactly that distribution."""
+    choices = ["go north", "go south", "take apple", "take red apple", "take red pen", "look"]
+    outs = policy.sample(
+        contract.MESSAGES,
+        SamplingParams(n=48, choices=choices, temperature=temperature, seed=2),
+    )
+    prompt = outs[0].prompt_token_ids
+    choice_ids = {
+        c: policy.tokenizer.encode(c, add_special_tokens=False) + [policy.eos_id] for c in choices
+    }
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    for ids in choice_ids.values():
+        for j, tok in enumerate(ids):
+            allowed.setdefault(tuple(ids[:j]), set()).add(tok)
+    gap, checked = 0.0, set()
+    for c in outs:
+        if c.text in checked:
+            continue
+        ids = choice_ids[c.text]
+        assert c.token_ids == ids
+        with torch.no_grad():
+            logits = (
+                reference(input_ids=torch.tensor([prompt + ids]))
+                .logits[0, len(prompt) - 1 : -1]
+                .float()
+            )
+        for j, tok in enumerate(ids):
+            cand = sorted(allowed[tuple(ids[:j])])
+            k = cand.index(tok)
+            expect = float((logits[j, cand] / temperature).log_softmax(-1)[k])
+            assert abs(c.logprobs[j] - expect) < 1e-4, (c.text, j, c.logprobs[j], expect)
+            gap = max(gap, abs(c.logprobs[j] - float(logits[j, cand].log_softmax(-1)[k])))
+        checked.add(c.text)
+    assert len(checked) >= 2
+    assert gap > 1e-2, "the test cannot tell tempered from untempered log-probs"
