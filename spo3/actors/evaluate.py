@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from spo3.actors.envs.base import Env
 from spo3.actors.prompts import build_messages, parse_action
@@ -34,11 +35,14 @@ def evaluate(
     episodes: int = 1,
 ) -> EvalResult:
     """Success rate over `episodes` episodes of every task (temperature 0.4 as in the paper)."""
-    per_task, actions, invalid = [], 0, 0
+    per_task: list[dict[str, Any]] = []
+    actions, invalid = 0, 0
     for task in tasks:
         for _ in range(episodes):
             obs = env.reset(task)
-            goal, history, success, steps, taken = obs.text, [], 0.0, 0, []
+            goal, success, steps = obs.text, 0.0, 0
+            history: list[tuple[str, str]] = []  # (action, observation that followed)
+            taken: list[str | None] = []  # None: an invalid reply
             while steps < max_steps:
                 admissible = list(obs.admissible_actions)
                 messages = build_messages(
@@ -54,8 +58,8 @@ def evaluate(
                 parsed = parse_action(reply.text, admissible, bare_ok=choice_mode)
                 steps += 1
                 actions += 1
-                taken.append(None if parsed.invalid else parsed.action)
-                if parsed.invalid:
+                taken.append(parsed.action)
+                if parsed.action is None:
                     invalid += 1
                     continue
                 result = env.step(parsed.action)

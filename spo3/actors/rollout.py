@@ -1,4 +1,4 @@
-"""The 3SPO rollout (ALGORITHM.md sections 2, 3, 6) and the GRPO/GiGPO baselines, with one
+"""The 3SPO rollout (docs/algorithm.md "Rollout") and the GRPO/GiGPO baselines, with one
 budget accounting so that comparisons are fair.
 
 3SPO: ranked backtracking DFS. Pop a node, restore the environment to it, ask the score store
@@ -6,13 +6,13 @@ for n(s), sample n actions in one policy request, step one environment copy per 
 action, reward each child with the step reward, emit the children as a group (n > 1), and push
 the children worth expanding so the best one is expanded next.
 
-What the DFS spends no budget on (ALGORITHM.md section 2): a state key is expanded at most once
+What the DFS spends no budget on (docs/algorithm.md "Rollout"): a state key is expanded at most once
 per rollout (a transposition set); a child that returns to a state on its path, or to a state
 already expanded, stays a member of its group but is not pushed; a child that lands on a
 truncated state (S = 0) is one failed leaf, committed when reached, never pushed.
 
-Leaves are only real path ends (ALGORITHM.md section 6): a terminal state, a truncated state
-reached, or the depth limit, each committed to the score store once under a stable leaf id.
+Leaves are real path ends only (docs/algorithm.md "Leaf commit"): a terminal state, a truncated
+state reached, or the depth limit, each committed to the score store once under a stable leaf id.
 Nodes still on the stack when the budget or the leaf cap runs out are not leaves: they add no
 statistics. `RolloutStats` carries the diagnostics that check these rules on every rollout.
 
@@ -81,7 +81,7 @@ class RolloutStats:
     seconds: float = 0.0
     complete: bool = True
     """False when the rollout was stopped early (SIGTERM): the task should run again."""
-    # --- diagnostics of the DFS rules (ALGORITHM.md sections 2, 3, 6) ---
+    # --- diagnostics of the DFS rules (docs/algorithm.md "Rollout", "Leaf commit") ---
     expansions: int = 0
     reexpansions: int = 0
     """Expansions of a key already expanded in this rollout (the transposition set keeps it 0)."""
@@ -99,6 +99,10 @@ class RolloutStats:
     """Nodes left on the stack when the rollout ended (not leaves: no statistics)."""
     leaves_over_cap: int = 0
     """Path ends not committed because the rollout already had max_leaves leaves."""
+
+
+_Outcome = tuple[StepResult, str, Any | None]
+"""What stepping one action from a node gave: (result, child key, the child's snapshot or None)."""
 
 
 @dataclass
@@ -132,7 +136,7 @@ class Rollout:
         cfg: RolloutConfig,
         *,
         run: str = "default",
-        heartbeat: Callable[[], None] = lambda: None,
+        heartbeat: Callable[[], object] = lambda: None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.env, self.policy, self.store, self.sink = env, policy, store, sink
@@ -184,12 +188,13 @@ class Rollout:
             self.heartbeat()
         if self.should_stop():
             self.stats.complete = False  # the task goes back to the queue
-        # Nodes left on the stack are not leaves: nothing finished there (ALGORITHM.md section 6).
+        # Nodes left on the stack are not leaves: nothing finished there
+        # (docs/algorithm.md "Leaf commit").
         stats.open_at_end = len(stack)
 
     def _expand(self, node: _Node, expanded: set[str], budget: int) -> list[_Node]:
         """Expand `node` (n(s) actions, one group); returns the children to push, best last."""
-        cfg, stats = self.cfg, self.stats
+        stats = self.stats
         current = self.store.scores([node.key]).scores[0]
         n = current.n_rollouts
         stats.branching[n] += 1
@@ -206,7 +211,7 @@ class Rollout:
         completions = self._sample(node, n)
         parsed = [self._parse(c, node) for c in completions]
         # Step at most what the budget has left; replies for actions beyond it are dropped.
-        distinct = list(dict.fromkeys(p.action for p in parsed if not p.invalid))[
+        distinct = list(dict.fromkeys(p.action for p in parsed if p.action is not None))[
             : budget - stats.env_steps
         ]
         kept = [(c, p) for c, p in zip(completions, parsed) if p.invalid or p.action in distinct]
@@ -218,6 +223,19 @@ class Rollout:
             list(dict.fromkeys([node.key, *(k for _, k, _ in outcomes.values())]))
         )
         scored = {s.key: s for s in batch.scores}
+        reward_of = self._group(node, kept, outcomes, scored, batch.t)
+        return self._children(node, distinct, outcomes, reward_of, scored, expanded)
+
+    def _group(
+        self,
+        node: _Node,
+        kept: Sequence[tuple[Completion, ParsedAction]],
+        outcomes: dict[str, _Outcome],
+        scored: dict[str, StateScore],
+        t: int,
+    ) -> dict[str, float]:
+        """Reward the replies kept, emit them as `node`'s group (when more than one); returns the
+        whole step reward of each distinct action (what orders the children)."""
         here = scored[node.key]
 
         def reward(
@@ -229,7 +247,7 @@ class Rollout:
                 next_key=next_key,
                 before=_counts(here),
                 after=_counts(after),
-                t=batch.t,
+                t=t,
                 success=success,
                 invalid=invalid,
                 p=self.params,
@@ -242,9 +260,11 @@ class Rollout:
         # the order of the children (which is expanded first) always uses the whole step reward.
         learn_novelty = self.params.novelty_use == "reward"
 
-        members, rewards, reward_of = [], [], {}
+        members: list[GroupMember] = []
+        rewards: list[tuple[float, bool]] = []
+        reward_of: dict[str, float] = {}
         for c, p in kept:
-            if p.invalid:
+            if p.action is None:
                 r = reward(node.key, None, True, learn_novelty)
                 members.append(self._member(node, c, p, node.key, r, done=False))
                 rewards.append((r, False))
@@ -258,7 +278,21 @@ class Rollout:
         if len(members) > 1:
             self._emit(node, members)
             self._note_group(rewards)
-        children, seen = [], set()
+        return reward_of
+
+    def _children(
+        self,
+        node: _Node,
+        distinct: Sequence[str],
+        outcomes: dict[str, _Outcome],
+        reward_of: dict[str, float],
+        scored: dict[str, StateScore],
+        expanded: set[str],
+    ) -> list[_Node]:
+        """Commit the children that end a path; returns those to push, best last."""
+        stats = self.stats
+        children: list[_Node] = []
+        seen: set[str] = set()
         # Best child first, so that of two actions reaching one state the better-rewarded is kept.
         for i, action in sorted(enumerate(distinct), key=lambda ia: -reward_of[ia[1]]):
             result, child_key, snap = outcomes[action]
@@ -282,7 +316,7 @@ class Rollout:
                 stats.not_pushed["expanded"] += 1
             elif child_key in seen:
                 stats.not_pushed["duplicate"] += 1
-            elif child.depth >= cfg.max_steps:
+            elif child.depth >= self.cfg.max_steps:
                 seen.add(child_key)
                 self._commit(child.keys, 0.0, "depth")
             else:
@@ -322,7 +356,7 @@ class Rollout:
             while node.depth < cfg.max_steps:
                 c = self._sample(node, 1)[0]
                 p = self._parse(c, node)
-                if p.invalid:
+                if p.action is None:
                     # An invalid reply costs a turn ("" in the action prefix) but no environment step.
                     transitions.append(
                         self._transition(node, c, p, node.key, -self.params.invalid_penalty, False)
@@ -432,9 +466,7 @@ class Rollout:
             )
         self._at = node.node_id
 
-    def _step_from(
-        self, node: _Node, action: str, child_id: str, *, keep: bool = True
-    ) -> tuple[StepResult, str, Any | None]:
+    def _step_from(self, node: _Node, action: str, child_id: str, *, keep: bool = True) -> _Outcome:
         """Step `action` from `node`; (result, child key, the child's snapshot if `keep` and the
         engine has snapshots: GRPO/GiGPO episodes never come back to a child)."""
         step_from = getattr(self.env, "step_from", None)

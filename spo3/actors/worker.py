@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+import redis
+
 from spo3.actors.config import ActorConfig
 from spo3.actors.envs.base import Env
 from spo3.actors.envs.registry import make_env
@@ -235,112 +237,134 @@ def _evaluate_one(cfg: ActorConfig, envs: dict[str, Env], policy: Policy, k: int
     )
 
 
-def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = None) -> int:
-    """Work until stopped (SIGTERM/SIGINT finish the current expansion first) or idle.
-    Returns the number of work items finished."""
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    metrics = actor_metrics()
-    server = serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port else None
-    policy = _ObservedPolicy(policy)
-    client = connect(cfg.redis_url)
-    check_reachable(client, cfg.redis_url)
-    store, params, service = open_score_store(cfg, client)
-    names = RedisNames(cfg.run)
-    stream = GroupStream(
-        client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread
-    )
-    queue = WorkQueue(client, cfg.run, lease_s=cfg.lease_s)
-    envs: dict[str, Env] = {}
-    finished, evaluated, idle_since = 0, 0, time.monotonic()
-    try:
-        while not stop.is_set():
-            item = queue.take()
+class _Actor:
+    """One actor's work loop: its connections, its engines and its counts."""
+
+    def __init__(
+        self,
+        cfg: ActorConfig,
+        policy: Policy,
+        stop: threading.Event,
+        client: redis.Redis,
+        store: ScoreStore,
+        params: ScoreParams,
+        service: ServiceScoreStore | None,
+    ) -> None:
+        self.cfg, self.policy, self.stop, self.client = cfg, policy, stop, client
+        self.store, self.params, self.service = store, params, service
+        self.metrics = actor_metrics()
+        self.names = RedisNames(cfg.run)
+        self.stream = GroupStream(
+            client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread
+        )
+        self.queue = WorkQueue(client, cfg.run, lease_s=cfg.lease_s)
+        self.envs: dict[str, Env] = {}
+        self.finished, self.evaluated = 0, 0
+
+    def loop(self) -> None:
+        """Take and roll out work items until stopped, or idle for cfg.exit_when_idle_s."""
+        cfg, idle_since = self.cfg, time.monotonic()
+        while not self.stop.is_set():
+            item = self.queue.take()
             if item is None:
                 if (
                     cfg.exit_when_idle_s is not None
                     and time.monotonic() - idle_since > cfg.exit_when_idle_s
                 ):
                     break
-                stop.wait(0.2)
+                self.stop.wait(0.2)
                 continue
             idle_since = time.monotonic()
-            if item.env not in envs:
-                envs[item.env] = make_env(item.env, **cfg.env_options.get(item.env, {}))
-            rollout_cfg = (
-                cfg.rollout
-                if cfg.rollout.algo == item.algo
-                else cfg.rollout.model_copy(update={"algo": item.algo})
-            )
-            observed = _ObservedStore(store)
-            waited = stream.waited_s
-            rollout = Rollout(
-                envs[item.env],
-                policy,
-                observed,
-                stream,
-                params,
-                rollout_cfg,
-                run=cfg.run,
-                heartbeat=lambda: queue.extend(item),
-                should_stop=stop.is_set,
-            )
-            try:
-                stats = rollout.run(item)
-                if service is not None:
-                    service.flush()  # the item's last leaves, before the item counts as done
-            except Exception:
-                log.exception(
-                    "work item %s (%s %s) failed on attempt %d",
-                    item.item_id,
-                    item.env,
-                    item.task_id,
-                    item.attempt + 1,
-                )
-                if item.attempt + 1 >= cfg.max_attempts:
-                    queue.finish(item)
-                    metrics.tasks.labels("gave_up").inc()
-                else:
-                    queue.release(item)
-                    metrics.tasks.labels("failed").inc()
-                envs.pop(item.env).close()  # a fresh engine for the next item
-                continue
-            record(stats, item)
-            metrics.new_states.labels(item.env, task_type(item.env, item.task_id), item.algo).inc(
-                observed.new_states()
-            )
-            metrics.stream_wait.inc(stream.waited_s - waited)
-            record_totals(client, names, stats, item.task_id if cfg.record_visits else None)
-            if stats.complete:
-                queue.finish(item)
-                finished += 1
-                metrics.tasks.labels("finished").inc()
-                if (
-                    cfg.eval_tasks
-                    and cfg.eval_every
-                    and finished % cfg.eval_every == 0
-                    and not stop.is_set()
-                ):
-                    _evaluate_one(cfg, envs, policy, evaluated)
-                    evaluated += 1
-            else:
-                queue.release(item)
-                metrics.tasks.labels("released").inc()
-            log.info(
-                "item %s: %d env steps, %d leaves (%d won), %d groups, %.1fs",
-                item.item_id,
-                stats.env_steps,
-                stats.leaves,
-                stats.successes,
-                stats.groups,
-                stats.seconds,
-            )
-            idle_since = time.monotonic()  # idle time counts from the end of the last item
-    finally:
-        for env in envs.values():
+            if self.work(item):
+                idle_since = time.monotonic()  # idle time counts from the end of the last item
+
+    def work(self, item: WorkItem) -> bool:
+        """Roll out one item; False when it failed (it goes back to the queue, or is given up)."""
+        cfg = self.cfg
+        if item.env not in self.envs:
+            self.envs[item.env] = make_env(item.env, **cfg.env_options.get(item.env, {}))
+        rollout_cfg = (
+            cfg.rollout
+            if cfg.rollout.algo == item.algo
+            else cfg.rollout.model_copy(update={"algo": item.algo})
+        )
+        observed = _ObservedStore(self.store)
+        waited = self.stream.waited_s
+        rollout = Rollout(
+            self.envs[item.env],
+            self.policy,
+            observed,
+            self.stream,
+            self.params,
+            rollout_cfg,
+            run=cfg.run,
+            heartbeat=lambda: self.queue.extend(item),
+            should_stop=self.stop.is_set,
+        )
+        try:
+            stats = rollout.run(item)
+            if self.service is not None:
+                self.service.flush()  # the item's last leaves, before the item counts as done
+        except Exception:
+            self._failed(item)
+            return False
+        self._done(item, stats, observed.new_states(), self.stream.waited_s - waited)
+        return True
+
+    def _failed(self, item: WorkItem) -> None:
+        log.exception(
+            "work item %s (%s %s) failed on attempt %d",
+            item.item_id,
+            item.env,
+            item.task_id,
+            item.attempt + 1,
+        )
+        if item.attempt + 1 >= self.cfg.max_attempts:
+            self.queue.finish(item)
+            self.metrics.tasks.labels("gave_up").inc()
+        else:
+            self.queue.release(item)
+            self.metrics.tasks.labels("failed").inc()
+        self.envs.pop(item.env).close()  # a fresh engine for the next item
+
+    def _done(self, item: WorkItem, stats: RolloutStats, new_states: int, waited: float) -> None:
+        cfg, metrics = self.cfg, self.metrics
+        record(stats, item)
+        metrics.new_states.labels(item.env, task_type(item.env, item.task_id), item.algo).inc(
+            new_states
+        )
+        metrics.stream_wait.inc(waited)
+        record_totals(self.client, self.names, stats, item.task_id if cfg.record_visits else None)
+        if stats.complete:
+            self.queue.finish(item)
+            self.finished += 1
+            metrics.tasks.labels("finished").inc()
+            if (
+                cfg.eval_tasks
+                and cfg.eval_every
+                and self.finished % cfg.eval_every == 0
+                and not self.stop.is_set()
+            ):
+                _evaluate_one(cfg, self.envs, self.policy, self.evaluated)
+                self.evaluated += 1
+        else:
+            self.queue.release(item)
+            metrics.tasks.labels("released").inc()
+        log.info(
+            "item %s: %d env steps, %d leaves (%d won), %d groups, %.1fs",
+            item.item_id,
+            stats.env_steps,
+            stats.leaves,
+            stats.successes,
+            stats.groups,
+            stats.seconds,
+        )
+
+    def close(self) -> None:
+        """Close the engines; send the leaves still queued for the score service, then close it."""
+        for env in self.envs.values():
             env.close()
+        service = self.service
         if service is not None:
             try:
                 service.flush()  # leaves of a failed item that were queued when it failed
@@ -351,5 +375,25 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
                     e,
                 )
             service.close()
+
+
+def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = None) -> int:
+    """Work until stopped (SIGTERM/SIGINT finish the current expansion first) or idle.
+    Returns the number of work items finished."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    actor_metrics()  # the actor's metrics exist before they are served
+    server = serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port else None
+    observed_policy = _ObservedPolicy(policy)
+    client = connect(cfg.redis_url)
+    check_reachable(client, cfg.redis_url)
+    store, params, service = open_score_store(cfg, client)
+    actor = _Actor(cfg, observed_policy, stop, client, store, params, service)
+    try:
+        actor.loop()
+    finally:
+        actor.close()
         stop_serving(server)
-    return finished
+    return actor.finished

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -19,11 +20,26 @@ from spo3.policy.interface import PolicyError
 from spo3.policy.vllm_client import _Http
 from spo3.transport.redis_names import RedisNames
 
+if TYPE_CHECKING:
+    import torch
+
 CHECKSUM_FILE = "weights.sha256"
 
 
 def version_dir(root: str | Path, version: int) -> Path:
     return Path(root) / f"v{version:08d}"
+
+
+def _tensors(weights: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """`weights` as tensors (WeightSink types them as objects so that its users need no torch)."""
+    import torch
+
+    tensors = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(weights):
+        raise PolicyError(
+            f"weights that are not tensors: {sorted(set(weights) - set(tensors))[:5]}"
+        )
+    return tensors
 
 
 def write_version(
@@ -40,7 +56,7 @@ def write_version(
     tmp = target.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     cast = getattr(torch, dtype) if dtype else None
-    cpu = {k: v.detach().to("cpu", dtype=cast).contiguous() for k, v in weights.items()}
+    cpu = {k: v.detach().to("cpu", dtype=cast).contiguous() for k, v in _tensors(weights).items()}
     save_file(cpu, str(tmp / "model.safetensors"))
     (tmp / CHECKSUM_FILE).write_text(weights_checksum(cpu) + "\n")
     tmp.replace(target)
@@ -102,7 +118,7 @@ class VLLMDiskPublisher:
         self.published: list[Path] = []
 
     def check(self, weights: Mapping[str, object]) -> None:
-        got = {k: tuple(v.shape) for k, v in weights.items()}
+        got = {k: tuple(v.shape) for k, v in _tensors(weights).items()}
         missing = sorted(set(self.expected) - set(got))
         unexpected = sorted(set(got) - set(self.expected))
         wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])

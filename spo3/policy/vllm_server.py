@@ -67,7 +67,7 @@ class VLLMServer:
             "VLLM_SERVER_DEV_MODE": "1",
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
-                "VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"
+                "VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}"
             ),
         }
         # `vllm serve` fails with the vllm-cpu package (its metadata has another name).

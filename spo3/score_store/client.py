@@ -161,6 +161,10 @@ class ServiceScoreStore:
         while len(self.pending) > MAX_LEAVES_PER_REQUEST:
             self._batch(())
         _, batch = self._batch(keys)
+        if batch is None:  # the service scores every key it is asked for
+            raise ScoreServiceError(
+                f"score service at {self.url} answered no scores for {len(keys)} keys"
+            )
         return batch
 
     def commit_leaf(self, leaf_id: str, path: Sequence[str], success: float) -> CommitResult:

@@ -1,4 +1,4 @@
-"""3SPO state score, branching factor and step reward (ALGORITHM.md sections 1-3) as pure functions.
+"""3SPO state score, branching factor and step reward (docs/algorithm.md) as pure functions.
 
 Everything here is arithmetic on counts; the store and the actors call these so the same
 formula is used everywhere and can be unit-tested without Redis.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ScoreParams(BaseModel):
-    """Hyperparameters of the state score. Defaults follow ALGORITHM.md."""
+    """Hyperparameters of the state score. Defaults: docs/algorithm.md "Settings"."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,7 +54,7 @@ class ScoreParams(BaseModel):
     novelty_use: Literal["reward", "order"] = Field(
         "reward",
         description=(
-            "reward: the novelty term is part of the step reward that the group's advantages come from (ALGORITHM.md); "
+            'reward: the novelty term is part of the step reward that the group\'s advantages come from (docs/algorithm.md "Step reward"); '
             "order: it only orders the DFS (which child is expanded first), and the advantages come from the step "
             "reward without it, so that exploring does not also train the policy to change state for its own sake."
         ),

@@ -17,11 +17,11 @@ def build_app(settings: ServiceSettings, *, num_replicas: int = 1, num_cpus: flo
         raise ValueError("Ray Serve replicas need a shared Redis: pass --redis-url")
     fastapi_app = create_app(settings)
 
-    @serve.deployment(
-        name="score-service", num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
-    )
-    @serve.ingress(fastapi_app)
     class ScoreService:
         pass
 
-    return ScoreService.bind()
+    # Applied as calls, not as class decorators: mypy keeps a decorated class's own type.
+    deployment = serve.deployment(
+        name="score-service", num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
+    )(serve.ingress(fastapi_app)(ScoreService))
+    return deployment.bind()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -191,62 +192,72 @@ class _Observe:
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)
 
 
-def create_app(
-    settings: ServiceSettings | None = None, store: RedisScoreStore | None = None
-) -> FastAPI:
-    """Build the service. Without `store`, it connects to settings.redis_url on first use
-    (or starts an embedded Redis when that is empty)."""
-    settings = settings or ServiceSettings()
-    if settings.api_token is None or not settings.api_token.get_secret_value():
-        raise ValueError(
-            "no API token: set SPO3_API_TOKEN (or pass --token) so that mutating routes are protected"
-        )
-    token = settings.api_token.get_secret_value().encode()
-    registry = CollectorRegistry()
-    state: dict = {"store": store, "embedded": None}
-    lock = threading.Lock()
+class _Service:
+    """What the routes share: the settings, the store (connected on first use), the metrics."""
 
-    def get_store() -> RedisScoreStore:
-        if state["store"] is None:
-            with lock:
-                if state["store"] is None:
+    def __init__(self, settings: ServiceSettings, store: RedisScoreStore | None) -> None:
+        if settings.api_token is None or not settings.api_token.get_secret_value():
+            raise ValueError(
+                "no API token: set SPO3_API_TOKEN (or pass --token) so that mutating routes are protected"
+            )
+        self.settings = settings
+        self.token = settings.api_token.get_secret_value().encode()
+        self.registry = CollectorRegistry()
+        self.store = store
+        self.embedded: EmbeddedRedis | None = None
+        self.lock = threading.Lock()
+        self.metrics = ScoreServiceMetrics(self.registry, lambda: self.get_store().stats())
+
+    def get_store(self) -> RedisScoreStore:
+        if self.store is None:
+            with self.lock:
+                if self.store is None:
+                    settings = self.settings
                     url = settings.redis_url
                     if not url:
-                        state["embedded"] = EmbeddedRedis()
-                        url = state["embedded"].url
+                        self.embedded = EmbeddedRedis()
+                        url = self.embedded.url
                     client = connect(url)
                     check_reachable(client, url)
-                    state["store"] = RedisScoreStore(
+                    self.store = RedisScoreStore(
                         client,
                         settings.score_params,
                         run=settings.run,
                         success_threshold=settings.success_threshold,
                         leaf_ttl_s=settings.leaf_ttl_s,
                     )
-        return state["store"]
+        return self.store
 
-    metrics = ScoreServiceMetrics(registry, lambda: get_store().stats())
-    bearer = HTTPBearer(auto_error=False, description="SPO3_API_TOKEN of the service")
 
-    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token):
-            raise _Unauthorized()
+def create_app(
+    settings: ServiceSettings | None = None, store: RedisScoreStore | None = None
+) -> FastAPI:
+    """Build the service. Without `store`, it connects to settings.redis_url on first use
+    (or starts an embedded Redis when that is empty)."""
+    svc = _Service(settings or ServiceSettings(), store)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if state["embedded"] is not None:
-            state["embedded"].close()
+        if svc.embedded is not None:
+            svc.embedded.close()
 
     app = FastAPI(
         title="3SPO state-score service", version="1", lifespan=lifespan, description=__doc__
     )
 
     app.add_middleware(_BodyLimit)
-    app.add_middleware(_Observe, metrics=metrics)  # outermost: it times the body limit too
+    app.add_middleware(_Observe, metrics=svc.metrics)  # outermost: it times the body limit too
+    _add_error_handlers(app, svc.metrics)
+    _add_store_routes(app, svc)
+    _add_info_routes(app, svc)
+    app.state.get_store = svc.get_store
+    return app
 
+
+def _add_error_handlers(app: FastAPI, metrics: ScoreServiceMetrics) -> None:
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         fields = _field_names(errors)
         # A list over its bound (keys, leaves, a leaf's path) is a batch too large: 413.
@@ -265,9 +276,9 @@ def create_app(
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers 400 for bodies it cannot decode; say which field that is.
-        content = {"detail": exc.detail}
+        content: dict[str, object] = {"detail": exc.detail}
         if exc.status_code == 400:
             content |= {
                 "fields": ["body"],
@@ -276,7 +287,7 @@ def create_app(
         return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
 
     @app.exception_handler(_Unauthorized)
-    async def unauthorized(_: Request, __: Exception):
+    async def unauthorized(_: Request, __: Exception) -> JSONResponse:
         return JSONResponse(
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
@@ -286,27 +297,42 @@ def create_app(
         )
 
     @app.exception_handler(StoreUnavailable)
-    async def unavailable(_: Request, exc: StoreUnavailable):
+    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
         metrics.store_errors.inc()
         return JSONResponse(
             status_code=503, headers={"Retry-After": "1"}, content={"detail": str(exc)}
         )
 
-    errors = {
-        400: {"model": ErrorBody, "description": "Body is not decodable JSON"},
-        413: {"model": ErrorBody, "description": "Batch or body too large"},
-        422: {"model": ErrorBody, "description": "Invalid field(s), named in `fields`"},
-        503: {"model": ErrorBody, "description": "Redis unreachable after retries"},
-    }
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Body is not decodable JSON"},
+    413: {"model": ErrorBody, "description": "Batch or body too large"},
+    422: {"model": ErrorBody, "description": "Invalid field(s), named in `fields`"},
+    503: {"model": ErrorBody, "description": "Redis unreachable after retries"},
+}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
+}
+
+
+def _add_store_routes(app: FastAPI, svc: _Service) -> None:
+    """The routes that read or count states: /v1/scores, /v1/leaves, /v1/batch."""
+    metrics = svc.metrics
+    bearer = HTTPBearer(auto_error=False, description="SPO3_API_TOKEN of the service")
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), svc.token):
+            raise _Unauthorized()
 
     @app.post(
         "/v1/scores",
         response_model=ScoreBatch,
         summary="Scores and n(s) of many states",
-        responses=errors,
+        responses=_ERRORS,
     )
     def scores(body: ScoresRequest) -> ScoreBatch:
-        batch = get_store().scores(body.keys)
+        batch = svc.get_store().scores(body.keys)
         metrics.keys_scored.inc(len(body.keys))
         return batch
 
@@ -315,13 +341,10 @@ def create_app(
         response_model=CommitResult,
         dependencies=[Depends(require_token)],
         summary="Count one finished root-to-leaf path (idempotent per leaf_id)",
-        responses={
-            **errors,
-            401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
-        },
+        responses=_AUTH_ERRORS,
     )
     def leaves(body: LeafRequest) -> CommitResult:
-        result = get_store().commit_leaf(body.leaf_id, body.path, body.success)
+        result = svc.get_store().commit_leaf(body.leaf_id, body.path, body.success)
         metrics.leaves.labels(str(result.counted).lower()).inc()
         return result
 
@@ -330,13 +353,10 @@ def create_app(
         response_model=BatchResponse,
         dependencies=[Depends(require_token)],
         summary="Commit leaves (idempotent per leaf_id), then score states: one round trip per expansion",
-        responses={
-            **errors,
-            401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
-        },
+        responses=_AUTH_ERRORS,
     )
     def batch(body: BatchRequest) -> BatchResponse:
-        store = get_store()
+        store = svc.get_store()
         committed = (
             store.commit_leaves(
                 [
@@ -353,6 +373,11 @@ def create_app(
         metrics.keys_scored.inc(len(body.keys))
         return BatchResponse(committed=committed, scores=scores)
 
+
+def _add_info_routes(app: FastAPI, svc: _Service) -> None:
+    """The read-only routes: /v1/params, /v1/stats, /healthz, /metrics."""
+    settings = svc.settings
+
     @app.get(
         "/v1/params",
         response_model=ScoreParams,
@@ -361,22 +386,19 @@ def create_app(
     def params() -> ScoreParams:
         return settings.score_params
 
-    @app.get("/v1/stats", response_model=StatsResponse, responses={503: errors[503]})
+    @app.get("/v1/stats", response_model=StatsResponse, responses={503: _ERRORS[503]})
     def stats() -> StatsResponse:
-        s = get_store().stats()
+        s = svc.get_store().stats()
         return StatsResponse(**s.model_dump(), run=settings.run, params=settings.score_params)
 
-    @app.get("/healthz", responses={503: errors[503]})
+    @app.get("/healthz", responses={503: _ERRORS[503]})
     def healthz() -> dict:
-        get_store().client.ping()
+        svc.get_store().client.ping()
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    app.state.get_store = get_store
-    return app
+        return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Unauthorized(Exception):

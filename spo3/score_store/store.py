@@ -161,7 +161,10 @@ class RedisScoreStore:
     def stats(self) -> StoreStats:
         n = self.names
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(n.leaves).get(n.n_states).scard(n.truncated).get(n.duplicate_commits)
+        pipe.get(n.leaves)
+        pipe.get(n.n_states)
+        pipe.scard(n.truncated)
+        pipe.get(n.duplicate_commits)
         leaves, states, trunc, dups = self._call(pipe.execute)
         leaves = int(leaves or 0)
         return StoreStats(

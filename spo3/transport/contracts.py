@@ -3,7 +3,7 @@ so actors, services and dashboards can use it without the ML stack."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,7 +105,7 @@ class GroupMember(BaseModel):
     score: float
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION: Final = 2
 """Stream schema of `Group`. 2: transitions say how they were sampled (choices, behaviour log-probs)."""
 
 

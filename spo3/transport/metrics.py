@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 
 from prometheus_client import (
@@ -146,12 +146,38 @@ TASK_OUTCOMES = ("finished", "released", "failed", "gave_up")
 EVAL = ("env", "task_type")
 
 
+def _counter(
+    registry: CollectorRegistry, name: str, doc: str, labels: Sequence[str] = ()
+) -> Counter:
+    return Counter(name, doc, labels, registry=registry)
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str) -> Gauge:
+    return Gauge(name, doc, registry=registry)
+
+
+def _histogram(
+    registry: CollectorRegistry, name: str, doc: str, buckets: Sequence[float]
+) -> Histogram:
+    return Histogram(name, doc, buckets=buckets, registry=registry)
+
+
 class ActorMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        def counter(name, doc, labels=()):
-            return Counter(name, doc, labels, registry=registry)
+        self._add_totals(registry)
+        self._add_by_task_type(registry)
+        self._add_eval_and_policy(registry)
+        # Known label values start at 0, so "no errors" reads as 0 rather than as no data.
+        for reason in INVALID_REASONS:
+            self.invalid.labels(reason)
+        for outcome in TASK_OUTCOMES:
+            self.tasks.labels(outcome)
 
+    def _add_totals(self, registry: CollectorRegistry) -> None:
         # Kept exactly as bench.perf.actor reads them.
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return _counter(registry, name, doc, labels)
+
         self.env_steps = counter(
             "spo3_actor_env_steps", "Environment steps (new transitions)", ["algo"]
         )
@@ -171,35 +197,39 @@ class ActorMetrics:
             "Work items by outcome (finished, released, failed, gave_up)",
             ["outcome"],
         )
-        self.branching = Histogram(
+        self.branching = _histogram(
+            registry,
             "spo3_actor_branching",
             "n(s): actions sampled at an expanded state",
-            buckets=(0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16),
-            registry=registry,
+            (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16),
         )
-        self.task_seconds = Histogram(
+        self.task_seconds = _histogram(
+            registry,
             "spo3_actor_task_seconds",
             "Wall time per work item",
-            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
-            registry=registry,
+            (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
         )
+
+    def _add_by_task_type(self, registry: CollectorRegistry) -> None:
         # By environment and task type.
-        self.train_leaves = counter("spo3_actor_train_leaves", "Training leaves committed", TRAIN)
+        def counter(name: str, doc: str, labels: Sequence[str] = TRAIN) -> Counter:
+            return _counter(registry, name, doc, labels)
+
+        self.train_leaves = counter("spo3_actor_train_leaves", "Training leaves committed")
         self.train_successes = counter(
-            "spo3_actor_train_successes", "Training leaves that succeeded", TRAIN
+            "spo3_actor_train_successes", "Training leaves that succeeded"
         )
         self.expansions = counter(
-            "spo3_actor_expansions", "States expanded (3SPO: one n(s) decision each)", TRAIN
+            "spo3_actor_expansions", "States expanded (3SPO: one n(s) decision each)"
         )
         self.truncated = counter(
-            "spo3_actor_truncated_paths", "Paths cut because their state scored S = 0", TRAIN
+            "spo3_actor_truncated_paths", "Paths cut because their state scored S = 0"
         )
-        # Diagnostics of the 3SPO DFS rules (ALGORITHM.md sections 2, 3, 6). Replay steps per new step:
+        # Diagnostics of the 3SPO DFS rules (docs/algorithm.md "Rollout"). Replay steps per new step:
         # spo3_actor_replay_steps_total / spo3_actor_env_steps_total.
         self.reexpansions = counter(
             "spo3_actor_reexpansions",
             "3SPO expansions of a state key already expanded in the same rollout (should be 0)",
-            TRAIN,
         )
         self.leaf_kinds = counter(
             "spo3_actor_leaves_by_kind",
@@ -207,57 +237,48 @@ class ActorMetrics:
             (*TRAIN, "kind"),
         )
         self.informative_groups = counter(
-            "spo3_actor_informative_groups", "3SPO groups whose rewards are not all equal", TRAIN
+            "spo3_actor_informative_groups", "3SPO groups whose rewards are not all equal"
         )
         self.truncated_top_groups = counter(
             "spo3_actor_truncated_top_groups",
             "Informative 3SPO groups whose top reward is a child on a truncated state",
-            TRAIN,
         )
-        self.expansion_depth = Histogram(
+        self.expansion_depth = _histogram(
+            registry,
             "spo3_actor_expansion_depth",
             "Depth of the states 3SPO expanded",
-            buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50),
-            registry=registry,
+            (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50),
         )
-        self.restores = counter("spo3_actor_restores", "Nodes restored by reset + replay")
+        self.restores = counter("spo3_actor_restores", "Nodes restored by reset + replay", ())
         self.new_states = counter(
             "spo3_actor_new_states",
             "States no committed path had reached when this actor first scored them",
-            TRAIN,
         )
-        self.eval_episodes = counter(
-            "spo3_actor_eval_episodes", "Held-out evaluation episodes", EVAL
+
+    def _add_eval_and_policy(self, registry: CollectorRegistry) -> None:
+        self.eval_episodes = _counter(
+            registry, "spo3_actor_eval_episodes", "Held-out evaluation episodes", EVAL
         )
-        self.eval_successes = counter(
-            "spo3_actor_eval_successes", "Held-out evaluation episodes won", EVAL
+        self.eval_successes = _counter(
+            registry, "spo3_actor_eval_successes", "Held-out evaluation episodes won", EVAL
         )
-        self.state_score = Histogram(
-            "spo3_actor_state_score",
-            "S(s) of the states expanded",
-            buckets=SCORE_BUCKETS,
-            registry=registry,
+        self.state_score = _histogram(
+            registry, "spo3_actor_state_score", "S(s) of the states expanded", SCORE_BUCKETS
         )
-        self.policy_version = Gauge(
-            "spo3_actor_policy_version",
-            "Version of the weights of the last completion",
-            registry=registry,
+        self.policy_version = _gauge(
+            registry, "spo3_actor_policy_version", "Version of the weights of the last completion"
         )
-        self.policy_seconds = Histogram(
+        self.policy_seconds = _histogram(
+            registry,
             "spo3_actor_policy_request_seconds",
             "Wall time of one policy sample call",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=registry,
+            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.stream_wait = counter(
+        self.stream_wait = _counter(
+            registry,
             "spo3_actor_stream_wait_seconds",
             "Time spent waiting for room in the full groups stream (back-pressure)",
         )
-        # Known label values start at 0, so "no errors" reads as 0 rather than as no data.
-        for reason in INVALID_REASONS:
-            self.invalid.labels(reason)
-        for outcome in TASK_OUTCOMES:
-            self.tasks.labels(outcome)
 
 
 @functools.cache
@@ -364,20 +385,28 @@ GROUP_OUTCOMES = ("used", "stale", "malformed", "unknown_schema", "uninformative
 
 class LearnerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        def gauge(name, doc):
-            return Gauge(name, doc, registry=registry)
-
-        self.updates = Counter("spo3_learner_updates", "Optimizer steps", registry=registry)
-        self.groups = Counter(
+        self.updates = _counter(registry, "spo3_learner_updates", "Optimizer steps")
+        self.groups = _counter(
+            registry,
             "spo3_learner_groups",
             "Groups read, by outcome (used, stale, malformed, unknown_schema, uninformative)",
             ["outcome"],
-            registry=registry,
         )
-        self.tokens = Counter(
-            "spo3_learner_tokens", "Response tokens trained on", registry=registry
-        )
-        self.version = gauge("spo3_learner_policy_version", "Current policy version")
+        self.tokens = _counter(registry, "spo3_learner_tokens", "Response tokens trained on")
+        self.version = _gauge(registry, "spo3_learner_policy_version", "Current policy version")
+        self._add_last_update(registry)
+        self._add_timings(registry)
+        self.stream = _StreamCollector()
+        registry.register(self.stream)
+        for outcome in GROUP_OUTCOMES:
+            self.groups.labels(outcome)
+
+    def _add_last_update(self, registry: CollectorRegistry) -> None:
+        """Gauges of the last update (`record_update` sets them)."""
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return _gauge(registry, name, doc)
+
         self.loss = gauge(
             "spo3_learner_loss", "Last update: PPO-clip loss + kl_coef * KL (- entropy bonus)"
         )
@@ -426,37 +455,35 @@ class LearnerMetrics:
             "spo3_learner_last_update_timestamp_seconds",
             "Unix time of the last optimizer step (the learner's start before the first)",
         )
-        self.update_seconds = Histogram(
+
+    def _add_timings(self, registry: CollectorRegistry) -> None:
+        self.update_seconds = _histogram(
+            registry,
             "spo3_learner_update_seconds",
             "Wall time of one update",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-            registry=registry,
+            (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
-        self.staleness = Histogram(
+        self.staleness = _histogram(
+            registry,
             "spo3_learner_group_staleness",
             "Versions between a group's policy and the learner's when read",
-            buckets=(0, 1, 2, 3, 4, 6, 8, 16),
-            registry=registry,
+            (0, 1, 2, 3, 4, 6, 8, 16),
         )
-        self.publish_seconds = Histogram(
+        self.publish_seconds = _histogram(
+            registry,
             "spo3_learner_publish_seconds",
             "Wall time of one weight publish",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-            registry=registry,
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
         )
-        self.published_version = gauge(
-            "spo3_learner_published_version", "Last weights version published"
+        self.published_version = _gauge(
+            registry, "spo3_learner_published_version", "Last weights version published"
         )
-        self.checkpoint_seconds = Histogram(
+        self.checkpoint_seconds = _histogram(
+            registry,
             "spo3_learner_checkpoint_seconds",
             "Wall time of one checkpoint",
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=registry,
+            (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
-        self.stream = _StreamCollector()
-        registry.register(self.stream)
-        for outcome in GROUP_OUTCOMES:
-            self.groups.labels(outcome)
 
     def record_update(self, metrics: dict[str, float]) -> None:
         for gauge, key in (

@@ -8,11 +8,11 @@ import subprocess
 from collections.abc import Callable
 
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    stop_any,
     wait_fixed,
 )
 
@@ -47,11 +47,15 @@ def wait_ready(
 ) -> bool:
     """Call `check` every `interval_s` until it returns without raising one of `retry_on` (or
     NotReady); False if `proc` exited or `timeout_s` passed first. Any other error propagates."""
-    exited = lambda _state: proc is not None and proc.poll() is not None
+    late = stop_after_delay(timeout_s)
+
+    def stop(state: RetryCallState) -> bool:
+        return late(state) or (proc is not None and proc.poll() is not None)
+
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type((NotReady, *retry_on)),
-            stop=stop_any(stop_after_delay(timeout_s), exited),
+            stop=stop,
             wait=wait_fixed(interval_s),
         ):
             with attempt:

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
@@ -94,9 +95,11 @@ class GroupStream:
 
     def read_all(self) -> list[Group]:
         """Every group in the stream, oldest first (tests, inspection)."""
+        entries = self.client.xrange(self.names.groups_stream) or []
         return [
             Group.model_validate_json(fields[b"group"])
-            for _, fields in self.client.xrange(self.names.groups_stream)
+            for _, fields in entries
+            if fields is not None  # XRANGE lists no deleted entry
         ]
 
 
@@ -181,7 +184,8 @@ class GroupConsumer:
         )
         if not reply:
             return []
-        return self._decode(reply[0][1])
+        # [[stream, entries]]: redis-py also types the dict of legacy_responses=False, not used here.
+        return self._decode(cast(list[list[Any]], reply)[0][1])
 
     def ack(self, entry_ids: Sequence[str]) -> int:
         if not entry_ids:

@@ -98,6 +98,8 @@ class WorkQueue:
     def counts(self) -> dict[str, int]:
         n = self.names
         pipe = self.client.pipeline(transaction=True)
-        pipe.llen(n.work_ready).zcard(n.work_leased).scard(n.work_done)
+        pipe.llen(n.work_ready)
+        pipe.zcard(n.work_leased)
+        pipe.scard(n.work_done)
         ready, leased, done = pipe.execute()
         return {"ready": int(ready), "leased": int(leased), "done": int(done)}

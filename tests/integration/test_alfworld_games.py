@@ -134,7 +134,8 @@ def test_same_seed_same_games_and_bad_input(made, tmp_path):
 
 def test_suite_reads_the_two_splits(made):
     out, _ = made
-    from spo3.app.launcher import GamesConfig, task_lists
+    from spo3.actors.envs.tasks import task_lists
+    from spo3.app.train_config import GamesConfig
 
     games = GamesConfig(
         env="alfworld",

@@ -107,7 +107,7 @@ def test_actor_learner_vllm_end_to_end(redis_url, tmp_path):
             or max(abs(a - b) for a, b in zip(after.logprobs, before.logprobs)) > 1e-3
         )
         assert int(client.get(RedisNames("e2e").policy_version)) == UPDATES
-        # Leaves are only real path ends (ALGORITHM.md section 6): with 3 steps, paths reach the
+        # Leaves are only real path ends (docs/algorithm.md "Leaf commit"): with 3 steps, paths reach the
         # depth limit (these games' coin is 5 rooms away, and 6 steps without revisiting a room
         # only end at the coin, which the untrained policy rarely finds).
         stats = RedisScoreStore(client, run="e2e").stats()

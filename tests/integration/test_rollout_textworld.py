@@ -90,7 +90,7 @@ def test_truncated_state_is_never_expanded(env, game, redis_url):
     cfg = RolloutConfig(max_steps=5, choice_mode=True)
     ro, policy = rollout(env, store, stream, first_only, cfg)
     stats = ro.run(WorkItem(item_id="w2", env="textworld", task_id=game))
-    # Spec change (ALGORITHM.md section 2): the truncated child is one failed leaf when reached and is
+    # Spec change (docs/algorithm.md "Rollout"): the truncated child is one failed leaf when reached and is
     # never pushed, so it is never popped and scored for branching (branching[0] was 1).
     assert stats.truncated == 1 and stats.branching[0] == 0
     assert stats.leaf_kinds == {"truncated": 1} and stats.leaves == 1

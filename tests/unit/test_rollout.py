@@ -150,7 +150,7 @@ def test_garbage_outputs_are_penalized_invalid_actions(garbage):
     g = sink.groups[0]
     assert all(m.transitions[0].invalid and m.transitions[0].action is None for m in g.members)
     assert all(m.score == pytest.approx(-P.invalid_penalty) for m in g.members)
-    # Spec change (ALGORITHM.md section 6): a node whose replies were all invalid is not a leaf
+    # Spec change (docs/algorithm.md "Leaf commit"): a node whose replies were all invalid is not a leaf
     # (nothing ended there), so nothing is committed.
     assert stats.leaves == 0 and stats.open_at_end == 0
 

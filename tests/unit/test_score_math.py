@@ -1,4 +1,7 @@
-"""Hand-computed values for the 3SPO score, branching and step reward (ALGORITHM.md 1-3)."""
+"""Hand-computed values for the 3SPO score, branching and step reward.
+
+docs/algorithm.md "State score", "Branching and truncation", "Step reward".
+"""
 
 import math
 

@@ -16,7 +16,7 @@ an empty game list, this adapter refuses instead. A folder with `traj_data.json`
 
 Texts: `text` is ALFWorld's observation (on reset the intro: the receptacles in view and "Your
 task is to: ..."; the "-= Welcome to TextWorld, ALFRED! =-" banner is dropped).
-`state_text` (the state key's text, ALGORITHM.md "State key") is by default (`state="facts"`) the
+`state_text` (the state key's text, docs/algorithm.md "State key") is by default (`state="facts"`) the
 world state: the engine's sorted PDDL facts (the agent's location, what it holds, where every object
 is, which receptacles are open, which devices are on), bookkeeping facts (`checked`, `examined`)
 excluded, so `look`, `inventory`, `help`, `examine` and invalid actions ("Nothing happens.") keep
@@ -77,7 +77,7 @@ def default_data_dir() -> str | None:
     return os.environ.get("ALFWORLD_DATA") or None
 
 
-def has_games(data_dir: str | os.PathLike) -> bool:
+def has_games(data_dir: str | os.PathLike[str]) -> bool:
     """True as soon as one game.tw-pddl exists under `data_dir` (stops at the first)."""
     for _root, _dirs, files in os.walk(data_dir):
         if GAME_FILE in files:
@@ -180,7 +180,7 @@ class AlfWorldEnv:
         self.snapshots = snapshots
         self.data_dir = str(Path(data_dir).expanduser()) if data_dir else default_data_dir()
         if data_dir is not None and check_data:
-            if not Path(self.data_dir).is_dir():
+            if self.data_dir is None or not Path(self.data_dir).is_dir():
                 raise EnvError(f"alfworld: data directory {self.data_dir!r} does not exist")
             if not has_games(self.data_dir):
                 raise EnvError(
@@ -230,7 +230,7 @@ class AlfWorldEnv:
         )
 
     def snapshot(self) -> _Snapshot | None:
-        if not self.snapshots or self._env is None or self._last is None:
+        if not self.snapshots or self._env is None or self._last is None or self._game is None:
             return None
         lib = _state_ids(self._env)
         if lib is None:
@@ -274,7 +274,10 @@ class AlfWorldEnv:
         facts, by_name, by_type, counts, operators, state, prev_state, last_action, moves = (
             snapshot.python
         )
-        _state_ids(env).set_state_id(snapshot.state_id)
+        lib = _state_ids(env)
+        if lib is None:  # the snapshot was taken with this engine's library: not expected
+            raise EnvError("alfworld: the engine of the snapshot's game has no state ids")
+        lib.set_state_id(snapshot.state_id)
         ps.all_applicable_actions()  # the library's applicable operators of the restored state
         ps._facts.clear()
         ps._facts.update({k: set(v) for k, v in facts.items()})

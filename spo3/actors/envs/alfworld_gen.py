@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,14 +232,58 @@ def draft_game(
 ) -> GameDraft | None:
     """One game of `task_type` in `scene`, or None when the scene cannot host it (no microwave for a
     heat task, no lamp for look-at-in-light, no receptacle that may hold any object...)."""
-    from alfworld.gen import constants as C
     from alfworld.gen import goal_library
+
+    fit = _task_fit(scene, task_type)
+    if fit is None:
+        return None
+    appliance, toggle, candidates = fit
+    # target object and destination type
+    obj_target, parent = rng.choice(sorted(candidates))
+    keep, lamp_holder = _pick_receptacles(
+        scene, rng, obj_target, parent, appliance, toggle, (min_receptacles, max_receptacles)
+    )
+    objects = _place_objects(
+        scene,
+        rng,
+        keep,
+        task_type,
+        obj_target,
+        (parent, appliance),
+        toggle,
+        lamp_holder,
+        distractors,
+    )
+    if objects is None:
+        return None
+    placed, lamp = objects
+
+    # locations: each receptacle's pose; the agent starts at a pose of its own
+    loc_of = {r: "loc|" + "|".join(str(int(v)) for v in scene.receptacles[r]) for r in keep}
+    agent_loc = _agent_loc(rng, set(loc_of.values()))
+
+    goal = goal_library.gdict[task_type]["pddl"].format(
+        obj=obj_target, recep=parent, toggle=toggle, mrecep=""
+    )
+    sentence = rng.choice(goal_library.gdict[task_type]["templates"]).format(
+        obj=obj_target.lower(), recep=parent.lower(), toggle=toggle.lower(), mrecep=""
+    )
+    pddl = _problem_pddl(scene, keep, loc_of, agent_loc, placed, toggle, lamp, goal)
+    return GameDraft(task_type, scene.floor_plan, obj_target, parent, toggle, pddl, sentence)
+
+
+def _pickupable_here(scene: Scene) -> list[str]:
+    return sorted(_pickupable_types() & set(scene.object_types))
+
+
+def _task_fit(scene: Scene, task_type: str) -> tuple[str | None, str, list[tuple[str, str]]] | None:
+    """(appliance the task needs, lamp type for look-at-in-light, (object, destination type)
+    candidates), or None when `scene` cannot host a game of `task_type`."""
+    from alfworld.gen import constants as C
 
     if scene.room not in C.GOALS_VALID[task_type]:
         return None
-    can_hold = C.VAL_RECEPTACLE_OBJECTS
     types_here = {recep_type(r) for r in scene.receptacles}
-    pickupable = sorted(_pickupable_types() & set(scene.object_types))
     appliance = _APPLIANCE.get(task_type)
     if appliance and appliance not in types_here:
         return None
@@ -249,13 +294,25 @@ def draft_game(
         if not lamps or not holders:
             return None
         toggle = lamps[0]
+    candidates = _candidates(_pickupable_here(scene), task_type, types_here, appliance)
+    if not candidates:
+        return None
+    return appliance, toggle, candidates
+
+
+def _candidates(
+    pickupable: list[str], task_type: str, types_here: set[str], appliance: str | None
+) -> list[tuple[str, str]]:
+    """(target object, destination type) pairs: the object may start somewhere other than its
+    destination (and the appliance); look-at-in-light has no destination ("")."""
+    from alfworld.gen import constants as C
+
+    can_hold = C.VAL_RECEPTACLE_OBJECTS
     action_set = {
         "pick_clean_then_place_in_recep": "Cleanable",
         "pick_heat_then_place_in_recep": "Heatable",
         "pick_cool_then_place_in_recep": "Coolable",
     }.get(task_type)
-
-    # target object and destination type
     candidates = []
     for obj in pickupable:
         if action_set and obj not in C.VAL_ACTION_OBJECTS[action_set]:
@@ -270,16 +327,28 @@ def draft_game(
                 continue
             if any(s != parent for s in starts):
                 candidates.append((obj, parent))
-    if not candidates:
-        return None
-    obj_target, parent = rng.choice(sorted(candidates))
+    return candidates
 
-    # receptacles: the ones the task needs, then a random subset of the rest
+
+def _pick_receptacles(
+    scene: Scene,
+    rng: random.Random,
+    obj_target: str,
+    parent: str,
+    appliance: str | None,
+    toggle: str,
+    bounds: tuple[int, int],
+) -> tuple[list[str], str | None]:
+    """The receptacles kept (the ones the task needs, then a random subset of the rest, between
+    `bounds` in number; sorted) and the lamp's holder (look-at-in-light only)."""
+    from alfworld.gen import constants as C
+
+    can_hold = C.VAL_RECEPTACLE_OBJECTS
     all_receps = sorted(scene.receptacles)
     rng.shuffle(all_receps)
     keep: list[str] = []
 
-    def need(pred) -> None:
+    def need(pred: Callable[[str], bool]) -> None:
         for r in all_receps:
             if pred(r):
                 if r not in keep:
@@ -300,6 +369,7 @@ def draft_game(
             and obj_target in can_hold.get(recep_type(r), ())
         )
     )
+    min_receptacles, max_receptacles = bounds
     n_receps = rng.randint(
         min(min_receptacles, len(all_receps)), min(max_receptacles, len(all_receps))
     )
@@ -309,10 +379,30 @@ def draft_game(
         if r not in keep:
             keep.append(r)
     keep.sort()
+    return keep, lamp_holder
 
-    # objects: target instance(s), then distractors of the scene's other types
+
+def _place_objects(
+    scene: Scene,
+    rng: random.Random,
+    keep: list[str],
+    task_type: str,
+    obj_target: str,
+    not_start: tuple[str, str | None],
+    toggle: str,
+    lamp_holder: str | None,
+    distractors: tuple[int, int],
+) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None] | None:
+    """The objects placed, (object id, type, receptacle id): target instance(s), then distractors of
+    the scene's other types; and the lamp, (object id, holder), for look-at-in-light. None when no
+    kept receptacle may hold the target other than the receptacle types in `not_start`
+    (destination, appliance)."""
+    from alfworld.gen import constants as C
+
+    can_hold = C.VAL_RECEPTACLE_OBJECTS
+    parent, appliance = not_start
     used: set[str] = set()
-    placed: list[tuple[str, str, str]] = []  # (object id, type, receptacle id)
+    placed: list[tuple[str, str, str]] = []
     start_ok = [
         r
         for r in keep
@@ -326,7 +416,7 @@ def draft_game(
     for _ in range(n_target):
         r = rng.choice(start_ok)
         placed.append((_obj_id(rng, obj_target, r, used), obj_target, r))
-    others = [o for o in pickupable if o != obj_target]
+    others = [o for o in _pickupable_here(scene) if o != obj_target]
     rng.shuffle(others)
     for otype in others[: rng.randint(*distractors)]:
         homes = [r for r in keep if otype in can_hold.get(recep_type(r), ())]
@@ -335,25 +425,18 @@ def draft_game(
         for _ in range(rng.randint(1, 2)):
             r = rng.choice(homes)
             placed.append((_obj_id(rng, otype, r, used), otype, r))
-    lamp_id = _obj_id(rng, toggle, lamp_holder, used) if toggle else None
+    # the holder is kept exactly when there is a lamp (toggle)
+    lamp = (_obj_id(rng, toggle, lamp_holder, used), lamp_holder) if lamp_holder else None
+    return placed, lamp
 
-    # locations: each receptacle's pose; the agent starts at a pose of its own
-    loc_of = {r: "loc|" + "|".join(str(int(v)) for v in scene.receptacles[r]) for r in keep}
-    taken = set(loc_of.values())
+
+def _agent_loc(rng: random.Random, taken: set[str]) -> str:
+    """A random agent pose at no receptacle's location, as an ALFRED location."""
     while True:
         pose = (rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(0, 3), rng.choice((0, 30)))
         agent_loc = "loc|" + "|".join(str(v) for v in pose)
         if agent_loc not in taken:
-            break
-
-    goal = goal_library.gdict[task_type]["pddl"].format(
-        obj=obj_target, recep=parent, toggle=toggle, mrecep=""
-    )
-    sentence = rng.choice(goal_library.gdict[task_type]["templates"]).format(
-        obj=obj_target.lower(), recep=parent.lower(), toggle=toggle.lower(), mrecep=""
-    )
-    pddl = _problem_pddl(scene, keep, loc_of, agent_loc, placed, toggle, lamp_id, lamp_holder, goal)
-    return GameDraft(task_type, scene.floor_plan, obj_target, parent, toggle, pddl, sentence)
+            return agent_loc
 
 
 def _problem_pddl(
@@ -363,13 +446,14 @@ def _problem_pddl(
     agent_loc: str,
     placed: list[tuple[str, str, str]],
     toggle: str,
-    lamp_id: str | None,
-    lamp_holder: str | None,
+    lamp: tuple[str, str] | None,
     goal: str,
 ) -> str:
+    """The problem's PDDL; `lamp` is (lamp object id, its holder) for look-at-in-light."""
     from alfworld.gen import constants as C
 
     m = mangle
+    lamp_id, lamp_holder = lamp if lamp else ("", "")
     rtypes = sorted({recep_type(r) for r in keep})
     otypes = sorted({t for _, t, _ in placed} | ({toggle} if toggle else set()))
     objects = sorted(placed)

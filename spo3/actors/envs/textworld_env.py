@@ -171,7 +171,7 @@ class TextWorldEnv:
         )
 
     def snapshot(self) -> _Snapshot | None:
-        if self._env is None or self._last is None:
+        if self._env is None or self._last is None or self._game is None:
             return None
         if self.fast_snapshot:
             payload = _fast_save(self._env)

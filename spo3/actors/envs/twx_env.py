@@ -49,6 +49,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,7 @@ class TwxEnv:
             raise EnvError(
                 "twx: textworld-express is not installed (pip install textworld-express)"
             ) from e
+        self._loads: Callable[[str], Any]
         try:
             import orjson
 
@@ -234,6 +236,11 @@ class TwxEnv:
             log.warning("twx: the JVM cannot load the in-JVM replay helper; replaying from Python")
             helper = None
         # Bound once: each attribute lookup on a Py4J class is a round trip of its own.
+        self._replay: Callable[..., str] | None
+        self._replay_step: Callable[..., str] | None
+        self._save: Callable[..., Any] | None
+        self._load: Callable[..., Any] | None
+        self._step_from: Callable[..., str] | None
         self._replay = helper.replay if helper is not None else None
         self._replay_step = helper.replayStep if helper is not None else None
         self._save = helper.save if helper is not None and snapshots else None
@@ -314,14 +321,15 @@ class TwxEnv:
         """Reset `task_id` and apply `actions`; the observation after the last one (the rollout's
         restore of a node: one engine call when `fast_replay`). A replayed prefix never ends the
         episode before its last action (the rollout only extends live paths)."""
-        if not self._can_replay(task_id, actions):
+        replay = self._replay
+        if replay is None or not self._can_replay(task_id, actions):
             obs = self.reset(task_id)
             for a in actions:
                 obs = self.step(a).observation
             return obs
         task = parse_task_id(task_id)
         try:
-            info = self._loads(self._replay(self._server, task.seed, task.fold, "\n".join(actions)))
+            info = self._loads(replay(self._server, task.seed, task.fold, "\n".join(actions)))
         except Exception as e:
             raise EnvError(f"twx: cannot replay {len(actions)} actions of {task_id!r}: {e}") from e
         return self._replayed(task, info, bool(actions))
@@ -332,12 +340,13 @@ class TwxEnv:
         """`replay(task_id, actions)` then `step(action)`: (the observation the prefix reached, the new
         step's result), in one engine call when `fast_replay` (a new step from any node costs one
         Py4J round trip, like a step from the current state)."""
-        if not self._can_replay(task_id, actions + [action]):
+        replay_step = self._replay_step  # set exactly when self._replay is
+        if replay_step is None or not self._can_replay(task_id, actions + [action]):
             obs = self.replay(task_id, actions)
             return obs, self.step(action)
         task = parse_task_id(task_id)
         try:
-            before, after = self._replay_step(
+            before, after = replay_step(
                 self._server, task.seed, task.fold, "\n".join(actions), action
             ).split("\0", 1)
         except Exception as e:
@@ -390,9 +399,9 @@ class TwxEnv:
         return self._snapshot(sid)
 
     def restore(self, snapshot: _Snapshot) -> Observation:
-        self._check(snapshot)
+        load = self._check(snapshot)
         try:
-            self._load(self._server, snapshot.id)
+            load(self._server, snapshot.id)
         except Exception as e:
             raise EnvError(f"twx: cannot restore the game state: {e}") from e
         self._restored(snapshot)
@@ -429,14 +438,20 @@ class TwxEnv:
     def _snapshot(self, sid: int) -> _Snapshot | None:
         if sid < 0:
             return None
+        task, obs = self._task, self._last_obs
+        if task is None or obs is None:  # set by the step that saved it
+            raise EnvError("twx: a game state was saved before reset()")
         self._saved += 1
-        return _Snapshot(self._task, sid, self._generation, self._last_obs, self._task_description)
+        return _Snapshot(task, sid, self._generation, obs, self._task_description)
 
-    def _check(self, snapshot: _Snapshot) -> None:
-        if not isinstance(snapshot, _Snapshot) or self._load is None:
+    def _check(self, snapshot: _Snapshot) -> Callable[..., Any]:
+        """Refuse a snapshot this engine cannot restore; returns the in-JVM restore."""
+        load = self._load
+        if not isinstance(snapshot, _Snapshot) or load is None:
             raise EnvError("twx: restore() needs a snapshot taken by this adapter")
         if snapshot.generation != self._generation:
             raise EnvError("twx: the snapshot was released by a reset() since it was taken")
+        return load
 
     def _restored(self, snapshot: _Snapshot) -> None:
         self._task, self._done, self._gold = snapshot.task, False, None
