@@ -1,4 +1,4 @@
-"""`spo3-bench`: 3SPO, GRPO and GiGPO side by side, counted the same way (ALGORITHM.md "Metrics").
+"""`spo3-bench`: 3SPO, GRPO and GiGPO side by side, counted the same way (docs/algorithm.md "Metrics").
 
     for suite in suites:             (configs/bench-v2.yaml: suites with room to explore)
       for seed in seeds:             (one initial model and one task split per seed, for every algo)
@@ -47,7 +47,7 @@ from bench.compare.stats import (
     visits_from_rollouts,
 )
 from spo3.app.evaluation import MIN_CHECKPOINTS, checkpoint_steps
-from spo3.app.launcher import TrainConfig
+from spo3.app.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from spo3.app.sft import SftRunConfig
@@ -891,7 +891,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-TARGETS = (  # the paper's claims, as issue 13 words them: (baseline, figure, kind, bound, what it says)
+TARGETS = (  # the paper's claims, as the project states them: (baseline, figure, kind, bound, what it says)
     ("grpo", "visited_states", "ratio", 2.4, "visited pairs >= 2.4x GRPO's"),
     (
         "grpo",

@@ -1,4 +1,4 @@
-"""Benchmark statistics, counted the same way for every algorithm (ALGORITHM.md "Metrics").
+"""Benchmark statistics, counted the same way for every algorithm (docs/algorithm.md "Metrics").
 
 Pure functions (no torch, no I/O): a run's record in, curves and figures out; per suite, paired
 bootstrap intervals across seeds. `spo3-bench` feeds them (see README, "results.json (new format)").
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spo3.app.evaluation import MIN_CHECKPOINTS
 
-"""Held-out checkpoints after step 0 that a run's curve needs (ALGORITHM.md: 8 or more per run)."""
+"""Held-out checkpoints after step 0 that a run's curve needs (docs/algorithm.md "Metrics": 8 or more per run)."""
 
 Curve = list[list[float]]
 """[[env_steps, value], ...] with env_steps strictly increasing."""

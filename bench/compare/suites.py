@@ -72,7 +72,7 @@ def random_walk(
 def check_suite(config: str, suite: str, steps: int, out: Path) -> dict[str, Any]:
     from bench.compare.benchmark import BenchConfig
     from spo3.actors.envs.registry import make_env
-    from spo3.app.launcher import task_lists
+    from spo3.actors.envs.tasks import task_lists
 
     bench = BenchConfig.from_yaml(config)
     cfg = bench.run_config(suite, "3spo", 0, out)

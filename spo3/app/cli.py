@@ -7,12 +7,15 @@ answers at once.
 from __future__ import annotations
 
 import secrets
+from collections import defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import BaseModel
 
 from spo3.actors.config import ActorConfig, RolloutConfig
+from spo3.app.score_service import ScoreServiceProcess
 from spo3.app.wiring import PolicySource, PublishTarget
 from spo3.learner.config import (
     AdvantageConfig,
@@ -23,17 +26,23 @@ from spo3.learner.config import (
     TrainerSettings,
 )
 from spo3.score_store.score_math import ScoreParams
+from spo3.score_store.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from spo3.app.sft import SftRunConfig
 
 _SERVICE_PARAM = "With --score-url the service's value is used; one given here must equal it or the actor does not start."
 
 
-def _doc(model, field: str, note: str = "") -> str:
+def _doc(model: type[BaseModel], field: str, note: str = "") -> str:
     """An option's help: the description of the settings field it sets (one text for --help, the YAML
     files and the README), and a note about the command line where it needs one."""
     return f"{model.model_fields[field].description} {note}".strip()
 
 
-ACTOR_OPTIONS = {  # `spo3 actor` option -> the settings field it sets
+OptionFields = dict[str, tuple[type[BaseModel], str]]  # option -> (settings model, its field)
+
+ACTOR_OPTIONS: OptionFields = {  # `spo3 actor` option -> the settings field it sets
     "redis_url": (ActorConfig, "redis_url"),
     "score_url": (ActorConfig, "score_url"),
     "score_token": (ActorConfig, "score_token"),
@@ -61,7 +70,7 @@ ACTOR_OPTIONS = {  # `spo3 actor` option -> the settings field it sets
     "eval_every": (ActorConfig, "eval_every"),
     "max_unread": (ActorConfig, "stream_max_unread"),
 }
-LEARNER_OPTIONS = {  # `spo3 learner` option -> the settings field it sets
+LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field it sets
     "model": (TrainerConfig, "model"),
     "redis_url": (LearnerConfig, "redis_url"),
     "run": (LearnerConfig, "run"),
@@ -92,6 +101,233 @@ LEARNER_OPTIONS = {  # `spo3 learner` option -> the settings field it sets
     "metrics_host": (LearnerConfig, "metrics_host"),
 }
 
+SCORE_SERVICE_OPTIONS: OptionFields = {  # `spo3 score-service` option -> the settings field it sets
+    "host": (ScoreServiceProcess, "host"),
+    "port": (ScoreServiceProcess, "port"),
+    "redis_url": (ServiceSettings, "redis_url"),
+    "run": (ServiceSettings, "run"),
+    "token": (ServiceSettings, "api_token"),
+    **{f: (ServiceSettings, f) for f in ("alpha", "xi", "zeta", "g_max", "omega_k")},
+    "ray_serve": (ScoreServiceProcess, "ray_serve"),
+    "replicas": (ScoreServiceProcess, "replicas"),
+}
+
+
+def _opt(mapping: OptionFields, name: str, note: str = "", *decls: str, **kw: Any) -> Any:
+    """The typer option `name` of a command whose options `mapping` maps to settings fields: its
+    help is the field's description (and `note`)."""
+    model, field = mapping[name]
+    return typer.Option(*decls, help=_doc(model, field, note), **kw)
+
+
+def _settings(
+    options: dict[str, Any], mapping: OptionFields
+) -> dict[type[BaseModel], dict[str, Any]]:
+    """The options given (not None), grouped by the settings model whose field each one sets."""
+    groups: dict[type[BaseModel], dict[str, Any]] = defaultdict(dict)
+    for name, value in options.items():
+        if value is not None and name in mapping:
+            model, field = mapping[name]
+            groups[model][field] = value
+    return groups
+
+
+def _key_values(items: list[str] | None) -> dict[str, Any]:
+    """`--setting KEY=VALUE` options as a dict (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--setting wants KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+# `spo3 score-service` options
+def _svc(name: str, note: str = "", *decls: str, **kw: Any) -> Any:
+    return _opt(SCORE_SERVICE_OPTIONS, name, note, *decls, **kw)
+
+
+_SvcHost = Annotated[str, _svc("host")]
+_SvcPort = Annotated[int, _svc("port")]
+_SvcRedisUrl = Annotated[str | None, _svc("redis_url", envvar="SPO3_REDIS_URL")]
+_SvcRun = Annotated[str, _svc("run", envvar="SPO3_RUN")]
+_SvcToken = Annotated[
+    str | None,
+    _svc("token", "Unset: a random one is generated and printed.", envvar="SPO3_API_TOKEN"),
+]
+_SvcAlpha = Annotated[float | None, _svc("alpha", "Env SPO3_ALPHA.")]
+_SvcXi = Annotated[int | None, _svc("xi", "Env SPO3_XI.")]
+_SvcZeta = Annotated[float | None, _svc("zeta", "Env SPO3_ZETA.")]
+_SvcGMax = Annotated[int | None, _svc("g_max", "Env SPO3_G_MAX.")]
+_SvcOmegaK = Annotated[float | None, _svc("omega_k", "Env SPO3_OMEGA_K.")]
+_SvcRayServe = Annotated[bool, _svc("ray_serve", "", "--ray-serve")]
+_SvcReplicas = Annotated[int, _svc("replicas")]
+
+
+# `spo3 actor` options
+def _act(name: str, note: str = "", **kw: Any) -> Any:
+    return _opt(ACTOR_OPTIONS, name, note, **kw)
+
+
+_ActRedisUrl = Annotated[str, _act("redis_url", envvar="SPO3_REDIS_URL")]
+_ActScoreUrl = Annotated[str | None, _act("score_url", envvar="SPO3_SCORE_URL")]
+_ActScoreToken = Annotated[str | None, _act("score_token", envvar="SPO3_SCORE_TOKEN")]
+_ActPolicyUrl = Annotated[str | None, _act("policy_url", envvar="SPO3_POLICY_URL")]
+_ActModel = Annotated[str | None, _act("model")]
+_ActWeightsDir = Annotated[str | None, _act("weights_dir", envvar="SPO3_WEIGHTS_DIR")]
+_ActRun = Annotated[str, _act("run", envvar="SPO3_RUN")]
+_ActMaxSteps = Annotated[int, _act("max_steps")]
+_ActMaxLeaves = Annotated[int, _act("max_leaves")]
+_ActGroupSize = Annotated[int, _act("group_size")]
+_ActChoiceMode = Annotated[bool, _act("choice_mode")]
+_ActTemperature = Annotated[float, _act("temperature")]
+_ActMaxTokens = Annotated[int, _act("max_tokens")]
+_ActAlpha = Annotated[float | None, _act("alpha", _SERVICE_PARAM)]
+_ActGMax = Annotated[int | None, _act("g_max", _SERVICE_PARAM)]
+_ActRewardScore = Annotated[str | None, _act("reward_score", _SERVICE_PARAM)]
+_ActNovelty = Annotated[str | None, _act("novelty", _SERVICE_PARAM)]
+_ActNoveltyUse = Annotated[str | None, _act("novelty_use", _SERVICE_PARAM)]
+_ActLeaseS = Annotated[float, _act("lease_s")]
+_ActExitWhenIdle = Annotated[float | None, _act("exit_when_idle")]
+_ActMetricsPort = Annotated[int | None, _act("metrics_port")]
+_ActMetricsHost = Annotated[str, _act("metrics_host")]
+_ActThreads = Annotated[int, _act("threads")]
+_ActEvalTask = Annotated[
+    list[str] | None, _act("eval_task", "Give each as ENV:TASK_ID; repeatable.")
+]
+_ActEvalEvery = Annotated[int, _act("eval_every")]
+_ActMaxUnread = Annotated[int, _act("max_unread", envvar="SPO3_MAX_UNREAD")]
+
+
+# `spo3 learner` options
+def _lrn(name: str, **kw: Any) -> Any:
+    return _opt(LEARNER_OPTIONS, name, **kw)
+
+
+_LrnModel = Annotated[str, _lrn("model")]
+_LrnRedisUrl = Annotated[str, _lrn("redis_url", envvar="SPO3_REDIS_URL")]
+_LrnRun = Annotated[str, _lrn("run", envvar="SPO3_RUN")]
+_LrnCheckpointDir = Annotated[str, _lrn("checkpoint_dir")]
+_LrnResume = Annotated[bool, _lrn("resume")]
+_LrnPolicyUrl = Annotated[list[str] | None, _lrn("policy_url")]
+_LrnStagingDir = Annotated[str, _lrn("staging_dir")]
+_LrnPublishDtype = Annotated[str | None, _lrn("publish_dtype")]
+_LrnWeightsDir = Annotated[str | None, _lrn("weights_dir", envvar="SPO3_WEIGHTS_DIR")]
+_LrnGroupsPerUpdate = Annotated[int, _lrn("groups_per_update")]
+_LrnMaxStaleness = Annotated[int, _lrn("max_staleness")]
+_LrnPublishEvery = Annotated[int, _lrn("publish_every")]
+_LrnCheckpointEvery = Annotated[int, _lrn("checkpoint_every")]
+_LrnMaxUpdates = Annotated[int | None, _lrn("max_updates")]
+_LrnExitWhenIdle = Annotated[float | None, _lrn("exit_when_idle")]
+_LrnLr = Annotated[float, _lrn("lr")]
+_LrnZeroStage = Annotated[int, _lrn("zero_stage")]
+_LrnBf16 = Annotated[bool, _lrn("bf16")]
+_LrnOffloadOptimizer = Annotated[bool, _lrn("offload_optimizer")]
+_LrnMicroBatchRows = Annotated[int, _lrn("micro_batch_rows")]
+_LrnMeanOnly = Annotated[bool, _lrn("mean_only")]
+_LrnKlCoef = Annotated[float, _lrn("kl_coef")]
+_LrnEntropyCoef = Annotated[float, _lrn("entropy_coef")]
+_LrnClip = Annotated[float, _lrn("clip")]
+_LrnBehavImpWeightCap = Annotated[float | None, _lrn("behav_imp_weight_cap")]
+_LrnPpoEpochs = Annotated[int, _lrn("ppo_epochs", min=1)]
+_LrnMetricsPort = Annotated[int | None, _lrn("metrics_port")]
+_LrnMetricsHost = Annotated[str, _lrn("metrics_host")]
+
+# `spo3 sft` options (the games ones set `games:` fields, as in `spo3 train`'s file)
+_SftConfigFile = Annotated[
+    str | None,
+    typer.Option(
+        help="YAML: one warm start (SftRunConfig fields), or a suites "
+        "file (configs/sft.yaml) with --suite.",
+    ),
+]
+_SftSuite = Annotated[
+    str | None,
+    typer.Option(help="The suite of a suites file (its games come from the bench file it names)."),
+]
+_SftSeed = Annotated[
+    int | None,
+    typer.Option(
+        help="Seed of the task split, base model and example order (as `spo3 train`'s games.seed)."
+    ),
+]
+_SftOut = Annotated[
+    str | None, typer.Option(help="Output directory (model/ is the warm-started model).")
+]
+_SftModel = Annotated[
+    str | None,
+    typer.Option(
+        help="Hugging Face model directory to fine-tune (default: made from --model-preset)."
+    ),
+]
+_SftModelPreset = Annotated[
+    str | None, typer.Option(help="Preset of `spo3 init-model` for the base model.")
+]
+_SftEnv = Annotated[
+    str | None,
+    typer.Option(help="Games: textworld, twx or alfworld (as games.env of `spo3 train`)."),
+]
+_SftKind = Annotated[str | None, typer.Option(help="Games: the generator / TWX game (games.kind).")]
+_SftTrain = Annotated[int | None, typer.Option(help="Games: training tasks (games.train).")]
+_SftHeldout = Annotated[int | None, typer.Option(help="Games: held-out tasks (games.eval).")]
+_SftSetting = Annotated[
+    list[str] | None,
+    typer.Option(help="Games: a generator setting KEY=VALUE (repeatable), e.g. numLocations=9."),
+]
+_SftGamesDir = Annotated[
+    str | None,
+    typer.Option(help="Games: where generated TextWorld games are kept (games.cache_dir)."),
+]
+_SftDemos = Annotated[
+    str | None,
+    typer.Option(help="Reuse the expert demos of an earlier run (its OUT/demos.json)."),
+]
+_SftTasks = Annotated[int | None, typer.Option(help="Demos of the first N training tasks only.")]
+_SftFraction = Annotated[
+    float | None, typer.Option(help="Share of the expert steps trained on (seeded subset).")
+]
+_SftSteps = Annotated[
+    int | None, typer.Option(help="Optimizer steps in all (instead of --epochs).")
+]
+_SftEpochs = Annotated[int | None, typer.Option(help="Passes over the examples.")]
+_SftLr = Annotated[float | None, typer.Option(help="AdamW learning rate.")]
+_SftEvalEpisodes = Annotated[
+    int | None,
+    typer.Option(help="Held-out episodes per task for success before/after (0: none)."),
+]
+_SftEvalBase = Annotated[
+    bool | None,
+    typer.Option(
+        "--eval-base/--no-eval-base", help="With --eval-episodes: also evaluate the base model."
+    ),
+]
+_SftThreads = Annotated[int | None, typer.Option(help="torch CPU threads (1 on a shared machine).")]
+_SFT_FIELDS = (  # `spo3 sft` options that set the SftRunConfig field of their name
+    "out",
+    "model",
+    "model_preset",
+    "demos",
+    "tasks",
+    "fraction",
+    "steps",
+    "epochs",
+    "lr",
+    "eval_episodes",
+    "eval_base",
+    "threads",
+)
+_SFT_GAMES = {  # `spo3 sft` option -> the `games:` field it sets
+    "env": "env",
+    "kind": "kind",
+    "train": "train",
+    "heldout": "eval",
+    "games_dir": "cache_dir",
+}
+
+
 app = typer.Typer(
     help="3SPO: state-score-supervised policy optimization for LLM agents, as an actor-learner system.",
     no_args_is_help=True,
@@ -110,97 +346,28 @@ def _root() -> None:
 
 @app.command("score-service")
 def score_service(
-    host: Annotated[
-        str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless behind a network policy.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8100,
-    redis_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SPO3_REDIS_URL",
-            help="redis://[:password@]host:port/db, rediss://... or unix:///path. Empty: an embedded Redis (single machine).",
-        ),
-    ] = None,
-    run: Annotated[
-        str, typer.Option(envvar="SPO3_RUN", help="Run id; prefixes every Redis key of the run.")
-    ] = "default",
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SPO3_API_TOKEN",
-            help="Bearer token for mutating routes. Unset: a random one is generated and printed.",
-        ),
-    ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            help="lambda(t) = alpha ln t (default 1; the paper's scripts use 50). Env SPO3_ALPHA."
-        ),
-    ] = None,
-    xi: Annotated[
-        int | None,
-        typer.Option(help="Truncate a state after xi failures ... (default 10). Env SPO3_XI."),
-    ] = None,
-    zeta: Annotated[
-        float | None,
-        typer.Option(help="... while its success rate is <= zeta (default 0.1). Env SPO3_ZETA."),
-    ] = None,
-    g_max: Annotated[
-        int | None,
-        typer.Option(
-            help="Most branches at one state, n = ceil(g_max S) (default 8). Env SPO3_G_MAX."
-        ),
-    ] = None,
-    omega_k: Annotated[
-        float | None, typer.Option(help="Novelty weight decay (default 0.1). Env SPO3_OMEGA_K.")
-    ] = None,
-    ray_serve: Annotated[
-        bool,
-        typer.Option(
-            "--ray-serve", help="Deploy as a Ray Serve application instead of plain uvicorn."
-        ),
-    ] = False,
-    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray-serve).")] = 1,
+    host: _SvcHost = "127.0.0.1",
+    port: _SvcPort = 8100,
+    redis_url: _SvcRedisUrl = None,
+    run: _SvcRun = "default",
+    token: _SvcToken = None,
+    alpha: _SvcAlpha = None,
+    xi: _SvcXi = None,
+    zeta: _SvcZeta = None,
+    g_max: _SvcGMax = None,
+    omega_k: _SvcOmegaK = None,
+    ray_serve: _SvcRayServe = False,
+    replicas: _SvcReplicas = 1,
 ) -> None:
     """Serve state scores over HTTP: POST /v1/scores, POST /v1/leaves, GET /v1/stats, /metrics."""
-    from spo3.score_store.service import ServiceSettings
+    from spo3.app.score_service import serve_scores
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            alpha=alpha,
-            xi=xi,
-            zeta=zeta,
-            g_max=g_max,
-            omega_k=omega_k,
-            redis_url=redis_url,
-            run=run,
-        ).items()
-        if v is not None
-    }
+    groups = _settings(dict(locals()), SCORE_SERVICE_OPTIONS)
     if not token:
         token = secrets.token_urlsafe(24)
         typer.echo(f"SPO3_API_TOKEN not set; generated token for this process: {token}", err=True)
-    settings = ServiceSettings(**overrides, api_token=token)
-
-    if ray_serve:
-        import ray
-        from ray import serve
-
-        from spo3.score_store.serve import build_app
-
-        ray.init(include_dashboard=False)
-        serve.start(
-            http_options={"host": host, "port": port}, logging_config={"enable_access_log": False}
-        )
-        serve.run(build_app(settings, num_replicas=replicas), blocking=True)
-        return
-
-    import uvicorn
-
-    from spo3.score_store.service import create_app
-
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    settings = ServiceSettings(**{**groups[ServiceSettings], "api_token": token})
+    serve_scores(ScoreServiceProcess(**groups[ScoreServiceProcess]), settings)
 
 
 @app.command("init-model")
@@ -230,65 +397,80 @@ def init_model_cmd(
     typer.echo(f"wrote {preset} model to {path}")
 
 
+def _eval_tasks(items: list[str] | None) -> list[tuple[str, str]]:
+    """`--eval-task ENV:TASK_ID` options as (environment, task id) pairs."""
+    evals = []
+    for item in items or []:
+        env_name, sep, task_id = item.partition(":")
+        if not sep or not task_id:
+            raise typer.BadParameter(
+                f"--eval-task wants ENV:TASK_ID (e.g. textworld:/games/g.z8), got {item!r}"
+            )
+        evals.append((env_name, task_id))
+    return evals
+
+
+def _actor_settings(options: dict[str, Any]) -> tuple[PolicySource, ActorConfig]:
+    """The policy source and the actor config that `spo3 actor`'s options give, checked."""
+    o = options
+    if bool(o["policy_url"]) == bool(o["model"]):
+        raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
+    for name, allowed in (
+        ("reward_score", ("raw", "truncated")),
+        ("novelty", ("path", "parent", "none")),
+        ("novelty_use", ("reward", "order")),
+    ):
+        if o[name] not in (None, *allowed):
+            raise typer.BadParameter(
+                f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                f"not {o[name]!r}"
+            )
+    if o["weights_dir"] and not o["model"]:
+        raise typer.BadParameter(
+            "--weights-dir goes with --model (a vLLM server gets its weights from the learner)"
+        )
+    if o["score_url"] and not o["score_token"]:
+        raise typer.BadParameter(
+            "--score-url needs --score-token (or SPO3_SCORE_TOKEN): the service's SPO3_API_TOKEN"
+        )
+    groups = _settings({**o, "eval_task": _eval_tasks(o["eval_task"])}, ACTOR_OPTIONS)
+    cfg = ActorConfig(
+        **groups[ActorConfig],
+        # Only the score fields given are set: with --score-url they are checked against the service's.
+        params=ScoreParams(**groups[ScoreParams]),
+        rollout=RolloutConfig(**groups[RolloutConfig]),
+    )
+    return PolicySource(**groups[PolicySource]), cfg
+
+
 @app.command("actor")
 def actor_cmd(
-    redis_url: Annotated[
-        str, typer.Option(envvar="SPO3_REDIS_URL", help=_doc(ActorConfig, "redis_url"))
-    ],
-    score_url: Annotated[
-        str | None, typer.Option(envvar="SPO3_SCORE_URL", help=_doc(ActorConfig, "score_url"))
-    ] = None,
-    score_token: Annotated[
-        str | None, typer.Option(envvar="SPO3_SCORE_TOKEN", help=_doc(ActorConfig, "score_token"))
-    ] = None,
-    policy_url: Annotated[
-        str | None, typer.Option(envvar="SPO3_POLICY_URL", help=_doc(PolicySource, "policy_url"))
-    ] = None,
-    model: Annotated[str | None, typer.Option(help=_doc(PolicySource, "model"))] = None,
-    weights_dir: Annotated[
-        str | None, typer.Option(envvar="SPO3_WEIGHTS_DIR", help=_doc(PolicySource, "weights_dir"))
-    ] = None,
-    run: Annotated[str, typer.Option(envvar="SPO3_RUN", help=_doc(ActorConfig, "run"))] = "default",
-    max_steps: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_steps"))] = 15,
-    max_leaves: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_leaves"))] = 64,
-    group_size: Annotated[int, typer.Option(help=_doc(RolloutConfig, "group_size"))] = 8,
-    choice_mode: Annotated[bool, typer.Option(help=_doc(RolloutConfig, "choice_mode"))] = False,
-    temperature: Annotated[float, typer.Option(help=_doc(RolloutConfig, "temperature"))] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help=_doc(RolloutConfig, "max_tokens"))] = 64,
-    alpha: Annotated[
-        float | None, typer.Option(help=_doc(ScoreParams, "alpha", _SERVICE_PARAM))
-    ] = None,
-    g_max: Annotated[
-        int | None, typer.Option(help=_doc(ScoreParams, "g_max", _SERVICE_PARAM))
-    ] = None,
-    reward_score: Annotated[
-        str | None, typer.Option(help=_doc(ScoreParams, "reward_score", _SERVICE_PARAM))
-    ] = None,
-    novelty: Annotated[
-        str | None, typer.Option(help=_doc(ScoreParams, "novelty", _SERVICE_PARAM))
-    ] = None,
-    novelty_use: Annotated[
-        str | None, typer.Option(help=_doc(ScoreParams, "novelty_use", _SERVICE_PARAM))
-    ] = None,
-    lease_s: Annotated[float, typer.Option(help=_doc(ActorConfig, "lease_s"))] = 120.0,
-    exit_when_idle: Annotated[
-        float | None, typer.Option(help=_doc(ActorConfig, "exit_when_idle_s"))
-    ] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help=_doc(ActorConfig, "metrics_port"))
-    ] = None,
-    metrics_host: Annotated[
-        str, typer.Option(help=_doc(ActorConfig, "metrics_host"))
-    ] = "127.0.0.1",
-    threads: Annotated[int, typer.Option(help=_doc(PolicySource, "threads"))] = 1,
-    eval_task: Annotated[
-        list[str] | None,
-        typer.Option(help=_doc(ActorConfig, "eval_tasks", "Give each as ENV:TASK_ID; repeatable.")),
-    ] = None,
-    eval_every: Annotated[int, typer.Option(help=_doc(ActorConfig, "eval_every"))] = 0,
-    max_unread: Annotated[
-        int, typer.Option(envvar="SPO3_MAX_UNREAD", help=_doc(ActorConfig, "stream_max_unread"))
-    ] = 0,
+    redis_url: _ActRedisUrl,
+    score_url: _ActScoreUrl = None,
+    score_token: _ActScoreToken = None,
+    policy_url: _ActPolicyUrl = None,
+    model: _ActModel = None,
+    weights_dir: _ActWeightsDir = None,
+    run: _ActRun = "default",
+    max_steps: _ActMaxSteps = 15,
+    max_leaves: _ActMaxLeaves = 64,
+    group_size: _ActGroupSize = 8,
+    choice_mode: _ActChoiceMode = False,
+    temperature: _ActTemperature = 1.0,
+    max_tokens: _ActMaxTokens = 64,
+    alpha: _ActAlpha = None,
+    g_max: _ActGMax = None,
+    reward_score: _ActRewardScore = None,
+    novelty: _ActNovelty = None,
+    novelty_use: _ActNoveltyUse = None,
+    lease_s: _ActLeaseS = 120.0,
+    exit_when_idle: _ActExitWhenIdle = None,
+    metrics_port: _ActMetricsPort = None,
+    metrics_host: _ActMetricsHost = "127.0.0.1",
+    threads: _ActThreads = 1,
+    eval_task: _ActEvalTask = None,
+    eval_every: _ActEvalEvery = 0,
+    max_unread: _ActMaxUnread = 0,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -297,84 +479,16 @@ def actor_cmd(
     import logging
 
     from spo3.actors.worker import run_actor
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if bool(policy_url) == bool(model):
-        raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
-    if reward_score not in (None, "raw", "truncated"):
-        raise typer.BadParameter(f"--reward-score must be raw or truncated, not {reward_score!r}")
-    if novelty not in (None, "path", "parent", "none"):
-        raise typer.BadParameter(f"--novelty must be path, parent or none, not {novelty!r}")
-    if novelty_use not in (None, "reward", "order"):
-        raise typer.BadParameter(f"--novelty-use must be reward or order, not {novelty_use!r}")
-    if weights_dir and not model:
-        raise typer.BadParameter(
-            "--weights-dir goes with --model (a vLLM server gets its weights from the learner)"
-        )
-    if score_url and not score_token:
-        raise typer.BadParameter(
-            "--score-url needs --score-token (or SPO3_SCORE_TOKEN): the service's SPO3_API_TOKEN"
-        )
-    evals = []
-    for item in eval_task or []:
-        env_name, sep, task_id = item.partition(":")
-        if not sep or not task_id:
-            raise typer.BadParameter(
-                f"--eval-task wants ENV:TASK_ID (e.g. textworld:/games/g.z8), got {item!r}"
-            )
-        evals.append((env_name, task_id))
     from spo3.app.wiring import actor_policy
-
-    policy = actor_policy(
-        PolicySource(policy_url=policy_url, model=model, weights_dir=weights_dir, threads=threads),
-        redis_url=redis_url,
-        run=run,
-    )
-    cfg = ActorConfig(
-        redis_url=redis_url,
-        run=run,
-        score_url=score_url,
-        score_token=score_token,
-        # Only the fields given here are set: with --score-url they are checked against the service's.
-        params=ScoreParams(
-            **{
-                k: v
-                for k, v in dict(
-                    alpha=alpha,
-                    g_max=g_max,
-                    reward_score=reward_score,
-                    novelty=novelty,
-                    novelty_use=novelty_use,
-                ).items()
-                if v is not None
-            }
-        ),
-        rollout=RolloutConfig(
-            max_steps=max_steps,
-            max_leaves=max_leaves,
-            group_size=group_size,
-            choice_mode=choice_mode,
-            temperature=temperature,
-            max_tokens=max_tokens,
-        ),
-        lease_s=lease_s,
-        exit_when_idle_s=exit_when_idle,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-        eval_tasks=evals,
-        eval_every=eval_every,
-        stream_max_unread=max_unread,
-    )
     from spo3.score_store.client import ParamsMismatch, ScoreServiceError
     from spo3.transport.connection import StoreUnavailable
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    source, cfg = _actor_settings(dict(locals()))
+    policy = actor_policy(source, redis_url=redis_url, run=run)
     try:
         finished = run_actor(cfg, policy)
-    except (
-        ParamsMismatch,
-        ScoreServiceError,
-        StoreUnavailable,
-    ) as e:  # at start: settings or reachability
+    except (ParamsMismatch, ScoreServiceError, StoreUnavailable) as e:  # settings or reachability
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"actor finished {finished} work items")
@@ -413,123 +527,66 @@ def enqueue_cmd(
     typer.echo(f"queued {repeat * len(tasks)} items; queue now {queue.counts()}")
 
 
+def _learner_settings(options: dict[str, Any]) -> tuple[PublishTarget, LearnerConfig]:
+    """Where the learner publishes and its config, from `spo3 learner`'s options."""
+    if options["policy_url"] and options["weights_dir"]:
+        raise typer.BadParameter(
+            "give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both"
+        )
+    groups = _settings(options, LEARNER_OPTIONS)
+    trainer = TrainerConfig(
+        **groups[TrainerConfig], **groups[TrainerSettings], loss=LossConfig(**groups[LossConfig])
+    )
+    cfg = LearnerConfig(
+        **groups[LearnerConfig],
+        **groups[LearnerSettings],
+        advantages=AdvantageConfig(**groups[AdvantageConfig]),
+        trainer=trainer,
+    )
+    return PublishTarget(**groups[PublishTarget]), cfg
+
+
 @app.command("learner")
 def learner_cmd(
-    model: Annotated[str, typer.Option(help=_doc(TrainerConfig, "model"))],
-    redis_url: Annotated[
-        str, typer.Option(envvar="SPO3_REDIS_URL", help=_doc(LearnerConfig, "redis_url"))
-    ],
-    run: Annotated[
-        str, typer.Option(envvar="SPO3_RUN", help=_doc(LearnerConfig, "run"))
-    ] = "default",
-    checkpoint_dir: Annotated[
-        str, typer.Option(help=_doc(LearnerConfig, "checkpoint_dir"))
-    ] = "checkpoints",
-    resume: Annotated[bool, typer.Option(help=_doc(LearnerConfig, "resume"))] = False,
-    policy_url: Annotated[
-        list[str] | None, typer.Option(help=_doc(PublishTarget, "policy_url"))
-    ] = None,
-    staging_dir: Annotated[
-        str, typer.Option(help=_doc(PublishTarget, "staging_dir"))
-    ] = "published-weights",
-    publish_dtype: Annotated[
-        str | None, typer.Option(help=_doc(PublishTarget, "publish_dtype"))
-    ] = None,
-    weights_dir: Annotated[
-        str | None, typer.Option(envvar="SPO3_WEIGHTS_DIR", help=_doc(PublishTarget, "weights_dir"))
-    ] = None,
-    groups_per_update: Annotated[
-        int, typer.Option(help=_doc(LearnerSettings, "groups_per_update"))
-    ] = 8,
-    max_staleness: Annotated[int, typer.Option(help=_doc(LearnerSettings, "max_staleness"))] = 2,
-    publish_every: Annotated[int, typer.Option(help=_doc(LearnerSettings, "publish_every"))] = 1,
-    checkpoint_every: Annotated[
-        int, typer.Option(help=_doc(LearnerSettings, "checkpoint_every"))
-    ] = 10,
-    max_updates: Annotated[
-        int | None, typer.Option(help=_doc(LearnerSettings, "max_updates"))
-    ] = None,
-    exit_when_idle: Annotated[
-        float | None, typer.Option(help=_doc(LearnerSettings, "exit_when_idle_s"))
-    ] = None,
-    lr: Annotated[float, typer.Option(help=_doc(TrainerSettings, "lr"))] = 1e-5,
-    zero_stage: Annotated[int, typer.Option(help=_doc(TrainerSettings, "zero_stage"))] = 2,
-    bf16: Annotated[bool, typer.Option(help=_doc(TrainerSettings, "bf16"))] = False,
-    offload_optimizer: Annotated[
-        bool, typer.Option(help=_doc(TrainerSettings, "offload_optimizer"))
-    ] = False,
-    micro_batch_rows: Annotated[
-        int, typer.Option(help=_doc(TrainerSettings, "micro_batch_rows"))
-    ] = 8,
-    mean_only: Annotated[bool, typer.Option(help=_doc(AdvantageConfig, "mean_only"))] = False,
-    kl_coef: Annotated[float, typer.Option(help=_doc(LossConfig, "kl_coef"))] = 0.01,
-    entropy_coef: Annotated[float, typer.Option(help=_doc(LossConfig, "entropy_coef"))] = 0.0,
-    clip: Annotated[float, typer.Option(help=_doc(LossConfig, "clip"))] = 0.2,
-    behav_imp_weight_cap: Annotated[
-        float | None, typer.Option(help=_doc(LossConfig, "behav_imp_weight_cap"))
-    ] = 5.0,
-    ppo_epochs: Annotated[int, typer.Option(min=1, help=_doc(TrainerSettings, "ppo_epochs"))] = 2,
-    metrics_port: Annotated[
-        int | None, typer.Option(help=_doc(LearnerConfig, "metrics_port"))
-    ] = None,
-    metrics_host: Annotated[
-        str, typer.Option(help=_doc(LearnerConfig, "metrics_host"))
-    ] = "127.0.0.1",
+    model: _LrnModel,
+    redis_url: _LrnRedisUrl,
+    run: _LrnRun = "default",
+    checkpoint_dir: _LrnCheckpointDir = "checkpoints",
+    resume: _LrnResume = False,
+    policy_url: _LrnPolicyUrl = None,
+    staging_dir: _LrnStagingDir = "published-weights",
+    publish_dtype: _LrnPublishDtype = None,
+    weights_dir: _LrnWeightsDir = None,
+    groups_per_update: _LrnGroupsPerUpdate = 8,
+    max_staleness: _LrnMaxStaleness = 2,
+    publish_every: _LrnPublishEvery = 1,
+    checkpoint_every: _LrnCheckpointEvery = 10,
+    max_updates: _LrnMaxUpdates = None,
+    exit_when_idle: _LrnExitWhenIdle = None,
+    lr: _LrnLr = 1e-5,
+    zero_stage: _LrnZeroStage = 2,
+    bf16: _LrnBf16 = False,
+    offload_optimizer: _LrnOffloadOptimizer = False,
+    micro_batch_rows: _LrnMicroBatchRows = 8,
+    mean_only: _LrnMeanOnly = False,
+    kl_coef: _LrnKlCoef = 0.01,
+    entropy_coef: _LrnEntropyCoef = 0.0,
+    clip: _LrnClip = 0.2,
+    behav_imp_weight_cap: _LrnBehavImpWeightCap = 5.0,
+    ppo_epochs: _LrnPpoEpochs = 2,
+    metrics_port: _LrnMetricsPort = None,
+    metrics_host: _LrnMetricsHost = "127.0.0.1",
 ) -> None:
     """Run the DeepSpeed learner: post-step updates from the groups stream, weight republishing,
     checkpoints. Several processes: `torchrun --nproc_per_node N -m spo3.app.cli learner ...`."""
     import logging
 
+    from spo3.app.wiring import learner_publisher
     from spo3.learner.loop import run_learner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from spo3.app.wiring import learner_publisher
-
-    if policy_url and weights_dir:
-        raise typer.BadParameter(
-            "give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both"
-        )
-    publisher = learner_publisher(
-        PublishTarget(
-            policy_url=policy_url,
-            staging_dir=staging_dir,
-            publish_dtype=publish_dtype,
-            weights_dir=weights_dir,
-        ),
-        redis_url=redis_url,
-        run=run,
-        model=model,
-    )
-    cfg = LearnerConfig(
-        redis_url=redis_url,
-        run=run,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        groups_per_update=groups_per_update,
-        max_staleness=max_staleness,
-        publish_every=publish_every,
-        checkpoint_every=checkpoint_every,
-        max_updates=max_updates,
-        exit_when_idle_s=exit_when_idle,
-        advantages=AdvantageConfig(mean_only=mean_only),
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-        trainer=TrainerConfig(
-            model=model,
-            lr=lr,
-            zero_stage=zero_stage,
-            bf16=bf16,
-            offload_optimizer=offload_optimizer,
-            micro_batch_rows=micro_batch_rows,
-            ppo_epochs=ppo_epochs,
-            loss=LossConfig(
-                kl_coef=kl_coef,
-                entropy_coef=entropy_coef,
-                clip=clip,
-                behav_imp_weight_cap=behav_imp_weight_cap,
-            ),
-        ),
-    )
+    target, cfg = _learner_settings(dict(locals()))
+    publisher = learner_publisher(target, redis_url=redis_url, run=run, model=model)
     result = run_learner(cfg, publisher)
     typer.echo(
         f"learner stopped at version {result.version}: {result.groups_used} groups used, "
@@ -556,7 +613,8 @@ def train_cmd(
     from pydantic import ValidationError
 
     from spo3.app.config import settings_error
-    from spo3.app.launcher import TrainConfig, train
+    from spo3.app.launcher import train
+    from spo3.app.train_config import TrainConfig
 
     try:
         cfg = TrainConfig.from_yaml(config)
@@ -566,131 +624,23 @@ def train_cmd(
     if engine:
         if engine not in ("inprocess", "vllm"):
             raise typer.BadParameter(f"--engine must be inprocess or vllm, not {engine!r}")
-        cfg.engine = engine
+        cfg = cfg.model_copy(update={"engine": engine})
     run_dir = train(cfg, progress=not no_progress)
     typer.echo(f"run directory: {run_dir}")
 
 
-@app.command("sft")
-def sft_cmd(
-    config: Annotated[
-        str | None,
-        typer.Option(
-            help="YAML: one warm start (SftRunConfig fields), or a suites "
-            "file (configs/sft.yaml) with --suite."
-        ),
-    ] = None,
-    suite: Annotated[
-        str | None,
-        typer.Option(
-            help="The suite of a suites file (its games come from the bench file it names)."
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of the task split, base model and example order (as `spo3 train`'s games.seed)."
-        ),
-    ] = None,
-    out: Annotated[
-        str | None, typer.Option(help="Output directory (model/ is the warm-started model).")
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Hugging Face model directory to fine-tune (default: made from --model-preset)."
-        ),
-    ] = None,
-    model_preset: Annotated[
-        str | None, typer.Option(help="Preset of `spo3 init-model` for the base model.")
-    ] = None,
-    env: Annotated[
-        str | None,
-        typer.Option(help="Games: textworld, twx or alfworld (as games.env of `spo3 train`)."),
-    ] = None,
-    kind: Annotated[
-        str | None, typer.Option(help="Games: the generator / TWX game (games.kind).")
-    ] = None,
-    train: Annotated[int | None, typer.Option(help="Games: training tasks (games.train).")] = None,
-    heldout: Annotated[int | None, typer.Option(help="Games: held-out tasks (games.eval).")] = None,
-    setting: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Games: a generator setting KEY=VALUE (repeatable), e.g. numLocations=9."
-        ),
-    ] = None,
-    games_dir: Annotated[
-        str | None,
-        typer.Option(help="Games: where generated TextWorld games are kept (games.cache_dir)."),
-    ] = None,
-    demos: Annotated[
-        str | None,
-        typer.Option(help="Reuse the expert demos of an earlier run (its OUT/demos.json)."),
-    ] = None,
-    tasks: Annotated[
-        int | None, typer.Option(help="Demos of the first N training tasks only.")
-    ] = None,
-    fraction: Annotated[
-        float | None, typer.Option(help="Share of the expert steps trained on (seeded subset).")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps in all (instead of --epochs).")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the examples.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    eval_episodes: Annotated[
-        int | None,
-        typer.Option(help="Held-out episodes per task for success before/after (0: none)."),
-    ] = None,
-    eval_base: Annotated[
-        bool | None,
-        typer.Option(
-            "--eval-base/--no-eval-base", help="With --eval-episodes: also evaluate the base model."
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (1 on a shared machine).")
-    ] = None,
-    no_progress: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-) -> None:
-    """Warm start: fine-tune a model on expert trajectories (TextWorld walkthroughs, TextWorld-Express
-    gold paths, ALFWorld's expert) formatted as the policy sees them; `spo3 train` starts from
-    OUT/model (its `model:` setting)."""
-    import yaml
+def _sft_config(options: dict[str, Any]) -> SftRunConfig:
+    """The warm start that `spo3 sft`'s options give: a config file's (or the defaults), with
+    the options given set over it."""
     from pydantic import ValidationError
 
-    from spo3.app.sft import SftRunConfig, run_sft, suite_config, with_seed
+    from spo3.app.sft import SftRunConfig, suite_config, with_seed
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            out=out,
-            model=model,
-            model_preset=model_preset,
-            demos=demos,
-            tasks=tasks,
-            fraction=fraction,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            eval_episodes=eval_episodes,
-            eval_base=eval_base,
-            threads=threads,
-        ).items()
-        if v is not None
-    }
-    games = {
-        k: v
-        for k, v in dict(env=env, kind=kind, train=train, eval=heldout, cache_dir=games_dir).items()
-        if v is not None
-    }
-    if setting:
-        games["settings"] = {}
-        for item in setting:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise typer.BadParameter(f"--setting wants KEY=VALUE, got {item!r}")
-            games["settings"][key] = yaml.safe_load(value)
+    overrides: dict[str, Any] = {k: options[k] for k in _SFT_FIELDS if options[k] is not None}
+    games = {f: options[o] for o, f in _SFT_GAMES.items() if options[o] is not None}
+    if options["setting"]:
+        games["settings"] = _key_values(options["setting"])
+    config, suite, seed = options["config"], options["suite"], options["seed"]
     try:
         cfg = suite_config(config, suite or "") if config else SftRunConfig()
         if suite and not config:
@@ -702,6 +652,40 @@ def sft_cmd(
             cfg = with_seed(cfg, seed)
     except (ValueError, ValidationError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
+    return cfg
+
+
+@app.command("sft")
+def sft_cmd(
+    config: _SftConfigFile = None,
+    suite: _SftSuite = None,
+    seed: _SftSeed = None,
+    out: _SftOut = None,
+    model: _SftModel = None,
+    model_preset: _SftModelPreset = None,
+    env: _SftEnv = None,
+    kind: _SftKind = None,
+    train: _SftTrain = None,
+    heldout: _SftHeldout = None,
+    setting: _SftSetting = None,
+    games_dir: _SftGamesDir = None,
+    demos: _SftDemos = None,
+    tasks: _SftTasks = None,
+    fraction: _SftFraction = None,
+    steps: _SftSteps = None,
+    epochs: _SftEpochs = None,
+    lr: _SftLr = None,
+    eval_episodes: _SftEvalEpisodes = None,
+    eval_base: _SftEvalBase = None,
+    threads: _SftThreads = None,
+    no_progress: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Warm start: fine-tune a model on expert trajectories (TextWorld walkthroughs, TextWorld-Express
+    gold paths, ALFWorld's expert) formatted as the policy sees them; `spo3 train` starts from
+    OUT/model (its `model:` setting)."""
+    from spo3.app.sft import run_sft
+
+    cfg = _sft_config(dict(locals()))
     summary = run_sft(cfg, progress=not no_progress)
     typer.echo(f"warm-started model: {summary['model']}")
 
@@ -758,9 +742,9 @@ def eval_cmd(
         from safetensors.torch import load_file
 
         policy.publish(1, load_file(weights))
-    env = make_env(env)
+    environment = make_env(env)
     result = evaluate(
-        env,
+        environment,
         policy,
         games,
         max_steps=max_steps,
@@ -768,7 +752,7 @@ def eval_cmd(
         choice_mode=choice_mode,
         episodes=episodes,
     )
-    env.close()
+    environment.close()
     if show_actions:
         for t in result.per_task:
             typer.echo(
@@ -783,6 +767,28 @@ def eval_cmd(
         "actions: "
         + ", ".join(f"{v} {share:.0%}" for v, share in action_shares(result.per_task).items())
     )
+
+
+def _make_alfworld_games(
+    out: str, n: int, heldout: int | None, seed: int, task_types: list[str] | None
+) -> None:
+    from spo3.actors.envs.alfworld_gen import MadeGame, make_games
+    from spo3.actors.envs.base import EnvError
+
+    def show(g: MadeGame) -> None:
+        typer.echo(f"{g.split}\t{g.task_type}\texpert {g.expert_steps} steps\t{g.path}")
+
+    try:
+        make_games(
+            out,
+            n_train=n,
+            n_heldout=n // 2 if heldout is None else heldout,
+            seed=seed,
+            task_types=task_types,
+            progress=show,
+        )
+    except EnvError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command("make-games")
@@ -830,28 +836,10 @@ def make_games_cmd(
 ) -> None:
     """Generate games offline and print their paths: TextWorld games with tw-make's generators, or
     ALFWorld-format games (from ALFWorld's floor-plan layouts), each won by ALFWorld's hand-coded expert."""
-    import yaml
-
     if env == "alfworld":
         if setting:
             raise typer.BadParameter("--setting is for --env textworld")
-        from spo3.actors.envs.alfworld_gen import make_games
-        from spo3.actors.envs.base import EnvError
-
-        def show(g) -> None:
-            typer.echo(f"{g.split}\t{g.task_type}\texpert {g.expert_steps} steps\t{g.path}")
-
-        try:
-            make_games(
-                out,
-                n_train=n,
-                n_heldout=n // 2 if heldout is None else heldout,
-                seed=seed,
-                task_types=task_type,
-                progress=show,
-            )
-        except EnvError as e:
-            raise typer.BadParameter(str(e)) from None
+        _make_alfworld_games(out, n, heldout, seed, task_type)
         return
     if env != "textworld":
         raise typer.BadParameter(f"--env must be textworld or alfworld, not {env!r}")
@@ -859,12 +847,7 @@ def make_games_cmd(
         raise typer.BadParameter("--heldout and --task-type are for --env alfworld")
     from spo3.actors.envs.textworld_env import generate_games
 
-    settings = {}
-    for item in setting or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--setting wants KEY=VALUE, got {item!r}")
-        settings[key] = yaml.safe_load(value)
+    settings = _key_values(setting)
     for path in generate_games(out, kind, n, seed=seed, **settings):
         typer.echo(path)
 

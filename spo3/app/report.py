@@ -6,9 +6,19 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spo3.actors.rollout import LEAF_KINDS
-from spo3.score_store.score_math import Counts, state_score
+from spo3.score_store.score_math import Counts, ScoreParams, state_score
+from spo3.score_store.state_key import KeyScope
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spo3.actors.evaluate import EvalResult
+    from spo3.app.train_config import TrainConfig
+    from spo3.learner.loop import LearnerResult
 
 
 class ProgressWatcher:
@@ -130,7 +140,9 @@ def diagnostics(totals: dict[str, int], depths: dict[int, int], walkthrough: dic
     }
 
 
-def walkthrough_truncated(env, tasks: list[str], store, key_scope: str = "task") -> dict | None:
+def walkthrough_truncated(
+    env, tasks: list[str], store, key_scope: KeyScope = "task"
+) -> dict | None:
     """How many states on the tasks' known solutions the score store now truncates (S = 0): a
     truncated walkthrough state cuts every path to success through it. Tasks whose adapter has no
     walkthrough (or whose walkthrough cannot be played) are skipped; None when none has one."""
@@ -163,26 +175,13 @@ def walkthrough_truncated(env, tasks: list[str], store, key_scope: str = "task")
     return {"truncated": truncated, "states": states, "tasks": played}
 
 
-def write_report(
-    run_dir: Path,
-    cfg,
-    watcher: ProgressWatcher,
-    before,
-    after,
-    result,
-    final_checkpoint: Path,
-    client,
-    names,
-    console,
-    walkthrough: dict | None = None,
-) -> dict:
+def _plot_curves(path: Path, snaps: list[dict], client, names, params: ScoreParams) -> None:
+    """curves.png: training success, unique states, n(s) at expanded states, final state scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from rich.table import Table
 
-    snaps = watcher.snapshots
     steps = [s["env_steps"] for s in snaps]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     pts = _binned_success(snaps)
@@ -200,15 +199,27 @@ def write_report(
     if branching:
         axes[1, 0].bar(list(branching), list(branching.values()))
     axes[1, 0].set(title="n(s) at expanded states", xlabel="n(s)", ylabel="expansions")
-    scores = state_scores(client, names, cfg.score)
+    scores = state_scores(client, names, params)
     axes[1, 1].hist(scores, bins=20, range=(0, 1))
     axes[1, 1].set(title="state scores S(s) at the end", xlabel="S(s)", ylabel="states")
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _summary(
+    snaps: list[dict],
+    before: EvalResult,
+    after: EvalResult,
+    result: LearnerResult | None,
+    final_checkpoint: Path,
+    client,
+    names,
+    walkthrough: dict | None,
+) -> dict:
+    """summary.json's content."""
     last = snaps[-1] if snaps else {}
-    summary = {
+    return {
         "held_out_success_before": before.success_rate,
         "held_out_success_after": after.success_rate,
         "held_out_invalid_before": before.invalid_rate,
@@ -228,12 +239,12 @@ def write_report(
             walkthrough,
         ),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if result:
-        with (run_dir / "learner.jsonl").open("w") as f:
-            for h in result.history:
-                f.write(json.dumps(h) + "\n")
-    table = Table(title=f"run {run_dir.name}")
+
+
+def _summary_table(run_name: str, summary: dict, before: EvalResult, after: EvalResult) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"run {run_name}")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -256,6 +267,31 @@ def write_report(
             "",
             f"{summary[k]:,}" if isinstance(summary[k], int) else str(summary[k]),
         )
-    console.print(table)
+    return table
+
+
+def write_report(
+    run_dir: Path,
+    cfg: TrainConfig,
+    watcher: ProgressWatcher,
+    before: EvalResult,
+    after: EvalResult,
+    result: LearnerResult | None,
+    final_checkpoint: Path,
+    client,
+    names,
+    console: Console,
+    walkthrough: dict | None = None,
+) -> dict:
+    """A finished run's curves.png, summary.json and learner.jsonl, and its summary table."""
+    snaps = watcher.snapshots
+    _plot_curves(run_dir / "curves.png", snaps, client, names, cfg.score)
+    summary = _summary(snaps, before, after, result, final_checkpoint, client, names, walkthrough)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if result:
+        with (run_dir / "learner.jsonl").open("w") as f:
+            for h in result.history:
+                f.write(json.dumps(h) + "\n")
+    console.print(_summary_table(run_dir.name, summary, before, after))
     console.print(f"plots: {run_dir / 'curves.png'}   checkpoint: {final_checkpoint}")
     return summary

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from spo3.app.launcher import GamesConfig
+from spo3.app.train_config import GamesConfig
 from spo3.transport.contracts import ChatMessage
 
 
@@ -154,7 +154,7 @@ def expert_actions(env: Any, task_id: str, *, draws: int = 16) -> list[str]:
         seen.add(tuple(env.walkthrough()))
         if i == 1 and len(seen) == 1:  # a stored or deterministic expert
             break
-    return list(min(seen, key=lambda w: (len(w), w)))
+    return list(min((len(w), w) for w in seen)[1])
 
 
 def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
@@ -173,11 +173,12 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
     obs = env.reset(
         task_id
     )  # the state a rollout starts from (TWX's walkthrough() resets for the gold path)
-    task_text, history = obs.text, []
+    task_text = obs.text
+    history: list[tuple[str, str]] = []
     for i, action in enumerate(actions):
         admissible = tuple(obs.admissible_actions)
-        parsed = parse_action(action, admissible, bare_ok=True)
-        if parsed.invalid:
+        taken = parse_action(action, admissible, bare_ok=True).action
+        if taken is None:
             # Not in the engine's list, so the policy could not pick it (TWX cooking's gold path may
             # "open" a cupboard that is open already): skipped, and the replay goes on; a step that
             # mattered shows as a demo the expert no longer wins.
@@ -186,9 +187,9 @@ def collect_demo(env: Any, task_id: str, *, history_len: int = 3) -> Demo:
         messages = build_messages(
             task_text, history, obs.text, list(admissible), history_len=history_len
         )
-        demo.steps.append(DemoStep(task_id, i, messages, parsed.action, admissible))
-        result = env.step(parsed.action)
-        history.append((parsed.action, result.observation.text))
+        demo.steps.append(DemoStep(task_id, i, messages, taken, admissible))
+        result = env.step(taken)
+        history.append((taken, result.observation.text))
         obs = result.observation
         if result.done:
             demo.success = result.success
@@ -283,6 +284,124 @@ def to_examples(steps: Sequence[DemoStep], tokenizer, *, choice_mode: bool) -> l
     return out
 
 
+def _bar_columns() -> list:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+
+
+def _collect_demos(
+    cfg: SftRunConfig, env: Any, wanted: Sequence[str], progress: bool, console: Any
+) -> list[Demo]:
+    """The expert's demo of every task in `wanted`, with a progress bar."""
+    from rich.progress import Progress
+
+    demos: list[Demo] = []
+    with Progress(*_bar_columns(), disable=not progress, console=console) as bar:
+        job = bar.add_task("expert demos", total=len(wanted), info="")
+        for task in wanted:
+            demos.append(collect_demo(env, task, history_len=cfg.history_len))
+            won = sum(d.success >= 1.0 for d in demos)
+            bar.update(
+                job,
+                advance=1,
+                info=f"{won}/{len(demos)} won, {sum(len(d.steps) for d in demos)} steps",
+            )
+    return demos
+
+
+def _fine_tune(
+    cfg: SftRunConfig,
+    base_dir: Path,
+    steps: Sequence[DemoStep],
+    model_dir: Path,
+    progress: bool,
+    console: Any,
+) -> dict[str, Any]:
+    """Fine-tune the model of `base_dir` on `steps`, save it to `model_dir`; returns the training
+    part of the summary."""
+    import torch
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spo3.learner.sft import SftConfig, planned_steps, target_logprobs, train_sft, truncated
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    examples = to_examples(steps, tokenizer, choice_mode=cfg.choice_mode)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    sft = SftConfig(
+        lr=cfg.lr,
+        epochs=cfg.epochs,
+        steps=cfg.steps,
+        batch_rows=cfg.batch_rows,
+        max_len=cfg.max_len,
+        seed=cfg.seed,
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    before_lp = target_logprobs(model, examples, pad, max_len=cfg.max_len)
+    with Progress(*_bar_columns(), disable=not progress, console=console) as bar:
+        job = bar.add_task("fine-tuning", total=planned_steps(len(examples), sft), info="")
+        result = train_sft(
+            model,
+            examples,
+            sft,
+            pad,
+            on_step=lambda s, loss: bar.update(job, completed=s, info=f"loss {loss:.3f}"),
+        )
+    after_lp = target_logprobs(model, examples, pad, max_len=cfg.max_len)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return {
+        "examples": len(examples),
+        "prompt_tokens_max": max(len(e.prompt_ids) for e in examples),
+        "truncated_examples": truncated(examples, cfg.max_len),
+        "steps": result.steps,
+        "target_tokens": result.target_tokens,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "target_logprob_before": sum(before_lp) / len(before_lp),
+        "target_logprob_after": sum(after_lp) / len(after_lp),
+    }
+
+
+def _demo_summary(demos: Sequence[Demo]) -> dict[str, Any]:
+    return {
+        "demo_tasks": len(demos),
+        "demos_won": sum(d.success >= 1.0 for d in demos),
+        "demos_without_expert": sum(d.stopped == "no_expert" for d in demos),
+        "expert_actions_skipped": sum(d.skipped for d in demos),
+        "expert_steps": sum(len(d.steps) for d in demos),
+    }
+
+
+def _say_trained(cfg: SftRunConfig, summary: dict[str, Any], say: Callable[[str], None]) -> None:
+    examples = summary["examples"]
+    if summary["truncated_examples"]:
+        say(
+            f"[yellow]{summary['truncated_examples']} of {examples} examples are longer than max_len="
+            f"{cfg.max_len} tokens (longest prompt {summary['prompt_tokens_max']}): their prompts lose their oldest tokens"
+        )
+    say(
+        f"fine-tuned on {examples} expert steps from {summary['demo_tasks']} tasks "
+        f"({summary['demos_won']} won by the expert): {summary['steps']} steps, loss "
+        f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, mean target log-prob "
+        f"{summary['target_logprob_before']:.2f} -> {summary['target_logprob_after']:.2f}"
+    )
+
+
 def run_sft(
     cfg: SftRunConfig, *, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -290,20 +409,10 @@ def run_sft(
     summary also written to OUT/sft.json."""
     import torch
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spo3.actors.envs.registry import make_env
-    from spo3.app.launcher import task_lists
+    from spo3.actors.envs.tasks import task_lists
     from spo3.app.model_init import init_model
-    from spo3.learner.sft import SftConfig, planned_steps, target_logprobs, train_sft, truncated
 
     console = Console()
     say = log or console.print
@@ -321,30 +430,12 @@ def run_sft(
         )
     wanted = train_tasks[: cfg.tasks] if cfg.tasks else train_tasks
     env = make_env(cfg.games.env)
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
     try:
         if cfg.demos:
             demos = load_demos(cfg.demos, wanted)
             say(f"expert demos of {len(demos)} tasks read from {cfg.demos}")
         else:
-            demos = []
-            with Progress(*columns, disable=not progress, console=console) as bar:
-                job = bar.add_task("expert demos", total=len(wanted), info="")
-                for task in wanted:
-                    demos.append(collect_demo(env, task, history_len=cfg.history_len))
-                    won = sum(d.success >= 1.0 for d in demos)
-                    bar.update(
-                        job,
-                        advance=1,
-                        info=f"{won}/{len(demos)} won, {sum(len(d.steps) for d in demos)} steps",
-                    )
+            demos = _collect_demos(cfg, env, wanted, progress, console)
         save_demos(out / "demos.json", demos)
         # Only trajectories the expert won (a skipped action may have mattered).
         steps = select_steps(
@@ -355,73 +446,19 @@ def run_sft(
                 f"no expert steps from {len(wanted)} training tasks of {cfg.games.env} "
                 f"(stopped: {sorted({d.stopped for d in demos})})"
             )
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        examples = to_examples(steps, tokenizer, choice_mode=cfg.choice_mode)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        sft = SftConfig(
-            lr=cfg.lr,
-            epochs=cfg.epochs,
-            steps=cfg.steps,
-            batch_rows=cfg.batch_rows,
-            max_len=cfg.max_len,
-            seed=cfg.seed,
-        )
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        before_lp = target_logprobs(model, examples, pad, max_len=cfg.max_len)
-        with Progress(*columns, disable=not progress, console=console) as bar:
-            job = bar.add_task("fine-tuning", total=planned_steps(len(examples), sft), info="")
-            result = train_sft(
-                model,
-                examples,
-                sft,
-                pad,
-                on_step=lambda s, loss: bar.update(job, completed=s, info=f"loss {loss:.3f}"),
-            )
-        after_lp = target_logprobs(model, examples, pad, max_len=cfg.max_len)
         model_dir = out / "model"
-        model.save_pretrained(model_dir, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
         summary: dict[str, Any] = {
             "config": cfg.model_dump(),
             "base_model": str(base_dir),
             "model": str(model_dir),
             "train_tasks": len(train_tasks),
-            "demo_tasks": len(demos),
-            "demos_won": sum(d.success >= 1.0 for d in demos),
-            "demos_without_expert": sum(d.stopped == "no_expert" for d in demos),
-            "expert_actions_skipped": sum(d.skipped for d in demos),
-            "expert_steps": sum(len(d.steps) for d in demos),
-            "examples": len(examples),
-            "prompt_tokens_max": max(len(e.prompt_ids) for e in examples),
-            "truncated_examples": truncated(examples, cfg.max_len),
-            "steps": result.steps,
-            "target_tokens": result.target_tokens,
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None,
-            "target_logprob_before": sum(before_lp) / len(before_lp),
-            "target_logprob_after": sum(after_lp) / len(after_lp),
+            **_demo_summary(demos),
+            **_fine_tune(cfg, base_dir, steps, model_dir, progress, console),
         }
-        if summary["truncated_examples"]:
-            say(
-                f"[yellow]{summary['truncated_examples']} of {len(examples)} examples are longer than max_len="
-                f"{cfg.max_len} tokens (longest prompt {summary['prompt_tokens_max']}): their prompts lose their oldest tokens"
-            )
-        say(
-            f"fine-tuned on {len(examples)} expert steps from {len(demos)} tasks "
-            f"({summary['demos_won']} won by the expert): {result.steps} steps, loss "
-            f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, mean target log-prob "
-            f"{summary['target_logprob_before']:.2f} -> {summary['target_logprob_after']:.2f}"
-        )
+        _say_trained(cfg, summary, say)
         if cfg.eval_episodes:
-            summary["heldout"] = heldout_success(
-                cfg,
-                env,
-                eval_tasks,
-                {"base": base_dir, "sft": model_dir} if cfg.eval_base else {"sft": model_dir},
-                say,
-            )
+            models = {"base": base_dir, "sft": model_dir} if cfg.eval_base else {"sft": model_dir}
+            summary["heldout"] = heldout_success(cfg, env, eval_tasks, models, say)
         summary["seconds"] = round(time.monotonic() - started, 1)
         (out / "sft.json").write_text(json.dumps(summary, indent=2, default=str))
         say(f"model: {model_dir}")

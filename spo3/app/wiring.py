@@ -68,10 +68,10 @@ def actor_policy(source: PolicySource, *, redis_url: str, run: str) -> Policy:
             "a weights directory goes with an in-process model (a vLLM server gets its weights "
             "from the learner)"
         )
-    if source.policy_url:
+    if not source.model:  # then the policy url is given (checked above)
         from spo3.policy.vllm_client import VLLMPolicy
 
-        return VLLMPolicy(source.policy_url)
+        return VLLMPolicy(str(source.policy_url))
     from spo3.policy.inprocess import InProcessPolicy
 
     policy = InProcessPolicy(source.model, threads=source.threads)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ray import serve
 
-from spo3.score_store.service import ServiceSettings, create_app
+from spo3.score_store.service import create_app
+from spo3.score_store.settings import ServiceSettings
 
 
 def build_app(settings: ServiceSettings, *, num_replicas: int = 1, num_cpus: float = 0.1):

@@ -22,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spo3.score_store.score_math import ScoreParams
+from spo3.score_store.settings import ServiceSettings
 from spo3.score_store.store import (
     CommitResult,
     LeafOutcome,
@@ -42,30 +42,6 @@ MAX_PATH_LENGTH = 1024
 MAX_KEY_LENGTH = 256
 MAX_LEAVES_PER_REQUEST = 256
 MAX_BODY_BYTES = 2 * 1024 * 1024
-
-
-class ServiceSettings(BaseSettings, ScoreParams):
-    """Service settings; every field can also come from the environment as SPO3_<NAME>."""
-
-    model_config = SettingsConfigDict(env_prefix="SPO3_", frozen=True)
-
-    redis_url: str = Field(
-        "", description="redis://, rediss:// or unix:// URL; empty starts an embedded Redis."
-    )
-    run: str = Field("default", description="Run id: the prefix of every Redis key of this run.")
-    api_token: SecretStr | None = Field(
-        None, description="Bearer token required by mutating routes."
-    )
-    success_threshold: float = Field(
-        1.0, ge=0, le=1, description="A leaf with success >= this counts as a success."
-    )
-    leaf_ttl_s: int = Field(
-        7 * 24 * 3600, ge=0, description="How long leaf ids are remembered (0 = forever)."
-    )
-
-    @property
-    def score_params(self) -> ScoreParams:
-        return ScoreParams.model_validate(self.model_dump(include=set(ScoreParams.model_fields)))
 
 
 StateKeyStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_LENGTH)]

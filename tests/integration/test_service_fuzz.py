@@ -11,7 +11,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
-from spo3.score_store.service import ServiceSettings, create_app
+from spo3.score_store.service import create_app
+from spo3.score_store.settings import ServiceSettings
 from spo3.transport.connection import LocalRedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

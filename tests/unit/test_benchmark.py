@@ -24,7 +24,8 @@ from bench.compare.benchmark import (
     variant_name,
 )
 from bench.compare.stats import RunResult
-from spo3.app.launcher import GamesConfig, task_lists, task_seeds
+from spo3.actors.envs.tasks import task_lists, task_seeds
+from spo3.app.train_config import GamesConfig
 
 ROOT = Path(__file__).parents[2]
 
@@ -235,7 +236,7 @@ def test_a_record_from_before_seed_stride_stands_only_for_seed_0(tmp_path):
 
 
 def test_set_reaches_the_new_score_settings_and_misspellings_stop_the_run(tmp_path):
-    from spo3.app.launcher import TrainConfig
+    from spo3.app.train_config import TrainConfig
 
     bench = BenchConfig(
         base={"env_steps": 10, "eval": {"episodes": 8}},

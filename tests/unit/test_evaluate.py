@@ -29,3 +29,24 @@ def test_evaluation_records_each_episodes_actions_and_the_verb_shares():
         "go": 2 / 3,
         "take": 1 / 3,
     }
+
+
+def test_a_runs_evaluation_shows_the_prompt_history_of_its_rollouts():
+    """`spo3 train` evaluates held-out tasks with the run's rollout.history_len (not evaluate()'s
+    default 3): EvalSettings, which its evaluation before/after and its actor processes' checkpoint
+    units play with."""
+    from spo3.app.evaluation import EvalSettings
+    from spo3.app.train_config import TrainConfig
+
+    cfg = TrainConfig(rollout={"history_len": 1, "max_steps": 6}, eval={"episodes": 1})
+    settings = EvalSettings.of_run(cfg)
+    assert (settings.history_len, settings.max_steps, settings.temperature) == (1, 6, 0.4)
+    shown: list[int] = []
+
+    def reply(messages, params, i):
+        shown.append(messages[-1].content.count("[step "))
+        return "<action>forward</action>"
+
+    r = settings.run(LineWorld(length=5), ScriptedPolicy(reply), ["line-1"])
+    assert r.per_task[0]["success"] == 1.0
+    assert shown == [0, 1, 1, 1, 1]  # one past step at most, where the default showed up to 3

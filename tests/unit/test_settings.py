@@ -11,11 +11,13 @@ from pydantic import BaseModel, ValidationError
 from typer.main import get_command
 
 from bench import cli as bench_cli
-from bench.compare.benchmark import BenchConfig, bench_settings_check, select
+from bench.compare.benchmark import BenchConfig, SweepConfig, bench_settings_check, select
 from spo3.actors.config import ActorConfig, EvalConfig, RolloutConfig
 from spo3.app import cli
 from spo3.app.config import settings_error
-from spo3.app.launcher import GamesConfig, LearnerSection, TrainConfig
+from spo3.app.score_service import ScoreServiceProcess
+from spo3.app.sft import SftRunConfig
+from spo3.app.train_config import GamesConfig, LearnerSection, TrainConfig
 from spo3.app.wiring import PolicySource, PublishTarget
 from spo3.learner.config import (
     AdvantageConfig,
@@ -26,6 +28,7 @@ from spo3.learner.config import (
     TrainerSettings,
 )
 from spo3.score_store.score_math import ScoreParams
+from spo3.score_store.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = [
@@ -44,6 +47,11 @@ MODELS = [
     GamesConfig,
     LearnerSection,
     TrainConfig,
+    ServiceSettings,
+    ScoreServiceProcess,
+    SftRunConfig,
+    BenchConfig,
+    SweepConfig,
 ]
 
 
@@ -54,10 +62,15 @@ def test_every_field_has_a_description(model: type[BaseModel]):
 
 
 @pytest.mark.parametrize(
-    "command, mapping", [("actor", cli.ACTOR_OPTIONS), ("learner", cli.LEARNER_OPTIONS)]
+    "command, mapping",
+    [
+        ("actor", cli.ACTOR_OPTIONS),
+        ("learner", cli.LEARNER_OPTIONS),
+        ("score-service", cli.SCORE_SERVICE_OPTIONS),
+    ],
 )
 def test_cli_options_are_settings_fields(command, mapping):
-    """Every option of `spo3 actor` / `spo3 learner` sets a field of a settings model: its help is
+    """Every option of `spo3 actor` / `spo3 learner` / `spo3 score-service` sets a field of a settings model: its help is
     that field's description and its default is the field's (or empty: the field's default applies)."""
     group = get_command(cli.app)
     params = [p for p in group.commands[command].params if isinstance(p, typer.core.TyperOption)]

@@ -36,11 +36,16 @@ _ALIASES = {
 ENV_NAMES = tuple(_ADAPTERS)
 
 
+def canonical_name(name: str) -> str:
+    """The adapter name that `name` stands for ("tw" -> "textworld"; case and spaces ignored); a
+    name that no alias has comes back normalised, known or not."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key)
+
+
 def env_class(name: str) -> type:
     """The adapter class for `name` (imports its module; EnvError if unknown or not importable)."""
-    key = (
-        _ALIASES.get(name.strip().lower(), name.strip().lower()) if isinstance(name, str) else name
-    )
+    key = canonical_name(name) if isinstance(name, str) else name
     if key not in _ADAPTERS:
         raise EnvError(f"unknown environment {name!r}; one of {', '.join(ENV_NAMES)}")
     module_name, class_name = _ADAPTERS[key]
