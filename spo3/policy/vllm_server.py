@@ -87,6 +87,10 @@ class VLLMServer:
             self.dtype,
             "--max-model-len",
             str(self.max_model_len),
+            # Log-probs of the distribution sampled from (after temperature and top-p), the
+            # behaviour policy the learner's importance weight divides by.
+            "--logprobs-mode",
+            "processed_logprobs",
         ]
         log = open(self.log_path, "wb")
         # Own process group: vLLM forks an engine process that must stop with it.

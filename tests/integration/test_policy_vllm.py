@@ -196,3 +196,27 @@ def test_learner_restricted_logprobs_equal_vllm_guided_choice(policy, model_dir,
     guided = worst_difference(lambda c: guided_allowed_tokens(c.token_ids, choices, vocab))
     assert guided < 1e-3, f"largest |learner - vLLM| log-prob difference {guided:.3g}"
     assert worst_difference(lambda c: allowed_tokens(c.token_ids, canonical)) > 0.1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_behaviour_logprobs_are_of_the_tempered_distribution(policy, reference, temperature):
+    """Sampling at T != 1, the server reports log_softmax(logits / T) of each drawn token (it runs
+    with --logprobs-mode processed_logprobs), the distribution it sampled from: the T = 1 values
+    would make the learner's importance weight describe another policy."""
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=4, max_tokens=8, temperature=temperature)
+    )
+    tempered = untempered = 0.0
+    for c in outs:
+        seq = c.prompt_token_ids + c.token_ids
+        start = len(c.prompt_token_ids) - 1
+        with torch.no_grad():
+            logits = reference(input_ids=torch.tensor([seq])).logits[0, start:-1]
+        target = torch.tensor(c.token_ids)
+        got = torch.tensor(c.logprobs)
+        at_t = (logits / temperature).log_softmax(-1).gather(-1, target[:, None])[:, 0]
+        at_1 = logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]
+        tempered = max(tempered, float((got - at_t).abs().max()))
+        untempered = max(untempered, float((got - at_1).abs().max()))
+    assert tempered < 1e-3, f"largest |vLLM - log_softmax(logits / T)| {tempered:.3g}"
+    assert untempered > 1e-2  # the two really differ at this temperature
