@@ -102,7 +102,7 @@ class Batch:
     micro_rows: int
 
 
-# The batches the first GPU measurement used, so that figures compare.
+# The batches the first GPU measurement used, so that figures compare.
 BATCHES = {
     "qwen2.5-0.5b": Batch(32, 200, 35, 8),
     "qwen2.5-1.5b": Batch(64, 600, 43, 16),
@@ -290,7 +290,11 @@ def stage_updates(
         "batch": counts,
         "micro_batch_rows": b.micro_rows,
         "reps": reps,
-        "trainer_reports": {k: out_metrics[k] for k in ("seq_tokens", "padded_tokens", "tokens")},
+        "trainer_reports": {
+            "seq_tokens": out_metrics.seq_tokens,
+            "padded_tokens": out_metrics.padded_tokens,
+            "tokens": out_metrics.tokens,
+        },
         "update_s": {k: {"median": med[k], "all": v, "first": first[k]} for k, v in times.items()},
         "response_tokens_per_s": {k: counts["response_tokens"] / med[k] for k in med},
         "total_tokens_per_s": {k: counts["total_tokens"] / med[k] for k in med},

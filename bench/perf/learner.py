@@ -290,7 +290,7 @@ def bench_updates(
                 )
             )
             init_s[name] = time.perf_counter() - t0
-            variants[name] = (lambda t: lambda: t.update(rows)["tokens"])(trainers[name])
+            variants[name] = (lambda t: lambda: t.update(rows).tokens)(trainers[name])
     main_name = "trainer_fp32"
 
     first: dict[str, float] = {}

@@ -1,4 +1,4 @@
-"""Advantage estimators: 3SPO step groups, and the GRPO / GiGPO baselines (ALGORITHM.md §4, Baselines).
+"""Advantage estimators: 3SPO step groups, and the GRPO / GiGPO baselines (docs/algorithm.md "Step groups", "Baselines").
 
 Pure numpy on purpose: actors and tests use these without importing torch.
 """
@@ -18,7 +18,7 @@ def _spread(r: np.ndarray) -> float:
     return float(r.max() - r.min()) if r.size else 0.0
 
 
-def is_informative(rewards: Sequence[float]) -> bool:
+def is_informative(rewards: Sequence[float] | np.ndarray) -> bool:
     """True iff the group carries a relative signal (size > 1, non-zero spread).
 
     The learner sends only informative groups to the optimizer: the others would contribute a zero

@@ -36,8 +36,8 @@ class LossConfig(BaseModel):
     entropy_coef: float = Field(
         0.0,
         ge=0,
-        description="Weight of the entropy bonus (off by default; ALGORITHM.md "
-        "suggests 0.001 when enabled).",
+        description="Weight of the entropy bonus (off by default; docs/algorithm.md "
+        '"Policy loss" suggests 0.001 when enabled).',
     )
     behav_imp_weight_cap: float | None = Field(
         5.0,

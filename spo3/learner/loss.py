@@ -1,4 +1,4 @@
-"""Decoupled PPO-clip policy loss with a k3 KL penalty to the reference model (ALGORITHM.md §4).
+"""Decoupled PPO-clip policy loss with a k3 KL penalty to the reference model (docs/algorithm.md "Policy loss").
 
 Three policies per token (AReaL's decoupled PPO for asynchronous RL):
 - behaviour: the sampler's log-probs, of exactly the distribution it drew from (possibly a few

@@ -1,4 +1,4 @@
-"""Log-probs of the distribution the actor sampled from (ALGORITHM.md section 4).
+"""Log-probs of the distribution the actor sampled from (docs/algorithm.md "Policy loss").
 
 In constrained choice mode the sampler draws each token from the model's distribution
 renormalized over the tokens that continue some admissible choice, given the tokens drawn so far
@@ -69,9 +69,10 @@ class VocabText:
         out: set[int] = set()
         node = self.trie
         for ch in text:
-            node = node.get(ch)
-            if node is None:
+            child = node.get(ch)
+            if child is None:
                 break
+            node = child
             out.update(node.get("", ()))
         return out
 

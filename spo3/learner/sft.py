@@ -106,7 +106,7 @@ def token_logprobs(model, batch: SftBatch) -> Tensor:
     ]
     allowed = (
         (None, None)
-        if batch.allowed_ids is None
+        if batch.allowed_ids is None or batch.allowed_valid is None
         else (batch.allowed_ids.to(device), batch.allowed_valid.to(device))
     )
     return restricted_logprobs(logits, batch.targets.to(device), *allowed)
@@ -164,7 +164,9 @@ def _order(n: int, cfg: SftConfig) -> list[list[int]]:
     With `epochs`, a pass ends with its own (possibly short) batch; with `steps`, passes run on
     into each other and every batch is full."""
     rng = random.Random(cfg.seed)
-    total, batches, pending = planned_steps(n, cfg), [], []
+    total = planned_steps(n, cfg)
+    batches: list[list[int]] = []
+    pending: list[int] = []
     while len(batches) < total:
         perm = list(range(n))
         rng.shuffle(perm)

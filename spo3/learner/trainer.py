@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +38,77 @@ from spo3.learner.restricted import (
 from spo3.transport.procs import free_port
 
 STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's comm op takes 30-120 s on 2 cores
+
+
+@dataclass
+class PreparedMicroBatch:
+    """What every pass over one micro-batch shares (`Trainer._prepare`), on the engine's device.
+    B rows, T padded positions; the log-prob tensors are [B, T-1], indexed like the logits."""
+
+    ids: torch.Tensor
+    """[B, T] long: prompt + response, right-padded."""
+    attn: torch.Tensor
+    """[B, T] long: 1 on real tokens."""
+    targets: torch.Tensor
+    """[B, T-1] long: the next token at each logits position."""
+    mask: torch.Tensor
+    """[B, T-1] float: 1.0 where the next token is a (kept) response token."""
+    ref_logp: torch.Tensor
+    """[B, T-1] float32: the frozen reference's log-probs of `targets`."""
+    n_tokens: int
+    """Response tokens of the micro-batch (after `max_len`), known on the host."""
+    response_index: torch.Tensor
+    """[N] long: flat indices into B x (T-1) of the response positions (for the entropy)."""
+    allowed_ids: torch.Tensor | None
+    """[B, T-1, K] long: allowed tokens of choice-mode positions; None when every row is free-form."""
+    allowed_valid: torch.Tensor | None
+    """[B, T-1, K] bool: which of `allowed_ids` are real; None with `allowed_ids`."""
+    behav: torch.Tensor
+    """[B, T-1] float32: the sampler's log-probs (0 where `has_behav` is False)."""
+    has_behav: torch.Tensor
+    """[B, T-1] bool: where `behav` holds the sampler's log-prob."""
+    adv: torch.Tensor
+    """[B] float32: each row's advantage."""
+    prox_logp: torch.Tensor | None = None
+    """[B, T-1]: the proximal policy's log-probs, set by the first pass (no gradient)."""
+
+
+@dataclass(frozen=True)
+class UpdateMetrics:
+    """What one `Trainer.update` reports, the same on every rank. The first nine are token-means
+    over every response token of the batch and every pass (the first pass's clip fraction is 0 by
+    construction); `as_dict` gives the names the metrics and history have always used."""
+
+    pg_loss: float
+    kl: float
+    clip_frac: float
+    ratio_mean: float
+    approx_kl_old: float
+    entropy: float
+    imp_weight_mean: float
+    imp_weight_clipped_frac: float
+    behav_kl: float
+    imp_weight_max: float
+    """Largest importance weight of any token, any pass, any rank."""
+    loss: float
+    """pg_loss + kl_coef * kl - entropy_coef * entropy."""
+    grad_norm: float | None
+    """Of the last pass, before clipping; None when DeepSpeed reports none."""
+    tokens: float
+    """Response tokens of the batch (at least 1)."""
+    rows: float
+    seq_tokens: float
+    """Tokens of the sequences (prompt + response, cut to max_len), all ranks."""
+    padded_tokens: float
+    """Tokens computed once every micro-batch is padded to its longest row, all ranks."""
+    truncated_rows: float
+    """Rows longer than max_len: their log-probs are of a shorter context than the one sampled from."""
+    ppo_epochs: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Name -> value, in field order; `grad_norm` left out when there is none."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 def extensions_dir() -> Path:
@@ -116,7 +188,10 @@ class Trainer:
         )
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-        self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
+        # Typed as a plain Module: transformers declares PreTrainedModel.to through functools.wraps
+        # of Module.to, which type checkers read as an unbound function.
+        reference: torch.nn.Module = copy.deepcopy(model)
+        self.reference = reference.to(self.device, dtype).eval().requires_grad_(False)
         # torch's AdamW: DeepSpeed's fused/CPU Adam would compile an op first (~35 s on CPU).
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.zero_stage = effective_zero_stage(cfg.zero_stage, self.world)
@@ -139,25 +214,30 @@ class Trainer:
         self.pad_id = model.config.pad_token_id or 0
 
     # --- one update ------------------------------------------------------------------
-    def update(self, rows: Sequence[Row]) -> dict[str, float]:
+    def update(self, rows: Sequence[Row]) -> UpdateMetrics:
         """`ppo_epochs` optimizer steps on all rows (the same list on every rank)."""
         mine = list(rows[self.rank :: self.world])
         micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
-        real, padded = padding_counts(micro, self.cfg.max_len)
-        cut = sum(len(r.prompt_ids) + len(r.response_ids) > self.cfg.max_len for r in mine)
-        local = [sum(len(r.response_ids) for r in mine), real, padded, cut]
-        response_tokens, real, padded, cut = self._sum_across_ranks(local)
+        my_real, my_padded = padding_counts(micro, self.cfg.max_len)
+        my_cut = sum(len(r.prompt_ids) + len(r.response_ids) > self.cfg.max_len for r in mine)
+        my_tokens = sum(len(r.response_ids) for r in mine)
+        response_tokens, real, padded, cut = self._sum_across_ranks(
+            [my_tokens, my_real, my_padded, my_cut]
+        )
         total_tokens = max(response_tokens, 1.0)
-        # Every rank must reach the accumulation boundary once, at its last micro-batch; a rank
-        # with no rows still runs one empty step so collectives line up.
-        micro = micro or [[]]
+        # Every rank runs as many micro-batches as the rank with the most rows (at least one):
+        # ZeRO-2/3 run collectives in every forward/backward, so a rank with fewer rows pads with
+        # empty steps, and every rank reaches the accumulation boundary at the same step.
+        micro += [[]] * (
+            max_micro_batches(len(rows), self.world, self.cfg.micro_batch_rows) - len(micro)
+        )
         epochs = self.cfg.ppo_epochs
         sums: dict[str, torch.Tensor] = {}
         imp_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        own_norm: float | None = None
         self.engine.train()
-        prepared = [
-            self._prepare(mb) for mb in micro
-        ]  # padded inputs, reference and behaviour log-probs
+        # Padded inputs, reference and behaviour log-probs: computed once for every pass.
+        prepared = [self._prepare(mb) for mb in micro]
         for _epoch in range(epochs):
             for i, prep in enumerate(prepared):
                 self.engine.set_gradient_accumulation_boundary(i == len(prepared) - 1)
@@ -166,44 +246,37 @@ class Trainer:
                 if "imp_weight_max" in metrics:
                     imp_max = torch.maximum(imp_max, metrics.pop("imp_weight_max").double())
                 for k, v in metrics.items():  # on the device: read once, after the last pass
-                    sums[k] = sums.get(k, 0.0) + v.double() * (n_tok / epochs)
+                    term = v.double() * (n_tok / epochs)
+                    sums[k] = sums[k] + term if k in sums else term
             # ZeRO stages 1-3 report the gradient norm they clip with; without ZeRO it is computed here.
             own_norm = self._grad_norm() if self.zero_stage == 0 else None
             self.engine.step()
-        names = _METRICS
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        out = torch.stack(
-            [
-                torch.as_tensor(sums.get(k, zero), dtype=torch.float64, device=self.device)
-                for k in names
-            ]
-        )
+        out = torch.stack([sums.get(k, zero) for k in _METRICS])
         dist.all_reduce(out)
         peak = imp_max.reshape(1)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         # Means over all passes; the first pass's clip fraction is 0 by construction.
-        result = {k: v / total_tokens for k, v in zip(names, out.tolist())}
-        result["imp_weight_max"] = float(peak.item())
+        means = {k: v / total_tokens for k, v in zip(_METRICS, out.tolist())}
         loss_cfg = self.cfg.loss
-        result["loss"] = (
-            result["pg_loss"]
-            + loss_cfg.kl_coef * result["kl"]
-            - loss_cfg.entropy_coef * result["entropy"]
-        )
-        grad_norm = (
-            self.engine.get_global_grad_norm()
-        )  # of the last pass, before clipping; the same on every rank
+        # Of the last pass, before clipping; the same on every rank.
+        grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = own_norm
-        if grad_norm is not None:
-            result["grad_norm"] = float(grad_norm)
-        result["tokens"] = total_tokens
-        result["rows"] = float(len(rows))
-        result["seq_tokens"], result["padded_tokens"] = real, padded
-        # Rows longer than max_len: their log-probs are of a shorter context than the one sampled from.
-        result["truncated_rows"] = cut
-        result["ppo_epochs"] = float(epochs)
-        return result
+        return UpdateMetrics(
+            **means,
+            imp_weight_max=float(peak.item()),
+            loss=means["pg_loss"]
+            + loss_cfg.kl_coef * means["kl"]
+            - loss_cfg.entropy_coef * means["entropy"],
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens=total_tokens,
+            rows=float(len(rows)),
+            seq_tokens=real,
+            padded_tokens=padded,
+            truncated_rows=cut,
+            ppo_epochs=float(epochs),
+        )
 
     def _sum_across_ranks(self, values: Sequence[float]) -> list[float]:
         """Sums over the data-parallel ranks. The tensor lives on the engine's device: NCCL has
@@ -221,7 +294,7 @@ class Trainer:
         ]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def _prepare(self, rows: Sequence[Row]) -> dict | None:
+    def _prepare(self, rows: Sequence[Row]) -> PreparedMicroBatch | None:
         """What every pass over a micro-batch shares, computed once: padded ids, the allowed-token
         index of choice-mode rows, behaviour log-probs, advantages, the reference's log-probs."""
         if not rows:
@@ -265,25 +338,22 @@ class Trainer:
             for b, (start, n) in enumerate(zip(starts, counts))
             for j in range(n)
         ]
-        return {
-            "ids": ids,
-            "attn": attn,
-            "targets": targets,
-            "mask": resp_mask,
-            "ref_logp": ref_logp,
-            "n_tokens": sum(counts),
-            "response_index": torch.tensor(flat, dtype=torch.long, device="cpu").to(
+        return PreparedMicroBatch(
+            ids=ids,
+            attn=attn,
+            targets=targets,
+            mask=resp_mask,
+            ref_logp=ref_logp,
+            n_tokens=sum(counts),
+            response_index=torch.tensor(flat, dtype=torch.long, device="cpu").to(
                 self.device, non_blocking=True
             ),
-            "allowed_ids": allowed_ids,
-            "allowed_valid": allowed_valid,
-            "prox_logp": None,
-            "behav": behav.to(self.device),
-            "has_behav": has_behav.to(self.device),
-            "adv": torch.tensor(
-                [r.advantage for r in rows], dtype=torch.float32, device=self.device
-            ),
-        }
+            allowed_ids=allowed_ids,
+            allowed_valid=allowed_valid,
+            behav=behav.to(self.device),
+            has_behav=has_behav.to(self.device),
+            adv=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device),
+        )
 
     def _vocab_text(self) -> VocabText:
         if getattr(self, "_vocab", None) is None:
@@ -292,41 +362,50 @@ class Trainer:
             self._vocab = VocabText(AutoTokenizer.from_pretrained(self.cfg.model))
         return self._vocab
 
-    def _micro_loss(self, prep: dict | None) -> tuple[torch.Tensor, dict[str, float], int]:
-        if prep is None:  # zero loss that still touches every parameter (keeps ZeRO hooks in step)
-            dummy = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-            return dummy, {}, 0
-        logits = self.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
-        allowed = (prep["allowed_ids"], prep["allowed_valid"])
-        logp = restricted_logprobs(logits, prep["targets"], *allowed)
+    def _micro_loss(
+        self, prep: PreparedMicroBatch | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(loss of the micro-batch as a token-mean over its own tokens, its metrics as 0-dim
+        tensors on the device, its response tokens)."""
+        if prep is None:
+            # A padding step: zero loss through a real forward of one token, so that its backward
+            # hands the gradients to ZeRO's hooks in the same order as the other ranks' real
+            # steps (ZeRO-2 buckets gradients in arrival order: another order would sum one
+            # parameter's gradient into another's).
+            ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+            logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            return logits.sum() * 0.0, {}, 0
+        logits = self.engine(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1]
+        allowed = (prep.allowed_ids, prep.allowed_valid)
+        logp = restricted_logprobs(logits, prep.targets, *allowed)
         # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
         bonus = self.cfg.loss.entropy_coef > 0
-        idx = prep["response_index"]
+        idx = prep.response_index
         flat = (logits if bonus else logits.detach()).reshape(-1, logits.shape[-1])
         picked_allowed = [None if a is None else a.reshape(-1, a.shape[-1])[idx] for a in allowed]
         with torch.set_grad_enabled(bonus and torch.is_grad_enabled()):
             picked = restricted_entropy(flat.index_select(0, idx), *picked_allowed)
             entropy = (
-                torch.zeros(prep["mask"].numel(), dtype=picked.dtype, device=picked.device)
+                torch.zeros(prep.mask.numel(), dtype=picked.dtype, device=picked.device)
                 .index_put((idx,), picked)
-                .view(prep["mask"].shape)
+                .view(prep.mask.shape)
             )
-        if prep["prox_logp"] is None:  # the first pass: its weights are the proximal policy
-            prep["prox_logp"] = logp.detach()
-        prox = prep["prox_logp"]
+        if prep.prox_logp is None:  # the first pass: its weights are the proximal policy
+            prep.prox_logp = logp.detach()
+        prox = prep.prox_logp
         # Rows without the sampler's log-probs (length mismatch) count as sampled by the proximal policy.
-        behav = torch.where(prep["has_behav"], prep["behav"], prox)
+        behav = torch.where(prep.has_behav, prep.behav, prox)
         loss, metrics = policy_loss(
             logp,
             prox,
-            prep["ref_logp"],
-            prep["adv"],
-            prep["mask"],
+            prep.ref_logp,
+            prep.adv,
+            prep.mask,
             self.cfg.loss,
             entropy=entropy,
             behav_logprobs=behav,
         )
-        return loss, metrics, prep["n_tokens"]
+        return loss, metrics, prep.n_tokens
 
     def _pad(
         self, rows: Sequence[Row]
@@ -387,6 +466,14 @@ def micro_batches(rows: Sequence[Row], size: int, max_len: int | None = None) ->
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def max_micro_batches(n_rows: int, world: int, size: int) -> int:
+    """Micro-batches of the rank with the most rows when `n_rows` are dealt round-robin to
+    `world` ranks and cut every `size` rows; at least 1 (a rank with no rows runs an empty one).
+    Every rank knows all rows, so each computes this without asking the others."""
+    most_rows = -(-n_rows // world)
+    return max(1, -(-most_rows // size))
+
+
 def padding_counts(micro: Sequence[Sequence[Row]], max_len: int | None = None) -> tuple[int, int]:
     """(tokens of the sequences, tokens computed once every micro-batch is padded to its longest row)."""
     real = sum(_seq_len(r, max_len) for mb in micro for r in mb)
@@ -399,6 +486,7 @@ def _seq_len(row: Row, max_len: int | None) -> int:
     return min(n, max_len) if max_len else n
 
 
+# The token-mean fields of UpdateMetrics: summed on the device per micro-batch, read once.
 _METRICS = (
     "pg_loss",
     "kl",

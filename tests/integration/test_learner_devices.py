@@ -107,7 +107,7 @@ def test_every_tensor_states_its_device_and_collectives_run_on_the_engines(train
     monkeypatch.setattr(trainer_module, "torch", _explicit_device_torch())
     monkeypatch.setattr(trainer_module, "dist", checked)
     out = trainer.update(rows())
-    assert out["rows"] == 9 and out["tokens"] == sum(len(r.response_ids) for r in rows())
+    assert out.rows == 9 and out.tokens == sum(len(r.response_ids) for r in rows())
     assert [name for name, _ in checked.calls].count("all_reduce") >= 2
 
 
@@ -150,9 +150,9 @@ def test_rows_longer_than_max_len_are_counted(trainer):
     longest = max(len(r.prompt_ids) + len(r.response_ids) for r in batch)
     limit = trainer.cfg.max_len
     try:
-        assert trainer.update(batch)["truncated_rows"] == 0
+        assert trainer.update(batch).truncated_rows == 0
         trainer.cfg.max_len = longest - 1
         expect = sum(len(r.prompt_ids) + len(r.response_ids) > longest - 1 for r in batch)
-        assert expect >= 1 and trainer.update(batch)["truncated_rows"] == expect
+        assert expect >= 1 and trainer.update(batch).truncated_rows == expect
     finally:
         trainer.cfg.max_len = limit

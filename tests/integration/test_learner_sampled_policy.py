@@ -63,12 +63,11 @@ def rows_from(outs, advantages, with_token_ids: bool = True, choices=CHOICES) ->
 def learner_logprobs(trainer: Trainer, rows: list[Row]) -> list[list[float]]:
     """The trainer's own log-probs of each row's response tokens (its padding and trie index)."""
     prep = trainer._prepare(rows)
+    assert prep is not None
     with torch.no_grad():
-        logits = trainer.engine(input_ids=prep["ids"], attention_mask=prep["attn"]).logits[:, :-1]
-        lp = restricted_logprobs(
-            logits, prep["targets"], prep["allowed_ids"], prep["allowed_valid"]
-        )
-    return [lp[b][prep["mask"][b] != 0].tolist() for b in range(len(rows))]
+        logits = trainer.engine(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1]
+        lp = restricted_logprobs(logits, prep.targets, prep.allowed_ids, prep.allowed_valid)
+    return [lp[b][prep.mask[b] != 0].tolist() for b in range(len(rows))]
 
 
 def test_learner_restricted_logprobs_equal_the_samplers(policy, trainer):
@@ -106,17 +105,17 @@ def test_on_policy_rows_have_importance_weight_one_then_the_clip_acts(policy, tr
     ]
     trainer.cfg.ppo_epochs = 1
     one = trainer.update(rows)  # same weights as the sampler: importance weights and ratios are 1
-    assert one["imp_weight_mean"] == pytest.approx(1.0, abs=TOL)
-    assert one["imp_weight_max"] == pytest.approx(1.0, abs=TOL)
-    assert one["imp_weight_clipped_frac"] == 0.0 and one["clip_frac"] == 0.0
-    assert one["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert one.imp_weight_mean == pytest.approx(1.0, abs=TOL)
+    assert one.imp_weight_max == pytest.approx(1.0, abs=TOL)
+    assert one.imp_weight_clipped_frac == 0.0 and one.clip_frac == 0.0
+    assert one.ratio_mean == pytest.approx(1.0, abs=1e-6)
     # Token mean over restricted choice tokens (at most ln 7) and free-form ones (at most ln 1024).
-    assert 0 < one["entropy"] < 6.94
+    assert 0 < one.entropy < 6.94
 
     # The same rows again, now one version stale: the weight is pi_prox / pi_behav != 1, and a
     # second pass at lr 0.05 moves the ratio past 1 +- clip on some tokens.
     trainer.cfg.ppo_epochs = 2
     two = trainer.update(rows)
-    assert abs(two["imp_weight_mean"] - 1.0) > 1e-3 and two["behav_kl"] > 1e-4
-    assert two["clip_frac"] > 0.0
-    assert two["ppo_epochs"] == 2.0
+    assert abs(two.imp_weight_mean - 1.0) > 1e-3 and two.behav_kl > 1e-4
+    assert two.clip_frac > 0.0
+    assert two.ppo_epochs == 2.0
