@@ -84,8 +84,7 @@ def run_learner(
         check_reachable(client, cfg.redis_url)
         consumer = GroupConsumer(client, cfg.run, consumer=f"learner-{names.run}")
         leader = _Leader(client, consumer, names)
-        # spo3/transport/metrics.py leaves `source` unannotated (inferred None); it takes this pair.
-        m.stream.source = (client, names)  # type: ignore[assignment]
+        m.stream.source = (client, names)
         if cfg.metrics_port:
             server = serve(cfg.metrics_port, cfg.metrics_host)
     try:

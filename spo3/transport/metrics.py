@@ -16,6 +16,11 @@ Deployment ports (Prometheus job names in brackets): score service 8100 on its H
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
+
 import functools
 import logging
 import re
@@ -33,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from spo3.transport.redis_names import RedisNames
 from spo3.transport.stream import stream_depth
 
 log = logging.getLogger("spo3.metrics")
@@ -358,7 +364,7 @@ class _StreamCollector:
     """Length and pending count of the groups stream, read at scrape time."""
 
     def __init__(self) -> None:
-        self.source = None  # (redis client, RedisNames) of the running learner
+        self.source: tuple[redis.Redis, RedisNames] | None = None  # the running learner's
 
     def collect(self):
         if self.source is None:
