@@ -517,6 +517,8 @@ class Rollout:
             policy_version=c.policy_version,
             choices=choices,
             choice_token_ids=c.choice_token_ids if choices else None,
+            # Greedy decoding reports the model's own (T = 1) log-probs.
+            temperature=self.cfg.temperature or 1.0,
         )
 
     def _member(self, node, c, p, next_key, reward, done) -> GroupMember:

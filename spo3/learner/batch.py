@@ -30,6 +30,8 @@ class Row:
     """Choice mode: the admissible choices the response was drawn from (None: free-form)."""
     choice_token_ids: list[list[int]] | None = None
     """The choices as the sampler tokenized them (None with `choices` set: guided-decoder semantics)."""
+    temperature: float = 1.0
+    """The sampling temperature: the learner scores the policy as logits / temperature."""
 
 
 def group_rows(group: Group, cfg: AdvantageConfig = AdvantageConfig()) -> list[Row]:
@@ -62,6 +64,7 @@ def group_rows(group: Group, cfg: AdvantageConfig = AdvantageConfig()) -> list[R
                         group.group_id,
                         t.choices,
                         t.choice_token_ids,
+                        t.temperature,
                     )
                 )
     return rows

@@ -69,6 +69,9 @@ class PreparedMicroBatch:
     """[B, T-1] bool: where `behav` holds the sampler's log-prob."""
     adv: torch.Tensor
     """[B] float32: each row's advantage."""
+    inv_temp: torch.Tensor | None
+    """[B, 1, 1]: 1 / each row's sampling temperature, the logits' scale; None when every row was
+    sampled at temperature 1 (docs/algorithm.md "Policy loss")."""
     prox_logp: torch.Tensor | None = None
     """[B, T-1]: the proximal policy's log-probs, set by the first pass (no gradient)."""
 
@@ -329,8 +332,17 @@ class Trainer:
             if any(restricted)
             else (None, None)
         )
+        # The policy that sampled a row is the model at the row's temperature: the current,
+        # proximal and reference log-probs are all taken from logits / temperature.
+        inv_temp = (
+            torch.tensor([1.0 / r.temperature for r in rows], device=self.device).view(-1, 1, 1)
+            if any(r.temperature != 1.0 for r in rows)
+            else None
+        )
         with torch.no_grad():
-            ref_logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            ref_logits = _scaled(
+                self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1], inv_temp
+            )
             ref_logp = restricted_logprobs(ref_logits, targets, allowed_ids, allowed_valid)
         # Flat indices of the response positions, for the entropy diagnostic ([N, V], not [B, T, V]).
         flat = [
@@ -353,6 +365,7 @@ class Trainer:
             behav=behav.to(self.device),
             has_behav=has_behav.to(self.device),
             adv=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device),
+            inv_temp=inv_temp,
         )
 
     def _vocab_text(self) -> VocabText:
@@ -375,7 +388,9 @@ class Trainer:
             ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
             logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             return logits.sum() * 0.0, {}, 0
-        logits = self.engine(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1]
+        logits = _scaled(
+            self.engine(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1], prep.inv_temp
+        )
         allowed = (prep.allowed_ids, prep.allowed_valid)
         logp = restricted_logprobs(logits, prep.targets, *allowed)
         # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
@@ -440,6 +455,11 @@ class Trainer:
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+def _scaled(logits: torch.Tensor, inv_temp: torch.Tensor | None) -> torch.Tensor:
+    """`logits` [B, T, V] of rows sampled at temperatures T_b, as the sampler saw them: / T_b."""
+    return logits if inv_temp is None else logits * inv_temp.to(logits.dtype)
 
 
 def effective_zero_stage(stage: int, world: int) -> int:

@@ -72,8 +72,8 @@ class Transition(BaseModel):
     )
     logprobs: list[float] = Field(
         description="Behaviour log-probs: the sampler's, of exactly the distribution it drew "
-        "each token from (choice mode: renormalized over the choices' trie; "
-        "temperature 1). The learner's importance weight divides by them."
+        "each token from (choice mode: renormalized over the choices' trie; at "
+        "`temperature`). The learner's importance weight divides by them."
     )
     action: str | None = Field(
         description="The admissible action parsed from the output; None if invalid."
@@ -94,6 +94,12 @@ class Transition(BaseModel):
         description="The choices as the sampler tokenized them (each ending with EOS): it drew over the "
         "trie of these token sequences (in-process engine). None with `choices`: a guided "
         "decoder (vLLM) admitted any token whose text keeps the output a prefix of a choice.",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="The temperature of the distribution the tokens were drawn from (and "
+        "`logprobs` describe): the learner scores the policy at the same temperature.",
     )
 
 

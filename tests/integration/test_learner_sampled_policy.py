@@ -119,3 +119,43 @@ def test_on_policy_rows_have_importance_weight_one_then_the_clip_acts(policy, tr
     assert abs(two.imp_weight_mean - 1.0) > 1e-3 and two.behav_kl > 1e-4
     assert two.clip_frac > 0.0
     assert two.ppo_epochs == 2.0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_rows_sampled_at_a_temperature_are_scored_at_it(policy, model_dir, temperature):
+    """Sampled at T != 1 (choice mode and free-form), rows that carry their temperature are scored
+    from logits / T: on the sampler's own weights every importance weight is 1 and the behaviour
+    KL 0. Scored at T = 1 instead, the weights describe another policy."""
+    choice = policy.sample(
+        contract.MESSAGES,
+        SamplingParams(n=8, choices=CHOICES, temperature=temperature, seed=6),
+    )
+    free = policy.sample(
+        contract.MESSAGES, SamplingParams(n=8, max_tokens=6, temperature=temperature, seed=7)
+    )
+    outs = choice + free
+
+    def rows(t: float) -> list[Row]:
+        return [
+            Row(
+                c.prompt_token_ids,
+                c.token_ids,
+                1.0 if i % 2 else -1.0,
+                c.logprobs,
+                0,
+                f"t{i}",
+                choices=CHOICES if i < len(choice) else None,
+                choice_token_ids=c.choice_token_ids if i < len(choice) else None,
+                temperature=t,
+            )
+            for i, c in enumerate(outs)
+        ]
+
+    cfg = TrainerConfig(model=str(model_dir), lr=1e-6, zero_stage=0, micro_batch_rows=16)
+    cfg.ppo_epochs = 1
+    at_t = Trainer(cfg).update(rows(temperature))
+    assert at_t.imp_weight_mean == pytest.approx(1.0, abs=TOL)
+    assert at_t.imp_weight_max == pytest.approx(1.0, abs=TOL)
+    assert abs(at_t.behav_kl) < TOL
+    at_1 = Trainer(cfg).update(rows(1.0))
+    assert abs(at_1.imp_weight_mean - 1.0) > 1e-3 and abs(at_1.imp_weight_max - 1.0) > 1e-2
