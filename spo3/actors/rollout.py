@@ -239,7 +239,11 @@ class Rollout:
         here = scored[node.key]
 
         def reward(
-            next_key: str, success: float | None, invalid: bool, novelty: bool = True
+            next_key: str,
+            success: float | None,
+            invalid: bool,
+            novelty: bool = True,
+            dead_end: bool = False,
         ) -> float:
             after = scored[next_key]
             return step_reward(
@@ -254,6 +258,7 @@ class Rollout:
                 before_truncated=here.n_rollouts == 0,
                 after_truncated=after.n_rollouts == 0,
                 novelty=novelty,
+                dead_end=dead_end,
             )
 
         # The members' rewards (their advantages) leave the novelty term out under `novelty_use: order`;
@@ -271,14 +276,24 @@ class Rollout:
                 continue
             result, child_key, _ = outcomes[p.action]
             success = result.success if result.done else None
-            r = reward(child_key, success, False, learn_novelty)
-            reward_of[p.action] = r if learn_novelty else reward(child_key, success, False)
+            dead = self._dead_end_step(node, result, scored[child_key])
+            r = reward(child_key, success, False, learn_novelty, dead)
+            reward_of[p.action] = (
+                r if learn_novelty else reward(child_key, success, False, dead_end=dead)
+            )
             members.append(self._member(node, c, p, child_key, r, done=result.done))
             rewards.append((r, not result.done and scored[child_key].n_rollouts == 0))
         if len(members) > 1:
             self._emit(node, members)
             self._note_group(rewards)
         return reward_of
+
+    def _dead_end_step(self, node: _Node, result: StepResult, child: StateScore) -> bool:
+        """The step ends its path without a win: a losing terminal, a truncated state (S = 0) or the
+        depth limit (`dead_end_novelty`, docs/algorithm.md "Step reward")."""
+        if result.done:
+            return result.success < 1.0
+        return child.n_rollouts == 0 or node.depth + 1 >= self.cfg.max_steps
 
     def _children(
         self,

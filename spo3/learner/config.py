@@ -13,9 +13,13 @@ here, so the command line can read them at once).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Norm = Literal["std", "mean", "floor", "batch"]
+"""How a group's centred values are scaled (spo3/learner/advantages.py)."""
+StdKind = Literal["population", "sample"]
 
 _FORBID = ConfigDict(extra="forbid")
 
@@ -53,9 +57,59 @@ class AdvantageConfig(BaseModel):
     """How the members of a group become advantages."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    mean_only: bool = Field(False, description="Advantages without the std division.")
+    mean_only: bool = Field(
+        False,
+        description="Advantages without the std division: the normalisation of every algorithm "
+        "whose norm_<algo> is empty (true: mean, false: std).",
+    )
+    norm_3spo: Norm | None = Field(
+        None,
+        description='3SPO step groups\' normalisation (docs/algorithm.md "Step groups"): std = '
+        "(r - mean) / (std + 1e-6), which cancels the novelty weight w(N); mean = r - mean; floor = "
+        "(r - mean) / max(std, norm_floor); batch = r - mean, divided by one scale of the update's "
+        "3SPO rows (their root mean square). Empty: follows mean_only.",
+    )
+    norm_grpo: Norm | None = Field(
+        None,
+        description="GRPO's normalisation of episode scores (std, mean, floor, batch as for "
+        "norm_3spo; verl's norm_adv_by_std_in_grpo true = std). Empty: follows mean_only.",
+    )
+    norm_gigpo: Norm | None = Field(
+        None,
+        description="GiGPO's normalisation of both its episode and its step term (GiGPO's "
+        "mean_norm = mean, mean_std_norm = std, the reference's ALFWorld setting; floor, batch as "
+        "for norm_3spo). Empty: follows mean_only.",
+    )
+    norm_floor: float = Field(
+        0.1, gt=0, description="Smallest divisor of the floor normalisation: max(std, norm_floor)."
+    )
+    baseline_std: StdKind = Field(
+        "sample",
+        description="GRPO/GiGPO std: sample (n - 1, torch.std's default, as the reference code) "
+        "or population (n, as 3SPO's step groups).",
+    )
+    baseline_stats: Literal["steps", "episodes"] = Field(
+        "steps",
+        description="GRPO/GiGPO episode-term mean and std over every step row of the group "
+        "(steps: a long episode weighs once per step, as verl-agent's compute_mean_std_cross_steps) "
+        "or over one return per episode (episodes).",
+    )
+    baseline_invalid: Literal["row", "return"] = Field(
+        "row",
+        description="GRPO/GiGPO invalid-reply penalty: subtracted from the invalid step's own row "
+        "(its episode score and its GiGPO step return) after returns are computed (row, as the "
+        "reference code), or a step reward summed into the episode return and discounted into "
+        "earlier GiGPO step returns (return).",
+    )
     gamma: float = Field(0.95, ge=0, le=1, description="GiGPO discount.")
     omega: float = Field(1.0, ge=0, description="GiGPO weight of the step advantage.")
+
+    def norm(self, algo: str) -> Norm:
+        """The normalisation of `algo`'s groups: its norm_<algo>, else mean_only's."""
+        chosen = {"3spo": self.norm_3spo, "grpo": self.norm_grpo, "gigpo": self.norm_gigpo}[algo]
+        if chosen is not None:
+            return chosen
+        return "mean" if self.mean_only else "std"
 
 
 class TrainerSettings(BaseModel):
@@ -78,6 +132,11 @@ class TrainerSettings(BaseModel):
     )
     micro_batch_rows: int = Field(
         8, ge=1, description="Rows per micro-batch (gradient accumulation inside a step)."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them (less memory for long prompts, about a third more compute).",
     )
     max_len: int = Field(
         4096,

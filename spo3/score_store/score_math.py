@@ -7,7 +7,7 @@ formula is used everywhere and can be unit-tested without Redis.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +51,43 @@ class ScoreParams(BaseModel):
             "alone teach)."
         ),
     )
+    count: Literal["leaf", "rollout"] = Field(
+        "leaf",
+        description=(
+            'How a leaf commit counts (docs/algorithm.md "Leaf commit"): leaf = every leaf adds 1 to N of each '
+            "state on its path and 1 to N_s if it won; rollout = one rollout (the leaf ids <work item>:a<attempt>:*) "
+            "adds at most 1 to a state's N, and at most 1 to its N_s if any of its leaves below the state won, so "
+            "that the correlated leaves of one DFS do not count as independent paths. t counts leaves either way."
+        ),
+    )
+    truncate_won: bool = Field(
+        True,
+        description=(
+            "true: a state that has had successes is truncated like any other once N_fail >= xi and SR <= zeta; "
+            "false: a state with N_s > 0 is never truncated (a rare winning path stays open)."
+        ),
+    )
+    sr_prior_a: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Pseudo-successes a of a Beta prior on the success rate in the step reward's score: "
+            "SR = (N_s + a) / (N + a + b + eps), so a well-explored dead end scores S~ above an unexplored state "
+            "and stepping into it pays less. 0 (with b = 0): no prior. Branching and truncation keep the raw SR."
+        ),
+    )
+    sr_prior_b: float = Field(
+        0.0,
+        ge=0,
+        description="Pseudo-failures b of the success-rate prior of the step reward (see sr_prior_a).",
+    )
+    dead_end_novelty: bool = Field(
+        True,
+        description=(
+            "true: stepping into a losing terminal, a truncated or a depth-cut state earns novelty like any new "
+            "state; false: R_novel = 0 for such a step (a path that ends there went nowhere worth exploring)."
+        ),
+    )
     novelty_use: Literal["reward", "order"] = Field(
         "reward",
         description=(
@@ -86,10 +123,42 @@ def lambda_t(t: int, alpha: float) -> float:
 
 def is_truncated(c: Counts, p: ScoreParams, *, is_root: bool = False) -> bool:
     """Hopeless state: failed at least xi times and rarely succeeds. A task's root never is,
-    otherwise a hard task would drop out of training for good."""
-    if is_root:
+    otherwise a hard task would drop out of training for good; under `truncate_won: false` neither
+    is a state that has had a success. (Same rule as lua/commit_leaf.lua's `hopeless`.)"""
+    if is_root or (not p.truncate_won and c.n_success > 0):
         return False
     return c.n_fail >= p.xi and success_rate(c, p.eps) <= p.zeta
+
+
+def count_leaf(
+    counts: Mapping[str, Counts],
+    path: Sequence[str],
+    won: bool,
+    *,
+    seen: MutableMapping[str, bool] | None = None,
+) -> dict[str, Counts]:
+    """The counts of the path's distinct states after one leaf commit (docs/algorithm.md "Leaf commit");
+    the pure mirror of lua/commit_leaf.lua.
+
+    `seen` None: `count: leaf`, every distinct state gets N + 1 and N_s + won. Otherwise `count:
+    rollout`: `seen` is the rollout's record (state -> whether its N_s was counted), updated in place;
+    a state gets N + 1 only on the rollout's first leaf through it, and N_s + 1 only on its first
+    winning leaf through it.
+    """
+    out: dict[str, Counts] = {}
+    for k in dict.fromkeys(path):
+        c = counts.get(k, Counts())
+        if seen is None:
+            out[k] = Counts(c.n_total + 1, c.n_success + int(won))
+        elif k not in seen:
+            seen[k] = won
+            out[k] = Counts(c.n_total + 1, c.n_success + int(won))
+        elif won and not seen[k]:
+            seen[k] = True
+            out[k] = Counts(c.n_total, c.n_success + 1)
+        else:
+            out[k] = c
+    return out
 
 
 def state_score(c: Counts, t: int, p: ScoreParams, *, is_root: bool = False) -> float:
@@ -120,9 +189,15 @@ def novelty_weight(n_total: int, omega_k: float) -> float:
     return 0.5 * math.exp(-omega_k * n_total)
 
 
+def prior_success_rate(c: Counts, p: ScoreParams) -> float:
+    """SR with the step reward's Beta prior: (N_s + a) / (N + a + b + eps); a = b = 0 is SR itself."""
+    return (c.n_success + p.sr_prior_a) / (c.n_total + p.sr_prior_a + p.sr_prior_b + p.eps)
+
+
 def raw_score(c: Counts, t: int, p: ScoreParams) -> float:
-    """S~(s) = exp(-lambda(t) SR(s)): the state score without the truncation indicator (unseen: 1)."""
-    return math.exp(-lambda_t(t, p.alpha) * success_rate(c, p.eps))
+    """S~(s) = exp(-lambda(t) SR(s)): the state score without the truncation indicator (unseen: 1
+    without a prior; with `sr_prior_a`/`sr_prior_b` SR is the prior's, docs/algorithm.md "Step reward")."""
+    return math.exp(-lambda_t(t, p.alpha) * prior_success_rate(c, p))
 
 
 def reward_score(c: Counts, t: int, p: ScoreParams, *, truncated: bool = False) -> float:
@@ -159,6 +234,7 @@ def step_reward(
     before_truncated: bool = False,
     after_truncated: bool = False,
     novelty: bool = True,
+    dead_end: bool = False,
 ) -> float:
     """R = w(N) R_novel + (0.5 - w(N)) (S~(s_t) - S~(s_t+1)) + 0.5 R_success - invalid_penalty.
 
@@ -166,13 +242,15 @@ def step_reward(
     reply); `before`/`after`: the counts of s_t and s_t+1 at time t; N = before.n_total.
     `*_truncated`: whether the store scored the state 0 (used only under `reward_score: truncated`).
     `novelty`: False leaves the novelty term out (`novelty_use: order` rewards the group's members so).
+    `dead_end`: s_t+1 ends the path as a losing terminal, a truncated or a depth-cut state; under
+    `dead_end_novelty: false` such a step earns no novelty.
     `success` is the task's success in [0, 1] on the terminal transition and None before it;
     raw environment rewards (ALFWorld pays 10) must never be passed here.
     """
     if success is not None and not 0.0 <= success <= 1.0:
         raise ValueError(f"success must lie in [0, 1], got {success}")
     w = novelty_weight(before.n_total, p.omega_k)
-    novel = novelty and is_novel(next_key, path, p)
+    novel = novelty and not (dead_end and not p.dead_end_novelty) and is_novel(next_key, path, p)
     diff = reward_score(before, t, p, truncated=before_truncated) - reward_score(
         after, t, p, truncated=after_truncated
     )

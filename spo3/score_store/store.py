@@ -67,6 +67,14 @@ class ScoreStore(Protocol):
     def stats(self) -> StoreStats: ...
 
 
+def rollout_of(leaf_id: str) -> str:
+    """The rollout a leaf belongs to: leaf ids are `<work item>:a<attempt>:<sequence>`
+    (docs/algorithm.md "Leaf commit"), so the id without its last `:` part; an id without `:` is a
+    rollout of its own."""
+    head, sep, _ = leaf_id.rpartition(":")
+    return head if sep else leaf_id
+
+
 def _script(name: str) -> str:
     return (Path(__file__).parent / "lua" / name).read_text()
 
@@ -128,7 +136,8 @@ class RedisScoreStore:
 
     def commit_leaf(self, leaf_id: str, path: Sequence[str], success: float) -> CommitResult:
         """Count one finished path. path[0] is the task's root state (it is never truncated).
-        Repeated states count once; a leaf id already committed changes nothing."""
+        Repeated states count once; a leaf id already committed changes nothing. Under
+        `count: rollout` the leaf's rollout is its id without the last `:` part (`rollout_of`)."""
         # One EVALSHA, not a pipeline: redis-py adds a SCRIPT EXISTS round trip to pipelines.
         counted, leaves = self._call(self._commit, **self._commit_args(leaf_id, path, success))
         return CommitResult(counted=bool(counted), t=int(leaves) + 1)
@@ -153,10 +162,18 @@ class RedisScoreStore:
             n.n_states,
             n.truncated,
             n.duplicate_commits,
+            self.rollout_seen_key(rollout_of(leaf_id)),
             *(n.state(k) for k in dict.fromkeys(path)),
         ]
         won = 1 if success >= self.success_threshold else 0
-        return dict(keys=keys, args=[won, self.leaf_ttl_s, p.xi, repr(p.zeta), repr(p.eps)])
+        args = [won, self.leaf_ttl_s, p.xi, repr(p.zeta), repr(p.eps)]
+        args += [int(p.truncate_won), int(p.count == "rollout")]
+        return dict(keys=keys, args=args)
+
+    def rollout_seen_key(self, rollout_id: str) -> str:
+        """Hash of the states one rollout has counted (state hash -> 1 if its success was counted);
+        used under `count: rollout` and kept as long as leaf markers (`leaf_ttl_s`)."""
+        return f"{self.names.prefix}:rseen:{rollout_id}"
 
     def stats(self) -> StoreStats:
         n = self.names

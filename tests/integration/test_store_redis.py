@@ -172,3 +172,68 @@ def test_retry_after_restart_does_not_double_count():
         assert s.scores(["a"]).scores[0].n_total == 1
     finally:
         srv.stop()
+
+
+def _counts(s: RedisScoreStore, keys) -> dict[str, tuple[int, int]]:
+    return {x.key: (x.n_total, x.n_success) for x in s.scores(keys).scores}
+
+
+def test_count_per_rollout_against_the_pure_rule(store):
+    from spo3.score_store.score_math import count_leaf
+    from spo3.score_store.store import rollout_of
+
+    assert rollout_of("task-1:a0:12") == "task-1:a0" and rollout_of("x") == "x"
+    per_leaf = RedisScoreStore(store.client, ScoreParams(), run="leaf")
+    per_rollout = RedisScoreStore(store.client, ScoreParams(count="rollout"), run="rollout")
+    # One DFS rollout: 16 failed leaves below x, then one winning leaf; then a second rollout's leaf.
+    leaves = [(f"item:a0:{i}", ["r", "x", f"d{i}"], 0.0) for i in range(16)]
+    leaves += [("item:a0:16", ["r", "x", "goal"], 1.0), ("item:a1:0", ["r", "x", "d0"], 0.0)]
+    pure: dict[str, Counts] = {}
+    seen: dict[str, dict[str, bool]] = {}
+    for leaf_id, path, success in leaves:
+        per_leaf.commit_leaf(leaf_id, path, success)
+        assert per_rollout.commit_leaf(leaf_id, path, success).counted
+        pure.update(
+            count_leaf(pure, path, success >= 1.0, seen=seen.setdefault(rollout_of(leaf_id), {}))
+        )
+    keys = ["r", "x", "d0", "d1", "goal"]
+    got = _counts(per_rollout, keys)
+    assert got == {k: (pure[k].n_total, pure[k].n_success) for k in keys}
+    assert got["x"] == (2, 1) and got["d0"] == (2, 0) and got["goal"] == (1, 1)
+    # t still counts leaves.
+    assert per_rollout.stats().t == per_leaf.stats().t == 19
+    # Per leaf (today) x is at N = 18, N_s = 1 and truncated; per rollout it is not.
+    assert _counts(per_leaf, ["x"])["x"] == (18, 1)
+    assert per_leaf.scores(["x"]).scores[0].score == 0.0
+    assert per_rollout.scores(["x"]).scores[0].score > 0.0
+    assert per_leaf.stats().truncated_states == 1 and per_rollout.stats().truncated_states == 0
+    # Idempotent: a repeated commit of a leaf id changes nothing, under either counting.
+    assert per_rollout.commit_leaf("item:a0:3", ["r", "x", "d3"], 1.0).counted is False
+    assert _counts(per_rollout, keys) == got
+
+
+def test_count_per_rollout_counts_the_first_win_below_a_state_once(store):
+    s = RedisScoreStore(store.client, ScoreParams(count="rollout"), run="wins")
+    s.commit_leaf("w:a0:0", ["r", "x", "a"], 0.0)
+    s.commit_leaf("w:a0:1", ["r", "x", "b"], 1.0)
+    s.commit_leaf("w:a0:2", ["r", "x", "c"], 1.0)
+    assert _counts(s, ["r", "x", "a", "b", "c"]) == {
+        "r": (1, 1), "x": (1, 1), "a": (1, 0), "b": (1, 1), "c": (1, 1),
+    }  # fmt: skip
+    # The seen set expires with the leaf markers.
+    assert 0 < s.client.ttl(s.rollout_seen_key("w:a0")) <= s.leaf_ttl_s
+
+
+def test_truncated_set_with_truncate_won_false(store):
+    p = ScoreParams(xi=2, zeta=0.5, truncate_won=False)
+    s = RedisScoreStore(store.client, p, run="keepwon")
+    n_total = n_success = 0
+    for i, won in enumerate([0, 0, 1, 0, 0, 0]):
+        s.commit_leaf(str(i), ["r", "x"], float(won))
+        n_total, n_success = n_total + 1, n_success + won
+        expected = state_score(Counts(n_total, n_success), i + 2, p) == 0.0
+        assert s.stats().truncated_states == int(expected), (n_total, n_success)
+        assert (s.scores(["x"]).scores[0].score == 0.0) is expected
+    # In at (2, 0); out at (3, 1) and never back: under truncate_won true (6, 1) would be truncated.
+    assert s.stats().truncated_states == 0
+    assert state_score(Counts(6, 1), 8, ScoreParams(xi=2, zeta=0.5)) == 0.0

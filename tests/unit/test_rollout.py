@@ -3,6 +3,8 @@ on real TextWorld games in tests/integration/test_rollout_textworld.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from spo3.actors.rollout import ReplayMismatch, Rollout, RolloutConfig
@@ -207,3 +209,56 @@ def test_novelty_use_order_explores_the_same_tree_and_rewards_without_novelty():
     assert forward_a and all(r == pytest.approx(0.5) for r in forward_a)
     assert forward_b and all(r == 0.0 for r in forward_b)
     assert all(m.transitions[0].reward == 0.0 for m in root_b)
+
+
+def _cycle(*actions):
+    return lambda m, p, i: f"<action>{actions[i % len(actions)]}</action>"
+
+
+def _rewards(group) -> dict[str, float]:
+    return {m.transitions[0].action: m.score for m in group.members}
+
+
+@pytest.mark.parametrize("dead_end_novelty", [True, False])
+def test_dead_end_novelty_at_the_depth_limit(dead_end_novelty):
+    # max_steps 1: every child of the root is depth-cut. forward reaches a new state (mile 1),
+    # look stays at mile 0, jump ends the episode lost at mile 0.
+    params = ScoreParams(dead_end_novelty=dead_end_novelty)
+    ro, *_, sink, _ = make(
+        _cycle("forward", "look", "jump"), cfg=RolloutConfig(max_steps=1), params=params
+    )
+    ro.run(item())
+    r = _rewards(sink.groups[0])
+    # Today: the depth-cut forward earns the novelty w(0) = 0.5; with the setting off, nothing.
+    assert r["forward"] == (0.5 if dead_end_novelty else 0.0)
+    assert r["look"] == r["jump"] == 0.0
+
+
+@pytest.mark.parametrize("dead_end_novelty", [True, False])
+def test_dead_end_novelty_into_a_truncated_state(dead_end_novelty):
+    params = ScoreParams(dead_end_novelty=dead_end_novelty)
+    store = MemoryScoreStore(params)
+    for i in range(10):  # mile 1 failed 10 times: truncated; the root has N = 10
+        store.commit_leaf(f"pre-{i}", [key(0), key(1)], 0.0)
+    ro, *_, sink, _ = make(_cycle("forward", "look"), store=store, params=params)
+    ro.run(item())
+    r = _rewards(sink.groups[0])
+    # forward lands on the truncated mile 1: novelty w(10) = 0.5 e^-1 today (score term 0: both SR 0).
+    assert r["forward"] == pytest.approx(0.5 * math.exp(-1.0) if dead_end_novelty else 0.0)
+    assert r["look"] == 0.0
+
+
+def test_a_losing_terminal_is_a_dead_end_step():
+    ro, *_ = make(cfg=RolloutConfig(max_steps=6))
+    from spo3.actors.envs.base import Observation, StepResult
+    from spo3.actors.rollout import _Node
+    from spo3.score_store.store import StateScore
+
+    obs = Observation(text="x", state_text="x", admissible_actions=())
+    node = _Node("r", (), ("k",), obs, ())
+    alive = StateScore(key="c", score=1.0, n_rollouts=8, n_total=0, n_success=0)
+    assert ro._dead_end_step(node, StepResult(obs, done=True, success=0.0), alive)
+    assert not ro._dead_end_step(node, StepResult(obs, done=True, success=1.0), alive)
+    assert not ro._dead_end_step(node, StepResult(obs, done=False, success=0.0), alive)
+    dead = alive.model_copy(update={"score": 0.0, "n_rollouts": 0})
+    assert ro._dead_end_step(node, StepResult(obs, done=False, success=0.0), dead)

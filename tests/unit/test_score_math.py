@@ -10,6 +10,7 @@ import pytest
 from spo3.score_store.score_math import (
     Counts,
     ScoreParams,
+    count_leaf,
     is_novel,
     is_truncated,
     lambda_t,
@@ -239,3 +240,74 @@ def test_params_validate():
         ScoreParams(zeta=2.0)
     with pytest.raises(ValueError):
         ScoreParams(g_max=0)
+
+
+# --- Settings against the known hazards (docs/algorithm.md "Known hazards") -------------------
+
+
+def test_correlated_leaves_truncate_the_winning_path_unless_counted_per_rollout():
+    # One DFS rollout: 16 failed leaves below state x, then the one winning leaf.
+    leaves = [(["r", "x", f"dead{i}"], False) for i in range(16)] + [(["r", "x", "goal"], True)]
+    p = ScoreParams()
+    per_leaf: dict[str, Counts] = {}
+    per_rollout: dict[str, Counts] = {}
+    seen: dict[str, bool] = {}
+    for path, won in leaves:
+        per_leaf.update(count_leaf(per_leaf, path, won))
+        per_rollout.update(count_leaf(per_rollout, path, won, seen=seen))
+    # Per leaf (today): x at N = 17, N_s = 1 -> N_f 16 >= xi, SR 0.059 <= zeta: truncated.
+    assert per_leaf["x"] == Counts(17, 1)
+    assert is_truncated(per_leaf["x"], p) and state_score(per_leaf["x"], 18, p) == 0.0
+    # Per rollout: the rollout adds 1 to N and 1 to N_s (a leaf below x won).
+    assert per_rollout["x"] == Counts(1, 1) and per_rollout["r"] == Counts(1, 1)
+    assert per_rollout["dead3"] == Counts(1, 0) and per_rollout["goal"] == Counts(1, 1)
+    assert not is_truncated(per_rollout["x"], p)
+    # A second rollout counts again, once.
+    again = count_leaf(per_rollout, ["r", "x", "dead0"], False, seen={})
+    assert again["x"] == Counts(2, 1)
+
+
+def test_truncate_won_false_keeps_a_state_with_a_success_open():
+    c = Counts(17, 1)  # N_f 16 >= 10, SR 0.059 <= 0.1
+    assert state_score(c, 18, ScoreParams()) == 0.0  # today: truncated despite its win
+    keep = ScoreParams(truncate_won=False)
+    assert not is_truncated(c, keep) and state_score(c, 18, keep) > 0.0
+    # A state that never won is still truncated.
+    assert is_truncated(Counts(10, 0), keep)
+
+
+def test_sr_prior_ranks_a_well_explored_dead_end_below_an_unexplored_state():
+    t = 100  # lambda = ln 100
+    flat = ScoreParams(novelty="none")  # score term only
+    dead, unseen, here = Counts(500, 0), Counts(0, 0), Counts(20, 0)
+
+    def r(after: Counts, p: ScoreParams) -> float:
+        return step_reward(
+            path=["h"], next_key="n", before=here, after=after, t=t, success=None,
+            invalid=False, p=p,
+        )  # fmt: skip
+
+    # Without a prior both score S~ = 1 (SR 0): the score term is silent, both steps earn 0.
+    assert raw_score(dead, t, flat) == raw_score(unseen, t, flat) == 1.0
+    assert r(dead, flat) == r(unseen, flat) == 0.0
+    # Beta(1, 1): SR(unseen) = 1/2 -> S~ = 100^-0.5 = 0.1; SR(dead) = 1/502 -> S~ = 100^(-1/502) = 0.990868;
+    # SR(here) = 1/22 -> S~ = 100^(-1/22) = 0.811131; w(20) = 0.5 e^-2 = 0.067668.
+    prior = ScoreParams(novelty="none", sr_prior_a=1.0, sr_prior_b=1.0)
+    assert raw_score(unseen, t, prior) == pytest.approx(0.1, abs=1e-6)
+    assert raw_score(dead, t, prior) == pytest.approx(0.990868, abs=1e-6)
+    w = 0.5 * math.exp(-2.0)
+    assert r(unseen, prior) == pytest.approx((0.5 - w) * (0.811131 - 0.1), abs=1e-6)
+    assert r(dead, prior) == pytest.approx((0.5 - w) * (0.811131 - 0.990868), abs=1e-6)
+    assert r(dead, prior) < 0 < r(unseen, prior)
+    # Branching and truncation keep the raw SR: an unseen state still gets g_max samples.
+    assert state_score(unseen, t, prior) == 1.0
+    assert state_score(Counts(3, 1), t, prior) == state_score(Counts(3, 1), t, ScoreParams())
+
+
+def test_dead_end_novelty_false_pays_no_novelty_for_dying():
+    kw = dict(path=["a"], next_key="b", before=Counts(), after=Counts(), t=1, invalid=False)
+    # Today: an unseen losing terminal earns w(0) = 0.5, like a new room.
+    assert step_reward(**kw, success=0.0, p=ScoreParams(), dead_end=True) == 0.5
+    off = ScoreParams(dead_end_novelty=False)
+    assert step_reward(**kw, success=0.0, p=off, dead_end=True) == 0.0
+    assert step_reward(**kw, success=None, p=off, dead_end=False) == 0.5  # a new room still pays
