@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from spo3.actors.config import EvalConfig, RolloutConfig
 from spo3.actors.envs.tasks import HELD_OUT_OFFSET
 from spo3.app.config import reject_unknown
-from spo3.learner.config import LearnerConfig, LearnerSettings, LossConfig, TrainerSettings
+from spo3.learner.config import (
+    AdvantageConfig,
+    LearnerConfig,
+    LearnerSettings,
+    LossConfig,
+    TrainerSettings,
+)
 from spo3.score_store.score_math import ScoreParams
 from spo3.transport.contracts import Algo
 
@@ -89,9 +95,9 @@ class GamesConfig(BaseModel):
         return self
 
 
-class LearnerSection(LearnerSettings, TrainerSettings, LossConfig):
-    """The `learner:` section of a run: the learner loop's, the trainer's and the loss's settings
-    (spo3/learner/config.py) side by side, as `spo3 learner` takes them."""
+class LearnerSection(LearnerSettings, TrainerSettings, LossConfig, AdvantageConfig):
+    """The `learner:` section of a run: the learner loop's, the trainer's, the loss's and the
+    advantages' settings (spo3/learner/config.py) side by side, as `spo3 learner` takes them."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -111,6 +117,7 @@ class LearnerSection(LearnerSettings, TrainerSettings, LossConfig):
             run=run,
             checkpoint_dir=checkpoint_dir,
             trainer=trainer,
+            advantages=AdvantageConfig(**pick(AdvantageConfig)),
             **pick(LearnerSettings),
         )
 

@@ -155,3 +155,12 @@ def test_learner_section_builds_the_learner_config():
     ) == (4, 0.5, 0.2, 1)
     with pytest.raises(ValidationError):
         LearnerConfig(redis_url="r", trainer=TrainerConfig(model="m"), groups_per_updat=3)
+
+
+def test_a_runs_learner_section_sets_the_advantage_settings():
+    section = LearnerSection(norm_3spo="mean", baseline_std="population", gamma=0.9)
+    cfg = section.learner_config(redis_url="redis://x", run="r", checkpoint_dir="c", model="m")
+    assert cfg.advantages.norm("3spo") == "mean" and cfg.advantages.norm("grpo") == "std"
+    assert (cfg.advantages.baseline_std, cfg.advantages.gamma) == ("population", 0.9)
+    with pytest.raises(ValidationError):
+        LearnerSection(norm_3spo="median")
