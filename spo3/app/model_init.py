@@ -174,9 +174,17 @@ def train_tokenizer(vocab_size: int, seed: int = 0):
 
 
 def init_model(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32"
+    out_dir: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
+    *,
+    tied: bool = False,
 ) -> Path:
-    """Write a tokenizer + randomly initialized Qwen2 model in Hugging Face format (safetensors)."""
+    """Write a tokenizer + randomly initialized Qwen2 model in Hugging Face format (safetensors).
+
+    `tied`: tie lm_head to the input embeddings, as Qwen2.5-0.5B..3B do (the checkpoint then holds
+    no `lm_head.weight`); the presets are untied by default, like the larger Qwen2.5 models."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
@@ -190,8 +198,7 @@ def init_model(
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
-        # Untied: vLLM's in-place weight reload updates embed_tokens but not a tied lm_head.
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -208,6 +215,7 @@ def init_model(
             {
                 "preset": preset,
                 "seed": seed,
+                "tied": tied,
                 "parameters": sum(p.numel() for p in model.parameters()),
             }
         )

@@ -99,7 +99,9 @@ def learner_publisher(
         )
     if target.weights_dir:
         from spo3.policy.publish import DirectoryPublisher
+        from spo3.policy.weights import tied_map
         from spo3.transport.connection import connect
 
-        return DirectoryPublisher(target.weights_dir, connect(redis_url), run)
+        # The followers run `model`: tensors it ties are published once.
+        return DirectoryPublisher(target.weights_dir, connect(redis_url), run, tied=tied_map(model))
     return None
