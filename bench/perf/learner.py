@@ -13,7 +13,14 @@
    VLLMDiskPublisher.publish() (safetensors write + the server's HTTP routes) and the wait until
    VLLMPolicy.version() reports it; the served logprobs are then checked against the trainer's
    weights, and the server's start time is reported apart;
-3. Trainer.update with bf16=True against fp32 (same batch, interleaved with figure 1).
+3. Trainer.update with bf16=True against fp32 (same batch, interleaved with figure 1);
+4. memory at the real vocabulary: a tiny Qwen2 body (hidden 64, 2 layers) with Qwen's
+   151,936-token vocabulary, one Trainer.update (fp32, 1 rank, default ppo_epochs) of 4 rows of
+   1,000 prompt + 16 response tokens in one micro-batch: peak RSS over the RSS of the built
+   trainer (its models, before the update) and the update's time, for the full-logit path
+   (before: logits of every position, float32 log-softmax of them all) and the response-only
+   chunked one (after); targets <= 1 GB and <= 3 s. Each variant runs in a fresh process, so that
+   neither's allocations count in the other's peak. `--only-vocab` runs this figure alone.
 
 The variants of figures 1 and 3 run interleaved (one update of each in turn, after one
 warm-up each), so that load from other processes on a shared machine hits them alike; the
@@ -245,6 +252,114 @@ class PlainTorch:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+
+# --- figure 4: memory at the real vocabulary ---------------------------------------------
+
+QWEN_VOCAB = 151_936
+VOCAB_TARGET_BYTES = 1 << 30
+VOCAB_TARGET_S = 3.0
+
+
+def big_vocab_model(out: Path, vocab: int = QWEN_VOCAB) -> str:
+    """The `tiny` preset's body with `vocab` tokens, randomly initialized (no tokenizer: the
+    update needs none)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from spo3.app.model_init import PRESETS
+
+    spec = {**PRESETS["tiny"], "vocab_size": vocab}
+    torch.manual_seed(0)
+    config = Qwen2Config(max_position_embeddings=2048, tie_word_embeddings=False, **spec)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _vocab_variant(model_dir: str, full_logits: bool, rows: list[TrainRow], out) -> None:
+    """In a fresh process: build the Trainer, then one update; (peak RSS over the RSS before it,
+    seconds, first-pass loss) into `out`."""
+    from spo3.learner.trainer import Trainer, TrainerConfig
+
+    trainer = Trainer(TrainerConfig(model=model_dir, lr=1e-3, micro_batch_rows=len(rows)))
+    trainer._full_logits = full_logits
+    before = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak) to the current RSS
+    t0 = time.perf_counter()
+    metrics = trainer.update(rows)
+    seconds = time.perf_counter() - t0
+    out.put(
+        {
+            "rss_before_bytes": before,
+            "peak_over_bytes": _rss("VmHWM") - before,
+            "seconds": seconds,
+            "pg_loss": metrics.pg_loss,
+            "kl": metrics.kl,
+            "entropy": metrics.entropy,
+        }
+    )
+
+
+def bench_vocab(
+    workdir: Path, log: Callable[[str], None], prompt_len: int = 1000, response_len: int = 16
+) -> tuple[dict, list[Row]]:
+    import multiprocessing
+
+    model_dir = big_vocab_model(workdir / "qwen-vocab-model")
+    rng = random.Random(0)
+    rows = [
+        TrainRow(
+            [rng.randrange(3, QWEN_VOCAB) for _ in range(prompt_len)],
+            [rng.randrange(3, QWEN_VOCAB) for _ in range(response_len)],
+            ADVANTAGES[i % len(ADVANTAGES)],
+            [],
+            0,
+            f"g{i}",
+        )
+        for i in range(4)
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    results: dict = {"rows": 4, "prompt_len": prompt_len, "response_len": response_len}
+    for name, full in (("before_full_logits", True), ("after_response_chunked", False)):
+        log(f"  4 {name}")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_vocab_variant, args=(model_dir, full, rows, queue))
+        proc.start()
+        results[name] = queue.get(timeout=1200)
+        proc.join()
+    before, after = results["before_full_logits"], results["after_response_chunked"]
+    for k in ("pg_loss", "kl", "entropy"):
+        if abs(before[k] - after[k]) > 1e-5:
+            raise AssertionError(f"{k}: full-logit {before[k]} vs chunked {after[k]}")
+    results["loss_diff_ok"] = True
+
+    def mb(b: float) -> str:
+        return f"{b / 1e6:,.0f} MB"
+
+    shape = f"tiny body, vocab {QWEN_VOCAB:,}, 4 x ({prompt_len}+{response_len})"
+    table = [
+        Row(f"4 peak RSS - before, {shape}", mb(before["peak_over_bytes"]), "-", "baseline"),
+        Row(
+            "4 peak RSS - response-only chunked",
+            mb(after["peak_over_bytes"]),
+            "<= 1 GB",
+            "PASS" if after["peak_over_bytes"] <= VOCAB_TARGET_BYTES else "FAIL",
+        ),
+        Row("4 update time - before", f"{before['seconds']:.2f} s", "-", "baseline"),
+        Row(
+            "4 update time - response-only chunked",
+            f"{after['seconds']:.2f} s",
+            "<= 3 s",
+            "PASS" if after["seconds"] <= VOCAB_TARGET_S else "FAIL",
+        ),
+    ]
+    return results, table
 
 
 # --- figures 1 and 3: update throughput --------------------------------------------------
@@ -679,6 +794,15 @@ def main(
             help="Rows per update in figure 2 (the update itself is not timed there).", min=1
         ),
     ] = 8,
+    vocab: Annotated[
+        bool,
+        typer.Option(
+            "--vocab/--no-vocab", help="Figure 4: memory at Qwen's 151,936-token vocabulary."
+        ),
+    ] = True,
+    only_vocab: Annotated[
+        bool, typer.Option("--only-vocab", help="Run figure 4 alone (no figures 1-3).")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path(
         "learner_bench.json"
     ),
@@ -704,6 +828,8 @@ def main(
             "publish": publish,
             "publish_reps": publish_reps,
             "publish_rows": publish_rows,
+            "vocab": vocab,
+            "only_vocab": only_vocab,
         },
         "device": {
             "kind": device.type,
@@ -718,6 +844,14 @@ def main(
     phase_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spo3-learner-bench-") as tmp:
         work = Path(tmp)
+        if vocab or only_vocab:
+            log("4 memory at the real vocabulary ...")
+            t0 = time.perf_counter()
+            results["vocab"], fig4 = bench_vocab(work, log)
+            phase_s["vocab"] = time.perf_counter() - t0
+        if only_vocab:
+            _report(results, fig4, phase_s, t_start, out)
+            return
         t0 = time.perf_counter()
         from spo3.app.model_init import init_model
 
@@ -773,7 +907,14 @@ def main(
             phase_s["publish"] = time.perf_counter() - t0
             table += fig2
         table += fig3
+        if vocab:
+            table += fig4
+    _report(results, table, phase_s, t_start, out)
 
+
+def _report(
+    results: dict, table: list[Row], phase_s: dict[str, float], t_start: float, out: Path
+) -> None:
     total = time.perf_counter() - t_start
     results["phase_seconds"], results["total_seconds"] = phase_s, total
     write_json(out, results)

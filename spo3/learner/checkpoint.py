@@ -26,14 +26,18 @@ def latest(root: str | Path) -> Path | None:
 
 def save(trainer, root: str | Path, meta: CheckpointMeta, *, keep: int = 2) -> Path:
     """Written to a fresh folder, then `latest` is switched to it, so a crash mid-save leaves
-    the previous checkpoint in charge."""
+    the previous checkpoint in charge. Every rank calls it; rank 0 writes the HF weights, the
+    position and `latest`."""
     root = Path(root)
     name = f"v{meta.version:08d}"
     path = root / name
-    trainer.engine.save_checkpoint(str(path / "ds"), tag="state")  # collective: every rank calls it
-    if trainer.rank == 0:
+    # Both collectives, called by every rank: the engine state (each rank writes its own
+    # partitions of the optimizer state, and under ZeRO-3 of the weights), and the gathered weights.
+    trainer.engine.save_checkpoint(str(path / "ds"), tag="state")
+    weights = trainer.state_dict()  # rank 0: the full weights; None elsewhere
+    if weights is not None:
         trainer.engine.module.save_pretrained(
-            path / "hf", safe_serialization=True, state_dict=trainer.state_dict()
+            path / "hf", safe_serialization=True, state_dict=weights
         )
         _copy_tokenizer(trainer.cfg.model, path / "hf")
         (path / "meta.json").write_text(meta.model_dump_json(indent=1))
@@ -47,6 +51,8 @@ def save(trainer, root: str | Path, meta: CheckpointMeta, *, keep: int = 2) -> P
 
 
 def load(trainer, path: Path) -> CheckpointMeta:
+    """Every rank: its partitions of the engine state (ZeRO-3: of the weights too), and the
+    position."""
     trainer.engine.load_checkpoint(str(path / "ds"), tag="state")
     return CheckpointMeta.model_validate_json((path / "meta.json").read_text())
 

@@ -8,7 +8,8 @@
         checkpoint every `checkpoint_every` versions, then acknowledge the groups it covers
 
 Only rank 0 talks to Redis and to policy servers; the groups reach the other ranks through
-torch.distributed as JSON.
+torch.distributed as JSON. Gathering the weights (to publish, to checkpoint) is a collective that
+every rank joins (ZeRO-3 holds them partitioned); rank 0 alone publishes and writes them.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def _train(
     m = learner_metrics()
     staleness = StalenessFilter(cfg.max_staleness)
     pos = _resume(cfg, trainer, leader, staleness)
+    # Whether weights are published at all is rank 0's to say: every rank must then join the
+    # gather, whether or not it was handed a publisher itself.
+    publishing = _agree(publisher is not None)
     # Rank 0 reads the stream; entries delivered before a crash, not yet in a checkpoint, first.
     reader = _GroupReader(cfg, leader.consumer, staleness) if leader else None
     history: list[dict] = []
@@ -125,7 +129,7 @@ def _train(
             continue
         pos.unacked.extend(read_ids)
         metrics = _update(trainer, rows, pos, start)
-        _publish(cfg, trainer, leader, publisher, pos.version)
+        _publish(cfg, trainer, leader, publisher if publishing else None, pos.version, publishing)
         history.append(
             {
                 "version": pos.version,
@@ -234,19 +238,22 @@ def _publish(
     leader: _Leader | None,
     publisher: WeightSink | None,
     version: int,
+    publishing: bool,
 ) -> None:
-    """Rank 0: the weights to the policy servers every `publish_every` versions, and the version
-    to Redis; with no publisher, the version key alone tells how far the learner got."""
-    if leader is None:
-        return
+    """The weights to the policy servers every `publish_every` versions (gathered on every rank,
+    published by rank 0), and the version to Redis (rank 0); with no publisher, the version key
+    alone tells how far the learner got."""
     m = learner_metrics()
-    if publisher is not None and version % cfg.publish_every == 0:
+    if publishing and version % cfg.publish_every == 0:
         t0 = time.perf_counter()
-        publisher.publish(version, trainer.state_dict())
+        weights = trainer.state_dict()  # collective: every rank, rank 0 gets the weights
+        if leader is None or publisher is None or weights is None:
+            return
+        publisher.publish(version, weights)
         m.publish_seconds.observe(time.perf_counter() - t0)
         m.published_version.set(version)
         leader.client.set(leader.names.policy_version, version)
-    elif publisher is None:
+    elif not publishing and leader is not None:
         leader.client.set(leader.names.policy_version, version)
 
 
@@ -270,6 +277,15 @@ def _checkpoint(
     if leader is not None:
         leader.consumer.ack(pos.unacked)
     pos.unacked = []
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    payload = [flag]
+    dist.broadcast_object_list(payload, src=0)
+    return bool(payload[0])
 
 
 def _share(batch: list[Group], stop: bool) -> tuple[list[Group], bool]:

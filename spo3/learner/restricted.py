@@ -15,7 +15,10 @@ small model samples "look" as "lo" + "o" + "k" as readily as "look".
 `allowed_tokens` / `guided_allowed_tokens` give the allowed ids for one row (no torch), and
 `restricted_logprobs` turns logits [B, T, V] plus a padded index of the allowed tokens [B, T, K]
 into log-probs and entropies; positions without an index (free-form rows, prompt, padding) get the
-full-vocabulary ones.
+full-vocabulary ones. `response_logprobs` does the same for the logits of the response positions
+alone ([N, V]), a chunk of positions at a time, so that no float32 copy of them all exists at once
+(with a 151,936-token vocabulary the float32 logits of every position of a batch were the learner's
+largest allocation).
 """
 
 from __future__ import annotations
@@ -151,6 +154,93 @@ def restricted_entropy(
         -1
     )
     return torch.where(allowed_valid.any(-1), r_ent, entropy)
+
+
+# float32 elements of one chunk's logits in `response_logprobs`: 2**24 (64 MiB), i.e. 110 positions
+# of a 151,936-token vocabulary.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def response_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    allowed_ids: Tensor | None = None,
+    allowed_valid: Tensor | None = None,
+    inv_temp: Tensor | None = None,
+    *,
+    entropy_grad: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log-prob of each target, entropy) under the sampled distribution, for N positions:
+    logits [N, V] in the model's dtype, targets [N], allowed_ids / allowed_valid [N, K] (as
+    `restricted_logprobs`), inv_temp [N] (1 / the row's temperature: the logits are scaled in
+    their own dtype first, as the sampler saw them) -> [N], [N] float32.
+
+    Computed `chunk_rows` positions at a time (default: CHUNK_ELEMENTS / V); with gradients and
+    more than one chunk, each chunk is recomputed in the backward pass instead of keeping its
+    float32 log-softmax, so the float32 working set is one chunk. The entropy carries a gradient
+    only with `entropy_grad` (an entropy bonus), else it is a diagnostic.
+    """
+    n, vocab = logits.shape
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    restricted = allowed_ids is not None and allowed_valid is not None
+    recompute = torch.is_grad_enabled() and logits.requires_grad and n > rows
+    logps, ents = [], []
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        args = (
+            logits[a:b],
+            targets[a:b],
+            allowed_ids[a:b] if restricted else None,  # type: ignore[index]
+            allowed_valid[a:b] if restricted else None,  # type: ignore[index]
+            None if inv_temp is None else inv_temp[a:b],
+        )
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            lp, ent = checkpoint(_chunk_logprobs, *args, entropy_grad, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args, entropy_grad)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        empty = logits.new_zeros((0,), dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(ents)
+
+
+def _chunk_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    allowed_ids: Tensor | None,
+    allowed_valid: Tensor | None,
+    inv_temp: Tensor | None,
+    entropy_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """`response_logprobs` of one chunk: the computation of `restricted_logprobs` and
+    `restricted_entropy`, sharing the log-softmax."""
+    if inv_temp is not None:
+        logits = logits * inv_temp.to(logits.dtype).unsqueeze(-1)
+    logits = logits.float()
+    full = torch.log_softmax(logits, dim=-1)
+    tgt = targets.long().unsqueeze(-1)
+    logp = full.gather(-1, tgt).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent_in = full if entropy_grad else full.detach()
+        entropy = -(ent_in.exp() * ent_in).sum(-1)
+    if allowed_ids is None or allowed_valid is None:
+        return logp, entropy
+    where = allowed_valid.any(-1)
+    sub = _allowed_logits(logits, allowed_ids, allowed_valid)
+    target_logit = logits.gather(-1, tgt).squeeze(-1)
+    logp = torch.where(where, target_logit - torch.logsumexp(sub, dim=-1), logp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        sub_logp = torch.log_softmax(sub if entropy_grad else sub.detach(), dim=-1)
+        r_ent = -torch.where(
+            allowed_valid, sub_logp.exp() * sub_logp, torch.zeros_like(sub_logp)
+        ).sum(-1)
+        entropy = torch.where(where, r_ent, entropy)
+    return logp, entropy
 
 
 def _allowed_logits(logits: Tensor, allowed_ids: Tensor, allowed_valid: Tensor) -> Tensor:

@@ -9,17 +9,29 @@ under the distribution the sampler drew from (spo3/learner/restricted.py).
 Rows are split across ranks; each micro-batch's loss is scaled by (its tokens / all tokens of
 the batch) x world size, so that after DeepSpeed averages gradients over ranks the gradient
 is exactly that of the token-mean over the whole batch, whatever the split.
+
+Log-probs are taken at the response positions only: the output embedding (lm_head) is handed the
+hidden states of those positions (`_ResponseHead`), and the log-softmax runs a chunk of positions
+at a time (spo3/learner/restricted.py `response_logprobs`). With Qwen's 151,936-token vocabulary
+the logits of every prompt position were most of an update's memory and time.
+
+ZeRO-3: both models are built partitioned (under `deepspeed.zero.Init`, then loaded a tensor at a
+time, `_load_zero3`: transformers' own route, `HfDeepSpeedConfig`, needs `accelerate`, which
+this project does not install), and the frozen reference runs in a second
+DeepSpeed engine without an optimizer (ZeRO-3 inference): every rank holds 1/world of each model,
+never a whole one. Gathering the weights (`state_dict`) is then a collective.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +44,7 @@ from spo3.learner.restricted import (
     allowed_index,
     allowed_tokens,
     guided_allowed_tokens,
+    response_logprobs,
     restricted_entropy,
     restricted_logprobs,
 )
@@ -58,7 +71,9 @@ class PreparedMicroBatch:
     n_tokens: int
     """Response tokens of the micro-batch (after `max_len`), known on the host."""
     response_index: torch.Tensor
-    """[N] long: flat indices into B x (T-1) of the response positions (for the entropy)."""
+    """[N] long: flat indices into B x (T-1) of the response positions (the logits' layout)."""
+    hidden_index: torch.Tensor
+    """[N] long: flat indices into B x T of the hidden states that predict the response tokens."""
     allowed_ids: torch.Tensor | None
     """[B, T-1, K] long: allowed tokens of choice-mode positions; None when every row is free-form."""
     allowed_valid: torch.Tensor | None
@@ -190,13 +205,6 @@ class Trainer:
             else torch.device("cpu")
         )
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-        # Typed as a plain Module: transformers declares PreTrainedModel.to through functools.wraps
-        # of Module.to, which type checkers read as an unbound function.
-        reference: torch.nn.Module = copy.deepcopy(model)
-        self.reference = reference.to(self.device, dtype).eval().requires_grad_(False)
-        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile an op first (~35 s on CPU).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.zero_stage = effective_zero_stage(cfg.zero_stage, self.world)
         zero: dict = {"stage": self.zero_stage}
         if cfg.offload_optimizer:
@@ -211,10 +219,48 @@ class Trainer:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=_merged(ds_config, cfg.deepspeed)
+        ds_config = _merged(ds_config, cfg.deepspeed)
+        self.reference: torch.nn.Module
+        if self.zero_stage == 3:
+            model = _load_zero3(cfg.model, ds_config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self._head = _ResponseHead(model)
+        # The reference is read from disk again rather than copied: no transient float32 copy.
+        reference = (
+            _load_zero3(cfg.model, ds_config)
+            if self.zero_stage == 3
+            else AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
         )
-        self.pad_id = model.config.pad_token_id or 0
+        reference.eval().requires_grad_(False)
+        self._ref_head = _ResponseHead(reference)
+        if self.zero_stage == 3:
+            # Partitioned like the policy, by a second engine with no optimizer (ZeRO-3
+            # inference): its forward gathers each layer's weights in turn. Simpler than an
+            # offloaded copy, and each rank holds 1/world of it on the accelerator.
+            ref_config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": cfg.bf16},
+                "steps_per_print": 1 << 30,
+            }
+            self.reference, *_ = deepspeed.initialize(model=reference, config=ref_config)
+            self.reference.eval()
+        else:
+            # Typed as a plain Module: transformers declares PreTrainedModel.to through
+            # functools.wraps of Module.to, which type checkers read as an unbound function.
+            plain: torch.nn.Module = reference
+            self.reference = plain.to(self.device)
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile an op first (~35 s on CPU).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+        self._full_logits = False
+        """The previous path (full logits at every position): kept for the benchmark's "before"."""
 
     # --- one update ------------------------------------------------------------------
     def update(self, rows: Sequence[Row]) -> UpdateMetrics:
@@ -301,6 +347,9 @@ class Trainer:
         """What every pass over a micro-batch shares, computed once: padded ids, the allowed-token
         index of choice-mode rows, behaviour log-probs, advantages, the reference's log-probs."""
         if not rows:
+            if self.zero_stage == 3:  # the partitioned reference gathers in every forward
+                with torch.no_grad():
+                    self.reference(**self._padding_inputs())
             return None
         ids, mask, attn, spans = self._pad(rows)
         targets, resp_mask = ids[:, 1:], mask[:, 1:]
@@ -339,25 +388,29 @@ class Trainer:
             if any(r.temperature != 1.0 for r in rows)
             else None
         )
-        with torch.no_grad():
-            ref_logits = _scaled(
-                self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1], inv_temp
-            )
-            ref_logp = restricted_logprobs(ref_logits, targets, allowed_ids, allowed_valid)
-        # Flat indices of the response positions, for the entropy diagnostic ([N, V], not [B, T, V]).
+        # Flat indices of the response positions: in the logits' layout B x (T-1), and of the
+        # hidden states that predict them in B x T (the same positions, rows T + 1 apart).
         flat = [
             b * width + start + j
             for b, (start, n) in enumerate(zip(starts, counts))
             for j in range(n)
         ]
-        return PreparedMicroBatch(
+        hidden = [
+            b * (width + 1) + start + j
+            for b, (start, n) in enumerate(zip(starts, counts))
+            for j in range(n)
+        ]
+        prep = PreparedMicroBatch(
             ids=ids,
             attn=attn,
             targets=targets,
             mask=resp_mask,
-            ref_logp=ref_logp,
+            ref_logp=torch.empty(0),
             n_tokens=sum(counts),
             response_index=torch.tensor(flat, dtype=torch.long, device="cpu").to(
+                self.device, non_blocking=True
+            ),
+            hidden_index=torch.tensor(hidden, dtype=torch.long, device="cpu").to(
                 self.device, non_blocking=True
             ),
             allowed_ids=allowed_ids,
@@ -367,6 +420,51 @@ class Trainer:
             adv=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device),
             inv_temp=inv_temp,
         )
+        with torch.no_grad():
+            prep.ref_logp, _ = self._logprobs(self.reference, self._ref_head, prep, entropy=False)
+        return prep
+
+    def _padding_inputs(self) -> dict[str, Any]:
+        """One token: the forward of a rank's empty micro-batch (collectives as on the others)."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+    def _logprobs(
+        self, model: torch.nn.Module, head: _ResponseHead, prep: PreparedMicroBatch, entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [B, T-1] of the targets under the sampled distribution, entropies [B, T-1]),
+        float32, 0 outside the response positions. The entropy has a gradient when `entropy`."""
+        shape = prep.targets.shape
+        allowed = [
+            None if a is None else a.reshape(-1, a.shape[-1]).index_select(0, prep.response_index)
+            for a in (prep.allowed_ids, prep.allowed_valid)
+        ]
+        inv_temp = (
+            None
+            if prep.inv_temp is None
+            else prep.inv_temp.view(-1, 1).expand(shape).reshape(-1)[prep.response_index]
+        )
+        if self._full_logits:
+            logits = _scaled(
+                model(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1], prep.inv_temp
+            )
+            logp = restricted_logprobs(logits, prep.targets, prep.allowed_ids, prep.allowed_valid)
+            flat = (logits if entropy else logits.detach()).reshape(-1, logits.shape[-1])
+            with torch.set_grad_enabled(entropy and torch.is_grad_enabled()):
+                picked = restricted_entropy(flat.index_select(0, prep.response_index), *allowed)
+            return logp, _scatter(picked, prep.response_index, shape)
+        with head.only(prep.hidden_index):
+            logits = model(input_ids=prep.ids, attention_mask=prep.attn, use_cache=False).logits
+        targets = prep.targets.reshape(-1).index_select(0, prep.response_index)
+        logp, ent = response_logprobs(
+            logits.reshape(-1, logits.shape[-1]),
+            targets,
+            allowed[0],
+            allowed[1],
+            inv_temp,
+            entropy_grad=entropy,
+        )
+        return _scatter(logp, prep.response_index, shape), _scatter(ent, prep.response_index, shape)
 
     def _vocab_text(self) -> VocabText:
         if getattr(self, "_vocab", None) is None:
@@ -385,26 +483,11 @@ class Trainer:
             # hands the gradients to ZeRO's hooks in the same order as the other ranks' real
             # steps (ZeRO-2 buckets gradients in arrival order: another order would sum one
             # parameter's gradient into another's).
-            ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-            logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            logits = self.engine(**self._padding_inputs()).logits
             return logits.sum() * 0.0, {}, 0
-        logits = _scaled(
-            self.engine(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1], prep.inv_temp
-        )
-        allowed = (prep.allowed_ids, prep.allowed_valid)
-        logp = restricted_logprobs(logits, prep.targets, *allowed)
-        # Entropy on response positions only ([N, V], not [B, T, V]); a diagnostic unless entropy_coef > 0.
+        # Entropy on response positions only; a diagnostic unless entropy_coef > 0.
         bonus = self.cfg.loss.entropy_coef > 0
-        idx = prep.response_index
-        flat = (logits if bonus else logits.detach()).reshape(-1, logits.shape[-1])
-        picked_allowed = [None if a is None else a.reshape(-1, a.shape[-1])[idx] for a in allowed]
-        with torch.set_grad_enabled(bonus and torch.is_grad_enabled()):
-            picked = restricted_entropy(flat.index_select(0, idx), *picked_allowed)
-            entropy = (
-                torch.zeros(prep.mask.numel(), dtype=picked.dtype, device=picked.device)
-                .index_put((idx,), picked)
-                .view(prep.mask.shape)
-            )
+        logp, entropy = self._logprobs(self.engine, self._head, prep, entropy=bonus)
         if prep.prox_logp is None:  # the first pass: its weights are the proximal policy
             prep.prox_logp = logp.detach()
         prox = prep.prox_logp
@@ -450,11 +533,100 @@ class Trainer:
         )
 
     # --- weights out -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights with Hugging Face names (gathered from every rank under ZeRO-3)."""
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights with Hugging Face names on rank 0, None on every other rank.
+
+        A collective: EVERY rank must call it, at the same point (under ZeRO-3 each rank holds
+        1/world of the weights and they are gathered; a call on rank 0 alone waits forever). The
+        other stages need no communication but keep the same contract, so that callers are
+        written once for all stages."""
         if self.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
+            gathered = self.engine._zero3_consolidated_16bit_state_dict()
+            return gathered if self.rank == 0 else None
+        if self.rank != 0:
+            return None
         return {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+
+
+def _load_zero3(model_dir: str, ds_config: dict) -> Any:
+    """The model of `model_dir` built under `deepspeed.zero.Init` (each parameter partitioned
+    across the ranks as it is created), its weights then loaded one tensor at a time: gathered,
+    set by rank 0 from the safetensors file, partitioned again. No rank holds more than one whole
+    tensor beyond its partitions."""
+    import json
+
+    import deepspeed
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    from transformers.initialization import no_init_weights
+
+    # No random initialization: it cannot index partitioned (empty) tensors, and is overwritten.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    files = (
+        json.loads(index.read_text())["weight_map"]
+        if index.exists()
+        else dict.fromkeys(_safetensors_keys(root / "model.safetensors"), "model.safetensors")
+    )
+    # Tied parameters come once, under the name the checkpoint holds them by.
+    rank = dist.get_rank()
+    for name, param in model.named_parameters():
+        if name not in files:
+            raise ValueError(f"{model_dir} has no tensor {name}")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                with safe_open(str(root / files[name]), framework="pt") as f:
+                    param.data.copy_(f.get_tensor(name))
+    return model
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+class _ResponseHead:
+    """A forward pre-hook on a model's output embedding (lm_head): inside `only(index)`, it is
+    handed the hidden states at `index` (flat indices into B x T) instead of all of them, so
+    the model's forward returns logits [1, N, V] of those positions alone. The forward still runs
+    through the model (and its DeepSpeed engine, whose ZeRO-3 hooks gather lm_head's weight);
+    outside `only`, the model is untouched."""
+
+    def __init__(self, model: Any) -> None:
+        self.index: torch.Tensor | None = None
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Module):
+            raise ValueError(f"{type(model).__name__} has no output embedding to restrict")
+        head.register_forward_pre_hook(self._select)
+
+    def _select(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
+        if self.index is None:
+            return None
+        hidden, *rest = args
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)
+        return (flat.unsqueeze(0), *rest)
+
+    @contextmanager
+    def only(self, index: torch.Tensor) -> Iterator[None]:
+        self.index = index
+        try:
+            yield
+        finally:
+            self.index = None
+
+
+def _scatter(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[N] values at flat `index` of a zero tensor of `shape`."""
+    out = torch.zeros(shape.numel(), dtype=values.dtype, device=values.device)
+    return out.index_put((index,), values).view(shape)
 
 
 def _scaled(logits: torch.Tensor, inv_temp: torch.Tensor | None) -> torch.Tensor:

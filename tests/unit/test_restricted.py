@@ -235,3 +235,59 @@ def test_guided_allowed_tokens_admit_every_spelling_of_a_choice():
     ]
     assert vocab.prefixes_of("xx") == {12} and vocab.prefixes_of("north") == {11}
     assert vocab.prefixes_of("look") == {2, 5, 6}
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3])
+def test_response_logprobs_equal_the_full_logit_computation(chunk_rows):
+    """The chunked response-only path (spo3.learner.restricted.response_logprobs) against
+    restricted_logprobs / restricted_entropy on the full logits scaled by 1/T: values and
+    gradients (entropy bonus on), with choice-mode and free-form rows at several temperatures;
+    chunks of 1 and 3 positions take the recomputing (checkpointed) path."""
+    from spo3.learner.restricted import response_logprobs
+
+    torch.manual_seed(1)
+    vocab, width = 12, 6
+    responses = [[1, 2, 3, EOS], [5, EOS], [4, 3, 2]]
+    choice_sets = [CHOICES, CHOICES, None]
+    starts = [1, 3, 2]
+    temps = torch.tensor([1.0, 0.7, 1.6])
+    logits = torch.randn(3, width, vocab) * 3
+    targets = torch.zeros(3, width, dtype=torch.long)
+    per_row, flat = [], []
+    for b, (resp, ch, s) in enumerate(zip(responses, choice_sets, starts)):
+        targets[b, s : s + len(resp)] = torch.tensor(resp)
+        per_row.append([] if ch is None else list(enumerate(allowed_tokens(resp, ch), s)))
+        flat += [b * width + s + j for j in range(len(resp))]
+    ids, valid = allowed_index(per_row, (3, width))
+    index = torch.tensor(flat)
+
+    old = logits.clone().requires_grad_(True)
+    scaled = old * (1 / temps).view(-1, 1, 1)
+    want_lp = restricted_logprobs(scaled, targets, ids, valid).reshape(-1)[index]
+    want_ent = restricted_entropy(scaled, ids, valid).reshape(-1)[index]
+    (want_lp.sum() + 0.1 * want_ent.sum()).backward()
+
+    new = logits.clone().requires_grad_(True)
+    picked = new.reshape(-1, vocab)[index]
+    lp, ent = response_logprobs(
+        picked,
+        targets.reshape(-1)[index],
+        ids.reshape(-1, ids.shape[-1])[index],
+        valid.reshape(-1, valid.shape[-1])[index],
+        (1 / temps).view(-1, 1).expand(3, width).reshape(-1)[index],
+        entropy_grad=True,
+        chunk_rows=chunk_rows,
+    )
+    (lp.sum() + 0.1 * ent.sum()).backward()
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-5)
+    assert old.grad is not None and new.grad is not None
+    torch.testing.assert_close(new.grad, old.grad, rtol=0, atol=1e-5)
+
+
+def test_response_logprobs_entropy_is_a_diagnostic_without_the_bonus():
+    from spo3.learner.restricted import response_logprobs
+
+    logits = torch.randn(4, 7, requires_grad=True)
+    lp, ent = response_logprobs(logits, torch.tensor([1, 2, 3, 4]), chunk_rows=2)
+    assert lp.requires_grad and not ent.requires_grad

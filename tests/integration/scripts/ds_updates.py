@@ -13,6 +13,7 @@ trainer = Trainer(TrainerConfig(model=model_dir, lr=1e-2, micro_batch_rows=micro
 for u in range(updates):
     trainer.update(fixed_rows(u))
 save_file(
-    {k: v.contiguous() for k, v in trainer.state_dict().items()},
+    # Each rank's own full copy (ZeRO-2): state_dict() gives the weights to rank 0 alone.
+    {k: v.detach().contiguous() for k, v in trainer.engine.module.state_dict().items()},
     f"{out_dir}/rank{trainer.rank}.safetensors",
 )
