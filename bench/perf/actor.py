@@ -23,7 +23,17 @@ real redis-server it starts itself.
 4. the 1-process actor loop through the state-score service (`spo3 score-service` as its own
    process, the actor's ServiceScoreStore: one POST /v1/batch per scoring) vs the same loop on
    the direct path (the store's Lua on Redis), interleaved for --service-rounds rounds; and the
-   service's requests per expansion. `--service-only` measures figure 4 alone.
+   service's requests per expansion. `--service-only` measures figure 4 alone;
+5. rollouts in flight per actor process: env steps/s of one actor process (`run_actor`, 3SPO,
+   the vLLM client) at each of --concurrency-levels (1,4,16,32) against an OpenAI-compatible
+   stub server (FastAPI/uvicorn, its own process) that answers every completion after a fixed
+   --stub-latency-ms (200) with a valid admissible action; the ratio to concurrency 1 (target
+   >= 15x at 32) and the RSS per extra rollout (the process and its engine JVMs, target
+   <= 150 MB). Fresh engines at each level, counted over --concurrency-window-s once every lane
+   has stepped. `--concurrency-only` measures figure 5 alone:
+
+    .venv/bin/python -m bench.perf.actor --concurrency-only [--concurrency-levels 1,4,16,32] \
+        [--stub-latency-ms 200] [--concurrency-window-s 20] [--out bench-results/actor_concurrency.json]
 
 Measurement choices, because the machine's speed is not steady:
 - the TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first
@@ -68,6 +78,7 @@ from bench.perf.harness import (
     other_load,
     print_table,
     process_cpu,
+    process_tree_cpu_seconds,
     progress,
     start_score_service,
     wait_healthy,
@@ -1081,6 +1092,315 @@ def figure_rows(
     return rows
 
 
+# --- figure 5: rollouts in flight per actor process ---------------------------------------
+
+CONCURRENCY_TARGET_RATIO = 15.0  # env steps/s at concurrency 32 vs 1
+CONCURRENCY_TARGET_AT = 32
+RSS_TARGET_MB = 150.0  # RSS per extra rollout (the actor process and its engine JVMs)
+
+
+def stub_policy_app(latency_s: float):
+    """An OpenAI-compatible stand-in for a vLLM server that answers every chat completion after a
+    fixed `latency_s` (however many are in flight), with valid admissible actions: one of the
+    request's structured-output choices (choice mode), else one of the prompt's admissible
+    actions. GET /weight_info answers at once, as vLLM's does."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    rng = random.Random(0)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.get("/weight_info")
+    async def weight_info() -> dict:
+        return {"weight_version": "default"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:  # the JSON body (a plain annotation: FastAPI resolves it)
+        await asyncio.sleep(latency_s)
+        choices = (body.get("structured_outputs") or {}).get("choice")
+        if not choices:
+            prompt = body["messages"][-1]["content"]
+            actions = prompt.split("Admissible actions: ")[1].split("\n")[0].split(", ")
+            choices = [f"<action>{a}</action>" for a in actions]
+        return {
+            "choices": [
+                {
+                    "message": {"content": rng.choice(choices)},
+                    "token_ids": [1],
+                    "logprobs": {"content": [{"logprob": -0.5}]},
+                    "finish_reason": "stop",
+                }
+                for _ in range(int(body.get("n", 1)))
+            ],
+            "prompt_token_ids": [1, 2, 3],
+        }
+
+    return app
+
+
+def _stub_process(port: int, latency_s: float) -> None:
+    import uvicorn
+
+    uvicorn.run(stub_policy_app(latency_s), host="127.0.0.1", port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def stub_policy_server(latency_s: float):
+    """The stub (stub_policy_app) in a process of its own; yields its base URL."""
+    import httpx
+
+    from bench.perf import actor as this
+    from spo3.transport.procs import free_port
+
+    port = free_port()
+    proc = mp.get_context("spawn").Process(
+        target=this._stub_process, args=(port, latency_s), name="bench-stub-policy", daemon=True
+    )
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if not proc.is_alive():
+                raise RuntimeError("the stub policy server exited")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stub policy server did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def tree_rss_mb(root: int) -> tuple[float, float]:
+    """(RSS of process `root`, RSS of all its live descendants) in MB (/proc)."""
+
+    def rss(pid: int) -> float:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _) in process_cpu().items():
+        children[ppid].append(pid)
+    todo, below = list(children[root]), 0.0
+    while todo:
+        pid = todo.pop()
+        below += rss(pid)
+        todo.extend(children[pid])
+    return rss(root), below
+
+
+def _concurrency_process(
+    redis_url: str,
+    policy_url: str,
+    run: str,
+    concurrency: int,
+    window_s: float,
+    warmup_s: float,
+    cfg: dict,
+    results,
+) -> None:
+    """One actor process (`run_actor`, `concurrency` lanes, the vLLM client against the stub) on
+    a queue that outlasts the measurement. Once every lane has stepped (fresh engines started)
+    and `warmup_s` more (the JVMs' JIT), new env steps (RolloutStats.env_steps of every rollout, live ones included) are
+    counted over `window_s`; then the RSS of the process and its engine JVMs, and stop."""
+    import threading
+
+    from spo3.actors import worker
+    from spo3.policy.vllm_client import VLLMPolicy
+
+    rollouts: list = []
+    lock = threading.Lock()
+
+    class CountedRollout(worker.Rollout):
+        def run(self, item):
+            with lock:
+                rollouts.append(self)
+            return super().run(item)
+
+    def steps() -> tuple[int, int]:
+        """(env steps so far, lanes whose rollout has stepped)."""
+        with lock:
+            live = [r for r in rollouts if getattr(r, "stats", None) is not None]
+        return sum(r.stats.env_steps for r in live), len(
+            {id(r.env) for r in live if r.stats.env_steps}
+        )
+
+    worker.Rollout = CountedRollout  # type: ignore[misc]  # this process only
+    policy = VLLMPolicy(policy_url)
+    actor_cfg = worker.ActorConfig(
+        redis_url=redis_url,
+        run=run,
+        concurrency=concurrency,
+        stream_max_len=10**8,
+        rollout=rollout_config("3spo", cfg["max_steps"], cfg["group_size"], cfg["budget"]),
+    )
+    stop = threading.Event()
+    t_start = time.monotonic()
+    thread = threading.Thread(target=worker.run_actor, args=(actor_cfg, policy, stop), daemon=True)
+    thread.start()
+    while steps()[1] < concurrency and time.monotonic() - t_start < 300 and thread.is_alive():
+        time.sleep(0.2)
+    ready_s = time.monotonic() - t_start
+    time.sleep(warmup_s)
+    tree0, busy0 = process_tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+    s0, c0, t0 = steps()[0], os.times(), time.monotonic()
+    time.sleep(window_s)
+    s1, c1, t1 = steps()[0], os.times(), time.monotonic()
+    tree1, busy1 = process_tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+    python_cpu = c1.user + c1.system - c0.user - c0.system
+    own_mb, engines_mb = tree_rss_mb(os.getpid())
+    stop.set()
+    thread.join(60)
+    policy.close()
+    results.put(
+        {
+            "concurrency": concurrency,
+            "steps_per_s": (s1 - s0) / (t1 - t0),
+            "steps": s1 - s0,
+            "window_s": t1 - t0,
+            "ready_s": ready_s,
+            "python_cpu_s": python_cpu,
+            "engines_cpu_s": tree1 - tree0 - python_cpu,
+            "others_cpu_s": busy1 - busy0 - (tree1 - tree0),
+            "rss_mb": own_mb,
+            "engines_rss_mb": engines_mb,
+        }
+    )
+
+
+def measure_concurrency(
+    redis_url: str,
+    levels: Sequence[int],
+    latency_s: float,
+    window_s: float,
+    cfg: dict,
+    warmup_s: float = 10.0,
+) -> list[dict]:
+    """Figure 5: one actor process at each concurrency in `levels` (a fresh process, fresh engines,
+    a fresh run of 4 * concurrency + 8 distinct TWX tasks) against the stub policy server."""
+    from bench.perf import actor as this
+    from spo3.transport.work_queue import WorkQueue
+
+    out = []
+    ctx = mp.get_context("spawn")
+    with stub_policy_server(latency_s) as url:
+        for c in levels:
+            run = f"conc-{c}-{uuid.uuid4().hex[:6]}"
+            work = WorkQueue(connect(redis_url), run)
+            for task in task_ids(4 * c + 8, offset=1000):
+                work.put("twx", task)
+            results = ctx.Queue()
+            proc = ctx.Process(
+                target=this._concurrency_process,
+                args=(redis_url, url, run, c, window_s, warmup_s, cfg, results),
+                name=f"bench-concurrency-{c}",
+            )
+            print(f"  concurrency {c}: {window_s:.0f} s window", flush=True)
+            proc.start()
+            try:
+                got = results.get(timeout=window_s + 420)
+            finally:
+                proc.join(90)
+                if proc.is_alive():
+                    proc.kill()
+            w = got["window_s"]
+            print(
+                f"    {got['steps_per_s']:.1f} env steps/s, RSS {got['rss_mb']:.0f} MB + engines "
+                f"{got['engines_rss_mb']:.0f} MB (lanes ready after {got['ready_s']:.0f} s); cores "
+                f"busy: actor {got['python_cpu_s'] / w:.2f}, its JVMs {got['engines_cpu_s'] / w:.2f}, "
+                f"the rest of the machine {got['others_cpu_s'] / w:.2f}",
+                flush=True,
+            )
+            out.append(got)
+    return out
+
+
+def concurrency_rows(levels: list[dict], latency_s: float) -> list[Row]:
+    base = next((r for r in levels if r["concurrency"] == 1), None)
+    rows = []
+    for r in levels:
+        c = r["concurrency"]
+        ratio = r["steps_per_s"] / base["steps_per_s"] if base and base["steps_per_s"] else None
+        target = f">= {CONCURRENCY_TARGET_RATIO:.0f}x" if c == CONCURRENCY_TARGET_AT else "-"
+        verdict = "" if ratio is None else f"{ratio:.1f}x"
+        if ratio is not None and c == CONCURRENCY_TARGET_AT:
+            verdict += " PASS" if ratio >= CONCURRENCY_TARGET_RATIO else " FAIL"
+        rows.append(
+            Row(
+                f"5 env steps/s, concurrency {c} ({latency_s * 1000:.0f} ms policy)",
+                f"{r['steps_per_s']:.1f}",
+                target,
+                verdict,
+            )
+        )
+    if base is not None:
+        for r in levels:
+            c = r["concurrency"]
+            if c == 1:
+                continue
+            total = (
+                r["rss_mb"] + r["engines_rss_mb"] - base["rss_mb"] - base["engines_rss_mb"]
+            ) / (c - 1)
+            python = (r["rss_mb"] - base["rss_mb"]) / (c - 1)
+            r["rss_per_extra_rollout_mb"], r["python_rss_per_extra_rollout_mb"] = total, python
+            rows.append(
+                Row(
+                    f"5 RSS per extra rollout, concurrency {c} (python alone: {python:.1f} MB)",
+                    f"{total:.0f} MB",
+                    f"<= {RSS_TARGET_MB:.0f} MB",
+                    "PASS" if total <= RSS_TARGET_MB else "FAIL",
+                )
+            )
+    return rows
+
+
+def run_concurrency_only(
+    binary: str,
+    levels: list[int],
+    latency_s: float,
+    window_s: float,
+    max_steps: int,
+    budget: int,
+    out: Path,
+) -> None:
+    """`--concurrency-only`: figure 5 alone, on a redis-server of its own."""
+    t0 = time.monotonic()
+    cfg = {"max_steps": max_steps, "group_size": 8, "budget": budget}
+    results: dict = {
+        "args": {"levels": levels, "latency_s": latency_s, "window_s": window_s, **cfg},
+        "cpus": os.cpu_count(),
+        "other_load_cores_at_start": other_load(),
+    }
+    with LocalRedisServer(binary=binary) as server:
+        results["concurrency"] = measure_concurrency(server.url, levels, latency_s, window_s, cfg)
+    rows = concurrency_rows(results["concurrency"], latency_s)
+    results["total_seconds"] = time.monotonic() - t0
+    write_json(out, results)
+    print()
+    print_table(
+        rows,
+        f"actor benchmark, figure 5 only: one actor process, twx, 3spo (choice mode), max_steps "
+        f"{max_steps}, budget {budget}, vLLM client against a stub with {latency_s * 1000:.0f} ms "
+        f"per request, {os.cpu_count()} CPUs, other load at start "
+        f"{results['other_load_cores_at_start']:.2f} cores, total {results['total_seconds']:.0f} s",
+    )
+    print(f"JSON: {out}")
+
+
 @app.command()
 def main(
     tasks: Annotated[
@@ -1122,6 +1442,22 @@ def main(
             help="Measure figure 4 alone (1 actor process, no raw stepping, no coverage)."
         ),
     ] = False,
+    concurrency_levels: Annotated[
+        str,
+        typer.Option(
+            help="Figure 5: actor concurrency levels (comma-separated) against the stub policy "
+            "server; empty: skip figure 5.",
+        ),
+    ] = "1,4,16,32",
+    concurrency_only: Annotated[
+        bool, typer.Option(help="Measure figure 5 alone (rollouts in flight per actor process).")
+    ] = False,
+    stub_latency_ms: Annotated[
+        float, typer.Option(help="Figure 5: the stub policy server's latency per request.", min=0)
+    ] = 200.0,
+    concurrency_window_s: Annotated[
+        float, typer.Option(help="Figure 5: seconds counted at each level (after start-up).", min=1)
+    ] = 20.0,
     redis_server: Annotated[
         str | None, typer.Option(help="redis-server binary (default: the system one).")
     ] = None,
@@ -1132,6 +1468,12 @@ def main(
     """Benchmark the actor loop on TextWorld-Express with a zero-cost random policy."""
     phases = Phases()
     binary = redis_server or redis_server_binary()
+    levels = [int(c) for c in concurrency_levels.split(",") if c.strip()]
+    if concurrency_only:
+        run_concurrency_only(
+            binary, levels, stub_latency_ms / 1000, concurrency_window_s, max_steps, budget, out
+        )
+        return
     st = Settings(
         task_ids(tasks),
         task_ids(coverage_tasks, offset=500),
@@ -1213,6 +1555,14 @@ def main(
             )
             if cold:
                 measure_cold(phases, server.url, st, results)
+        if levels:
+            results["concurrency"] = phases.run(
+                "concurrency",
+                "5 rollouts in flight per actor process",
+                lambda: measure_concurrency(
+                    server.url, levels, stub_latency_ms / 1000, concurrency_window_s, st.cfg
+                ),
+            )
     results["rounds"], results["total_seconds"] = runs, phases.elapsed()
     results["phase_seconds"] = phases.seconds
     worst = phases.worst(load)
@@ -1229,6 +1579,8 @@ def main(
             f"actor benchmark: twx, random policy (choice mode), max_steps {max_steps}, G {group_size}, "
             f"budget {budget}, {rounds} rounds (medians)"
         )
+    if results.get("concurrency"):
+        rows += concurrency_rows(results["concurrency"], stub_latency_ms / 1000)
     write_json(out, results)
     print()
     print_table(rows, f"{title}, {os.cpu_count()} CPUs, total {results['total_seconds']:.0f} s")

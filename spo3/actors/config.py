@@ -104,7 +104,19 @@ class ActorConfig(BaseModel):
         default_factory=dict, description="Per environment name, keyword arguments for its adapter."
     )
     lease_s: float = Field(
-        120.0, gt=0, description="Work-item lease; a dead actor's task returns after it."
+        120.0,
+        gt=0,
+        description="Work-item lease, renewed every lease_s/3 while the actor lives; "
+        "a dead actor's task returns after it.",
+    )
+    concurrency: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Work items one actor process rolls out at once, each in a thread with its own environment "
+            "instance, so policy requests overlap (the in-process engine batches them; a vLLM server "
+            "wants many in flight)."
+        ),
     )
     stream_max_len: int = Field(
         10_000, ge=1, description="Most entries in the groups stream; appends wait beyond."

@@ -14,13 +14,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis
 
 from spo3.actors.config import ActorConfig
 from spo3.actors.envs.base import Env
-from spo3.actors.envs.registry import make_env
+from spo3.actors.envs.registry import canonical_name, make_env
 from spo3.actors.evaluate import evaluate
 from spo3.actors.rollout import LEAF_KINDS, Rollout, RolloutStats
 from spo3.policy.interface import Policy
@@ -39,7 +40,7 @@ from spo3.transport.contracts import ChatMessage, Completion, SamplingParams, Wo
 from spo3.transport.metrics import actor_metrics, serve, stop_serving, task_type
 from spo3.transport.redis_names import RedisNames
 from spo3.transport.stream import GroupStream
-from spo3.transport.work_queue import WorkQueue
+from spo3.transport.work_queue import LeasedItem, LeaseKeeper, WorkQueue
 
 log = logging.getLogger("spo3.actor")
 
@@ -203,13 +204,24 @@ class _ObservedPolicy:
         return out
 
 
-def _evaluate_one(cfg: ActorConfig, envs: dict[str, Env], policy: Policy, k: int) -> None:
-    """One held-out episode (no branching, no groups, no score-store commit), counted as eval."""
+def _evaluate_one(
+    cfg: ActorConfig,
+    envs: dict[str, Env],
+    policy: Policy,
+    k: int,
+    make: Callable[[str], Env] | None = None,
+) -> None:
+    """One held-out episode (no branching, no groups, no score-store commit), counted as eval.
+    `make` builds a missing engine (default: make_env with cfg's options)."""
     env_name, task = cfg.eval_tasks[k % len(cfg.eval_tasks)]
     r = cfg.rollout
     try:
         if env_name not in envs:
-            envs[env_name] = make_env(env_name, **cfg.env_options.get(env_name, {}))
+            envs[env_name] = (
+                make(env_name)
+                if make is not None
+                else make_env(env_name, **cfg.env_options.get(env_name, {}))
+            )
         result = evaluate(
             envs[env_name],
             policy,
@@ -237,8 +249,82 @@ def _evaluate_one(cfg: ActorConfig, envs: dict[str, Env], policy: Policy, k: int
     )
 
 
+# Engines whose library keeps module-level state that concurrent calls corrupt: TextWorld parses
+# every game it loads with one global logic parser (two lanes loading at once fail with tatsu's
+# "pop from empty list"), and ALFWorld runs on TextWorld. Lanes of one process call these one at
+# a time (policy requests and the score store still overlap); twx and scienceworld have a JVM per
+# instance and run in parallel.
+_SERIAL_ENVS = frozenset({"textworld", "alfworld"})
+_SERIAL_LOCKS = {name: threading.RLock() for name in _SERIAL_ENVS}
+
+
+class _Serialized:
+    """An engine whose every call holds its library's process-wide lock (see _SERIAL_ENVS)."""
+
+    def __init__(self, env: Env, lock: threading.RLock) -> None:
+        self._env, self._lock = env, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._env, name)
+        if not callable(attr):
+            return attr
+        lock = self._lock
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+def _make_lane_env(name: str, options: dict, shared: bool) -> Env:
+    """A lane's engine; with other lanes in the process, one of _SERIAL_ENVS is serialized."""
+    lock = _SERIAL_LOCKS.get(canonical_name(name)) if shared else None
+    if lock is None:
+        return make_env(name, **options)
+    with lock:
+        env = make_env(name, **options)
+    return cast(Env, _Serialized(env, lock))
+
+
+class _Slot:
+    """One rollout lane of an actor process (`concurrency` of them): its own environment engines,
+    groups-stream handle (its back-pressure wait is counted per lane) and, through the score
+    service, its own score client (that client's leaf queue is not shared). Only its thread
+    touches it."""
+
+    def __init__(self, actor: _Actor, index: int, store: ScoreStore, service) -> None:
+        cfg = actor.cfg
+        self.index = index
+        self.store: ScoreStore = store
+        self.service: ServiceScoreStore | None = service
+        self.stream = GroupStream(
+            actor.client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread
+        )
+        self.envs: dict[str, Env] = {}
+
+    def close(self) -> None:
+        """Close the engines; send the leaves still queued for the score service, then close it."""
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
+        service = self.service
+        if service is not None:
+            try:
+                service.flush()  # leaves of a failed item that were queued when it failed
+            except Exception as e:
+                log.error(
+                    "%d finished leaves could not be sent to the score service: %s",
+                    len(service.pending),
+                    e,
+                )
+            service.close()
+
+
 class _Actor:
-    """One actor's work loop: its connections, its engines and its counts."""
+    """One actor process's work: its connections, its rollout lanes (`cfg.concurrency` threads,
+    each taking and rolling out one work item at a time on engines of its own), the lease keeper
+    that renews every lease it holds, and its counts."""
 
     def __init__(
         self,
@@ -251,18 +337,56 @@ class _Actor:
         service: ServiceScoreStore | None,
     ) -> None:
         self.cfg, self.policy, self.stop, self.client = cfg, policy, stop, client
-        self.store, self.params, self.service = store, params, service
+        self.params = params
         self.metrics = actor_metrics()
         self.names = RedisNames(cfg.run)
-        self.stream = GroupStream(
-            client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread
-        )
         self.queue = WorkQueue(client, cfg.run, lease_s=cfg.lease_s)
-        self.envs: dict[str, Env] = {}
+        self.leases = LeaseKeeper(self.queue)
         self.finished, self.evaluated = 0, 0
+        self._counts = threading.Lock()
+        self.slots = [_Slot(self, 0, store, service)]
+        for i in range(1, cfg.concurrency):
+            # ServiceScoreStore is one per thread; the store's Lua on Redis is shared.
+            extra = (
+                ServiceScoreStore(cfg.score_url, cfg.score_token or "", retry_s=cfg.score_retry_s)
+                if service is not None and cfg.score_url
+                else None
+            )
+            self.slots.append(_Slot(self, i, extra or store, extra))
 
     def loop(self) -> None:
-        """Take and roll out work items until stopped, or idle for cfg.exit_when_idle_s."""
+        """Run the lanes until stopped, or each idle for cfg.exit_when_idle_s. One lane runs in
+        the calling thread; with more, each has a thread and the first error stops them all."""
+        self.leases.start()
+        try:
+            if len(self.slots) == 1:
+                self._lane(self.slots[0])
+                return
+            errors: list[BaseException] = []
+
+            def lane(slot: _Slot) -> None:
+                try:
+                    self._lane(slot)
+                except BaseException as e:
+                    errors.append(e)
+                    self.stop.set()
+
+            threads = [
+                threading.Thread(target=lane, args=(s,), name=f"rollout-{s.index}", daemon=True)
+                for s in self.slots
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():  # with a timeout: the main thread still handles signals
+                    t.join(0.5)
+            if errors:
+                raise errors[0]
+        finally:
+            self.leases.stop()
+
+    def _lane(self, slot: _Slot) -> None:
+        """Take and roll out work items one at a time until stopped, or idle for cfg.exit_when_idle_s."""
         cfg, idle_since = self.cfg, time.monotonic()
         while not self.stop.is_set():
             item = self.queue.take()
@@ -275,43 +399,51 @@ class _Actor:
                 self.stop.wait(0.2)
                 continue
             idle_since = time.monotonic()
-            if self.work(item):
+            self.leases.hold(item)
+            try:
+                done = self.work(slot, item)
+            finally:
+                self.leases.drop(item)
+            if done:
                 idle_since = time.monotonic()  # idle time counts from the end of the last item
 
-    def work(self, item: WorkItem) -> bool:
+    def _make_env(self, name: str) -> Env:
+        return _make_lane_env(name, self.cfg.env_options.get(name, {}), len(self.slots) > 1)
+
+    def work(self, slot: _Slot, item: LeasedItem) -> bool:
         """Roll out one item; False when it failed (it goes back to the queue, or is given up)."""
         cfg = self.cfg
-        if item.env not in self.envs:
-            self.envs[item.env] = make_env(item.env, **cfg.env_options.get(item.env, {}))
+        if item.env not in slot.envs:
+            slot.envs[item.env] = self._make_env(item.env)
         rollout_cfg = (
             cfg.rollout
             if cfg.rollout.algo == item.algo
             else cfg.rollout.model_copy(update={"algo": item.algo})
         )
-        observed = _ObservedStore(self.store)
-        waited = self.stream.waited_s
+        observed = _ObservedStore(slot.store)
+        waited = slot.stream.waited_s
         rollout = Rollout(
-            self.envs[item.env],
+            slot.envs[item.env],
             self.policy,
             observed,
-            self.stream,
+            slot.stream,
             self.params,
             rollout_cfg,
             run=cfg.run,
-            heartbeat=lambda: self.queue.extend(item),
-            should_stop=self.stop.is_set,
+            # The lease keeper renews the lease; a lease lost anyway ends the rollout early.
+            should_stop=lambda: self.stop.is_set() or self.leases.lost(item),
         )
         try:
             stats = rollout.run(item)
-            if self.service is not None:
-                self.service.flush()  # the item's last leaves, before the item counts as done
+            if slot.service is not None:
+                slot.service.flush()  # the item's last leaves, before the item counts as done
         except Exception:
-            self._failed(item)
+            self._failed(slot, item)
             return False
-        self._done(item, stats, observed.new_states(), self.stream.waited_s - waited)
+        self._done(slot, item, stats, observed.new_states(), slot.stream.waited_s - waited)
         return True
 
-    def _failed(self, item: WorkItem) -> None:
+    def _failed(self, slot: _Slot, item: LeasedItem) -> None:
         log.exception(
             "work item %s (%s %s) failed on attempt %d",
             item.item_id,
@@ -325,9 +457,11 @@ class _Actor:
         else:
             self.queue.release(item)
             self.metrics.tasks.labels("failed").inc()
-        self.envs.pop(item.env).close()  # a fresh engine for the next item
+        slot.envs.pop(item.env).close()  # a fresh engine for the next item
 
-    def _done(self, item: WorkItem, stats: RolloutStats, new_states: int, waited: float) -> None:
+    def _done(
+        self, slot: _Slot, item: LeasedItem, stats: RolloutStats, new_states: int, waited: float
+    ) -> None:
         cfg, metrics = self.cfg, self.metrics
         record(stats, item)
         metrics.new_states.labels(item.env, task_type(item.env, item.task_id), item.algo).inc(
@@ -335,18 +469,25 @@ class _Actor:
         )
         metrics.stream_wait.inc(waited)
         record_totals(self.client, self.names, stats, item.task_id if cfg.record_visits else None)
-        if stats.complete:
+        if self.leases.lost(item):
+            self.queue.release(item)  # a no-op unless the lease came back
+            metrics.tasks.labels("lease_lost").inc()
+        elif stats.complete:
             self.queue.finish(item)
-            self.finished += 1
+            with self._counts:
+                self.finished += 1
+                evaluate_now = (
+                    cfg.eval_tasks
+                    and cfg.eval_every
+                    and self.finished % cfg.eval_every == 0
+                    and not self.stop.is_set()
+                )
+                k = self.evaluated
+                if evaluate_now:
+                    self.evaluated += 1
             metrics.tasks.labels("finished").inc()
-            if (
-                cfg.eval_tasks
-                and cfg.eval_every
-                and self.finished % cfg.eval_every == 0
-                and not self.stop.is_set()
-            ):
-                _evaluate_one(cfg, self.envs, self.policy, self.evaluated)
-                self.evaluated += 1
+            if evaluate_now:
+                _evaluate_one(cfg, slot.envs, self.policy, k, make=self._make_env)
         else:
             self.queue.release(item)
             metrics.tasks.labels("released").inc()
@@ -361,20 +502,9 @@ class _Actor:
         )
 
     def close(self) -> None:
-        """Close the engines; send the leaves still queued for the score service, then close it."""
-        for env in self.envs.values():
-            env.close()
-        service = self.service
-        if service is not None:
-            try:
-                service.flush()  # leaves of a failed item that were queued when it failed
-            except Exception as e:
-                log.error(
-                    "%d finished leaves could not be sent to the score service: %s",
-                    len(service.pending),
-                    e,
-                )
-            service.close()
+        """Close every lane's engines and score client."""
+        for slot in self.slots:
+            slot.close()
 
 
 def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = None) -> int:

@@ -117,3 +117,48 @@ def test_release_gives_the_item_back_at_once(redis_url):
     q.release(item)
     back = q.take()
     assert back.item_id == item.item_id and back.attempt == 1
+
+
+def test_a_lapsed_lease_cannot_finish_release_or_renew_the_next_holders(redis_url):
+    """The first holder's lease lapsed and a second actor took the item: the first one's finish,
+    release and renewal change nothing, and the second one's lease stays whole."""
+    q = WorkQueue(connect(redis_url), "r", lease_s=0.3)
+    q.put("twx", "task-a")
+    first = q.take()
+    time.sleep(0.4)
+    second = q.take()
+    assert second.item_id == first.item_id and second.attempt == 1
+    assert second.lease != first.lease
+    assert "lease" not in second.model_dump()  # the token is not part of the item's JSON
+    assert q.extend(first) is False
+    assert q.finish(first) is False
+    assert q.release(first) is False
+    assert q.counts() == {"ready": 0, "leased": 1, "done": 0}
+    assert q.extend(second) is True
+    assert q.finish(second) is True
+    assert q.counts() == {"ready": 0, "leased": 0, "done": 1}
+
+
+def test_lease_keeper_holds_a_lease_past_its_length_and_reports_a_lost_one(redis_url):
+    from spo3.transport.work_queue import LeaseKeeper
+
+    q = WorkQueue(connect(redis_url), "r", lease_s=0.6)
+    q.put("twx", "task-a"), q.put("twx", "task-b")
+    a, b = q.take(), q.take()
+    keeper = LeaseKeeper(q).start()
+    try:
+        keeper.hold(a)
+        time.sleep(1.5)  # 2.5 leases: only `a` is renewed
+        again = q.take()  # takes the lapsed `b` again
+        assert again is not None and again.item_id == b.item_id and again.attempt == 1
+        assert q.take() is None  # `a` is still held
+        keeper.hold(b)  # a holder that does not know it lost its lease
+        deadline = time.monotonic() + 3
+        while not keeper.lost(b) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert keeper.lost(b) and not keeper.lost(a)
+        keeper.drop(a), keeper.drop(b)
+        assert q.finish(a) is True and q.finish(again) is True and q.finish(b) is False
+    finally:
+        keeper.stop()
+    assert q.counts() == {"ready": 0, "leased": 0, "done": 2}
