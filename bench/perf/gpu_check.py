@@ -9,6 +9,8 @@ Stages (each one's failure is recorded and the others still run; the exit code i
              computation, per model shape (random weights), interleaved timed updates; real vs
              padded tokens of the length-bucketed micro-batches; model FLOP utilization (MFU);
              the share of an update spent in the optimizer step.
+   Stages 2-4 run on the qwen2.5-1.5b preset (spo3.app.model_init; `--policy-preset`): Qwen2.5-1.5B's
+   shape with tied embeddings and the real 151,936-token vocabulary, built on the GPU in bf16.
 2. checkpoint a Trainer checkpoints, takes one more update; a fresh Trainer loads the checkpoint
              and takes the same update: the weights must be equal (optimizer state restored),
              and the Hugging Face folder must load in transformers.
@@ -18,8 +20,10 @@ Stages (each one's failure is recorded and the others still run; the exit code i
 4. engine    the in-process engine: 16 prompts x 8 samples, one request at a time, the same
              requests from 16 threads (batched into one generate; timed on the second round, the
              first warms the allocator at that batch size), and the engine's generate over all of
-             them as one batch, against one raw generate.
-5. learner   `spo3 learner` (python -m spo3.app.cli learner) on a synthetic groups stream in an
+             them as one batch, against one raw generate; and one n-sample request's peak CUDA
+             memory above what the engine held before it (max_memory_allocated).
+5. learner   `spo3 learner` (python -m spo3.app.cli learner; qwen0.5b-body, `--learner-preset`:
+             its two checkpoints must fit the disk) on a synthetic groups stream in an
              embedded Redis: two updates and a checkpoint, then `--resume` to version 4; every
              entry acknowledged, the last version published with its checksum.
 
@@ -32,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +54,21 @@ import typer
 
 from bench.perf.harness import Row, print_table
 from bench.perf.learner import PlainTorch, make_rows, sync, token_counts, versions
+from spo3.app.model_init import PRESETS
+
+
+def preset_shape(name: str) -> dict:
+    """A spo3.app.model_init preset as a shape here: the model's vocabulary (padded beyond the
+    tokenizer trained there) and its tie."""
+    spec = PRESETS[name]
+    body = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return {
+        **{k: spec[k] for k in body},
+        "intermediate_size": spec["intermediate_size"],
+        "vocab_size": spec.get("model_vocab_size", spec["vocab_size"]),
+        "tie_word_embeddings": spec.get("tied", False),
+    }
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -63,15 +83,9 @@ SHAPES: dict[str, dict] = {
         vocab_size=151936,
         tie_word_embeddings=True,
     ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
+    # Qwen2.5-1.5B(-Instruct): hidden 1536, 28 layers, 12 heads, 2 kv heads, intermediate 8960,
+    # tied, vocabulary 151,936; the same preset makes the policy model of stages 2-4.
+    "qwen2.5-1.5b": preset_shape("qwen2.5-1.5b"),
     # --device cpu: the same code on models that train in seconds.
     "tiny-a": dict(
         hidden_size=64,
@@ -377,14 +391,15 @@ def rows_updates(name: str, r: dict) -> list[Row]:
 # --- stages 2-3: checkpoint and publish -----------------------------------------------------
 
 
-def policy_model(work: Path, device: torch.device) -> Path:
-    """A model with a tokenizer (the in-process engine needs one): Qwen2.5-0.5B's body with the
-    small trained vocabulary on a GPU, the tiny preset on the CPU."""
+def policy_model(work: Path, device: torch.device, preset: str, name: str = "policy") -> Path:
+    """A model with a tokenizer (the in-process engine needs one), from a spo3.app.model_init
+    preset: on a GPU built there in bf16 (qwen2.5-1.5b: Qwen2.5-1.5B's shape, tied, the real
+    151,936-token vocabulary over a small trained tokenizer); on the CPU in float32."""
     from spo3.app.model_init import init_model
 
     if device.type == "cuda":
-        return init_model(work / "policy", "qwen0.5b-body", seed=0, dtype="bfloat16")
-    return init_model(work / "policy", "tiny", seed=0)
+        return init_model(work / name, preset, seed=0, dtype="bfloat16", device=str(device))
+    return init_model(work / name, preset, seed=0)
 
 
 def stage_checkpoint(
@@ -437,6 +452,9 @@ def stage_checkpoint(
     no_optimizer_diff = max((after_a[k] - after_c[k]).abs().max().item() for k in after_a)
     moved = max((after_a[k] - at_save[k].float()).abs().max().item() for k in after_a)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    # A 1.5B checkpoint is ~24 GB (bf16 weights, float32 master weights and Adam moments): gone
+    # before the learner stage writes its own two.
+    shutil.rmtree(work / "ckpt", ignore_errors=True)
     log(f"  checkpoint {size / 2**20:.0f} MiB: save {save_s:.1f} s, load {load_s:.1f} s")
     ok = (
         meta.version == 2
@@ -465,6 +483,7 @@ def stage_publish(
     from spo3.policy.follow import FollowingPolicy
     from spo3.policy.inprocess import InProcessPolicy
     from spo3.policy.publish import CHECKSUM_FILE, DirectoryPublisher, version_dir
+    from spo3.policy.weights import drop_tied, tied_map, weights_checksum
     from spo3.transport.connection import EmbeddedRedis, connect
     from spo3.transport.contracts import ChatMessage, SamplingParams
 
@@ -478,7 +497,9 @@ def stage_publish(
         client = connect(redis_server.url)
         engine = InProcessPolicy(model_dir, dtype="bfloat16", device=str(device))
         policy = FollowingPolicy(engine, work / "weights", client, run="gpu-check")
-        publisher = DirectoryPublisher(work / "weights", client, run="gpu-check")
+        # As `spo3 learner --weights-dir` publishes: a tied model's alias is not written.
+        tied = tied_map(model_dir)
+        publisher = DirectoryPublisher(work / "weights", client, run="gpu-check", tied=tied)
         messages = [
             ChatMessage(
                 role="user", content="You are in the kitchen. You see a knife. Exits: north."
@@ -494,7 +515,8 @@ def stage_publish(
         choices = ["go north", "take knife", "look", "inventory"]
         chosen = policy.sample(messages, SamplingParams(n=4, choices=choices, temperature=1.0))
         written = (version_dir(work / "weights", 1) / CHECKSUM_FILE).read_text().strip()
-        served = engine.checksum()
+        # What the engine serves, as published (the tie's alias dropped).
+        served = weights_checksum(drop_tied(engine.model.state_dict(), tied))
         versions_seen = sorted({c.policy_version for c in free + chosen})
         ok = (
             before.policy_version == 0
@@ -511,6 +533,7 @@ def stage_publish(
             "checksum_written": written,
             "checksum_served": served,
             "engine_device": str(next(engine.model.parameters()).device),
+            "tied": sorted(tied),
             "free_form": [c.text for c in free],
             "choice": [c.text for c in chosen],
             "pass": ok,
@@ -549,6 +572,16 @@ def stage_engine(
     ]
     params = SamplingParams(n=n, max_tokens=tokens, temperature=1.0)
     engine.sample(chats[0], params)  # warm-up
+    peak_memory = None
+    if device.type == "cuda":  # one n-sample request's peak above the memory held before it
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        engine.sample(chats[0], params)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        peak_memory = {"held_bytes": held, "peak_bytes": peak, "request_bytes": peak - held}
+        log(f"  one n={n} request: +{(peak - held) / 2**20:,.0f} MiB over {held / 2**30:.1f} GiB")
 
     def generated(outs) -> int:
         return sum(len(c.token_ids) for cs in outs for c in cs)
@@ -658,6 +691,7 @@ def stage_engine(
         "ratio_batched_to_raw": per_s["threads_batched"] / per_s["raw_generate"],
         "ratio_engine_generate_to_raw": per_s["engine_generate_one_batch"] / per_s["raw_generate"],
         "ratio_sequential_to_raw": per_s["one_request_at_a_time"] / per_s["raw_generate"],
+        "one_request_peak_memory": peak_memory,
     }
 
 
@@ -820,6 +854,20 @@ def main(
     stages: Annotated[
         str, typer.Option(help="Comma-separated stages to run.")
     ] = "updates,checkpoint,publish,engine,learner",
+    policy_preset: Annotated[
+        str,
+        typer.Option(
+            help="spo3.app.model_init preset of the model of stages 2-4 (checkpoint, publish, "
+            "engine); default: qwen2.5-1.5b on cuda (tied, 151,936-token vocabulary), tiny on cpu."
+        ),
+    ] = "",
+    learner_preset: Annotated[
+        str,
+        typer.Option(
+            help="Preset of stage 5's model (spo3 learner writes two checkpoints, ~24 GB each "
+            "at 1.5B); default: qwen0.5b-body on cuda, the stages 2-4 model on cpu."
+        ),
+    ] = "",
     engine_prompts: Annotated[
         int, typer.Option(help="Stage 4: prompts (each its own request).", min=1)
     ] = 16,
@@ -924,11 +972,22 @@ def main(
                     if "error" not in r
                     else [Row(f"1 {name}", r["error"][:80], "-", "FAIL")]
                 )
-        model_dir = None
-        if set(wanted) & {"checkpoint", "publish", "engine", "learner"}:
-            log("policy model ...")
-            model_dir = policy_model(work, dev)
+        model_dir = learner_dir = None
+        preset = policy_preset or ("qwen2.5-1.5b" if dev.type == "cuda" else "tiny")
+        if set(wanted) & {"checkpoint", "publish", "engine"} or (
+            "learner" in wanted and dev.type == "cpu" and not learner_preset
+        ):
+            log(f"policy model ({preset}) ...")
+            model_dir = policy_model(work, dev, preset)
             results["policy_model"] = json.loads((model_dir / "spo3_model.json").read_text())
+        if "learner" in wanted:
+            lpreset = learner_preset or ("qwen0.5b-body" if dev.type == "cuda" else "")
+            if lpreset:
+                log(f"learner model ({lpreset}) ...")
+                learner_dir = policy_model(work, dev, lpreset, name="learner-model")
+                results["learner_model"] = json.loads((learner_dir / "spo3_model.json").read_text())
+            else:
+                learner_dir = model_dir
         if "checkpoint" in wanted:
             r = run("checkpoint", lambda: stage_checkpoint(model_dir, work, dev, log))
             table.append(
@@ -989,6 +1048,19 @@ def main(
                         "-",
                         f"{r['ratio_engine_generate_to_raw']:.2f} x raw",
                     ),
+                    *(
+                        [
+                            Row(
+                                f"4   one n={r['n']} request: peak CUDA memory above the held",
+                                f"+{m['request_bytes'] / 2**20:,.0f} MiB "
+                                f"(held {m['held_bytes'] / 2**30:.1f} GiB)",
+                                "-",
+                                "max_memory_allocated",
+                            )
+                        ]
+                        if (m := r.get("one_request_peak_memory"))
+                        else []
+                    ),
                     Row(
                         "4   sample() one request at a time",
                         f"{t['one_request_at_a_time']:,.0f} tok/s",
@@ -997,7 +1069,7 @@ def main(
                     ),
                 ]
         if "learner" in wanted:
-            r = run("learner", lambda: stage_learner(model_dir, work, dev, log))
+            r = run("learner", lambda: stage_learner(learner_dir, work, dev, log))
             table.append(
                 Row(
                     "5 spo3 learner on an embedded Redis: 2 updates, then --resume to 4",

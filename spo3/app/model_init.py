@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 
 # Head size 32: vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... only.
+# Keys besides Qwen2Config's: `vocab_size` is the tokenizer's (trained here), `model_vocab_size`
+# pads the model's embedding beyond it, `tied` is the preset's default for init_model's `tied`.
 PRESETS: dict[str, dict] = {
     # ~0.15M parameters: tests and CI.
     "tiny": dict(
@@ -38,6 +40,23 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=2,
         intermediate_size=4864,
         vocab_size=4096,
+    ),
+    # ~1.54B parameters: Qwen2.5-1.5B(-Instruct)'s shape, tied embeddings and the real vocabulary
+    # size (the tokenizer trained here has 4096 tokens at most; the embedding is padded to
+    # `model_vocab_size`, as Qwen's 151,936 pads its tokenizer's 151,665). 6 GB in float32:
+    # `make check-gpu` builds it on the GPU (init_model(..., device="cuda")).
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=4096,
+        model_vocab_size=151936,
+        tied=True,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
     ),
 }
 
@@ -179,12 +198,18 @@ def init_model(
     seed: int = 0,
     dtype: str = "float32",
     *,
-    tied: bool = False,
+    tied: bool | None = None,
+    vocab_size: int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write a tokenizer + randomly initialized Qwen2 model in Hugging Face format (safetensors).
 
     `tied`: tie lm_head to the input embeddings, as Qwen2.5-0.5B..3B do (the checkpoint then holds
-    no `lm_head.weight`); the presets are untied by default, like the larger Qwen2.5 models."""
+    no `lm_head.weight`); None takes the preset's default (untied, like the larger Qwen2.5 models,
+    but for `qwen2.5-1.5b`). `vocab_size`: the model's vocabulary, padded beyond the tokenizer's
+    (default: the preset's `model_vocab_size`, else the tokenizer's size); the extra rows are
+    tokens the tokenizer never produces, as in real checkpoints. `device`: where the weights are
+    initialized (a 1.5B model takes seconds on a GPU, minutes on a CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
@@ -194,17 +219,21 @@ def init_model(
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(PRESETS[preset])
     tokenizer = train_tokenizer(spec.pop("vocab_size"), seed)
+    padded = spec.pop("model_vocab_size", None)
+    tied = bool(spec.pop("tied", False)) if tied is None else tied
+    vocab = max(len(tokenizer), vocab_size or padded or 0)
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+        vocab_size=vocab,
+        max_position_embeddings=spec.pop("max_position_embeddings", 2048),
         tie_word_embeddings=tied,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **spec,
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -216,6 +245,8 @@ def init_model(
                 "preset": preset,
                 "seed": seed,
                 "tied": tied,
+                "vocab_size": vocab,
+                "tokenizer_size": len(tokenizer),
                 "parameters": sum(p.numel() for p in model.parameters()),
             }
         )

@@ -62,9 +62,10 @@ class InProcessPolicy:
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         # Any: transformers' decorated `to` does not type-check as a bound method.
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=getattr(torch, dtype)
-        )
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"unknown torch dtype {dtype!r} (e.g. float32, bfloat16, float16)")
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
         self.model = model.to(device)
         self.model.eval()
         self.device = device
@@ -81,6 +82,18 @@ class InProcessPolicy:
         self.settle_s = min(0.001, batch_window_s)
         self._last_announce = 0.0  # monotonic time of the latest announcement
         self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        )
+        # Sampling settings come from each request only. A real checkpoint's generation_config.json
+        # (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7) would
+        # otherwise fill in what a request leaves unset, and its tokens would be drawn from another
+        # distribution than the log-probs returned (and the learner's logits / T) describe.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id
+        )
 
     # --- sample -------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
@@ -199,43 +212,13 @@ class InProcessPolicy:
         rows = [(prompt, q) for prompt, q in requests for _ in range(q.n if sampling else 1)]
         prompts = [prompt for prompt, _ in rows]
         width = max(map(len, prompts))
-        pad = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        )
         input_ids = torch.tensor(
-            [[pad] * (width - len(x)) + x for x in prompts], device=self.device
+            [[self.pad_id] * (width - len(x)) + x for x in prompts], device=self.device
         )
         attention = torch.tensor(
             [[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device
         )
-        out = self.model.generate(
-            input_ids,
-            attention_mask=attention,
-            max_new_tokens=p.max_tokens,
-            do_sample=sampling,
-            temperature=p.temperature if sampling else None,
-            top_p=p.top_p if sampling else None,
-            top_k=0 if sampling else None,
-            eos_token_id=self.eos_id,
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-            output_scores=True,
-        )
-        gen = out.sequences[:, width:]
-        # Behaviour log-probs: those of the distribution each token was drawn from. `scores` are the
-        # logits after generate's processors (temperature, then top-p), the very tensor it samples
-        # from, so this is log_softmax(logits / T) (renormalized over the top-p nucleus when
-        # top_p < 1), what vLLM reports with --logprobs-mode processed_logprobs. Greedy decoding has
-        # no temperature: the model's own log-probs. One step at a time, so a large vocabulary never
-        # needs a [rows, steps, vocab] float32 copy.
-        chosen = torch.stack(
-            [
-                step.float().log_softmax(-1).gather(-1, gen[:, t : t + 1]).squeeze(-1)
-                for t, step in enumerate(out.scores)
-            ],
-            dim=1,
-        ).cpu()
-        gen = gen.cpu()
+        gen, chosen = self._decode(input_ids, attention, p)
         completions = []
         for row in range(gen.shape[0]):
             ids = gen[row].tolist()
@@ -265,6 +248,43 @@ class InProcessPolicy:
                 start += 1
         return per_request
 
+    def _decode(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, p: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generated tokens [rows, steps] and each one's behaviour log-prob [rows, steps] (on
+        the CPU). The log-prob is that of the distribution the token was drawn from:
+        log_softmax(logits / T), renormalized over the top-p nucleus when top_p < 1 (what vLLM
+        reports with --logprobs-mode processed_logprobs); greedy decoding has no temperature, so
+        the model's own log-probs. The warpers are ours, in that order, with the recorder after
+        them (generate puts its own warpers after any passed in, so it is given none): the recorder
+        sees the very scores sampled from, and keeps one step of them, never a [rows, steps, vocab]
+        history (output_scores, the old way, held 8 x 64 x 151,936 float32 = 311 MB per request)."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        sampling = p.temperature > 0
+        warpers: list[Any] = []
+        if sampling and p.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(p.temperature))
+        if sampling and p.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(p.top_p))
+        recorder = _ChosenLogprobs()
+        sequences = self.model.generate(
+            input_ids,
+            attention_mask=attention,
+            max_new_tokens=p.max_tokens,
+            do_sample=sampling,
+            # Neutral: generate adds no warper of its own (ours above do the work).
+            temperature=1.0 if sampling else None,
+            top_p=1.0 if sampling else None,
+            top_k=0 if sampling else None,
+            logits_processor=LogitsProcessorList([*warpers, recorder]),
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=False,  # nor scores nor the KV cache outlive the call
+        )
+        gen = sequences[:, input_ids.shape[1] :]
+        return gen.cpu(), recorder.chosen(gen).cpu()
+
     def _apply_stop(self, text: str, ids: list[int], finish: str, stops: list[str]):
         """Cut at the first stop string: the text excludes it, the tokens end with the one that
         completed it (vLLM's behaviour)."""
@@ -279,20 +299,20 @@ class InProcessPolicy:
     def _sample_choices(self, prompt: list[int], p: SamplingParams) -> list[Completion]:
         """Constrained mode, as guided decoding does it: token by token, the next token is drawn
         from the model's distribution restricted to tokens that keep the text a prefix of some
-        choice. One pass over the prompt and one teacher-forced pass over all choices give every logit
-        this needs."""
+        choice. One pass over the prompt and one teacher-forced pass over all choices give every
+        hidden state this needs; only the allowed tokens' logits are computed from them."""
         choices = p.choices
         assert choices, "constrained mode needs choices"
         choice_ids = [
             self.tokenizer.encode(c, add_special_tokens=False) + [self.eos_id] for c in choices
         ]
-        logits = self._choice_logits(prompt, choice_ids)
         allowed: dict[tuple[int, ...], list[int]] = {}
         for ids in choice_ids:
             for j, tok in enumerate(ids):
                 nxt = allowed.setdefault(tuple(ids[:j]), [])
                 if tok not in nxt:
                     nxt.append(tok)
+        cand_logits = self._choice_logits(prompt, choice_ids, allowed)
         # Each token is drawn from softmax(restricted logits / T); its log-prob under that very
         # distribution is the behaviour log-prob. Greedy decoding (T = 0) has no temperature: the
         # walk compares the model's own restricted log-probs.
@@ -303,7 +323,7 @@ class InProcessPolicy:
             per_token = []
             for j, tok in enumerate(ids):
                 cand = allowed[tuple(ids[:j])]
-                restricted = logits[i, j, cand] / temperature
+                restricted = cand_logits[i][j] / temperature
                 per_token.append(float(restricted.log_softmax(-1)[cand.index(tok)]))
             seq_logp.append(sum(per_token))
             token_logps.append(per_token)
@@ -327,42 +347,77 @@ class InProcessPolicy:
             for i in picks
         ]
 
-    def _choice_logits(self, prompt: list[int], choice_ids: list[list[int]]) -> torch.Tensor:
-        """[choice, position, vocab]: the logits that predict each token of each choice (zeros past a
-        choice's end). The prompt runs once; then every choice's tokens run as one row after it, each
-        token seeing the whole prompt and the tokens before it in its own choice only (a block mask,
-        positions counted from the prompt's end). Environments offer tens of commands and a prompt
-        with history runs to hundreds of tokens: a prompt per choice cost tens of times more, and a
-        batch of choices over a copied prompt cache twice as much as this single row."""
-        n, width, p = len(choice_ids), max(map(len, choice_ids)), len(prompt)
-        head = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
-        flat = [t for ids in choice_ids for t in ids]
-        owner = torch.tensor(
-            [i for i, ids in enumerate(choice_ids) for _ in ids], device=self.device
-        )
-        step = torch.tensor([j for ids in choice_ids for j in range(len(ids))], device=self.device)
-        own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
-        mask = torch.cat(
-            [torch.ones(len(flat), p, dtype=torch.bool, device=self.device), own], dim=1
-        )
-        tail = (
-            self.model(
+    def _choice_logits(
+        self,
+        prompt: list[int],
+        choice_ids: list[list[int]],
+        allowed: Mapping[tuple[int, ...], list[int]],
+    ) -> list[list[torch.Tensor]]:
+        """[choice][position]: float32 CPU logits of the tokens `allowed` after that choice's
+        tokens before the position (in `allowed`'s order), as the model's head gives them.
+
+        The prompt runs once; then every choice's tokens (but its last, which predicts nothing) run
+        as one row after it, each token seeing the whole prompt and the tokens before it in its
+        own choice only (a block mask, positions counted from the prompt's end). Environments
+        offer tens of commands and a prompt with history runs to hundreds of tokens: a prompt per
+        choice cost tens of times more, and a batch of choices over a copied prompt cache twice
+        as much as this single row. Both passes stop at the decoder's hidden states; the head runs
+        on the allowed tokens' rows only, so nothing [positions, vocab] is made (a full head over
+        30 choices x 8 tokens of a 151,936-token vocabulary was 146 MB in float32, and as much
+        again for the prompt's positions)."""
+        p = len(prompt)
+        body = self.model.base_model  # the decoder stack, final norm included
+        out = body(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+        hidden = [out.last_hidden_state[0, -1:]]  # predicts every choice's first token
+        flat = [t for ids in choice_ids for t in ids[:-1]]
+        if flat:
+            owner = torch.tensor(
+                [i for i, ids in enumerate(choice_ids) for _ in ids[:-1]], device=self.device
+            )
+            step = torch.tensor(
+                [j for ids in choice_ids for j in range(len(ids) - 1)], device=self.device
+            )
+            own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
+            mask = torch.cat(
+                [torch.ones(len(flat), p, dtype=torch.bool, device=self.device), own], dim=1
+            )
+            tail = body(
                 input_ids=torch.tensor([flat], device=self.device),
                 position_ids=(step + p)[None],
                 attention_mask=mask[None, None],
-                past_key_values=head.past_key_values,
-                use_cache=True,
-            )
-            .logits[0]
-            .float()
-        )
-        out = torch.zeros(n, width, tail.shape[-1], device=self.device)
-        out[:, 0] = head.logits[0, -1].float()  # predicts every choice's first token
-        later = (
-            step > 0
-        )  # token j > 0 of a choice is predicted at its token j - 1, one place before it
-        out[owner[later], step[later]] = tail[:-1][later[1:]]
-        return out
+                past_key_values=out.past_key_values,
+                use_cache=False,
+            ).last_hidden_state[0]
+            hidden.append(tail)
+        del out
+        states = torch.cat(hidden)  # row 0: the prompt's last; row 1 + k: flat token k
+        # Row of `states` that predicts token j of choice i: the prompt's last for j = 0, else the
+        # choice's token j - 1. One (row, token) pair per allowed token there.
+        rows, toks, sizes, start = [], [], [], 1
+        for ids in choice_ids:
+            for j in range(len(ids)):
+                cand = allowed[tuple(ids[:j])]
+                rows += [0 if j == 0 else start + j - 1] * len(cand)
+                toks += cand
+                sizes.append(len(cand))
+            start += len(ids) - 1
+        head = self.model.get_output_embeddings()
+        tok_index = torch.tensor(toks, device=self.device)
+        # One dot product per pair, as a batched matmul in the model's dtype (the head's own
+        # output is a matmul in that dtype too).
+        dots = torch.bmm(
+            head.weight[tok_index][:, None, :],
+            states[torch.tensor(rows, device=self.device)][:, :, None],
+        ).reshape(-1)
+        if getattr(head, "bias", None) is not None:
+            dots = dots + head.bias[tok_index]
+        flat_logits = dots.float().cpu().split(sizes)
+        result: list[list[torch.Tensor]] = []
+        k = 0
+        for ids in choice_ids:
+            result.append(list(flat_logits[k : k + len(ids)]))
+            k += len(ids)
+        return result
 
     # --- publish ------------------------------------------------------------------------
     def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
@@ -381,6 +436,33 @@ class InProcessPolicy:
     def checksum(self) -> str:
         with self._lock:
             return weights_checksum(self.model.state_dict())
+
+
+class _ChosenLogprobs:
+    """A logits processor, last in generate's list: at each step it keeps the log-softmax of the
+    scores the next token is drawn from (one [rows, vocab] tensor), and at the next step, once
+    that token is known (the last column of `input_ids`), keeps only its log-prob."""
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None  # [rows, vocab] log-probs of the latest step
+        self._steps: list[torch.Tensor] = []  # [rows] log-prob of each drawn token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self._steps.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._last = scores.float().log_softmax(-1)
+        return scores
+
+    def chosen(self, gen: torch.Tensor) -> torch.Tensor:
+        """[rows, steps]: the log-prob of each token of `gen` (the generated part of the sequences)."""
+        steps = gen.shape[1]
+        if len(self._steps) < steps and self._last is not None:  # the last token drawn
+            self._steps.append(self._last.gather(-1, gen[:, -1:]).squeeze(-1))
+        self._last = None
+        if not self._steps:
+            return torch.zeros(gen.shape[0], 0)
+        # A generate that undoes a step it took (a deferred stop check) left one too many.
+        return torch.stack(self._steps[:steps], dim=1)
 
 
 def _serve(ref: weakref.ref[InProcessPolicy], work: threading.Condition) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from spo3.app import gpu_check
+from bench.perf import gpu_check
 
 pytestmark = pytest.mark.slow
 

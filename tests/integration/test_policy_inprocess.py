@@ -371,3 +371,104 @@ def test_choice_logprobs_are_those_of_the_tempered_restricted_distribution(
         checked.add(c.text)
     assert len(checked) >= 2
     assert gap > 1e-2, "the test cannot tell tempered from untempered log-probs"
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(policy, reference):
+    """With top_p < 1 a token is drawn from the tempered distribution cut to its nucleus and
+    renormalised: the log-prob returned is under that distribution (tokens outside it never come)."""
+    from transformers import TopPLogitsWarper
+
+    temperature, top_p = 0.7, 0.8
+    outs = policy.sample(
+        contract.MESSAGES,
+        SamplingParams(n=4, max_tokens=10, temperature=temperature, top_p=top_p, seed=3),
+    )
+    gap = 0.0
+    for c in outs:
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+        with torch.no_grad():
+            logits = reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1 : -1].float()
+        picked = ids[0, len(c.prompt_token_ids) :, None]
+        nucleus = TopPLogitsWarper(top_p)(ids, logits / temperature).log_softmax(-1)
+        expect = nucleus.gather(-1, picked).squeeze(-1)
+        whole = (logits / temperature).log_softmax(-1).gather(-1, picked).squeeze(-1)
+        got = torch.tensor(c.logprobs)
+        assert torch.isfinite(expect).all(), "a token outside the nucleus was drawn"
+        assert torch.allclose(got, expect, atol=1e-4), (got, expect)
+        gap = max(gap, float((got - whole).abs().max()))
+    assert gap > 1e-2, "the test cannot tell the nucleus from the whole distribution"
+
+
+def test_a_checkpoints_generation_config_does_not_change_what_is_sampled(model_dir, tmp_path):
+    """Real checkpoints ship sampling defaults (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20,
+    top_p 0.8, temperature 0.7); the engine samples with the request's settings only, so the
+    log-probs it returns are still log_softmax(logits / T) of the whole vocabulary."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = tmp_path / "with-defaults"
+    shutil.copytree(model_dir, model)
+    GenerationConfig(
+        do_sample=True, repetition_penalty=1.5, top_k=5, top_p=0.5, temperature=0.3, eos_token_id=1
+    ).save_pretrained(model)
+    policy = InProcessPolicy(model)
+    reference = AutoModelForCausalLM.from_pretrained(model).eval()
+    outs = policy.sample(
+        contract.MESSAGES, SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=4)
+    )
+    for c in outs:
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+        with torch.no_grad():
+            logits = reference(input_ids=ids).logits[0, len(c.prompt_token_ids) - 1 : -1].float()
+        expect = logits.log_softmax(-1).gather(-1, ids[0, len(c.prompt_token_ids) :, None])
+        assert torch.allclose(torch.tensor(c.logprobs), expect.squeeze(-1), atol=1e-4)
+
+
+def test_no_vocabulary_wide_history_is_kept(policy, monkeypatch):
+    """Free-form: generate keeps no scores (one step's log-probs at a time instead) and returns
+    no cache; choice mode: the model's head never runs over the whole vocabulary (only the allowed
+    tokens' rows of it are used)."""
+    calls = []
+    real_generate = policy.model.generate
+
+    def spying_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", spying_generate)
+    outs = policy.sample(contract.MESSAGES, SamplingParams(n=8, max_tokens=6, temperature=1.0))
+    assert len(outs) == 8 and all(len(c.logprobs) == len(c.token_ids) for c in outs)
+    assert calls and not calls[0].get("output_scores") and not calls[0]["return_dict_in_generate"]
+    head_calls = []
+    hook = policy.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_calls.append(out.shape)
+    )
+    try:
+        chosen = policy.sample(
+            contract.MESSAGES,
+            SamplingParams(n=8, choices=["go north", "go south", "look"], temperature=1.0),
+        )
+    finally:
+        hook.remove()
+    assert all(c.text in ("go north", "go south", "look") for c in chosen)
+    assert head_calls == []
+
+
+def test_actor_policy_builds_the_engine_with_the_dtype_and_device_asked_for(model_dir):
+    from pydantic import ValidationError
+
+    from spo3.app.wiring import PolicySource, actor_policy
+
+    source = PolicySource(model=str(model_dir), dtype="bfloat16", device="cpu")
+    policy = actor_policy(source, redis_url="redis://unused", run="r")
+    assert isinstance(policy, InProcessPolicy)
+    assert next(policy.model.parameters()).dtype == torch.bfloat16
+    assert policy.device == "cpu"
+    out = policy.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=4, temperature=1.0))
+    assert all(len(c.logprobs) == len(c.token_ids) for c in out)
+    assert PolicySource(model="m").dtype == "float32" and PolicySource(model="m").device == "cpu"
+    with pytest.raises(ValidationError):
+        PolicySource(model="m", dtype="float8")
+    with pytest.raises(ValidationError):
+        PolicySource(model="m", device="gpu0")
