@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spo3.actors.rollout import LEAF_KINDS
-from spo3.score_store.score_math import Counts, ScoreParams, state_score
+from spo3.score_store.score_math import Counts, state_score
 from spo3.score_store.state_key import KeyScope
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ class ProgressWatcher:
         }
         stats = self.store.stats()
         version = int(self.client.get(self.names.policy_version) or 0)
+        # run-wide expansions by n(s) so far: per-window shares are differences of two snapshots
+        branching = {
+            int(k): int(v) for k, v in self.client.hgetall(self.names.actor_branching).items()
+        }
         prev = self.snapshots[-1] if self.snapshots else {"leaves": 0, "successes": 0}
         d_leaves = totals.get("leaves", 0) - prev["leaves"]
         snap = {
@@ -51,6 +55,7 @@ class ProgressWatcher:
             "unique_states": stats.n_states,
             "truncated_states": stats.truncated_states,
             "policy_version": version,
+            "branching": {str(n): branching[n] for n in sorted(branching)},
             # Success rate of the leaves finished since the last snapshot (the learning curve).
             "success_rate": (totals.get("successes", 0) - prev["successes"]) / d_leaves
             if d_leaves > 0
@@ -175,35 +180,193 @@ def walkthrough_truncated(
     return {"truncated": truncated, "states": states, "tasks": played}
 
 
-def _plot_curves(path: Path, snaps: list[dict], client, names, params: ScoreParams) -> None:
-    """curves.png: training success, unique states, n(s) at expanded states, final state scores."""
+def _windows(snaps: list[dict], bins: int = 25) -> list[tuple[dict, dict]]:
+    """(first, last) snapshot pairs of `bins` equal stretches of env steps; a window's counts are
+    the differences of its pair's run-wide totals."""
+    if not snaps or snaps[-1]["env_steps"] == 0:
+        return []
+    width = snaps[-1]["env_steps"] / bins
+    out: list[tuple[dict, dict]] = []
+    prev: dict = {"env_steps": 0, "leaves": 0, "successes": 0, "branching": {}}
+    edge = width
+    for s in snaps:
+        if s["env_steps"] >= edge or s is snaps[-1]:
+            out.append((prev, s))
+            prev, edge = s, s["env_steps"] + width
+    return out
+
+
+def _expansions(snap: dict) -> tuple[int, int]:
+    """(expansions, those with n(s) > 1) the actors reported by this snapshot."""
+    branching = snap.get("branching") or {}
+    total = sum(branching.values())
+    return total, total - branching.get("1", 0) - branching.get("0", 0)
+
+
+def binned_branching(snaps: list[dict], bins: int = 15) -> list[tuple[int, float, float, int]]:
+    """Per stretch of env steps: (its last env step, share of its expansions with n(s) > 1, mean
+    n(s) of its expansions, expansions)."""
+    out = []
+    for a, b in _windows(snaps, bins):
+        ba, bb = a.get("branching") or {}, b.get("branching") or {}
+        d = {n: bb[n] - ba.get(n, 0) for n in bb}
+        total = sum(d.values())
+        if total > 0:
+            wide = total - d.get("1", 0) - d.get("0", 0)
+            mean = sum(int(n) * c for n, c in d.items()) / total
+            out.append((b["env_steps"], wide / total, mean, total))
+    return out
+
+
+def _at_steps(snaps: list[dict], env_steps: float) -> dict:
+    """The first snapshot at or past `env_steps` (the last one if none is)."""
+    return next((s for s in snaps if s["env_steps"] >= env_steps), snaps[-1])
+
+
+def _update_steps(snaps: list[dict]) -> list[int]:
+    """The env steps at which each new policy version was first seen."""
+    out, seen = [], 0
+    for s in snaps:
+        if s["policy_version"] > seen:
+            out += [s["env_steps"]] * (s["policy_version"] - seen)
+            seen = s["policy_version"]
+    return out
+
+
+def curve_lines(
+    snaps: list[dict],
+    before: EvalResult,
+    after: EvalResult,
+    scores: list[float],
+    g_max: int,
+) -> dict[str, str]:
+    """One line per plot of curves.png saying what it shows (the end-of-run table, summary.json
+    `curves`)."""
+    out: dict[str, str] = {}
+    nb, na = len(before.per_task), len(after.per_task)
+    gain = 100 * (after.success_rate - before.success_rate)
+    out["held-out success"] = (
+        f"{before.success_rate:.1%} ({nb} episodes) -> {after.success_rate:.1%} ({na} episodes): "
+        f"{gain:+.1f} points"
+    )
+    if not snaps or snaps[-1]["env_steps"] == 0:
+        return out
+    last = snaps[-1]
+    half = _at_steps(snaps, last["env_steps"] / 2)
+    out["visited states"] = (
+        f"{half['unique_states']:,} by env step {half['env_steps']:,} (half), "
+        f"{last['unique_states']:,} by {last['env_steps']:,}: "
+        f"+{last['unique_states'] - half['unique_states']:,} in the second half"
+    )
+    total, wide = _expansions(last)
+    if total:
+        h_total, h_wide = _expansions(half)
+        first = h_wide / h_total if h_total else 0.0
+        second = (wide - h_wide) / (total - h_total) if total > h_total else 0.0
+        out["n(s) > 1"] = (
+            f"{wide / total:.0%} of {total:,} expansions branched "
+            f"({first:.0%} in the first half, {second:.0%} in the second)"
+        )
+    if scores:
+        branching = sum(s > 1 / g_max + 1e-9 for s in scores)
+        truncated = sum(s == 0 for s in scores)
+        out["S(s) at the end"] = (
+            f"{len(scores):,} states: {branching:,} still branch (S > 1/{g_max}), "
+            f"{truncated:,} truncated (S = 0), {len(scores) - branching - truncated:,} in between "
+            "(n = 1: followed, no group)"
+        )
+    ups = _update_steps(snaps)
+    if ups:
+        later = sum(u > half["env_steps"] for u in ups)
+        out["updates"] = (
+            f"{len(ups)} policy versions while the actors ran, the first at env step {ups[0]:,}, "
+            f"the last at {ups[-1]:,}: {len(ups) - later} in the first half, {later} in the second"
+        )
+    else:
+        out["updates"] = "no policy update within the budget"
+    pts = _binned_success(snaps)
+    if pts:
+        out["training success"] = (
+            f"leaf success {pts[0][1]:.0%} in the first window, {pts[-1][1]:.0%} in the last "
+            "(the search's, not the greedy policy's)"
+        )
+    return out
+
+
+def _plot_curves(
+    path: Path,
+    snaps: list[dict],
+    before: EvalResult,
+    after: EvalResult,
+    scores: list[float],
+    g_max: int,
+) -> None:
+    """curves.png, one question per plot: did held-out success rise, are new states still found,
+    where does 3SPO branch (n(s) > 1) over time, what S(s) do the states end with, do updates keep
+    coming, and the training leaves' success."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [s["env_steps"] for s in snaps]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    pts = _binned_success(snaps)
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    ax = ax.ravel()
+
+    labels = [
+        f"before\n({len(before.per_task)} episodes)",
+        f"after\n({len(after.per_task)} episodes)",
+    ]
+    rates = [before.success_rate, after.success_rate]
+    bars = ax[0].bar(labels, rates, color=["#999999", "#2a7ab9"])
+    for bar, r in zip(bars, rates, strict=True):
+        ax[0].annotate(f"{r:.1%}", (bar.get_x() + bar.get_width() / 2, r), ha="center", va="bottom")
+    ax[0].set(title="held-out success before / after training", ylabel="success rate")
+    ax[0].set_ylim(0, 1.08)
+
+    ax[1].plot(steps, [s["unique_states"] for s in snaps], color="#2a7ab9")
+    if steps and steps[-1]:
+        ax[1].axvline(steps[-1] / 2, color="#bbbbbb", ls="--", lw=1, label="half of the run")
+        ax[1].legend(loc="lower right")
+    ax[1].set(title="visited states", xlabel="env steps", ylabel="states with statistics")
+
+    pts = binned_branching(snaps)
     if pts:
-        axes[0, 0].plot(*zip(*pts), marker="o", lw=1.5)
-    axes[0, 0].set(
-        title="training success rate (leaves)",
+        x = [p[0] for p in pts]
+        width = 0.8 * (x[-1] / len(x))
+        ax[2].bar(x, [p[1] for p in pts], width=width, color="#2a7ab9")
+        twin = ax[2].twinx()
+        twin.plot(x, [p[2] for p in pts], color="#d62728", marker=".", label="mean n(s)")
+        twin.set_ylabel("mean n(s)", color="#d62728")
+        twin.set_ylim(0, g_max + 0.5)
+    ax[2].set(
+        title="branching: expansions with n(s) > 1, per window",
+        xlabel="env steps",
+        ylabel="share of expansions",
+        ylim=(0, 1.02),
+    )
+
+    ax[3].hist(scores, bins=[i / (4 * g_max) for i in range(4 * g_max + 1)], color="#2a7ab9")
+    ax[3].axvline(1 / g_max, color="#d62728", ls="--", lw=1, label=f"S = 1/{g_max}: n(s) > 1 above")
+    ax[3].legend(loc="upper right")
+    ax[3].set(title="S(s) of the visited states at the end", xlabel="S(s)", ylabel="states")
+    if scores:
+        ax[3].set_yscale("log")
+
+    ax[4].step(steps, [s["policy_version"] for s in snaps], where="post", color="#2a7ab9")
+    ax[4].set(title="policy updates", xlabel="env steps", ylabel="policy version")
+
+    succ = _binned_success(snaps)
+    if succ:
+        ax[5].plot(*zip(*succ), marker="o", lw=1.5, color="#2a7ab9")
+    ax[5].set(
+        title="training leaves' success (search + policy)",
         xlabel="env steps",
         ylabel="success rate",
         ylim=(-0.02, 1.02),
     )
-    axes[0, 1].plot(steps, [s["unique_states"] for s in snaps])
-    axes[0, 1].set(title="unique states", xlabel="env steps", ylabel="states with statistics")
-    branching = {int(k): int(v) for k, v in client.hgetall(names.actor_branching).items()}
-    if branching:
-        axes[1, 0].bar(list(branching), list(branching.values()))
-    axes[1, 0].set(title="n(s) at expanded states", xlabel="n(s)", ylabel="expansions")
-    scores = state_scores(client, names, params)
-    axes[1, 1].hist(scores, bins=20, range=(0, 1))
-    axes[1, 1].set(title="state scores S(s) at the end", xlabel="S(s)", ylabel="states")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -224,6 +387,8 @@ def _summary(
         "held_out_success_after": after.success_rate,
         "held_out_invalid_before": before.invalid_rate,
         "held_out_invalid_after": after.invalid_rate,
+        "held_out_episodes_before": len(before.per_task),
+        "held_out_episodes_after": len(after.per_task),
         "env_steps": last.get("env_steps", 0),
         "unique_states": last.get("unique_states", 0),
         "leaves": last.get("leaves", 0),
@@ -270,6 +435,17 @@ def _summary_table(run_name: str, summary: dict, before: EvalResult, after: Eval
     return table
 
 
+def _curves_table(lines: dict[str, str]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="what the curves show (curves.png)")
+    table.add_column("plot")
+    table.add_column("")
+    for k, v in lines.items():
+        table.add_row(k, v)
+    return table
+
+
 def write_report(
     run_dir: Path,
     cfg: TrainConfig,
@@ -285,13 +461,16 @@ def write_report(
 ) -> dict:
     """A finished run's curves.png, summary.json and learner.jsonl, and its summary table."""
     snaps = watcher.snapshots
-    _plot_curves(run_dir / "curves.png", snaps, client, names, cfg.score)
+    scores = state_scores(client, names, cfg.score)
+    _plot_curves(run_dir / "curves.png", snaps, before, after, scores, cfg.score.g_max)
     summary = _summary(snaps, before, after, result, final_checkpoint, client, names, walkthrough)
+    summary["curves"] = curve_lines(snaps, before, after, scores, cfg.score.g_max)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if result:
         with (run_dir / "learner.jsonl").open("w") as f:
             for h in result.history:
                 f.write(json.dumps(h) + "\n")
     console.print(_summary_table(run_dir.name, summary, before, after))
+    console.print(_curves_table(summary["curves"]))
     console.print(f"plots: {run_dir / 'curves.png'}   checkpoint: {final_checkpoint}")
     return summary
