@@ -283,6 +283,7 @@ def _actor_process(
                 redis_url=redis_url,
                 run=cmd["run"],
                 stream_max_len=10**8,
+                stream_max_unread=0,  # no learner reads: no back-pressure
                 exit_when_idle_s=0.05,
                 score_url=cmd.get("score_url"),
                 score_token=cmd.get("score_token"),
@@ -1246,6 +1247,7 @@ def _concurrency_process(
         run=run,
         concurrency=concurrency,
         stream_max_len=10**8,
+        stream_max_unread=0,  # no learner reads: no back-pressure
         rollout=rollout_config("3spo", cfg["max_steps"], cfg["group_size"], cfg["budget"]),
     )
     stop = threading.Event()
@@ -1401,6 +1403,79 @@ def run_concurrency_only(
     print(f"JSON: {out}")
 
 
+# --- figure 6: stream bytes per group (schema 2: prompts inline vs 3: each prompt once) -----
+def stream_bytes_per_group(prompt_tokens: int = 1200, members: int = 8) -> dict:
+    """Bytes of one 3SPO step group's stream entry (n(s) = `members` children of one state, one
+    `prompt_tokens`-token prompt, choice mode with 4 choices, 4-token replies) as schema 2 wrote
+    it (every transition with its prompt) and as schema 3 does (`Group.to_stream_json`)."""
+    import json as json_mod
+
+    from spo3.transport.contracts import Group, GroupMember, Transition
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(150_000) for _ in range(prompt_tokens)]
+    choices = ["go north", "go south", "take apple", "open door"]
+    group = Group(
+        group_id="item-1:a0:n7",
+        run="bench",
+        algo="3spo",
+        task_id="twx/cookingworld-0",
+        node_id="n7",
+        depth=3,
+        members=[
+            GroupMember(
+                transitions=[
+                    Transition(
+                        state_key=f"{rng.getrandbits(64):016x}",
+                        next_state_key=f"{rng.getrandbits(64):016x}",
+                        prompt_token_ids=list(prompt),
+                        token_ids=[rng.randrange(150_000) for _ in range(4)],
+                        logprobs=[-rng.random() for _ in range(4)],
+                        action=choices[k % 4],
+                        reward=float(k % 2),
+                        policy_version=12,
+                        choices=choices,
+                    )
+                ],
+                score=float(k % 2),
+            )
+            for k in range(members)
+        ],
+        created_at=time.time(),
+    )
+    old = json_mod.loads(group.model_dump_json(exclude={"prompts"}))
+    old["schema_version"] = 2
+    for t in (t for m in old["members"] for t in m["transitions"]):
+        t.pop("prompt_index")
+    before = len(json_mod.dumps(old, separators=(",", ":")).encode())
+    after = len(group.to_stream_json().encode())
+    assert (
+        Group.model_validate_json(group.to_stream_json())
+        .members[-1]
+        .transitions[0]
+        .prompt_token_ids
+        == prompt
+    )
+    return {
+        "prompt_tokens": prompt_tokens,
+        "members": members,
+        "bytes_before": before,
+        "bytes_after": after,
+        "ratio": after / before,
+    }
+
+
+def stream_bytes_rows(f: dict) -> list[Row]:
+    return [
+        Row(
+            f"6 stream bytes per group, {f['members']} members x {f['prompt_tokens']}-token prompt",
+            f"{f['bytes_before']:,} -> {f['bytes_after']:,} B ({f['ratio']:.3f} x)",
+            "<= 0.25 x",
+            "ok" if f["ratio"] <= 0.25 else "MISSED",
+        )
+    ]
+
+
 @app.command()
 def main(
     tasks: Annotated[
@@ -1452,6 +1527,10 @@ def main(
     concurrency_only: Annotated[
         bool, typer.Option(help="Measure figure 5 alone (rollouts in flight per actor process).")
     ] = False,
+    stream_bytes_only: Annotated[
+        bool,
+        typer.Option(help="Figure 6 alone: stream bytes per group, prompts inline vs once."),
+    ] = False,
     stub_latency_ms: Annotated[
         float, typer.Option(help="Figure 5: the stub policy server's latency per request.", min=0)
     ] = 200.0,
@@ -1469,6 +1548,12 @@ def main(
     phases = Phases()
     binary = redis_server or redis_server_binary()
     levels = [int(c) for c in concurrency_levels.split(",") if c.strip()]
+    if stream_bytes_only:
+        f6 = stream_bytes_per_group()
+        write_json(out, {"stream_bytes": f6})
+        print_table(stream_bytes_rows(f6), "actor benchmark, figure 6 only: stream bytes per group")
+        print(f"JSON: {out}")
+        return
     if concurrency_only:
         run_concurrency_only(
             binary, levels, stub_latency_ms / 1000, concurrency_window_s, max_steps, budget, out
@@ -1581,6 +1666,8 @@ def main(
         )
     if results.get("concurrency"):
         rows += concurrency_rows(results["concurrency"], stub_latency_ms / 1000)
+    results["stream_bytes"] = stream_bytes_per_group()
+    rows += stream_bytes_rows(results["stream_bytes"])
     write_json(out, results)
     print()
     print_table(rows, f"{title}, {os.cpu_count()} CPUs, total {results['total_seconds']:.0f} s")

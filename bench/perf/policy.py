@@ -12,6 +12,15 @@
    safetensors to local disk, with the server's version checked after every publish;
 4. the same tokens/s with InProcessPolicy on the same model and prompts (after the server
    stopped, so it has the machine alone, as it would as the single-machine engine).
+5. the peak memory of one n-sample request to InProcessPolicy, free-form and in choice mode, on
+   the preset's body with tied embeddings and Qwen2.5's 151,936-token vocabulary: the engine now
+   (per-step log-probs, allowed-token choice logits) and as it was (generate's score history, a
+   [choices, width, vocab] choice tensor; kept here only). RSS on CPU, max_memory_allocated with
+   --memory-device cuda. `--memory-only` runs this figure alone (no vLLM).
+6. publishing to 2 vLLM servers (a second one started beside the first): time per publish
+   (all paused, reloaded, relabelled, resumed together), and after each publish both servers'
+   versions and served-weight checksums (POST /weight_checker) equal. `--two-servers-only` runs
+   this figure alone (`--no-two-servers`: skip it).
 
 The model is a fresh `small` preset (spo3.app.model_init) in a temporary directory; the server
 binds to loopback only and is stopped in a finally. Prints a table and writes JSON.
@@ -637,7 +646,275 @@ def bench_inprocess(
     return result, rows
 
 
+# --- figure 5: the in-process engine's peak memory for one request -------------------------
+
+
+def _score_history_policy_class():
+    """InProcessPolicy as it was before per-step log-probs (bench only, for the before/after
+    figure): free-form keeps generate's `output_scores` (a [rows, vocab] float32 tensor per step,
+    all of them until the request ends); choice mode builds a [choices, width, vocab] float32
+    tensor of full-vocabulary logits."""
+    import torch
+
+    from spo3.policy.inprocess import InProcessPolicy
+
+    class ScoreHistoryPolicy(InProcessPolicy):
+        def _decode(self, input_ids, attention, p):
+            sampling = p.temperature > 0
+            out = self.model.generate(
+                input_ids,
+                attention_mask=attention,
+                max_new_tokens=p.max_tokens,
+                do_sample=sampling,
+                temperature=p.temperature if sampling else None,
+                top_p=p.top_p if sampling else None,
+                top_k=0 if sampling else None,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+            gen = out.sequences[:, input_ids.shape[1] :]
+            chosen = torch.stack(
+                [
+                    step.float().log_softmax(-1).gather(-1, gen[:, t : t + 1]).squeeze(-1)
+                    for t, step in enumerate(out.scores)
+                ],
+                dim=1,
+            )
+            return gen.cpu(), chosen.cpu()
+
+        def _choice_logits(self, prompt, choice_ids, allowed):
+            n, width, p = len(choice_ids), max(map(len, choice_ids)), len(prompt)
+            head = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+            flat = [t for ids in choice_ids for t in ids]
+            owner = torch.tensor(
+                [i for i, ids in enumerate(choice_ids) for _ in ids], device=self.device
+            )
+            step = torch.tensor(
+                [j for ids in choice_ids for j in range(len(ids))], device=self.device
+            )
+            own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
+            mask = torch.cat(
+                [torch.ones(len(flat), p, dtype=torch.bool, device=self.device), own], dim=1
+            )
+            tail = (
+                self.model(
+                    input_ids=torch.tensor([flat], device=self.device),
+                    position_ids=(step + p)[None],
+                    attention_mask=mask[None, None],
+                    past_key_values=head.past_key_values,
+                    use_cache=True,
+                )
+                .logits[0]
+                .float()
+            )
+            out = torch.zeros(n, width, tail.shape[-1], device=self.device)
+            out[:, 0] = head.logits[0, -1].float()
+            later = step > 0
+            out[owner[later], step[later]] = tail[:-1][later[1:]]
+            return [
+                [out[i, j, allowed[tuple(ids[:j])]].cpu() for j in range(len(ids))]
+                for i, ids in enumerate(choice_ids)
+            ]
+
+    return ScoreHistoryPolicy
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_memory_child(
+    model_dir: str, variant: str, mode: str, device: str, dtype: str, messages, params, queue
+) -> None:
+    """In a fresh process: load the engine, warm it up (the same request), then one request; the
+    peak memory of the request (CPU: VmHWM, reset before it through /proc/self/clear_refs; CUDA: max_memory_allocated)
+    and the memory held before it."""
+    import torch
+
+    from spo3.policy.inprocess import InProcessPolicy
+
+    try:
+        cls = _score_history_policy_class() if variant == "before" else InProcessPolicy
+        policy = cls(model_dir, dtype=dtype, device=device, threads=1)
+        # Warm-up with the very request: the first one at a batch size grows the allocator's
+        # arenas (glibc: +170 MiB on the engine thread here, whatever the path), which is not
+        # what the request needs. Then the memory freed since goes back to the OS (malloc_trim),
+        # so the RSS before the request is what is live and its peak is what the request adds.
+        policy.sample(messages, params)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+            before = _status_kib("VmRSS") * 1024
+        t0 = time.perf_counter()
+        outs = policy.sample(messages, params)
+        seconds = time.perf_counter() - t0
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        queue.put(
+            {
+                "before_bytes": before,
+                "peak_bytes": peak,
+                "request_bytes": peak - before,
+                "seconds": seconds,
+                "samples": len(outs),
+                "tokens": sum(len(c.token_ids) for c in outs),
+            }
+        )
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+MEMORY_CHOICES = [f"{v} {o}" for v in ("take", "examine", "open") for o in _OBJECTS[:10]]
+
+
+def bench_memory(
+    model_dir: Path,
+    messages,
+    *,
+    n: int,
+    max_tokens: int,
+    device: str,
+    dtype: str,
+    variants: Sequence[str],
+) -> tuple[dict, list[Row]]:
+    """Peak memory of one n-sample request to InProcessPolicy (`after`: per-step log-probs, choice
+    logits of allowed tokens only) and to the engine as it was (`before`), free-form and in choice
+    mode (30 choices), each in a process of its own. Measured: RSS on CPU (the whole process, so
+    the request's share is peak - RSS before it), torch.cuda.max_memory_allocated on CUDA."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    meta = json.loads((model_dir / "spo3_model.json").read_text())
+    requests = {
+        "free": SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=0),
+        "choice": SamplingParams(n=n, temperature=1.0, choices=MEMORY_CHOICES, seed=0),
+    }
+    result: dict = {
+        "device": device,
+        "dtype": dtype,
+        "vocab_size": meta["vocab_size"],
+        "parameters": meta["parameters"],
+        "n": n,
+        "max_tokens": max_tokens,
+        "choices": len(MEMORY_CHOICES),
+        "measure": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "RSS",
+        "runs": {},
+    }
+    rows = []
+    for mode, params in requests.items():
+        for variant in variants:
+            queue = ctx.Queue()
+            proc = ctx.Process(
+                target=_peak_memory_child,
+                args=(str(model_dir), variant, mode, device, dtype, messages, params, queue),
+            )
+            proc.start()
+            r = queue.get(timeout=600)
+            proc.join(timeout=60)
+            result["runs"][f"{mode}/{variant}"] = r
+            label = f"5 peak memory, one n={n} request, {mode}" + (
+                f" ({max_tokens} tok)" if mode == "free" else f" ({len(MEMORY_CHOICES)} choices)"
+            )
+            what = (
+                "score history / full-vocab choice logits"
+                if variant == "before"
+                else "per-step log-probs / allowed-token logits"
+            )
+            if "error" in r:
+                rows.append(Row(f"{label}, {variant}", r["error"][:60], "-", "FAIL"))
+                continue
+            base = result["runs"].get(f"{mode}/before")
+            vs = (
+                f"{r['request_bytes'] / max(base['request_bytes'], 1):.2f} x before"
+                if variant == "after" and base and "error" not in base
+                else what
+            )
+            rows.append(
+                Row(
+                    f"{label}, {variant}",
+                    f"+{r['request_bytes'] / 2**20:,.0f} MiB over {r['before_bytes'] / 2**20:,.0f} "
+                    f"(peak {r['peak_bytes'] / 2**20:,.0f} MiB {result['measure']})",
+                    "-",
+                    vs,
+                )
+            )
+    return result, rows
+
+
 # --- driver ------------------------------------------------------------------------------
+
+
+def bench_two_servers(
+    first: VLLMServer, model_dir: Path, work: Path, *, reps: int, dtype: str, log_path: Path
+) -> tuple[dict, list[Row]]:
+    """Figure 6: publish `reps` versions to `first` and a second server; time per publish, and
+    versions and served-weight checksums equal on both after each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    second = VLLMServer(model_dir, dtype=dtype, log_path=log_path.with_name("vllm-2.log"))
+    t0 = time.perf_counter()
+    second.start()
+    start_s = time.perf_counter() - t0
+    publisher = VLLMDiskPublisher(
+        [first.url, second.url], model_dir, work / "staging-2", verify=True
+    )
+    policy = VLLMPolicy([first.url, second.url], health_every_s=0.0)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        publish_s, checks = [], []
+        for v in range(1, reps + 1):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+            weights = model.state_dict()
+            t = time.perf_counter()
+            publisher.publish(v, weights)
+            publish_s.append(time.perf_counter() - t)
+            policy.refresh(force=True)
+            versions = sorted({s.version for s in policy.servers.values()})
+            sums = set(publisher.served_checksums.values())
+            checks.append(
+                {
+                    "version": v,
+                    "versions": versions,
+                    "checksums_equal": len(sums) == 1 and len(publisher.served_checksums) == 2,
+                    "behind": list(publisher.behind),
+                }
+            )
+        ok = all(c["versions"] == [c["version"]] and c["checksums_equal"] for c in checks)
+        result = {
+            "second_server_start_s": start_s,
+            "publish_s": publish_s,
+            "publish_s_median": median(publish_s),
+            "checks": checks,
+            "all_equal": ok,
+        }
+        row = Row(
+            f"6 publish to 2 vLLM servers (with checksum pass), {reps} reps",
+            f"{ms(median(publish_s))} median, {ms(max(publish_s))} max",
+            "versions and checksums equal after each",
+            "ok" if ok else "MISMATCH",
+        )
+        return result, [row]
+    finally:
+        policy.close()
+        publisher.close()
+        second.stop()
 
 
 @app.command()
@@ -663,6 +940,34 @@ def main(
     inprocess_seconds: Annotated[
         float, typer.Option(help="Time cap per thread setting in figure 4.", min=1)
     ] = 30.0,
+    memory_vocab: Annotated[
+        int,
+        typer.Option(
+            help="Figure 5: vocabulary of its model (the preset's body, tied, padded to this; "
+            "Qwen2.5's 151,936 by default; 0: skip the figure).",
+            min=0,
+        ),
+    ] = 151936,
+    memory_device: Annotated[
+        str, typer.Option(help="Figure 5: engine device (cpu: RSS; cuda: max_memory_allocated).")
+    ] = "cpu",
+    memory_dtype: Annotated[str, typer.Option(help="Figure 5: engine dtype.")] = "float32",
+    memory_variants: Annotated[
+        str,
+        typer.Option(
+            help="Figure 5: before (the engine with generate's score history and full-vocabulary "
+            "choice logits, kept in this module) and/or after (the engine now)."
+        ),
+    ] = "before,after",
+    memory_only: Annotated[
+        bool, typer.Option(help="Only figure 5 (no vLLM server, figures 1-4 skipped).")
+    ] = False,
+    two_servers: Annotated[
+        bool, typer.Option(help="Figure 6: publishing to 2 vLLM servers (starts a second one).")
+    ] = True,
+    two_servers_only: Annotated[
+        bool, typer.Option(help="Only figure 6 (figures 1-5 skipped).")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path(
         "policy_bench.json"
     ),
@@ -687,6 +992,13 @@ def main(
             "inprocess_prompts": inprocess_prompts,
             "inprocess_dtype": inprocess_dtype,
             "inprocess_seconds": inprocess_seconds,
+            "memory_vocab": memory_vocab,
+            "memory_device": memory_device,
+            "memory_dtype": memory_dtype,
+            "memory_variants": memory_variants,
+            "memory_only": memory_only,
+            "two_servers": two_servers,
+            "two_servers_only": two_servers_only,
         },
         "cpus": os.cpu_count(),
     }
@@ -732,54 +1044,90 @@ def main(
             flush=True,
         )
 
-        print(
-            f"[{time.perf_counter() - t_start:6.1f} s] starting vLLM ({dtype}), log {log_path} ...",
-            flush=True,
-        )
-        server = VLLMServer(model_dir, dtype=dtype, log_path=log_path)
-        t0 = time.perf_counter()
-        try:
-            server.start()
-            phase_s["server_start"] = time.perf_counter() - t0
-            pids = server_pids[:] = process_tree(server._proc.pid)
-            version = httpx.get(f"{server.url}/version", timeout=5).json().get("version")
-            results["server"] = {
-                "vllm": version,
-                "dtype": dtype,
-                "start_s": phase_s["server_start"],
-                "processes": len(pids),
-                "log": str(log_path),
-            }
+        if not memory_only:
             print(
-                f"vLLM {version} up in {phase_s['server_start']:.0f} s at {server.url} "
-                f"({len(pids)} processes)",
+                f"[{time.perf_counter() - t_start:6.1f} s] starting vLLM ({dtype}), log {log_path} ...",
                 flush=True,
             )
-            phase(
-                "client",
-                "1 client vs raw",
-                lambda: bench_client(server.url, pids, short, params, rounds=rounds),
+            server = VLLMServer(model_dir, dtype=dtype, log_path=log_path)
+            t0 = time.perf_counter()
+            try:
+                server.start()
+                phase_s["server_start"] = time.perf_counter() - t0
+                pids = server_pids[:] = process_tree(server._proc.pid)
+                version = httpx.get(f"{server.url}/version", timeout=5).json().get("version")
+                results["server"] = {
+                    "vllm": version,
+                    "dtype": dtype,
+                    "start_s": phase_s["server_start"],
+                    "processes": len(pids),
+                    "log": str(log_path),
+                }
+                print(
+                    f"vLLM {version} up in {phase_s['server_start']:.0f} s at {server.url} "
+                    f"({len(pids)} processes)",
+                    flush=True,
+                )
+                if not two_servers_only:
+                    phase(
+                        "client",
+                        "1 client vs raw",
+                        lambda: bench_client(server.url, pids, short, params, rounds=rounds),
+                    )
+                    phase(
+                        "n_samples", "2 n in one request", lambda: bench_n(server.url, long, params)
+                    )
+                    phase(
+                        "publish",
+                        "3 publish",
+                        lambda: bench_publish(server.url, model_dir, work, reps=publish_reps),
+                    )
+                if two_servers or two_servers_only:
+                    phase(
+                        "two_servers",
+                        "6 publish to 2 servers",
+                        lambda: bench_two_servers(
+                            server,
+                            model_dir,
+                            work,
+                            reps=publish_reps,
+                            dtype=dtype,
+                            log_path=log_path,
+                        ),
+                    )
+            finally:
+                server.stop()
+                server_pids.clear()
+            if inprocess_prompts and not two_servers_only:
+                phase(
+                    "inprocess",
+                    "4 in-process engine",
+                    lambda: bench_inprocess(
+                        model_dir,
+                        short[:inprocess_prompts],
+                        params,
+                        dtype=inprocess_dtype,
+                        vllm_rate=results["client"]["tokens_per_s"]["client"],
+                        seconds=inprocess_seconds,
+                    ),
+                )
+        if memory_vocab and not two_servers_only:
+            t0 = time.perf_counter()
+            memory_model = init_model(
+                work / "model-vocab", preset, seed=0, tied=True, vocab_size=memory_vocab
             )
-            phase("n_samples", "2 n in one request", lambda: bench_n(server.url, long, params))
+            phase_s["memory_model_init"] = time.perf_counter() - t0
             phase(
-                "publish",
-                "3 publish",
-                lambda: bench_publish(server.url, model_dir, work, reps=publish_reps),
-            )
-        finally:
-            server.stop()
-            server_pids.clear()
-        if inprocess_prompts:
-            phase(
-                "inprocess",
-                "4 in-process engine",
-                lambda: bench_inprocess(
-                    model_dir,
-                    short[:inprocess_prompts],
-                    params,
-                    dtype=inprocess_dtype,
-                    vllm_rate=results["client"]["tokens_per_s"]["client"],
-                    seconds=inprocess_seconds,
+                "memory",
+                "5 engine peak memory",
+                lambda: bench_memory(
+                    memory_model,
+                    short[0],
+                    n=n,
+                    max_tokens=max_tokens,
+                    device=memory_device,
+                    dtype=memory_dtype,
+                    variants=[v for v in memory_variants.split(",") if v],
                 ),
             )
     finally:
@@ -790,7 +1138,9 @@ def main(
     results["other_processes_cpu_cores"] = other_cores
     write_json(out, results)
     ordered = [
-        row for key in ("client", "n_samples", "publish", "inprocess") for row in rows.get(key, [])
+        row
+        for key in ("client", "n_samples", "publish", "inprocess", "memory", "two_servers")
+        for row in rows.get(key, [])
     ]
     figures = "/".join(rows[k][0].figure[0] for k in other_cores)
     ordered.append(
@@ -802,7 +1152,8 @@ def main(
     print()
     print_table(
         ordered,
-        f"policy benchmark: vLLM {results['server']['vllm']} ({dtype}), {preset} model "
+        f"policy benchmark: vLLM {results.get('server', {}).get('vllm', '(not run)')} ({dtype}), "
+        f"{preset} model "
         f"({meta['parameters'] / 1e6:.1f}M), {os.cpu_count()} CPUs, total {total:.0f} s",
     )
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_s.items()))

@@ -121,12 +121,17 @@ class ActorConfig(BaseModel):
     stream_max_len: int = Field(
         10_000, ge=1, description="Most entries in the groups stream; appends wait beyond."
     )
-    stream_max_unread: int = Field(
-        0,
+    stream_max_unread: int | None = Field(
+        None,
         ge=0,
         description=(
-            "Wait while the learner has this many groups not read yet, so actors do not outrun it (0: no bound; "
-            "e.g. 2x its groups_per_update)."
+            "Wait while the learner has this many groups not read yet, so actors do not outrun it (0: no bound). "
+            "A group that finds U unread groups ahead of it is read U / groups_per_update updates later, and "
+            "is dropped if more than max_staleness versions old by then: keep U <= groups_per_update x "
+            "max_staleness / 2, which leaves half the staleness allowance for the rollout itself and the "
+            "publish, so actors that outpace the learner wait instead of making groups to drop. Empty: 8 "
+            "(= 8 x 2 / 2, the learner's defaults) once a learner reads the stream, no bound before (a run "
+            "without a learner, a test, a benchmark); set it with the learner's settings (the deployments do)."
         ),
     )
     exit_when_idle_s: float | None = Field(

@@ -42,6 +42,7 @@ from spo3.transport.contracts import (
     Transition,
     WorkItem,
 )
+from spo3.transport.metrics import actor_metrics
 
 
 class GroupSink(Protocol):
@@ -437,7 +438,8 @@ class Rollout:
             max_tokens=self.cfg.max_tokens,
             choices=admissible if self.cfg.choice_mode and admissible else None,
         )
-        completions = self.policy.sample(messages, params)
+        with actor_metrics().policy_in_flight.track_inprogress():  # autoscaling signal
+            completions = self.policy.sample(messages, params)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         return completions
 

@@ -51,6 +51,8 @@ ACTOR_OPTIONS: OptionFields = {  # `spo3 actor` option -> the settings field it 
     "model": (PolicySource, "model"),
     "weights_dir": (PolicySource, "weights_dir"),
     "threads": (PolicySource, "threads"),
+    "dtype": (PolicySource, "dtype"),
+    "device": (PolicySource, "device"),
     "max_steps": (RolloutConfig, "max_steps"),
     "max_leaves": (RolloutConfig, "max_leaves"),
     "group_size": (RolloutConfig, "group_size"),
@@ -69,6 +71,7 @@ ACTOR_OPTIONS: OptionFields = {  # `spo3 actor` option -> the settings field it 
     "eval_task": (ActorConfig, "eval_tasks"),
     "eval_every": (ActorConfig, "eval_every"),
     "max_unread": (ActorConfig, "stream_max_unread"),
+    "concurrency": (ActorConfig, "concurrency"),
 }
 LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field it sets
     "model": (TrainerConfig, "model"),
@@ -80,6 +83,7 @@ LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field
     "staging_dir": (PublishTarget, "staging_dir"),
     "publish_dtype": (PublishTarget, "publish_dtype"),
     "weights_dir": (PublishTarget, "weights_dir"),
+    "weight_transfer": (PublishTarget, "weight_transfer"),
     **{
         f: (LearnerSettings, f)
         for f in (
@@ -195,11 +199,14 @@ _ActExitWhenIdle = Annotated[float | None, _act("exit_when_idle")]
 _ActMetricsPort = Annotated[int | None, _act("metrics_port")]
 _ActMetricsHost = Annotated[str, _act("metrics_host")]
 _ActThreads = Annotated[int, _act("threads")]
+_ActDtype = Annotated[str, _act("dtype", envvar="SPO3_POLICY_DTYPE")]
+_ActDevice = Annotated[str, _act("device", envvar="SPO3_POLICY_DEVICE")]
 _ActEvalTask = Annotated[
     list[str] | None, _act("eval_task", "Give each as ENV:TASK_ID; repeatable.")
 ]
 _ActEvalEvery = Annotated[int, _act("eval_every")]
-_ActMaxUnread = Annotated[int, _act("max_unread", envvar="SPO3_MAX_UNREAD")]
+_ActMaxUnread = Annotated[int | None, _act("max_unread", envvar="SPO3_MAX_UNREAD")]
+_ActConcurrency = Annotated[int, _act("concurrency", envvar="SPO3_ACTOR_CONCURRENCY")]
 
 
 # `spo3 learner` options
@@ -216,6 +223,7 @@ _LrnPolicyUrl = Annotated[list[str] | None, _lrn("policy_url")]
 _LrnStagingDir = Annotated[str, _lrn("staging_dir")]
 _LrnPublishDtype = Annotated[str | None, _lrn("publish_dtype")]
 _LrnWeightsDir = Annotated[str | None, _lrn("weights_dir", envvar="SPO3_WEIGHTS_DIR")]
+_LrnWeightTransfer = Annotated[str, _lrn("weight_transfer")]
 _LrnGroupsPerUpdate = Annotated[int, _lrn("groups_per_update")]
 _LrnMaxStaleness = Annotated[int, _lrn("max_staleness")]
 _LrnPublishEvery = Annotated[int, _lrn("publish_every")]
@@ -385,6 +393,14 @@ def init_model_cmd(
     seed: Annotated[
         int, typer.Option(help="Seed for the tokenizer corpus and the initial weights.")
     ] = 0,
+    tied: Annotated[
+        bool | None,
+        typer.Option(
+            "--tied/--untied",
+            help="Tie lm_head to the input embeddings, as Qwen2.5-0.5B/1.5B/3B-Instruct do "
+            "(default: the preset's own: tied for qwen2.5-1.5b, untied for the others).",
+        ),
+    ] = None,
 ) -> None:
     """Create a small Qwen2-shaped model and a tokenizer trained locally (no downloads).
 
@@ -393,7 +409,7 @@ def init_model_cmd(
     """
     from spo3.app.model_init import init_model
 
-    path = init_model(out, preset, seed)
+    path = init_model(out, preset, seed, tied=tied)
     typer.echo(f"wrote {preset} model to {path}")
 
 
@@ -468,9 +484,12 @@ def actor_cmd(
     metrics_port: _ActMetricsPort = None,
     metrics_host: _ActMetricsHost = "127.0.0.1",
     threads: _ActThreads = 1,
+    dtype: _ActDtype = "float32",
+    device: _ActDevice = "cpu",
     eval_task: _ActEvalTask = None,
     eval_every: _ActEvalEvery = 0,
-    max_unread: _ActMaxUnread = 0,
+    max_unread: _ActMaxUnread = None,
+    concurrency: _ActConcurrency = 1,
 ) -> None:
     """Run a stateless environment actor: take tasks, branch by state score, stream groups.
 
@@ -557,6 +576,7 @@ def learner_cmd(
     staging_dir: _LrnStagingDir = "published-weights",
     publish_dtype: _LrnPublishDtype = None,
     weights_dir: _LrnWeightsDir = None,
+    weight_transfer: _LrnWeightTransfer = "disk",
     groups_per_update: _LrnGroupsPerUpdate = 8,
     max_staleness: _LrnMaxStaleness = 2,
     publish_every: _LrnPublishEvery = 1,

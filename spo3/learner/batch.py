@@ -4,6 +4,10 @@
 their returns, broadcast to every step. GiGPO: GRPO's episode advantage plus a step advantage
 among steps that share an anchor state. Rows with zero advantage are left out: they would cost
 a forward/backward pass and add no gradient.
+
+Prompts: a group read from the stream (schema 3) carries each distinct prompt once; reading it
+fills every transition's `prompt_token_ids` from that table (the same list object for the members
+that share it), so the rows, and schema 2 groups' rows, are built the same way.
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ def _share(batch: list[Group], stop: bool) -> tuple[list[Group], bool]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return batch, stop and not batch
     payload = [
-        json.dumps({"stop": stop and not batch, "groups": [g.model_dump_json() for g in batch]})
+        json.dumps({"stop": stop and not batch, "groups": [g.to_stream_json() for g in batch]})
     ]
     dist.broadcast_object_list(payload, src=0)
     data = json.loads(payload[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ChatMessage(BaseModel):
@@ -66,7 +66,17 @@ class Transition(BaseModel):
 
     state_key: str
     next_state_key: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] = Field(
+        default_factory=list,
+        description="The prompt's token ids. On the stream (schema 3) they travel once per group, "
+        "in `Group.prompts`, and this field is filled from `prompt_index` when read.",
+    )
+    prompt_index: int | None = Field(
+        None,
+        ge=0,
+        description="Schema 3 on the stream: the index of this transition's prompt in "
+        "`Group.prompts` (None: the prompt is inline, schema 2 or in memory).",
+    )
     token_ids: list[int] = Field(
         description="Generated tokens, exactly as the policy server returned them."
     )
@@ -111,15 +121,21 @@ class GroupMember(BaseModel):
     score: float
 
 
-SCHEMA_VERSION: Final = 2
-"""Stream schema of `Group`. 2: transitions say how they were sampled (choices, behaviour log-probs)."""
+SCHEMA_VERSION: Final = 3
+"""Stream schema of `Group`. 2: transitions say how they were sampled (choices, behaviour log-probs).
+3: a group's distinct prompts travel once, in `Group.prompts`; each transition names its prompt by
+`prompt_index` (a 3SPO step group's members all share one prompt: n(s) copies became one)."""
+READABLE_SCHEMAS: Final = (2, 3)
+"""Schema versions the learner reads: version 2 entries (actors of the previous release, still in
+the stream across an upgrade) carry their prompts inline and train exactly as before."""
 
 
 class Group(BaseModel):
     """The unit the learner trains on: members whose scores are compared with each other."""
 
-    schema_version: Literal[2] = Field(
-        SCHEMA_VERSION, description="Stream schema; the learner dead-letters any other version."
+    schema_version: Literal[2, 3] = Field(
+        SCHEMA_VERSION,
+        description="Stream schema; the learner reads 2 and 3 and dead-letters any other version.",
     )
     group_id: str = Field(min_length=1, max_length=512)
     run: str
@@ -129,6 +145,49 @@ class Group(BaseModel):
     depth: int = Field(ge=0)
     members: list[GroupMember] = Field(min_length=1)
     created_at: float
+    prompts: list[list[int]] = Field(
+        default_factory=list,
+        description="Schema 3 on the stream: the group's distinct prompts (token ids), each once; "
+        "transitions point into it with `prompt_index`.",
+    )
+
+    @model_validator(mode="after")
+    def _expand_prompts(self) -> Group:
+        """Fill each transition's `prompt_token_ids` from the prompts table (shared lists, so a
+        prompt is held once in memory too); an index outside the table is a validation error."""
+        for m in self.members:
+            for t in m.transitions:
+                if t.prompt_index is None:
+                    continue
+                if t.prompt_index >= len(self.prompts):
+                    raise ValueError(
+                        f"prompt_index {t.prompt_index} outside the group's {len(self.prompts)} prompts"
+                    )
+                t.prompt_token_ids = self.prompts[t.prompt_index]
+        return self
+
+    def to_stream_json(self) -> str:
+        """The stream entry (schema 3): every distinct prompt once in `prompts`, each transition
+        with its `prompt_index` and without inline token ids. Reading it back
+        (`Group.model_validate_json`) gives transitions with the same `prompt_token_ids`."""
+        table: dict[tuple[int, ...], int] = {}
+        members = []
+        for m in self.members:
+            transitions = []
+            for t in m.transitions:
+                index = table.setdefault(tuple(t.prompt_token_ids), len(table))
+                transitions.append(t.model_copy(update={"prompt_index": index}))
+            members.append(m.model_copy(update={"transitions": transitions}))
+        compact = self.model_copy(
+            update={
+                "schema_version": SCHEMA_VERSION,
+                "members": members,
+                "prompts": [list(p) for p in table],
+            }
+        )
+        return compact.model_dump_json(
+            exclude={"members": {"__all__": {"transitions": {"__all__": {"prompt_token_ids"}}}}}
+        )
 
     @property
     def policy_version(self) -> int:

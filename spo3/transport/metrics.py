@@ -285,6 +285,12 @@ class ActorMetrics:
             "spo3_actor_stream_wait_seconds",
             "Time spent waiting for room in the full groups stream (back-pressure)",
         )
+        self.policy_in_flight = _gauge(
+            registry,
+            "spo3_actor_policy_requests_in_flight",
+            "Rollout policy sample calls under way (the actors' autoscaling signal: "
+            "k8s/components/actors-hpa)",
+        )
 
 
 @functools.cache
@@ -335,6 +341,40 @@ def score_client_metrics() -> ScoreClientMetrics:
     return ScoreClientMetrics()
 
 
+# --- the vLLM client in actors: several servers, rotation (spo3.policy.vllm_client) ------------
+POLICY_SERVER_STATES = ("in_rotation", "out_of_rotation")
+POLICY_SKIP_REASONS = ("behind", "unreachable")
+
+
+class PolicyClientMetrics:
+    """An actor's view of its vLLM servers: which ones it samples from, and why it skipped one."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.servers = Gauge(
+            "spo3_actor_policy_servers",
+            "vLLM servers by state: in_rotation (healthy, at the newest version seen), "
+            "out_of_rotation (unreachable, or behind the newest version: missed a publish)",
+            ["state"],
+            registry=registry,
+        )
+        self.skips = Counter(
+            "spo3_actor_policy_server_skips",
+            "Requests moved off a server: behind (older weights than another server) or "
+            "unreachable",
+            ["reason"],
+            registry=registry,
+        )
+        for state in POLICY_SERVER_STATES:
+            self.servers.labels(state)
+        for reason in POLICY_SKIP_REASONS:
+            self.skips.labels(reason)
+
+
+@functools.cache
+def policy_client_metrics() -> PolicyClientMetrics:
+    return PolicyClientMetrics()
+
+
 # --- policy engines that follow published weights (actor processes) --------------------------
 class FollowerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
@@ -361,7 +401,8 @@ def follower_metrics() -> FollowerMetrics:
 
 # --- learner (`spo3 learner`, port 9200, rank 0 only) -----------------------------------------
 class _StreamCollector:
-    """Length and pending count of the groups stream, read at scrape time."""
+    """Length and pending count of the groups stream, and the work queue's depth, read at scrape
+    time."""
 
     def __init__(self) -> None:
         self.source: tuple[redis.Redis, RedisNames] | None = None  # the running learner's
@@ -383,6 +424,19 @@ class _StreamCollector:
             "spo3_learner_stream_pending",
             "Entries delivered to the learner and not yet acknowledged (checkpoint pending)",
             value=pending,
+        )
+        try:
+            ready, leased = client.llen(names.work_ready), client.zcard(names.work_leased)
+        except Exception:
+            return
+        yield GaugeMetricFamily(
+            "spo3_learner_work_queue_ready",
+            "Work items waiting for an actor (the actors' autoscaling signal: "
+            "k8s/components/actors-hpa)",
+            value=int(ready),
+        )
+        yield GaugeMetricFamily(
+            "spo3_learner_work_queue_leased", "Work items leased by actors now", value=int(leased)
         )
 
 
@@ -483,6 +537,21 @@ class LearnerMetrics:
         )
         self.published_version = _gauge(
             registry, "spo3_learner_published_version", "Last weights version published"
+        )
+        self.policy_servers = Gauge(
+            "spo3_learner_policy_servers",
+            "Policy servers after the last publish: in_sync (serve the published version), "
+            "behind (missed it: error or timeout; actors skip them until a publish reaches them)",
+            ["state"],
+            registry=registry,
+        )
+        for state in ("in_sync", "behind"):
+            self.policy_servers.labels(state)
+        self.publish_failures = _counter(
+            registry,
+            "spo3_learner_publish_failures",
+            "Publishes that failed on one policy server (error or timeout), by server",
+            ["server"],
         )
         self.checkpoint_seconds = _histogram(
             registry,

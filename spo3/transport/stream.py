@@ -9,7 +9,14 @@ bounded twice, by waiting (back-pressure) instead of trimming, so no group is ev
 - `max_unread` (0: off): entries the learner has not read yet. Actors that outrun the learner
   would otherwise spend the env-step budget on groups that wait, and grow stale, in the stream;
   with this bound they wait for the learner instead, which keeps the policy they sample fresh.
+  None: `DEFAULT_MAX_UNREAD` once the learner's consumer group exists, no bound before it (so a
+  run without a learner never waits on one).
 The append is one Lua script (lua/append_group.lua) that reads the learner group's XPENDING.
+
+Entries are schema 3 (`Group.to_stream_json`): a group's distinct prompts travel once, in its
+`prompts` table (a 3SPO step group's n(s) members share one prompt). The reader also reads
+schema 2 entries (prompts inline, from actors of the previous release during an upgrade): they
+give the same rows, so nothing already in the stream is lost to the upgrade.
 
 Exactly-once use across crashes: entries are acknowledged (and deleted, which frees room for
 the actors' back-pressure) only once a checkpoint that contains their update exists. A learner
@@ -31,11 +38,15 @@ import redis
 from pydantic import ValidationError
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
-from spo3.transport.contracts import SCHEMA_VERSION, Group
+from spo3.transport.contracts import READABLE_SCHEMAS, Group
 from spo3.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")  # the reader runs in the learner
 _APPEND = (Path(__file__).parent / "lua" / "append_group.lua").read_text()
+
+
+DEFAULT_MAX_UNREAD = 8
+"""groups_per_update x max_staleness / 2 at the learner's defaults (8, 2): see ActorConfig."""
 
 
 class StreamFull(TimeoutError):
@@ -49,13 +60,14 @@ class GroupStream:
         run: str = "default",
         *,
         max_len: int = 10_000,
-        max_unread: int = 0,
+        max_unread: int | None = 0,
         marker_ttl_s: int = 7 * 24 * 3600,
     ) -> None:
         self.client = client
         self.names = RedisNames(run)
         self.max_len = max_len
         self.max_unread = max_unread
+        self._learner_seen = False
         self.marker_ttl_s = marker_ttl_s
         self._append = client.register_script(_APPEND)
         self.waited_s = 0.0  # total back-pressure wait, for metrics
@@ -64,7 +76,7 @@ class GroupStream:
         """Append one group; returns its entry id, or None if this group id was already there.
         Waits while the stream is full, raising StreamFull after `wait_limit_s`."""
         n = self.names
-        payload = group.model_dump_json()
+        payload = group.to_stream_json()  # schema 3: each distinct prompt once
         start = time.monotonic()
         waits = Retrying(
             retry=retry_if_result(lambda reply: reply == "FULL"),
@@ -76,17 +88,31 @@ class GroupStream:
         except RetryError:
             raise StreamFull(
                 f"groups stream {n.groups_stream} stayed full ({self.max_len} entries or "
-                f"{self.max_unread or 'unbounded'} unread) for {wait_limit_s:.0f}s: "
+                f"{self._unread_bound() or 'unbounded'} unread) for {wait_limit_s:.0f}s: "
                 "is the learner running?"
             ) from None
         if waits.statistics.get("attempt_number", 1) > 1:
             self.waited_s += time.monotonic() - start
         return reply or None
 
+    def _unread_bound(self) -> int:
+        if self.max_unread is not None:
+            return self.max_unread
+        if not self._learner_seen:  # checked until the learner's consumer group exists
+            try:
+                groups = self.client.xinfo_groups(self.names.groups_stream)
+            except redis.ResponseError:  # no stream yet
+                groups = []
+            names = {
+                g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups
+            }
+            self._learner_seen = self.names.learner_group in names
+        return DEFAULT_MAX_UNREAD if self._learner_seen else 0
+
     def _try_append(self, n: RedisNames, group_id: str, payload: str) -> str:
         reply = self._append(
             keys=[n.groups_stream, n.group_marker(group_id)],
-            args=[payload, self.marker_ttl_s, self.max_len, self.max_unread, n.learner_group],
+            args=[payload, self.marker_ttl_s, self.max_len, self._unread_bound(), n.learner_group],
         )
         return reply.decode() if isinstance(reply, bytes) else reply
 
@@ -128,12 +154,12 @@ class GroupConsumer:
             try:
                 raw = fields[b"group"]
                 version = _schema_version(raw)
-                if version != SCHEMA_VERSION:
+                if version not in READABLE_SCHEMAS:
                     self.unknown_schema += 1
                     raise ValueError(
                         f"unknown stream schema_version {version!r}: this learner reads version "
-                        f"{SCHEMA_VERSION} only (transitions that say how they were sampled); "
-                        f"run actors of the same release as the learner"
+                        f"{' or '.join(map(str, READABLE_SCHEMAS))} only (2: prompts inline, 3: "
+                        "a group's prompts once); run actors of the same release as the learner"
                     )
                 out.append((entry_id, Group.model_validate_json(raw)))
             except (KeyError, ValidationError, ValueError) as e:

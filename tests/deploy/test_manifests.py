@@ -104,7 +104,7 @@ def rendered(k8s_tree) -> dict[str, tuple[Path, list[dict]]]:
     """overlay -> (rendered file, its objects), by `kubectl kustomize` as `make up` runs it."""
     kubectl = tool("kubectl")
     out = {}
-    for overlay in ("gpu", "cpu", "all-components"):
+    for overlay in ("gpu", "cpu", "all-components", "qwen2.5-1.5b"):
         text = ok(
             [
                 kubectl,
@@ -331,8 +331,9 @@ def test_only_the_learner_reaches_vllms_weight_routes(rendered):
     actor_args = one(rendered, "gpu", "Deployment", "actors")["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
-    assert f"--policy-url=http://vllm:{raw_port}" in learner_args
-    assert f"--policy-url=http://vllm:{proxy_port}" in actor_args
+    # both address every vLLM pod through the headless Service (several servers)
+    assert f"--policy-url=http://vllm-pods:{raw_port}" in learner_args
+    assert f"--policy-url=http://vllm-pods:{proxy_port}" in actor_args
 
     # the proxy passes on exact sampling/read routes only; everything else is 404
     from spo3.policy.publish import VLLMDiskPublisher
@@ -409,14 +410,112 @@ def test_actors_are_scaled_by_kubectl_scale(rendered):
         assert not objects(rendered, overlay, "HorizontalPodAutoscaler"), (
             "an HPA overrides `kubectl scale`"
         )
-    (hpa,) = objects(rendered, "all-components", "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {
+        assert not objects(rendered, overlay, "ScaledObject")
+    assert "replicas" not in one(rendered, "all-components", "Deployment", "actors")["spec"]
+
+
+def test_actors_autoscale_on_a_prometheus_query_not_cpu(rendered, tmp_path):
+    """KEDA's CRD is not in kubernetes-validate's schemas (it validates built-in kinds only): the
+    ScaledObject's structure is checked here, its query is parsed by promtool, and every metric
+    it reads is one spo3 exports."""
+    assert not objects(rendered, "all-components", "HorizontalPodAutoscaler"), "no CPU HPA left"
+    (so,) = objects(rendered, "all-components", "ScaledObject")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "name": "actors",
     }
-    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    assert "replicas" not in one(rendered, "all-components", "Deployment", "actors")["spec"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert set(spec) <= {
+        "scaleTargetRef",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "pollingInterval",
+        "cooldownPeriod",
+        "advanced",
+        "triggers",
+    }
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus" and "cpu" not in json.dumps(trigger)
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata are strings"
+    assert float(meta["threshold"]) > 0 and meta["metricType"] == "AverageValue"
+    # the server is the Prometheus Service of this namespace, on its port
+    prom = one(rendered, "all-components", "Service", "prometheus")
+    (port,) = [p["port"] for p in prom["spec"]["ports"]]
+    assert meta["serverAddress"] == f"http://prometheus.spo3.svc.cluster.local:{port}"
+    # KEDA's operator may reach Prometheus
+    policies = [
+        p
+        for p in objects(rendered, "all-components", "NetworkPolicy")
+        if p["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": "prometheus"}
+    ]
+    assert any(
+        src.get("namespaceSelector", {}).get("matchLabels")
+        == {"kubernetes.io/metadata.name": "keda"}
+        for p in policies
+        for rule in p["spec"]["ingress"]
+        for src in rule["from"]
+    )
+    # the query parses (promtool) and reads metrics spo3 exports
+    promtool = tool("promtool")
+    rules = tmp_path / "keda-query.yml"
+    rules.write_text(
+        yaml.safe_dump(
+            {"groups": [{"name": "keda", "rules": [{"record": "keda:q", "expr": meta["query"]}]}]}
+        )
+    )
+    ok([promtool, "check", "rules", str(rules)])
+    exported = set(
+        re.findall(r'"(spo3_[a-z_]+)"', (ROOT / "spo3/transport/metrics.py").read_text())
+    )
+    used = set(re.findall(r"spo3_[a-z_]+", meta["query"]))
+    assert used and used <= exported, used - exported
+
+
+def test_several_vllm_servers_behind_a_headless_service(rendered):
+    vllm = one(rendered, "gpu", "Deployment", "vllm")
+    assert vllm["spec"]["replicas"] >= 2
+    pods = one(rendered, "gpu", "Service", "vllm-pods")
+    assert pods["spec"]["clusterIP"] == "None"
+    assert pods["spec"]["selector"] == vllm["spec"]["selector"]["matchLabels"]
+    ports = {p["name"]: p["port"] for p in pods["spec"]["ports"]}
+    assert ports == {"proxy": 8080, "weights": 8000}
+    for name in ("actors", "learner"):
+        args = one(rendered, "gpu", "Deployment", name)["spec"]["template"]["spec"]["containers"][
+            0
+        ]["args"]
+        urls = [a for a in args if a.startswith("--policy-url=")]
+        assert urls and all(u.startswith("--policy-url=http://vllm-pods:") for u in urls), urls
+
+
+def test_actors_wait_before_the_learner_would_drop_their_groups_as_stale(rendered, compose_config):
+    """SPO3_MAX_UNREAD <= groups_per_update x max_staleness / 2 of the learner they feed."""
+
+    def flag(args: list[str], name: str) -> int:
+        for i, a in enumerate(args):
+            if a.startswith(f"--{name}="):
+                return int(a.split("=", 1)[1])
+            if a == f"--{name}":
+                return int(args[i + 1])
+        raise AssertionError(f"--{name} not in {args}")
+
+    learner = one(rendered, "gpu", "Deployment", "learner")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    actor = one(rendered, "gpu", "Deployment", "actors")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    env = {e["name"]: e.get("value") for e in actor["env"]}
+    bound = flag(learner["args"], "groups-per-update") * flag(learner["args"], "max-staleness")
+    assert 0 < int(env["SPO3_MAX_UNREAD"]) <= bound // 2
+    services = compose_config["services"]
+    for actors, learner_name in (("actors-cpu", "learner-cpu"), ("actors-gpu", "learner-gpu")):
+        cmd = services[learner_name]["command"]
+        bound = flag(cmd, "groups-per-update") * flag(cmd, "max-staleness")
+        assert 0 < int(services[actors]["environment"]["SPO3_MAX_UNREAD"]) <= bound // 2
 
 
 def gpu_limit(template: dict) -> int:
@@ -666,8 +765,25 @@ def test_compose_keeps_vllms_weight_routes_on_the_learners_network(compose_confi
     assert on_weights == {"vllm", "vllm-proxy", "learner-gpu"}
     assert compose_config["networks"]["weights"].get("internal") is True
     assert "vllm-backend" in vllm["networks"]["weights"]["aliases"]
-    assert "http://vllm-proxy:8080" in services["actors-gpu"]["command"]
-    assert "http://vllm:8000" in services["learner-gpu"]["command"]
+    # the second server: its own internal network, where it alone is its proxy's vllm-backend
+    vllm2 = services["vllm-2"]
+    assert vllm2["environment"]["VLLM_SERVER_DEV_MODE"] == "1" and "gpu" in vllm2["profiles"]
+    assert set(vllm2["networks"]) == {"weights-2"} and not vllm2.get("ports")
+    assert "vllm-backend" in vllm2["networks"]["weights-2"]["aliases"]
+    on_weights_2 = {
+        name for name, svc in services.items() if "weights-2" in (svc.get("networks") or {})
+    }
+    assert on_weights_2 == {"vllm-2", "vllm-proxy-2", "learner-gpu"}
+    assert compose_config["networks"]["weights-2"].get("internal") is True
+    assert services["vllm-proxy-2"]["volumes"] == services["vllm-proxy"]["volumes"]
+    gpus = [
+        services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for n in ("vllm", "vllm-2", "learner-gpu")
+    ]
+    assert len({tuple(g) for g in gpus}) == 3, f"vLLM servers and learner share a GPU: {gpus}"
+    actor_cmd, learner_cmd = services["actors-gpu"]["command"], services["learner-gpu"]["command"]
+    assert "http://vllm-proxy:8080,http://vllm-proxy-2:8080" in actor_cmd
+    assert "http://vllm:8000" in learner_cmd and "http://vllm-2:8000" in learner_cmd
     proxy_mounts = {v["target"]: v["source"] for v in services["vllm-proxy"]["volumes"]}
     assert proxy_mounts["/etc/nginx/nginx.conf"] == str(ROOT / "deploy/docker/vllm-proxy.conf")
     # both learners share the volume with vLLM at /shared
@@ -830,3 +946,60 @@ def test_in_process_actors_follow_the_weights_the_learner_publishes(rendered, co
     )
     gpu_actor = pod_templates(rendered, "gpu")["actors"]["spec"]["containers"][0]["args"]
     assert _flag(gpu_actor, "--weights-dir") is None and _flag(gpu_actor, "--policy-url")
+
+
+# ---- real checkpoints and GPUs ------------------------------------------------------------------
+def test_learner_runs_one_torchrun_process_per_gpu_it_requests(rendered):
+    """The GPU learner starts under torchrun with one process per GPU of the pod (`gpu`: the
+    devices the device plugin made visible, i.e. those requested), `spo3 learner` as the module."""
+    for overlay in ("gpu", "qwen2.5-1.5b"):
+        template = pod_templates(rendered, overlay)["learner"]
+        (c,) = [c for c in template["spec"]["containers"] if c["name"] == "learner"]
+        command = c["command"]
+        assert command[0] == "torchrun" and "--standalone" in command
+        assert _flag(command, "--nproc-per-node") == "gpu"
+        assert command[-2:] == ["-m", "spo3.app.cli"] and c["args"][0] == "learner"
+        gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus and int(gpus) >= 1
+    cpu_learner = pod_templates(rendered, "cpu")["learner"]["spec"]["containers"][0]
+    assert "command" not in cpu_learner  # the image's `spo3` entrypoint, one process
+
+
+def test_qwen_overlay_sets_a_real_checkpoint_and_its_rl_settings(rendered):
+    """The 1.5B instruct overlay: the checkpoint path for vLLM and the learner, free-form actors
+    with room for a short reasoning step and the action, an instruct-RL learning rate."""
+    cm = generated(rendered, "qwen2.5-1.5b", "ConfigMap", "spo3-config")
+    assert cm["data"]["SPO3_MODEL"] == "/shared/models/Qwen2.5-1.5B-Instruct"
+    assert generated(rendered, "gpu", "ConfigMap", "spo3-config")["data"]["SPO3_MODEL"] == (
+        "/shared/model"
+    )
+    templates = pod_templates(rendered, "qwen2.5-1.5b")
+    actor = templates["actors"]["spec"]["containers"][0]["args"]
+    assert "--choice-mode" not in actor  # free-form: <think>...</think><action>...</action>
+    assert _flag(actor, "--max-tokens") == "256" and _flag(actor, "--policy-url")
+    learner = templates["learner"]["spec"]["containers"][0]["args"]
+    assert float(_flag(learner, "--lr")) == 1e-6
+    assert sum(a.startswith("--lr") for a in learner) == 1
+    assert "--bf16" in learner and _flag(learner, "--policy-url") == "http://vllm-pods:8000"
+    vllm = templates["vllm"]["spec"]["containers"][0]
+    assert vllm["args"][0] == "$(SPO3_MODEL)"
+    assert any(
+        e.get("configMapRef", {}).get("name") == cm["metadata"]["name"]
+        for e in vllm.get("envFrom", [])
+    )
+    # everything else is the gpu overlay's
+    gpu = pod_templates(rendered, "gpu")
+    assert gpu_limit(templates["vllm"]) == gpu_limit(templates["learner"]) == 1
+    assert set(templates) == set(gpu)
+
+
+def test_compose_gives_vllm_and_the_learner_different_gpus(compose_config):
+    def gpu_ids(service: str) -> list[str]:
+        (device,) = compose_config["services"][service]["deploy"]["resources"]["reservations"][
+            "devices"
+        ]
+        assert "gpu" in device["capabilities"] and not device.get("count")
+        return device["device_ids"]
+
+    vllm, learner = gpu_ids("vllm"), gpu_ids("learner-gpu")
+    assert vllm and learner and not set(vllm) & set(learner), (vllm, learner)

@@ -71,7 +71,7 @@ def test_unknown_schema_versions_are_dead_lettered_with_a_clear_error(redis_url)
     old = json.loads(group("old").model_dump_json())
     for t in (t for m in old["members"] for t in m["transitions"]):  # what a version-1 actor sent
         t.pop("choices"), t.pop("choice_token_ids")
-    for version in (1, 3, None):
+    for version in (1, 4, None):
         body = (
             {**old, "schema_version": version}
             if version is not None
@@ -84,5 +84,5 @@ def test_unknown_schema_versions_are_dead_lettered_with_a_clear_error(redis_url)
     assert consumer.malformed == 3 and consumer.unknown_schema == 3
     errors = [fields[b"error"].decode() for _, fields in client.xrange(stream.names.dead_letters)]
     assert "unknown stream schema_version 1: this learner reads version 2" in errors[0]
-    assert "schema_version 3" in errors[1] and "schema_version None" in errors[2]
+    assert "schema_version 4" in errors[1] and "schema_version None" in errors[2]
     assert consumer.pending() == 1  # dead letters are acknowledged and removed from the stream

@@ -162,3 +162,22 @@ def test_lease_keeper_holds_a_lease_past_its_length_and_reports_a_lost_one(redis
     finally:
         keeper.stop()
     assert q.counts() == {"ready": 0, "leased": 0, "done": 2}
+
+
+def test_default_unread_bound_applies_once_a_learner_reads(redis_url):
+    """max_unread None (ActorConfig's default): no bound while no learner has a consumer group
+    (runs without a learner never wait), DEFAULT_MAX_UNREAD once it has."""
+    from spo3.transport.stream import DEFAULT_MAX_UNREAD, GroupConsumer
+
+    client = connect(redis_url)
+    s = GroupStream(client, "auto", max_len=100, max_unread=None)
+    for i in range(DEFAULT_MAX_UNREAD + 2):  # no learner yet: no bound
+        assert s.append(group(f"pre{i}"), wait_limit_s=0.3)
+    consumer = GroupConsumer(client, "auto")
+    with pytest.raises(StreamFull):  # the learner's group exists: 10 unread >= 8
+        s.append(group("x"), wait_limit_s=0.3)
+    consumer.read(DEFAULT_MAX_UNREAD, 100)  # 2 left unread
+    for i in range(DEFAULT_MAX_UNREAD - 2):
+        assert s.append(group(f"post{i}"), wait_limit_s=0.5)
+    with pytest.raises(StreamFull):
+        s.append(group("y"), wait_limit_s=0.3)
