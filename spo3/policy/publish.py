@@ -109,6 +109,43 @@ class DirectoryPublisher:
             shutil.rmtree(old, ignore_errors=True)
 
 
+class ServedTensors:
+    """The served checkpoint's tensor names and shapes, to check published weights against
+    (vLLM loads a missing tensor silently and dies on a wrong shape); tied aliases the checkpoint
+    lacks are checked to equal their sources and sent too (VLLMDiskPublisher's docstring says why
+    vLLM needs them). A checkpoint that stores a tied alias anyway (save_pretrained of unshared
+    equal tensors) expects it like any tensor."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from safetensors import safe_open
+
+        from spo3.policy.weights import tied_map
+
+        self.expected: dict[str, tuple[int, ...]] = {}
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    self.expected[name] = tuple(st.get_slice(name).get_shape())
+        if not self.expected:
+            raise ValueError(f"no *.safetensors in {model_dir}: cannot check published weights")
+        self.tied = {a: s for a, s in tied_map(model_dir).items() if a not in self.expected}
+
+    def check(self, weights: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        from spo3.policy.weights import drop_tied
+
+        tensors = drop_tied(_tensors(weights), self.tied)
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        missing = sorted(set(self.expected) - set(got))
+        unexpected = sorted(set(got) - set(self.expected))
+        wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])
+        if missing or unexpected or wrong:
+            raise PolicyError(
+                f"weights do not match the served model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            )
+        return tensors | {alias: tensors[source] for alias, source in self.tied.items()}
+
+
 class VLLMDiskPublisher:
     """Republishes weights to vLLM servers that share a filesystem with the learner (one machine,
     or a shared volume): write safetensors once, then take every server through the publish
@@ -165,9 +202,6 @@ class VLLMDiskPublisher:
     ) -> None:
         """`dtype`: cast weights to the servers' dtype before writing (half the bytes for bf16).
         `base_urls`: the servers (a list; an item may hold several, comma-separated)."""
-        from safetensors import safe_open
-
-        from spo3.policy.weights import tied_map
 
         self.dtype = dtype
         self.verify = verify
@@ -181,35 +215,14 @@ class VLLMDiskPublisher:
         self.staging = Path(staging_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.keep = keep
-        self.expected: dict[str, tuple[int, ...]] = {}
-        for f in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                for name in st.keys():
-                    self.expected[name] = tuple(st.get_slice(name).get_shape())
-        if not self.expected:
-            raise ValueError(f"no *.safetensors in {model_dir}: cannot check published weights")
-        # A checkpoint may store a tied alias anyway (save_pretrained of unshared equal tensors):
-        # then it is expected like any tensor.
-        self.tied = {a: s for a, s in tied_map(model_dir).items() if a not in self.expected}
+        self.served = ServedTensors(model_dir)
         self.published: list[Path] = []
 
     def check(self, weights: Mapping[str, object]) -> dict[str, torch.Tensor]:
         """The tensors to publish, after checking `weights` against the served checkpoint's names
         and shapes, and each tied alias against its source (PolicyError if not): the checkpoint's
         tensors plus the tied aliases (see the class docstring for why vLLM needs them)."""
-        from spo3.policy.weights import drop_tied
-
-        tensors = drop_tied(_tensors(weights), self.tied)
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        missing = sorted(set(self.expected) - set(got))
-        unexpected = sorted(set(got) - set(self.expected))
-        wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])
-        if missing or unexpected or wrong:
-            raise PolicyError(
-                f"weights do not match the served model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-            )
-        return tensors | {alias: tensors[source] for alias, source in self.tied.items()}
+        return self.served.check(weights)
 
     def publish(self, version: int, weights: Mapping[str, object]) -> None:
         tensors = self.check(weights)

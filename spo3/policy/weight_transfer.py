@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from spo3.policy.interface import PolicyError
+from spo3.policy.publish import ServedTensors
 from spo3.policy.vllm_client import _Http
 
 if TYPE_CHECKING:
@@ -206,43 +207,6 @@ def chunk_sizes(info: Mapping[str, Any], buffer_bytes: int) -> list[int]:
     if size:
         sizes.append(size)
     return sizes
-
-
-class ServedTensors:
-    """The served checkpoint's tensor names and shapes, to check published weights against
-    (vLLM loads a missing tensor silently and dies on a wrong shape); tied aliases the checkpoint
-    lacks are checked to equal their sources and sent too, as VLLMDiskPublisher does (see there
-    why vLLM needs them)."""
-
-    def __init__(self, model_dir: str | Path) -> None:
-        from safetensors import safe_open
-
-        from spo3.policy.weights import tied_map
-
-        self.expected: dict[str, tuple[int, ...]] = {}
-        for f in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                for name in st.keys():
-                    self.expected[name] = tuple(st.get_slice(name).get_shape())
-        if not self.expected:
-            raise ValueError(f"no *.safetensors in {model_dir}: cannot check published weights")
-        self.tied = {a: s for a, s in tied_map(model_dir).items() if a not in self.expected}
-
-    def check(self, weights: Mapping[str, object]) -> dict[str, torch.Tensor]:
-        from spo3.policy.publish import _tensors
-        from spo3.policy.weights import drop_tied
-
-        tensors = drop_tied(_tensors(weights), self.tied)
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        missing = sorted(set(self.expected) - set(got))
-        unexpected = sorted(set(got) - set(self.expected))
-        wrong = sorted(k for k in set(got) & set(self.expected) if got[k] != self.expected[k])
-        if missing or unexpected or wrong:
-            raise PolicyError(
-                f"weights do not match the served model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-            )
-        return tensors | {alias: tensors[source] for alias, source in self.tied.items()}
 
 
 class VLLMWeightTransferPublisher:
