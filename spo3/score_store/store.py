@@ -162,18 +162,13 @@ class RedisScoreStore:
             n.n_states,
             n.truncated,
             n.duplicate_commits,
-            self.rollout_seen_key(rollout_of(leaf_id)),
+            self.names.rollout_seen(rollout_of(leaf_id)),
             *(n.state(k) for k in dict.fromkeys(path)),
         ]
         won = 1 if success >= self.success_threshold else 0
         args = [won, self.leaf_ttl_s, p.xi, repr(p.zeta), repr(p.eps)]
         args += [int(p.truncate_won), int(p.count == "rollout")]
         return dict(keys=keys, args=args)
-
-    def rollout_seen_key(self, rollout_id: str) -> str:
-        """Hash of the states one rollout has counted (state hash -> 1 if its success was counted);
-        used under `count: rollout` and kept as long as leaf markers (`leaf_ttl_s`)."""
-        return f"{self.names.prefix}:rseen:{rollout_id}"
 
     def stats(self) -> StoreStats:
         n = self.names

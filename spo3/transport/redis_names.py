@@ -27,6 +27,11 @@ class RedisNames:
         """Hash of one state: n (paths through it), s (successful ones), r (1 if a task root)."""
         return f"{self.prefix}:st:{key}"
 
+    def rollout_seen(self, rollout_id: str) -> str:
+        """Hash of the states one rollout has counted (state hash -> 1 if its success was
+        counted); used under `count: rollout`, kept as long as the leaf markers."""
+        return f"{self.prefix}:rseen:{rollout_id}"
+
     @property
     def leaves(self) -> str:
         """Counter of counted leaves; t = leaves + 1."""
@@ -117,6 +122,11 @@ class RedisNames:
     def work_done(self) -> str:
         """Set of finished item ids."""
         return f"{self.prefix}:work:done"
+
+    @property
+    def work_owners(self) -> str:
+        """Hash: item id -> the token of the take that holds its lease."""
+        return f"{self.prefix}:work:owner"
 
     def all_keys_pattern(self) -> str:
         return f"{self.prefix}:*"

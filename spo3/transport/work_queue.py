@@ -85,12 +85,6 @@ return 0
 """
 
 
-def lease_owners_key(names: RedisNames) -> str:
-    """Hash: item id -> the token of the take that holds its lease (under the run's prefix, so
-    it shares the run's Cluster slot)."""
-    return f"{names.prefix}:work:owner"
-
-
 class LeasedItem(WorkItem):
     """A work item as one take handed it out: `lease` names that take (not serialized)."""
 
@@ -104,7 +98,7 @@ class WorkQueue:
         self.client = client
         self.names = RedisNames(run)
         self.lease_s = lease_s
-        self.owners = lease_owners_key(self.names)
+        self.owners = self.names.work_owners
         self._take = client.register_script(_TAKE)
         self._extend = client.register_script(_EXTEND)
         self._finish = client.register_script(_FINISH)

@@ -221,7 +221,7 @@ def test_count_per_rollout_counts_the_first_win_below_a_state_once(store):
         "r": (1, 1), "x": (1, 1), "a": (1, 0), "b": (1, 1), "c": (1, 1),
     }  # fmt: skip
     # The seen set expires with the leaf markers.
-    assert 0 < s.client.ttl(s.rollout_seen_key("w:a0")) <= s.leaf_ttl_s
+    assert 0 < s.client.ttl(s.names.rollout_seen("w:a0")) <= s.leaf_ttl_s
 
 
 def test_truncated_set_with_truncate_won_false(store):
