@@ -150,7 +150,7 @@ class TrainConfig(BaseModel):
     rollout: RolloutConfig = Field(
         default_factory=RolloutConfig,
         description=(
-            'How one task is rolled out (max_steps, max_leaves, choice_mode, ...; README "The 3SPO rollout"); '
+            "How one task is rolled out (max_steps, max_leaves, choice_mode, ...; docs/rollout.md); "
             "`algo` above sets the algorithm."
         ),
     )

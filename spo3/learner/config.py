@@ -150,7 +150,7 @@ class TrainerSettings(BaseModel):
         2,
         ge=1,
         description="Passes over each batch, one optimizer step each; from the second "
-        'on the PPO clip can act (2: measured on the demo, README "The learner\'s objective").',
+        'on the PPO clip can act (2: docs/benchmarks.md "The measurement behind ppo_epochs: 2").',
     )
     seed: int = Field(0, description="Seed of the learner's random state.")
     deepspeed: dict[str, Any] = Field(
