@@ -1,7 +1,7 @@
 """Benchmark statistics, counted the same way for every algorithm (docs/algorithm.md "Metrics").
 
 Pure functions (no torch, no I/O): a run's record in, curves and figures out; per suite, paired
-bootstrap intervals across seeds. `spo3-bench` feeds them (see README, "results.json (new format)").
+bootstrap intervals across seeds. `spo3-bench` feeds them (docs/benchmarks.md describes results.json).
 
 - **Exploration**: unique `(task, state key)` pairs *visited* (stepped into, whether or not a leaf was
   committed through them) as a curve over env steps: `visited_state_curve`.
