@@ -39,7 +39,7 @@ from spo3.transport.connection import check_reachable, connect
 from spo3.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
 from spo3.transport.metrics import actor_metrics, serve, stop_serving, task_type
 from spo3.transport.redis_names import RedisNames
-from spo3.transport.stream import GroupStream
+from spo3.transport.stream import AppendStopped, GroupStream
 from spo3.transport.work_queue import LeasedItem, LeaseKeeper, WorkQueue
 
 log = logging.getLogger("spo3.actor")
@@ -299,7 +299,11 @@ class _Slot:
         self.store: ScoreStore = store
         self.service: ServiceScoreStore | None = service
         self.stream = GroupStream(
-            actor.client, cfg.run, max_len=cfg.stream_max_len, max_unread=cfg.stream_max_unread
+            actor.client,
+            cfg.run,
+            max_len=cfg.stream_max_len,
+            max_unread=cfg.stream_max_unread,
+            stop=actor.stop,  # a stopping actor does not wait out a full stream
         )
         self.envs: dict[str, Env] = {}
 
@@ -437,6 +441,14 @@ class _Actor:
             stats = rollout.run(item)
             if slot.service is not None:
                 slot.service.flush()  # the item's last leaves, before the item counts as done
+        except AppendStopped as e:
+            # Stopped while the stream was full: the item goes back unfinished, as any rollout
+            # stopped mid-task does; its engines stay usable.
+            # Leaves still queued for the score service are sent when the lane closes.
+            log.info("work item %s: %s", item.item_id, e)
+            self.queue.release(item)
+            self.metrics.tasks.labels("released").inc()
+            return False
         except Exception:
             self._failed(slot, item)
             return False

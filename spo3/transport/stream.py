@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,14 @@ from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
-from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_result,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_exponential,
+)
 
 from spo3.transport.contracts import READABLE_SCHEMAS, Group
 from spo3.transport.redis_names import RedisNames
@@ -53,6 +61,10 @@ class StreamFull(TimeoutError):
     """The learner did not drain the stream within the wait limit."""
 
 
+class AppendStopped(RuntimeError):
+    """The process was told to stop while its append waited on a full stream; nothing was added."""
+
+
 class GroupStream:
     def __init__(
         self,
@@ -62,8 +74,12 @@ class GroupStream:
         max_len: int = 10_000,
         max_unread: int | None = 0,
         marker_ttl_s: int = 7 * 24 * 3600,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop`: once set, an append that waits on a full stream gives up (`AppendStopped`), so a
+        stopping actor does not wait out the limit for a learner that may have finished."""
         self.client = client
+        self.stop = stop
         self.names = RedisNames(run)
         self.max_len = max_len
         self.max_unread = max_unread
@@ -74,18 +90,25 @@ class GroupStream:
 
     def append(self, group: Group, *, wait_limit_s: float = 600.0) -> str | None:
         """Append one group; returns its entry id, or None if this group id was already there.
-        Waits while the stream is full, raising StreamFull after `wait_limit_s`."""
+        Waits while the stream is full, raising StreamFull after `wait_limit_s` (AppendStopped as
+        soon as `stop` is set)."""
         n = self.names
         payload = group.to_stream_json()  # schema 3: each distinct prompt once
         start = time.monotonic()
         waits = Retrying(
             retry=retry_if_result(lambda reply: reply == "FULL"),
             wait=wait_exponential(multiplier=0.01, max=1.0),
-            stop=stop_after_delay(wait_limit_s),
+            stop=stop_after_delay(wait_limit_s)
+            | stop_when_event_set(self.stop or threading.Event()),
         )
         try:
             reply = waits(self._try_append, n, group.group_id, payload)
         except RetryError:
+            if self.stop is not None and self.stop.is_set():
+                raise AppendStopped(
+                    f"stopped while waiting for room in {n.groups_stream}; group "
+                    f"{group.group_id} was not appended"
+                ) from None
             raise StreamFull(
                 f"groups stream {n.groups_stream} stayed full ({self.max_len} entries or "
                 f"{self._unread_bound() or 'unbounded'} unread) for {wait_limit_s:.0f}s: "

@@ -10,6 +10,7 @@ the learner reads again."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -20,10 +21,11 @@ from spo3.actors.envs.textworld_env import generate_games
 from spo3.actors.worker import run_actor
 from spo3.transport.connection import connect
 from spo3.transport.redis_names import RedisNames
-from spo3.transport.stream import GroupConsumer
+from spo3.transport.stream import GroupConsumer, GroupStream
 from spo3.transport.work_queue import WorkQueue
 from tests.fakes import ScriptedPolicy, random_actions
 from tests.integration.test_actor_service import ROLLOUT, finish, start_actor
+from tests.integration.test_stream_queue import group as group_of
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -150,3 +152,30 @@ def test_one_actor_process_runs_concurrency_items_at_once(redis_url, games):
     assert queue.counts() == {"ready": 0, "leased": 0, "done": 2 * len(games)}
     totals = {k.decode(): int(v) for k, v in client.hgetall(RedisNames(run).actor_totals).items()}
     assert totals["tasks"] == 2 * len(games)
+
+
+def test_sigterm_ends_an_actor_waiting_on_a_full_stream(redis_url, games):
+    """A learner that finished reads no more: an actor waiting for room in the stream stops at
+    SIGTERM (well before the append's 600 s limit), exits cleanly, and gives its unfinished item
+    back to the queue, its attempt counted once."""
+    run, client = "sigterm", connect(redis_url)
+    queue = WorkQueue(client, run)
+    queue.put("textworld", games[0], item_id="held")
+    GroupConsumer(client, run)  # the learner's group exists and reads nothing
+    GroupStream(client, run).append(group_of("earlier"))  # one unread group: the stream is full
+    actor = start_actor(redis_url, run, 0, stream_max_unread=1, exit_when_idle_s=60.0)
+    try:
+        deadline = time.monotonic() + 120
+        while queue.counts()["leased"] < 1:
+            assert actor.poll() is None and time.monotonic() < deadline, actor.stdout.read()
+            time.sleep(0.1)
+        time.sleep(2.0)  # its first group is ready and its append waits
+        actor.send_signal(signal.SIGTERM)
+        result = finish(actor, timeout=30)
+    finally:
+        if actor.poll() is None:
+            actor.kill()
+    assert result["finished"] == 0
+    assert queue.counts() == {"ready": 1, "leased": 0, "done": 0}
+    assert attempts(client, run) == {"held": 1}
+    assert [g.group_id for g in GroupStream(client, run).read_all()] == ["earlier"]

@@ -9,7 +9,7 @@ import pytest
 
 from spo3.transport.connection import connect
 from spo3.transport.contracts import Group, GroupMember, Transition
-from spo3.transport.stream import GroupStream, StreamFull
+from spo3.transport.stream import AppendStopped, GroupStream, StreamFull
 from spo3.transport.work_queue import WorkQueue
 
 pytestmark = pytest.mark.redis
@@ -93,6 +93,25 @@ def test_unread_bound_waits_for_the_learner_to_read_not_to_checkpoint(redis_url)
     assert [g.group_id for _, g in read] == ["b", "c"]
     s.append(group("d")), s.append(group("e"))
     assert [g.group_id for g in s.read_all()] == ["a", "b", "c", "d", "e"]
+
+
+def test_a_stop_ends_the_wait_on_a_full_stream_and_adds_nothing(redis_url):
+    """A stopping actor whose append waits on a full stream (a learner that finished reads no
+    more) gives up at once instead of waiting out the limit, and adds nothing; a later append of
+    the same group id, once there is room, still goes in."""
+    client = connect(redis_url)
+    stop = threading.Event()
+    s = GroupStream(client, "stop", max_len=100, max_unread=1, stop=stop)
+    s.append(group("a"))
+    threading.Timer(0.3, stop.set).start()
+    start = time.monotonic()
+    with pytest.raises(AppendStopped, match="b was not appended"):
+        s.append(group("b"), wait_limit_s=60)
+    assert time.monotonic() - start < 10
+    assert [g.group_id for g in s.read_all()] == ["a"]
+    stop.clear()
+    s.max_unread = 2
+    assert s.append(group("b"), wait_limit_s=1) is not None
 
 
 def test_queue_hands_each_item_once_and_requeues_expired_leases(redis_url):
