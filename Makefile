@@ -80,6 +80,7 @@ $(ALFWORLD_GAMES)/heldout:
 # The suites `make bench` runs: the ones that fit 3 hours on 2 CPU cores (README, `make bench`);
 # `make bench-all` runs every suite of configs/bench-v2.yaml into the same directory.
 BENCH_SUITES ?= twx-coin-big-warm tw-treasure-l15 twx-cooking
+HAZARD_SUITES ?= tw-treasure-l15 twx-coin-big alfworld-gen
 
 bench: install $(if $(filter alfworld-gen,$(BENCH_SUITES)),$(ALFWORLD_GAMES)/heldout) ## 3SPO vs GRPO vs GiGPO on the BENCH_SUITES of configs/bench-v2.yaml (resumable; a shard: BENCH_SUITES=twx-cooking BENCH_ARGS="--seed 3")
 	$(BIN)/spo3-bench --config configs/bench-v2.yaml --out bench-results/v2 $(foreach s,$(BENCH_SUITES),--suite $(s)) $(BENCH_ARGS)
@@ -89,6 +90,9 @@ bench-all: install $(ALFWORLD_GAMES)/heldout ## 3SPO vs GRPO vs GiGPO on every s
 
 bench-sweep: install ## Sweep each algorithm's settings on the tuning suites (configs/bench-sweep.yaml; resumable)
 	$(BIN)/spo3-bench --sweep configs/bench-sweep.yaml --out bench-results/sweep $(BENCH_ARGS)
+
+bench-hazards: install $(if $(filter alfworld-gen,$(HAZARD_SUITES)),$(ALFWORLD_GAMES)/heldout) ## 3SPO's credit-signal hazards, each alternative alone vs the defaults, GRPO, GiGPO (configs/bench-hazards.yaml; resumable, results kept in docs/bench/hazards)
+	$(BIN)/spo3-bench --config configs/bench-hazards.yaml --out docs/bench/hazards $(foreach s,$(HAZARD_SUITES),--suite $(s)) $(BENCH_ARGS)
 
 bench-report: ## Rebuild bench-results/v2's tables and plots from the runs recorded so far
 	$(BIN)/spo3-bench --config configs/bench-v2.yaml --out bench-results/v2 --report-only

@@ -75,6 +75,33 @@ def test_the_shipped_warm_starts_train_on_their_suites_games(tmp_path):
             assert sft.games.seed == seed == sft.seed and sft.eval_episodes == 0
 
 
+def test_the_hazard_bench_changes_one_hazard_per_variant_on_v2s_games(tmp_path):
+    """configs/bench-hazards.yaml: each 3SPO variant moves the settings of one hazard only (and
+    really moves them), and every suite trains on bench-v2's games at bench-v2's budget, so its
+    runs compare with those."""
+    hz = BenchConfig.from_yaml(ROOT / "configs" / "bench-hazards.yaml")
+    v2 = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
+    assert hz.algos == ["3spo", "grpo", "gigpo"] and len(hz.seeds) == 5
+    assert hz.algo_settings == v2.algo_settings
+    touched = [
+        {k.split(".")[0] + "." + k.split(".")[1] for k in sets} for sets in hz.variants["3spo"]
+    ]
+    assert touched == [
+        {"learner.norm_3spo"},
+        {"score.sr_prior_a", "score.sr_prior_b"},
+        {"score.count", "score.truncate_won"},
+        {"score.dead_end_novelty"},
+    ]
+    for suite in hz.suites:
+        a = hz.run_config(suite, "3spo", 0, tmp_path / "a")
+        b = v2.run_config(suite, "3spo", 0, tmp_path / "a")
+        assert a.games == b.games and a.env_steps == b.env_steps and a.rollout == b.rollout
+        for sets in hz.variants["3spo"]:
+            varied = hz.run_config(suite, "3spo", 0, tmp_path / "a", dict(sets), "v")
+            section, key = next(iter(sets)).split(".")
+            assert getattr(getattr(varied, section), key) != getattr(getattr(a, section), key)
+
+
 def test_the_shipped_bench_configs_are_valid(tmp_path):
     old = BenchConfig.from_yaml(ROOT / "configs" / "bench.yaml")
     assert {"tw-coin", "tw-treasure", "tw-cooking", "twx-coin", "alfworld"} <= set(old.suites)

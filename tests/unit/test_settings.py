@@ -89,7 +89,7 @@ def test_cli_options_are_settings_fields(command, mapping):
 
 def test_config_files_are_valid():
     TrainConfig.from_yaml(ROOT / "configs" / "demo.yaml")
-    for name in ("bench.yaml", "bench-v2.yaml"):
+    for name in ("bench.yaml", "bench-v2.yaml", "bench-hazards.yaml"):
         bench_settings_check(BenchConfig.from_yaml(ROOT / "configs" / name))
 
 
