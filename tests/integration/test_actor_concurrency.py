@@ -2,10 +2,11 @@
 Redis, real actor processes (tests/integration/scripts/scripted_actor.py) playing real TextWorld
 games with a seeded policy.
 
-The stall test is the issue's scenario scaled down in time: several actors, the learner not
-reading, a small unread bound so that appends wait for longer than 3 leases; no work item may
-run twice (attempts stay 0, one rollout per item in the run's totals) and nothing is lost once
-the learner reads again."""
+The stall test runs the scenario twice: at full scale (8 actor processes, the learner reading
+nothing for 3 minutes, 6 leases of 30 s) and scaled down in time with 2 lanes per process (4
+processes x concurrency 2, a 12 s stall, 4 leases of 3 s). A small unread bound makes every append
+wait; no work item may run twice (attempts stay 0, one rollout per item in the run's totals) and
+nothing is lost once the learner reads again."""
 
 from __future__ import annotations
 
@@ -29,10 +30,7 @@ from tests.integration.test_stream_queue import group as group_of
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-LEASE_S = 3.0
-STALL_S = 4 * LEASE_S  # the learner reads nothing for 4 leases
 MAX_UNREAD = 3
-LANES = 8  # 4 actor processes x concurrency 2
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +43,16 @@ def attempts(client, run: str) -> dict[str, int]:
     return {k.decode(): json.loads(v)["attempt"] for k, v in raw.items()}
 
 
-def test_leases_hold_while_appends_wait_for_a_stalled_learner(redis_url, games):
-    run, client = "stall", connect(redis_url)
+@pytest.mark.parametrize(
+    "processes, concurrency, lease_s, stall_s",
+    [(8, 1, 30.0, 180.0), (4, 2, 3.0, 12.0)],
+    ids=["8-actors-3-minutes", "4x2-lanes-12-seconds"],
+)
+def test_leases_hold_while_appends_wait_for_a_stalled_learner(
+    redis_url, games, processes, concurrency, lease_s, stall_s
+):
+    run, client = f"stall-{processes}x{concurrency}", connect(redis_url)
+    lanes = processes * concurrency
     queue = WorkQueue(client, run)
     items = [f"item-{i}" for i in range(3 * len(games))]
     for i, item_id in enumerate(items):
@@ -57,20 +63,20 @@ def test_leases_hold_while_appends_wait_for_a_stalled_learner(redis_url, games):
             redis_url,
             run,
             seed,
-            lease_s=LEASE_S,
+            lease_s=lease_s,
             stream_max_unread=MAX_UNREAD,
-            concurrency=2,
+            concurrency=concurrency,
             exit_when_idle_s=2.0,
         )
-        for seed in range(4)
+        for seed in range(processes)
     ]
     try:
-        # The stream fills up to the bound and every lane (4 actors x 2) holds an item: from
-        # then on every append waits.
+        # The stream fills up to the bound and every lane holds an item: from then on every
+        # append waits.
         deadline = time.monotonic() + 120
         while (
             client.xlen(consumer.names.groups_stream) < MAX_UNREAD
-            or queue.counts()["leased"] < LANES
+            or queue.counts()["leased"] < lanes
         ):
             assert time.monotonic() < deadline, (
                 client.xlen(consumer.names.groups_stream),
@@ -79,12 +85,12 @@ def test_leases_hold_while_appends_wait_for_a_stalled_learner(redis_url, games):
             assert all(a.poll() is None for a in actors)
             time.sleep(0.2)
         stalled_at = time.monotonic()
-        while time.monotonic() - stalled_at < STALL_S:
+        while time.monotonic() - stalled_at < stall_s:
             time.sleep(0.5)
             assert client.xlen(consumer.names.groups_stream) == MAX_UNREAD  # nobody got past
             assert set(attempts(client, run).values()) == {0}, attempts(client, run)
         # Every lane still holds an item (one that appended nothing may have finished meanwhile).
-        assert queue.counts()["leased"] == LANES
+        assert queue.counts()["leased"] == lanes
 
         # The learner reads again: everything drains, each item exactly once.
         read: list[str] = []
