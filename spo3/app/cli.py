@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -30,6 +30,8 @@ from spo3.score_store.settings import ServiceSettings
 
 if TYPE_CHECKING:
     from spo3.app.sft import SftRunConfig
+
+_M = TypeVar("_M", bound=BaseModel)
 
 _SERVICE_PARAM = "With --score-url the service's value is used; one given here must equal it or the actor does not start."
 
@@ -64,6 +66,10 @@ ACTOR_OPTIONS: OptionFields = {  # `spo3 actor` option -> the settings field it 
     "reward_score": (ScoreParams, "reward_score"),
     "novelty": (ScoreParams, "novelty"),
     "novelty_use": (ScoreParams, "novelty_use"),
+    **{
+        f: (ScoreParams, f)
+        for f in ("count", "truncate_won", "sr_prior_a", "sr_prior_b", "dead_end_novelty")
+    },
     "lease_s": (ActorConfig, "lease_s"),
     "exit_when_idle": (ActorConfig, "exit_when_idle_s"),
     "metrics_port": (ActorConfig, "metrics_port"),
@@ -99,7 +105,21 @@ LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field
         f: (TrainerSettings, f)
         for f in ("lr", "zero_stage", "bf16", "offload_optimizer", "micro_batch_rows", "ppo_epochs")
     },
-    "mean_only": (AdvantageConfig, "mean_only"),
+    **{
+        f: (AdvantageConfig, f)
+        for f in (
+            "mean_only",
+            "norm_3spo",
+            "norm_grpo",
+            "norm_gigpo",
+            "norm_floor",
+            "baseline_std",
+            "baseline_stats",
+            "baseline_invalid",
+            "gamma",
+            "omega",
+        )
+    },
     **{f: (LossConfig, f) for f in ("kl_coef", "entropy_coef", "clip", "behav_imp_weight_cap")},
     "metrics_port": (LearnerConfig, "metrics_port"),
     "metrics_host": (LearnerConfig, "metrics_host"),
@@ -111,7 +131,21 @@ SCORE_SERVICE_OPTIONS: OptionFields = {  # `spo3 score-service` option -> the se
     "redis_url": (ServiceSettings, "redis_url"),
     "run": (ServiceSettings, "run"),
     "token": (ServiceSettings, "api_token"),
-    **{f: (ServiceSettings, f) for f in ("alpha", "xi", "zeta", "g_max", "omega_k")},
+    **{
+        f: (ServiceSettings, f)
+        for f in (
+            "alpha",
+            "xi",
+            "zeta",
+            "g_max",
+            "omega_k",
+            "count",
+            "truncate_won",
+            "sr_prior_a",
+            "sr_prior_b",
+            "dead_end_novelty",
+        )
+    },
     "ray_serve": (ScoreServiceProcess, "ray_serve"),
     "replicas": (ScoreServiceProcess, "replicas"),
 }
@@ -134,6 +168,21 @@ def _settings(
             model, field = mapping[name]
             groups[model][field] = value
     return groups
+
+
+def _checked(model: type[_M], values: dict[str, Any]) -> _M:
+    """`model` from options' values; an invalid one stops the command with the option named and
+    what it accepts (e.g. `--norm-3spo: Input should be 'std', 'mean', 'floor' or 'batch'`)."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        lines = [
+            f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in e.errors()
+        ]
+        raise typer.BadParameter("; ".join(lines)) from None
 
 
 def _key_values(items: list[str] | None) -> dict[str, Any]:
@@ -167,6 +216,11 @@ _SvcXi = Annotated[int | None, _svc("xi", "Env SPO3_XI.")]
 _SvcZeta = Annotated[float | None, _svc("zeta", "Env SPO3_ZETA.")]
 _SvcGMax = Annotated[int | None, _svc("g_max", "Env SPO3_G_MAX.")]
 _SvcOmegaK = Annotated[float | None, _svc("omega_k", "Env SPO3_OMEGA_K.")]
+_SvcCount = Annotated[str | None, _svc("count", "Env SPO3_COUNT.")]
+_SvcTruncateWon = Annotated[bool | None, _svc("truncate_won", "Env SPO3_TRUNCATE_WON.")]
+_SvcSrPriorA = Annotated[float | None, _svc("sr_prior_a", "Env SPO3_SR_PRIOR_A.")]
+_SvcSrPriorB = Annotated[float | None, _svc("sr_prior_b", "Env SPO3_SR_PRIOR_B.")]
+_SvcDeadEndNovelty = Annotated[bool | None, _svc("dead_end_novelty", "Env SPO3_DEAD_END_NOVELTY.")]
 _SvcRayServe = Annotated[bool, _svc("ray_serve", "", "--ray-serve")]
 _SvcReplicas = Annotated[int, _svc("replicas")]
 
@@ -194,6 +248,11 @@ _ActGMax = Annotated[int | None, _act("g_max", _SERVICE_PARAM)]
 _ActRewardScore = Annotated[str | None, _act("reward_score", _SERVICE_PARAM)]
 _ActNovelty = Annotated[str | None, _act("novelty", _SERVICE_PARAM)]
 _ActNoveltyUse = Annotated[str | None, _act("novelty_use", _SERVICE_PARAM)]
+_ActCount = Annotated[str | None, _act("count", _SERVICE_PARAM)]
+_ActTruncateWon = Annotated[bool | None, _act("truncate_won", _SERVICE_PARAM)]
+_ActSrPriorA = Annotated[float | None, _act("sr_prior_a", _SERVICE_PARAM)]
+_ActSrPriorB = Annotated[float | None, _act("sr_prior_b", _SERVICE_PARAM)]
+_ActDeadEndNovelty = Annotated[bool | None, _act("dead_end_novelty", _SERVICE_PARAM)]
 _ActLeaseS = Annotated[float, _act("lease_s")]
 _ActExitWhenIdle = Annotated[float | None, _act("exit_when_idle")]
 _ActMetricsPort = Annotated[int | None, _act("metrics_port")]
@@ -236,6 +295,15 @@ _LrnBf16 = Annotated[bool, _lrn("bf16")]
 _LrnOffloadOptimizer = Annotated[bool, _lrn("offload_optimizer")]
 _LrnMicroBatchRows = Annotated[int, _lrn("micro_batch_rows")]
 _LrnMeanOnly = Annotated[bool, _lrn("mean_only")]
+_LrnNorm3spo = Annotated[str | None, _lrn("norm_3spo")]
+_LrnNormGrpo = Annotated[str | None, _lrn("norm_grpo")]
+_LrnNormGigpo = Annotated[str | None, _lrn("norm_gigpo")]
+_LrnNormFloor = Annotated[float, _lrn("norm_floor")]
+_LrnBaselineStd = Annotated[str, _lrn("baseline_std")]
+_LrnBaselineStats = Annotated[str, _lrn("baseline_stats")]
+_LrnBaselineInvalid = Annotated[str, _lrn("baseline_invalid")]
+_LrnGamma = Annotated[float, _lrn("gamma")]
+_LrnOmega = Annotated[float, _lrn("omega")]
 _LrnKlCoef = Annotated[float, _lrn("kl_coef")]
 _LrnEntropyCoef = Annotated[float, _lrn("entropy_coef")]
 _LrnClip = Annotated[float, _lrn("clip")]
@@ -364,6 +432,11 @@ def score_service(
     zeta: _SvcZeta = None,
     g_max: _SvcGMax = None,
     omega_k: _SvcOmegaK = None,
+    count: _SvcCount = None,
+    truncate_won: _SvcTruncateWon = None,
+    sr_prior_a: _SvcSrPriorA = None,
+    sr_prior_b: _SvcSrPriorB = None,
+    dead_end_novelty: _SvcDeadEndNovelty = None,
     ray_serve: _SvcRayServe = False,
     replicas: _SvcReplicas = 1,
 ) -> None:
@@ -374,7 +447,7 @@ def score_service(
     if not token:
         token = secrets.token_urlsafe(24)
         typer.echo(f"SPO3_API_TOKEN not set; generated token for this process: {token}", err=True)
-    settings = ServiceSettings(**{**groups[ServiceSettings], "api_token": token})
+    settings = _checked(ServiceSettings, {**groups[ServiceSettings], "api_token": token})
     serve_scores(ScoreServiceProcess(**groups[ScoreServiceProcess]), settings)
 
 
@@ -431,16 +504,6 @@ def _actor_settings(options: dict[str, Any]) -> tuple[PolicySource, ActorConfig]
     o = options
     if bool(o["policy_url"]) == bool(o["model"]):
         raise typer.BadParameter("give exactly one of --policy-url (vLLM) or --model (in-process)")
-    for name, allowed in (
-        ("reward_score", ("raw", "truncated")),
-        ("novelty", ("path", "parent", "none")),
-        ("novelty_use", ("reward", "order")),
-    ):
-        if o[name] not in (None, *allowed):
-            raise typer.BadParameter(
-                f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
-                f"not {o[name]!r}"
-            )
     if o["weights_dir"] and not o["model"]:
         raise typer.BadParameter(
             "--weights-dir goes with --model (a vLLM server gets its weights from the learner)"
@@ -453,7 +516,7 @@ def _actor_settings(options: dict[str, Any]) -> tuple[PolicySource, ActorConfig]
     cfg = ActorConfig(
         **groups[ActorConfig],
         # Only the score fields given are set: with --score-url they are checked against the service's.
-        params=ScoreParams(**groups[ScoreParams]),
+        params=_checked(ScoreParams, groups[ScoreParams]),
         rollout=RolloutConfig(**groups[RolloutConfig]),
     )
     return PolicySource(**groups[PolicySource]), cfg
@@ -479,6 +542,11 @@ def actor_cmd(
     reward_score: _ActRewardScore = None,
     novelty: _ActNovelty = None,
     novelty_use: _ActNoveltyUse = None,
+    count: _ActCount = None,
+    truncate_won: _ActTruncateWon = None,
+    sr_prior_a: _ActSrPriorA = None,
+    sr_prior_b: _ActSrPriorB = None,
+    dead_end_novelty: _ActDeadEndNovelty = None,
     lease_s: _ActLeaseS = 120.0,
     exit_when_idle: _ActExitWhenIdle = None,
     metrics_port: _ActMetricsPort = None,
@@ -559,7 +627,7 @@ def _learner_settings(options: dict[str, Any]) -> tuple[PublishTarget, LearnerCo
     cfg = LearnerConfig(
         **groups[LearnerConfig],
         **groups[LearnerSettings],
-        advantages=AdvantageConfig(**groups[AdvantageConfig]),
+        advantages=_checked(AdvantageConfig, groups[AdvantageConfig]),
         trainer=trainer,
     )
     return PublishTarget(**groups[PublishTarget]), cfg
@@ -589,6 +657,15 @@ def learner_cmd(
     offload_optimizer: _LrnOffloadOptimizer = False,
     micro_batch_rows: _LrnMicroBatchRows = 8,
     mean_only: _LrnMeanOnly = False,
+    norm_3spo: _LrnNorm3spo = None,
+    norm_grpo: _LrnNormGrpo = None,
+    norm_gigpo: _LrnNormGigpo = None,
+    norm_floor: _LrnNormFloor = 0.1,
+    baseline_std: _LrnBaselineStd = "sample",
+    baseline_stats: _LrnBaselineStats = "steps",
+    baseline_invalid: _LrnBaselineInvalid = "row",
+    gamma: _LrnGamma = 0.95,
+    omega: _LrnOmega = 1.0,
     kl_coef: _LrnKlCoef = 0.01,
     entropy_coef: _LrnEntropyCoef = 0.0,
     clip: _LrnClip = 0.2,

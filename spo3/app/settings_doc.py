@@ -55,7 +55,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(LearnerSettings, "`learner:` of a run file; `spo3 learner` options"),
     Section(TrainerSettings, "`learner:` of a run file; `spo3 learner` options"),
     Section(LossConfig, "`learner:` of a run file; `spo3 learner` options"),
-    Section(AdvantageConfig, "`spo3 learner` options"),
+    Section(AdvantageConfig, "`learner:` of a run file; `spo3 learner` options"),
     Section(EvalConfig, "`eval:` of a run file"),
     Section(ActorConfig, "`spo3 actor` options"),
     Section(PolicySource, "`spo3 actor`: where its policy comes from"),

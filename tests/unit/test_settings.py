@@ -164,3 +164,37 @@ def test_a_runs_learner_section_sets_the_advantage_settings():
     assert (cfg.advantages.baseline_std, cfg.advantages.gamma) == ("population", 0.9)
     with pytest.raises(ValidationError):
         LearnerSection(norm_3spo="median")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["learner", "--model", "m", "--redis-url", "redis://x", "--norm-3spo", "meen"],
+            "--norm-3spo: Input should be 'std', 'mean', 'floor' or 'batch'",
+        ),
+        (
+            ["learner", "--model", "m", "--redis-url", "redis://x", "--baseline-stats", "rows"],
+            "--baseline-stats: Input should be 'steps' or 'episodes'",
+        ),
+        (
+            ["actor", "--redis-url", "redis://x", "--model", "m", "--count", "leafs"],
+            "--count: Input should be 'leaf' or 'rollout'",
+        ),
+        (
+            ["actor", "--redis-url", "redis://x", "--model", "m", "--sr-prior-a", "-1"],
+            "--sr-prior-a: Input should be greater than or equal to 0",
+        ),
+        (
+            ["score-service", "--token", "t", "--count", "episode"],
+            "--count: Input should be 'leaf' or 'rollout'",
+        ),
+    ],
+)
+def test_an_invalid_option_value_names_the_option_and_what_it_takes(args, message):
+    """Checked before anything starts (no Redis is reached: the URLs are not even valid)."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.replace("│", " ").split())
