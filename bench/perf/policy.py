@@ -240,9 +240,10 @@ def bench_client(
     policy = VLLMPolicy(url)
     http = httpx.Client(base_url=url, timeout=120.0)
     try:
-        # Same body, and the request pattern we think the client has (GET, POST, GET).
+        # Same body (posted to render, or to CHAT by the three-call fallback), and the requests
+        # the client makes per sample (POST render, POST generate; or GET, POST, GET).
         seen = recorded_requests(policy, prompts[0], params)
-        posts = [json.loads(b) for m, p, b in seen if m == "POST" and p == CHAT]
+        posts = [json.loads(b) for m, p, b in seen if m == "POST" and p in (CHAT, CHAT + "/render")]
         expect = chat_body(policy.model, prompts[0], params)
         if posts != [expect]:
             raise AssertionError(
@@ -379,8 +380,9 @@ def bench_client(
             "1   (diag) client CPU per request: ours / raw",
             f"{client_cpu_ms['client']:.1f} / {client_cpu_ms['raw']:.1f} ms",
         ),
+        Row(f"1   (diag) {len(pattern)} calls/sample", " + ".join(pattern)),
         Row(
-            f"1   (diag) {len(pattern)} calls/sample: GET /weight_info",
+            "1   (diag) GET /weight_info (health checks; the three-call fallback)",
             f"{v_idle:.1f} ms idle, {v_busy:.1f} ms while generating",
         ),
         Row(

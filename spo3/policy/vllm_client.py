@@ -1,8 +1,14 @@
-"""Policy over vLLM's OpenAI-compatible HTTP API (republishing to running servers: spo3.policy.publish).
+"""Policy over vLLM's HTTP API (republishing to running servers: spo3.policy.publish).
 
-Sampling uses /v1/chat/completions: the server renders the chat template and returns the
-prompt's and every completion's token ids with per-token logprobs, for `n` samples in one
-request (the shared prefix is computed once and cached).
+Sampling takes two calls. POST /v1/chat/completions/render turns the chat request into vLLM's
+token-in/token-out request (the chat template applied: the prompt's token ids, and the engine's
+sampling params, choice mode's structured output included); POST /inference/v1/generate samples
+it, `n` completions in one request (the shared prefix is computed once and cached), and returns
+each completion's text, token ids and per-token logprobs, and `weight_versions`: the weight
+version that drew each span of its tokens. Both routes are vLLM's scale-out routes, off unless the
+server runs with `--enable-scale-out`. A render does not depend on the weights, so a request
+sampled again (below) is not rendered again. One call cannot do it: generate takes token ids only,
+and rendering the template here would need the tokenizer and chat template in every actor.
 
 Behaviour log-probs. The learner needs the log-prob of each token under the distribution it was
 drawn from. vLLM's per-token logprobs are an engine setting, not a request field: with its
@@ -17,9 +23,16 @@ runs: every server it talks to must be started with `--logprobs-mode processed_l
 (spo3.policy.vllm_server and the deployments' vLLM arguments). On CUDA that mode turns off
 vLLM's FlashInfer top-k/top-p sampler (its kernel does not expose the processed values).
 
-The version a completion reports is the server's weight version read before and after the
-request: publishing changes weights and version together while the server is paused, so equal
-reads prove the whole generation ran on one version; unequal reads are retried.
+The version a completion reports is the one generate labels its tokens with: vLLM stamps every
+engine step's output with the version current at that step, and publishing changes weights and
+version together while the server is paused, so a single label proves the whole generation ran on
+one version. A request whose completions carry two versions (a publish that paused the server
+without draining it, /pause?mode=keep; spo3.policy.publish drains) is sampled again. A server
+without those routes (an older vLLM, one started without `--enable-scale-out`, a proxy that does
+not pass them: 404, 405, 403 or 501; or a generate that labels no versions) is found on its first
+request, logged once, and sampled with three calls from then on: GET /weight_info before and
+after POST /v1/chat/completions (which returns the same ids and logprobs), equal reads proving
+one version, unequal ones sampled again.
 
 Several servers. `VLLMPolicy` takes a list of URLs, a comma-separated string, or one URL whose host
 name resolves to several addresses (a Kubernetes headless Service: one address per vLLM pod,
@@ -41,7 +54,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,6 +102,34 @@ class _ChatResponse(BaseModel):
     prompt_token_ids: list[int] | None = None
 
 
+class _Rendered(BaseModel):
+    """What /v1/chat/completions/render answers: the GenerateRequest that /inference/v1/generate
+    takes (the prompt's token ids and the engine's sampling params); only the ids are read here,
+    the rest is passed on as it came."""
+
+    token_ids: list[int]
+
+
+class _Span(BaseModel):
+    """Output tokens [start, end) were drawn by the weights labelled `version`."""
+
+    version: str
+    start: int
+    end: int
+
+
+class _GenerateChoice(BaseModel):
+    text: str
+    token_ids: list[int]
+    logprobs: _Logprobs
+    finish_reason: str | None = None
+    weight_versions: list[_Span] | None = None
+
+
+class _GenerateResponse(BaseModel):
+    choices: list[_GenerateChoice]
+
+
 def _version_number(label: str) -> int:
     """vLLM starts at the label 'default' (our version 0); we publish decimal labels."""
     return 0 if label in ("", "default", "None") else int(label)
@@ -102,7 +143,11 @@ class _Http:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._attempts = attempts
 
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def request(
+        self, method: str, path: str, *, allow: Container[int] = (), **kwargs
+    ) -> httpx.Response:
+        """The response to `method path`; a status >= 400 is a PolicyError unless in `allow`."""
+
         @retry(
             retry=retry_if_exception_type(_TRANSIENT),
             stop=stop_after_attempt(self._attempts),
@@ -119,12 +164,15 @@ class _Http:
                 f"vLLM server {self.base_url} unreachable after {self._attempts} tries "
                 f"({type(e).__name__}: {e}); is it running and healthy (GET /health)?"
             ) from e
-        if response.status_code >= 400:
-            raise PolicyError(
-                f"vLLM server {self.base_url} answered {response.status_code} to {method} {path}: "
-                f"{response.text[:500]}"
-            )
+        if response.status_code >= 400 and response.status_code not in allow:
+            raise self.error(method, path, response)
         return response
+
+    def error(self, method: str, path: str, response: httpx.Response) -> PolicyError:
+        return PolicyError(
+            f"vLLM server {self.base_url} answered {response.status_code} to {method} {path}: "
+            f"{response.text[:500]}"
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -193,6 +241,31 @@ class _Server:
     version: int = 0
     outstanding: int = 0
     checked_at: float = field(default=-1e18)
+    # Whether it serves render + generate: None until its first sampling request tells.
+    tokens_route: bool | None = None
+
+
+_RENDER = "/v1/chat/completions/render"
+_GENERATE = "/inference/v1/generate"
+# How a server without the token-in/token-out route answers it: 404 or 405 (a vLLM without it, a
+# proxy that does not pass it), 403 (vLLM started without --enable-scale-out), 501.
+_NO_ROUTE = (403, 404, 405, 501)
+
+
+@dataclass
+class _Request:
+    """One sampling request: the /v1/chat/completions body, and the same request rendered into
+    a GenerateRequest once (any server renders it alike), reused if it is sampled again."""
+
+    chat: dict
+    generate: dict | None = None
+
+
+@dataclass
+class _Sampled:
+    completions: list[Completion]
+    version: int  # the server's weight version after the request, as far as it tells
+    consistent: bool  # every token of every completion came from `version`
 
 
 class VLLMPolicy:
@@ -332,16 +405,18 @@ class VLLMPolicy:
         return self.newest()
 
     def sample(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[Completion]:
-        body = chat_body(self.model, messages, params)
+        request = _Request(chat_body(self.model, messages, params))
         m = policy_client_metrics()
         tried: set[str] = set()
         last_error: PolicyError | None = None
         for _ in range(self.version_attempts + len(self.servers)):
             server = self._pick(tried if len(tried) < len(self.servers) else set())
             try:
-                before = self._read_version(server)
-                raw = server.http.request("POST", "/v1/chat/completions", json=body)
-                after = self._read_version(server)
+                got = None
+                if server.tokens_route is not False:
+                    got = self._sample_tokens(server, request)
+                if got is None:  # a server without render + generate
+                    got = self._sample_chat(server, request.chat)
             except PolicyError as e:
                 if "unreachable" not in str(e) or len(self.servers) == 1:
                     raise
@@ -354,15 +429,16 @@ class VLLMPolicy:
             finally:
                 with self._lock:
                     server.outstanding -= 1
-            server.version, server.checked_at = after, time.monotonic()
-            if before != after:
+            server.version, server.checked_at = got.version, time.monotonic()
+            if not got.consistent:  # weights changed during the request: sample again
+                m.resamples.inc()
                 continue
-            if before < self.newest():  # missed a publish another server got: sample elsewhere
+            if got.version < self.newest():  # missed a publish another server got: sample elsewhere
                 m.skips.labels("behind").inc()
                 tried.add(server.http.base_url)
                 self._count()
                 continue
-            out = self._parse(raw, before, server.http.base_url)
+            out = got.completions
             return out if params.temperature > 0 else out * params.n
         if last_error is not None:
             raise last_error
@@ -371,21 +447,84 @@ class VLLMPolicy:
             "is something publishing in a tight loop?"
         )
 
+    def _sample_chat(self, server: _Server, body: dict) -> _Sampled:
+        """Three calls: the version read before and after POST /v1/chat/completions."""
+        before = self._read_version(server)
+        raw = server.http.request("POST", "/v1/chat/completions", json=body)
+        after = self._read_version(server)
+        return _Sampled(self._parse(raw, before, server.http.base_url), after, before == after)
+
+    def _sample_tokens(self, server: _Server, request: _Request) -> _Sampled | None:
+        """Render (one call, once per request) and generate (one call), whose answer labels
+        every output token with the weight version that drew it. None when the server has no
+        such route (remembered: it samples with three calls from then on)."""
+        url = server.http.base_url
+        if request.generate is None:
+            r = server.http.request("POST", _RENDER, json=request.chat, allow=_NO_ROUTE)
+            if self._no_route(server, "POST", _RENDER, r):
+                return None
+            try:
+                rendered = r.json()
+                _Rendered.model_validate(rendered)
+            except ValueError as e:  # not JSON, or no token ids
+                raise PolicyError(f"malformed render answer from {url}: {r.text[:300]}") from e
+            # vLLM names the request itself; 'text' adds the detokenized text to the token ids.
+            rendered.pop("request_id", None)
+            request.generate = {**rendered, "output_mode": "text"}
+        r = server.http.request("POST", _GENERATE, json=request.generate, allow=_NO_ROUTE)
+        if self._no_route(server, "POST", _GENERATE, r):
+            return None
+        try:
+            data = _GenerateResponse.model_validate_json(r.content)
+        except ValidationError as e:
+            raise _malformed(url, r, e) from e
+        if any(c.weight_versions is None for c in data.choices):
+            # A vLLM whose generate route predates weight versions: nothing proves them here.
+            self._no_route(server, "POST", _GENERATE, r, why="reports no weight versions")
+            return None
+        return _generated(data, request.generate["token_ids"], url, server.version)
+
+    def _no_route(
+        self,
+        server: _Server,
+        method: str,
+        path: str,
+        response: httpx.Response,
+        why: str | None = None,
+    ) -> bool:
+        """Whether `response` says that `server` lacks the token-in/token-out route (remembered
+        and logged once); a refusal for any other reason is a PolicyError."""
+        if why is None:
+            if response.status_code < 400:
+                with self._lock:
+                    server.tokens_route = True
+                return False
+            # vLLM answers 404 to an unknown model name too, on every route: not a missing route.
+            if response.status_code not in _NO_ROUTE or "does not exist" in response.text:
+                raise server.http.error(method, path, response)
+            why = f"answered {response.status_code} to {method} {path}"
+        with self._lock:
+            first, server.tokens_route = server.tokens_route is not False, False
+        if first:
+            log.warning(
+                "policy server %s %s: sampling with three calls there (GET /weight_info around "
+                "POST /v1/chat/completions). Start vLLM with --enable-scale-out, and let any "
+                "proxy pass %s and %s, for two.",
+                server.http.base_url,
+                why,
+                _RENDER,
+                _GENERATE,
+            )
+        return True
+
     def _parse(self, raw: httpx.Response, version: int, url: str) -> list[Completion]:
         try:
             data = _ChatResponse.model_validate_json(raw.content)
         except ValidationError as e:
-            where = ", ".join(".".join(map(str, err["loc"])) for err in e.errors()[:5])
-            raise PolicyError(
-                f"malformed completion from {url} (fields: {where}): {raw.text[:300]}"
-            ) from e
+            raise _malformed(url, raw, e) from e
         out = []
         for c in data.choices:
-            if len(c.logprobs.content) != len(c.token_ids):
-                raise PolicyError(
-                    f"malformed completion: {len(c.token_ids)} token ids but "
-                    f"{len(c.logprobs.content)} logprobs"
-                )
+            _check_logprobs(c.token_ids, c.logprobs)
             out.append(
                 Completion(
                     text=c.message.content or "",
@@ -401,3 +540,47 @@ class VLLMPolicy:
     def close(self) -> None:
         for s in self.servers.values():
             s.http.close()
+
+
+def _malformed(url: str, raw: httpx.Response, e: ValidationError) -> PolicyError:
+    where = ", ".join(".".join(map(str, err["loc"])) for err in e.errors()[:5])
+    return PolicyError(f"malformed completion from {url} (fields: {where}): {raw.text[:300]}")
+
+
+def _check_logprobs(token_ids: list[int], logprobs: _Logprobs) -> None:
+    if len(logprobs.content) != len(token_ids):
+        raise PolicyError(
+            f"malformed completion: {len(token_ids)} token ids but {len(logprobs.content)} logprobs"
+        )
+
+
+def _generated(
+    data: _GenerateResponse, prompt_token_ids: list[int], url: str, known: int
+) -> _Sampled:
+    """The completions of a generate answer, and the weight version of their tokens: one version
+    for all of them (consistent), else the newest (the request is sampled again). Completions
+    without a token carry no label and nothing to train on: they get the server's `known` version."""
+    versions: set[int] = set()
+    for c in data.choices:
+        _check_logprobs(c.token_ids, c.logprobs)
+        spans = c.weight_versions or []
+        covered = spans[0].start == 0 and spans[-1].end == len(c.token_ids) if spans else False
+        if not covered and c.token_ids:
+            raise PolicyError(
+                f"malformed completion from {url}: weight versions {spans} do not cover its "
+                f"{len(c.token_ids)} tokens"
+            )
+        versions.update(_version_number(span.version) for span in spans)
+    version = max(versions, default=known)
+    out = [
+        Completion(
+            text=c.text,
+            token_ids=c.token_ids,
+            logprobs=[t.logprob for t in c.logprobs.content],
+            finish_reason=c.finish_reason,
+            policy_version=version,
+            prompt_token_ids=prompt_token_ids,
+        )
+        for c in data.choices
+    ]
+    return _Sampled(out, version, len(versions) <= 1)

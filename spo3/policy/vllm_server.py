@@ -25,7 +25,8 @@ def vllm_python() -> str:
 
 class VLLMServer:
     """A vLLM server on loopback for one model directory, started with the weight-update routes
-    (VLLM_SERVER_DEV_MODE=1). Those routes have no authentication: never bind it publicly."""
+    (VLLM_SERVER_DEV_MODE=1) and the scale-out routes (--enable-scale-out). Those routes have no
+    authentication: never bind it publicly."""
 
     def __init__(
         self,
@@ -91,6 +92,10 @@ class VLLMServer:
             # behaviour policy the learner's importance weight divides by.
             "--logprobs-mode",
             "processed_logprobs",
+            # The token-in/token-out routes (/v1/chat/completions/render,
+            # /inference/v1/generate): generate reports the weight version of every output
+            # token, so the client samples with two calls instead of three (vllm_client).
+            "--enable-scale-out",
         ]
         log = open(self.log_path, "wb")
         # Own process group: vLLM forks an engine process that must stop with it.

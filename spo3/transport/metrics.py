@@ -364,6 +364,12 @@ class PolicyClientMetrics:
             ["reason"],
             registry=registry,
         )
+        self.resamples = Counter(
+            "spo3_actor_policy_resamples",
+            "Sampling requests made again because the weights changed while they ran (their "
+            "tokens came from two weight versions)",
+            registry=registry,
+        )
         for state in POLICY_SERVER_STATES:
             self.servers.labels(state)
         for reason in POLICY_SKIP_REASONS:

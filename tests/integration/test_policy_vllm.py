@@ -6,6 +6,7 @@ The server runs in float32 so its logprobs can be compared with transformers' to
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -119,25 +120,25 @@ def test_unreachable_server_is_a_clear_error_not_a_hang():
     assert time.monotonic() - t0 < 20
 
 
-def test_malformed_completion_is_reported():
+@pytest.mark.parametrize("routes", ["chat", "render_generate"])
+def test_malformed_completion_is_reported(routes):
     """A server answering garbage (here: token ids without logprobs) gives a PolicyError that
-    names the fields, never a crash deeper in the actor."""
+    names the fields, never a crash deeper in the actor: on either sampling path."""
+    bad = {"token_ids": [1, 2], "logprobs": None, "finish_reason": "stop"}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/weight_info":
+        path = request.url.path
+        if path == "/weight_info":
             return httpx.Response(200, json={"weight_version": "3"})
+        if path == "/v1/chat/completions":
+            return httpx.Response(200, json={"choices": [{"message": {"content": "x"}, **bad}]})
+        if routes == "chat":  # a server without the token-in/token-out routes
+            return httpx.Response(404, json={"detail": "Not Found"})
+        if path == "/v1/chat/completions/render":
+            return httpx.Response(200, json={"token_ids": [5], "sampling_params": {}})
+        span = {"version": "3", "start": 0, "end": 2}
         return httpx.Response(
-            200,
-            json={
-                "choices": [
-                    {
-                        "message": {"content": "x"},
-                        "token_ids": [1, 2],
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ]
-            },
+            200, json={"choices": [{"text": "x", "weight_versions": [span], **bad}]}
         )
 
     p = VLLMPolicy("http://policy.invalid")
@@ -146,6 +147,88 @@ def test_malformed_completion_is_reported():
     )
     with pytest.raises(PolicyError, match="malformed completion.*logprobs"):
         p.sample(contract.MESSAGES, GREEDY)
+
+
+class _WithoutTokenRoutes(httpx.HTTPTransport):
+    """The real server behind a proxy that does not pass the token-in/token-out routes."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path in ("/v1/chat/completions/render", "/inference/v1/generate"):
+            return httpx.Response(404, text="<html>404 Not Found</html>")
+        return super().handle_request(request)
+
+
+def counting_policy(url: str, transport: httpx.BaseTransport | None = None):
+    """A VLLMPolicy on `url` and the list of HTTP calls it makes ("METHOD /path"), its health
+    check done (and none due again) so that only sampling calls are counted."""
+    calls: list[str] = []
+    p = VLLMPolicy(url, health_every_s=1e9)
+    p.http._client = httpx.Client(
+        base_url=url,
+        timeout=120,
+        transport=transport,
+        event_hooks={"request": [lambda r: calls.append(f"{r.method} {r.url.path}")]},
+    )
+    p.refresh(force=True)
+    calls.clear()
+    return p, calls
+
+
+def test_sampling_takes_two_calls_and_the_version_of_its_tokens(server, reference):
+    """Against the real server (started with --enable-scale-out): one sampling request is two
+    HTTP calls, render then generate, in free-form and in choice mode, and its completions carry
+    the server's weight version, with the token ids, logprobs and prompt ids that the three-call
+    path (GET /weight_info around POST /v1/chat/completions) gives on the same server."""
+    version = int(httpx.get(f"{server.url}/weight_info").json()["weight_version"])
+    two, calls = counting_policy(server.url)
+    three, old_calls = counting_policy(server.url, _WithoutTokenRoutes())
+    path = ["POST /v1/chat/completions/render", "POST /inference/v1/generate"]
+    try:
+        # free-form, seeded: both paths draw the very same tokens
+        free = SamplingParams(n=3, max_tokens=8, temperature=0.7, seed=11)
+        new = two.sample(contract.MESSAGES, free)
+        assert calls == path
+        old = three.sample(contract.MESSAGES, free)
+        tried = ["POST /v1/chat/completions/render"]  # found once, then three calls
+        chat = ["GET /weight_info", "POST /v1/chat/completions", "GET /weight_info"]
+        assert old_calls == tried + chat
+        assert len(new) == len(old) == 3
+        for a, b in zip(new, old):
+            assert a.policy_version == b.policy_version == version
+            assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+            assert a.prompt_token_ids == b.prompt_token_ids and a.prompt_token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+            # log_softmax(logits / T) of the reference model (--logprobs-mode processed_logprobs)
+            seq = a.prompt_token_ids + a.token_ids
+            start = len(a.prompt_token_ids) - 1
+            with torch.no_grad():
+                logits = reference(input_ids=torch.tensor([seq])).logits[0, start:-1]
+            want = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(a.token_ids)[:, None])
+            assert max(abs(x - y) for x, y in zip(a.logprobs, want[:, 0].tolist())) < 1e-3
+
+        # choice mode (structured outputs survive the render): unseeded, so the paths draw
+        # different samples, but a token sequence drawn by both has the same log-probs
+        choices = ["look", "go north"]
+        calls.clear()
+        old_calls.clear()
+        constrained = SamplingParams(n=16, choices=choices, temperature=1.0, max_tokens=16)
+        new = two.sample(contract.MESSAGES, constrained)
+        assert calls == path
+        old = three.sample(contract.MESSAGES, constrained)
+        assert old_calls == chat
+        assert len(new) == 16 and {c.text for c in new} <= set(choices)
+        assert {c.policy_version for c in new} == {version}
+        assert {tuple(c.prompt_token_ids or ()) for c in new + old} == {
+            tuple(old[0].prompt_token_ids or ())
+        }
+        by_tokens = {tuple(c.token_ids): c.logprobs for c in old}
+        shared = [c for c in new if tuple(c.token_ids) in by_tokens]
+        assert shared, "no token sequence drawn by both paths"
+        for c in shared:
+            assert max(abs(x - y) for x, y in zip(c.logprobs, by_tokens[tuple(c.token_ids)])) < 1e-5
+    finally:
+        two.close()
+        three.close()
 
 
 def test_learner_restricted_logprobs_equal_vllm_guided_choice(policy, model_dir, reference):
@@ -220,3 +303,49 @@ def test_behaviour_logprobs_are_of_the_tempered_distribution(policy, reference, 
         untempered = max(untempered, float((got - at_1).abs().max()))
     assert tempered < 1e-3, f"largest |vLLM - log_softmax(logits / T)| {tempered:.3g}"
     assert untempered > 1e-2  # the two really differ at this temperature
+
+
+def generated_tokens(url: str) -> float:
+    """vLLM's count of output tokens so far (GET /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+
+
+def test_tokens_of_two_versions_are_sampled_again(server):
+    """A publish that pauses the server without draining it (/pause?mode=keep; ours drains) lets
+    a generation run on under the new version: vLLM labels its tokens with both, and the client
+    samples it again (one more generate; the render is reused), reporting the new version."""
+    label = httpx.get(f"{server.url}/weight_info").json()["weight_version"]
+    p, calls = counting_policy(server.url)
+    result: dict = {}
+    sampling = threading.Thread(
+        target=lambda: result.setdefault(
+            "outs", p.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=300))
+        )
+    )
+    admin = httpx.Client(base_url=server.url, timeout=60)
+    try:
+        before = generated_tokens(server.url)
+        sampling.start()
+        deadline = time.monotonic() + 60
+        while generated_tokens(server.url) < before + 4:  # mid-generation
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.02)
+        admin.post("/pause", params={"mode": "keep"}).raise_for_status()
+        admin.post("/update_weight_version", json={"new_version": "41"}).raise_for_status()
+        admin.post("/resume").raise_for_status()
+        sampling.join(timeout=300)
+        assert {c.policy_version for c in result["outs"]} == {41}
+        assert calls == [
+            "POST /v1/chat/completions/render",
+            "POST /inference/v1/generate",  # tokens of two versions
+            "POST /inference/v1/generate",
+        ]
+    finally:
+        admin.post("/update_weight_version", json={"new_version": label}).raise_for_status()
+        admin.close()
+        p.close()

@@ -138,7 +138,7 @@ def test_publish_to_two_servers_spread_and_rotation(servers, model_dir, tmp_path
             raw = server.http.request
 
             def counted(method, path, _raw=raw, _url=server.http.base_url, **kw):
-                if path == "/v1/chat/completions":
+                if path in ("/inference/v1/generate", "/v1/chat/completions"):  # sampled there
                     seen[_url] += 1
                 return _raw(method, path, **kw)
 

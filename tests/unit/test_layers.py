@@ -1,6 +1,7 @@
 """The import rule of the layers (README "Layout"), enforced with import-linter on the code's own
 imports: bench -> app -> actors | learner -> policy | score_store -> transport, one way only."""
 
+import logging
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -11,7 +12,15 @@ def _lint(monkeypatch) -> int:
 
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    return lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    # import-linter configures logging with dictConfig, which disables every logger that exists
+    # by then (the project's included): put them back for the tests that run after this one.
+    loggers = logging.Logger.manager.loggerDict.values()
+    enabled = [lg for lg in loggers if isinstance(lg, logging.Logger) and not lg.disabled]
+    try:
+        return lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    finally:
+        for lg in enabled:
+            lg.disabled = False
 
 
 def test_layers_are_kept(monkeypatch, capsys):
