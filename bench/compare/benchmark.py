@@ -128,7 +128,8 @@ class BenchConfig(BaseModel):
         default_factory=dict,
         description=(
             "algo -> [{dotted.key: value}, ...]: more settings of an algorithm, each run beside its default on every "
-            'suite and seed and reported as its own row ("3spo novelty_use=order"), paired with the same seeds.'
+            'suite and seed and reported as its own row ("3spo novelty_use=order"), paired with the same seeds. '
+            "A variant with the key `suites: [name, ...]` runs on those suites only (a diagnostic arm)."
         ),
     )
     curve_points: int = Field(
@@ -150,6 +151,14 @@ class BenchConfig(BaseModel):
             )
         if self.warm_start and self.init_model:
             raise ValueError("give init_model or warm_start, not both")
+        for algo, sets_list in self.variants.items():
+            for sets in sets_list:
+                only = sets.get("suites", [])
+                if not isinstance(only, list) or not set(only) <= set(self.suites):
+                    raise ValueError(
+                        f"variant {variant_name(_settings_of(sets))} of {algo}: suites must be a "
+                        f"list of this bench's suites ({list(self.suites)}), not {only!r}"
+                    )
         return self
 
     @classmethod
@@ -343,6 +352,11 @@ def _numbers_alike(x: Any) -> Any:
 def _settings_key(cfg: TrainConfig) -> str:
     """What a run's settings amount to: every default filled in (typed settings), numbers alike."""
     return json.dumps(_numbers_alike(cfg.model_dump(mode="json")), sort_keys=True)
+
+
+def _settings_of(variant: dict[str, Any]) -> dict[str, Any]:
+    """A bench variant's settings overrides: all of its keys but `suites` (where it runs)."""
+    return {k: v for k, v in variant.items() if k != "suites"}
 
 
 def variant_name(sets: dict[str, Any]) -> str:
@@ -1039,15 +1053,20 @@ def write_report(bench: BenchConfig, runs: list[RunResult], out: Path) -> dict:
 
 def bench_plan(bench: BenchConfig) -> list[Planned]:
     """Every run of a bench: per suite and seed, each algorithm with its default settings and then with
-    each of its `variants`."""
+    each of its `variants` (those restricted to some `suites` on those only)."""
     return [
         Planned(
-            suite=s, algo=a, seed=seed, variant=variant_name(sets), overrides=tuple(sets.items())
+            suite=s,
+            algo=a,
+            seed=seed,
+            variant=variant_name(_settings_of(sets)),
+            overrides=tuple(_settings_of(sets).items()),
         )
         for s in bench.suites
         for seed in bench.seeds
         for a in bench.algos
         for sets in [{}, *bench.variants.get(a, [])]
+        if s in sets.get("suites", [s])
     ]
 
 

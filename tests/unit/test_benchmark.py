@@ -75,6 +75,25 @@ def test_the_shipped_warm_starts_train_on_their_suites_games(tmp_path):
             assert sft.games.seed == seed == sft.seed and sft.eval_episodes == 0
 
 
+def test_a_variant_with_suites_runs_on_those_suites_only():
+    bench = BenchConfig(
+        algos=["3spo"],
+        seeds=[0, 1],
+        suites={"a": {}, "b": {}},
+        variants={"3spo": [{"score.alpha": 2.0}, {"suites": ["b"], "score.xi": 3}]},
+    )
+    plan = {(p.suite, p.variant, p.overrides) for p in bench_plan(bench)}
+    assert plan == {
+        ("a", "default", ()),
+        ("b", "default", ()),
+        ("a", "alpha=2.0", (("score.alpha", 2.0),)),
+        ("b", "alpha=2.0", (("score.alpha", 2.0),)),
+        ("b", "xi=3", (("score.xi", 3),)),
+    }
+    with pytest.raises(ValueError, match=r"variant xi=3 of 3spo: suites must be a list of this"):
+        BenchConfig(suites={"a": {}}, variants={"3spo": [{"suites": ["c"], "score.xi": 3}]})
+
+
 def test_the_hazard_bench_changes_one_hazard_per_variant_on_v2s_games(tmp_path):
     """configs/bench-hazards.yaml: each 3SPO variant moves the settings of one hazard only (and
     really moves them), and every suite trains on bench-v2's games at bench-v2's budget, so its
@@ -83,21 +102,23 @@ def test_the_hazard_bench_changes_one_hazard_per_variant_on_v2s_games(tmp_path):
     v2 = BenchConfig.from_yaml(ROOT / "configs" / "bench-v2.yaml")
     assert hz.algos == ["3spo", "grpo", "gigpo"] and len(hz.seeds) == 5
     assert hz.algo_settings == v2.algo_settings
-    touched = [
-        {k.split(".")[0] + "." + k.split(".")[1] for k in sets} for sets in hz.variants["3spo"]
-    ]
+    touched = [set(sets) for sets in hz.variants["3spo"]]
     assert touched == [
         {"learner.norm_3spo"},
         {"score.sr_prior_a", "score.sr_prior_b"},
         {"score.count", "score.truncate_won"},
         {"score.dead_end_novelty"},
+        {"suites", "learner.groups_per_update"},  # the diagnostic arm
     ]
+    diag = [p for p in bench_plan(hz) if p.variant == "groups_per_update=48"]
+    assert {p.suite for p in diag} == {"tw-treasure-l15"} and len(diag) == len(hz.seeds)
     for suite in hz.suites:
         a = hz.run_config(suite, "3spo", 0, tmp_path / "a")
         b = v2.run_config(suite, "3spo", 0, tmp_path / "a")
         assert a.games == b.games and a.env_steps == b.env_steps and a.rollout == b.rollout
         for sets in hz.variants["3spo"]:
-            varied = hz.run_config(suite, "3spo", 0, tmp_path / "a", dict(sets), "v")
+            sets = {k: v for k, v in sets.items() if k != "suites"}
+            varied = hz.run_config(suite, "3spo", 0, tmp_path / "a", sets, "v")
             section, key = next(iter(sets)).split(".")
             assert getattr(getattr(varied, section), key) != getattr(getattr(a, section), key)
 
