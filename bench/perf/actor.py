@@ -1272,7 +1272,14 @@ def _concurrency_process(
         time.sleep(0.2)
     ready_s = time.monotonic() - t_start
     time.sleep(warmup_s)
-    sampler = VLLMGaugeSampler(policy_url) if server_pid else None
+    from spo3.transport.metrics import actor_metrics
+
+    in_flight = actor_metrics().policy_in_flight  # this process's requests out, all lanes
+    sampler = (
+        VLLMGaugeSampler(policy_url, in_flight=lambda: in_flight._value.get())
+        if server_pid
+        else None
+    )
     server0 = process_tree_cpu_seconds(server_pid) if server_pid else 0.0
     tree0, busy0 = process_tree_cpu_seconds(os.getpid()), machine_busy_seconds()
     s0, c0, t0 = steps()[0], os.times(), time.monotonic()
@@ -1474,11 +1481,17 @@ class VLLMGaugeSampler:
 
     GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
 
-    def __init__(self, url: str, interval_s: float = 0.5) -> None:
+    def __init__(
+        self, url: str, interval_s: float = 0.5, in_flight: Callable[[], float] | None = None
+    ) -> None:
+        """`in_flight`: the actor's own count of HTTP requests out (sampled alongside as
+        "requests": vLLM's gauges count each of a request's n samples as a request)."""
         import threading
 
-        self.url, self.interval_s = url, interval_s
+        self.url, self.interval_s, self.in_flight = url, interval_s, in_flight
         self.samples: dict[str, list[float]] = {k: [] for k in self.GAUGES}
+        if in_flight is not None:
+            self.samples["requests"] = []
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vllm-gauges", daemon=True)
@@ -1494,6 +1507,8 @@ class VLLMGaugeSampler:
                     values = {k: prometheus_gauge(text, g) for k, g in self.GAUGES.items()}
                     if None in values.values():
                         raise ValueError("gauge missing from /metrics")
+                    if self.in_flight is not None:
+                        values["requests"] = self.in_flight()
                     for k, v in values.items():
                         self.samples[k].append(v)
                 except (httpx.HTTPError, ValueError):
@@ -1525,7 +1540,8 @@ def vllm_rows(levels: list[dict], load: float) -> list[Row]:
             Row(
                 f"7 vllm:num_requests_running, concurrency {c} (mean of {r['samples']} samples)",
                 f"{r['running_mean']:.1f} (max {r['running_max']:.0f}; waiting "
-                f"{r['waiting_mean']:.1f}, max {r['waiting_max']:.0f})",
+                f"{r['waiting_mean']:.1f}, max {r['waiting_max']:.0f}; the actor's HTTP "
+                f"requests out {r.get('requests_mean', float('nan')):.1f})",
                 f">= {VLLM_RUNNING_TARGET:.0f}" if at else "-",
                 ("PASS" if r["running_mean"] >= VLLM_RUNNING_TARGET else "FAIL") if at else "",
             )

@@ -298,7 +298,7 @@ def bench_client(
         parse_s, json_s = [], []
         for _ in range(20):
             t0 = time.perf_counter()
-            policy._parse(response, 0)
+            policy._parse(response, 0, url)
             parse_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             sum(len(c["token_ids"]) for c in json.loads(response.content)["choices"])

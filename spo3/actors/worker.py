@@ -437,18 +437,22 @@ class _Actor:
             # The lease keeper renews the lease; a lease lost anyway ends the rollout early.
             should_stop=lambda: self.stop.is_set() or self.leases.lost(item),
         )
+        started = time.perf_counter()
         try:
             stats = rollout.run(item)
             if slot.service is not None:
                 slot.service.flush()  # the item's last leaves, before the item counts as done
         except AppendStopped as e:
-            # Stopped while the stream was full: the item goes back unfinished, as any rollout
-            # stopped mid-task does; its engines stay usable.
-            # Leaves still queued for the score service are sent when the lane closes.
+            # Stopped while the stream was full: the item goes back unfinished, counted as any
+            # rollout stopped mid-task is (its env steps were spent); its engines stay usable.
             log.info("work item %s: %s", item.item_id, e)
-            self.queue.release(item)
-            self.metrics.tasks.labels("released").inc()
-            return False
+            stats = rollout.stats
+            stats.complete, stats.seconds = False, time.perf_counter() - started
+            if slot.service is not None:
+                try:
+                    slot.service.flush()  # before the item can go to another actor
+                except Exception as flush_error:  # noqa: BLE001 - tried again when the lane closes
+                    log.warning("leaves not sent to the score service yet: %s", flush_error)
         except Exception:
             self._failed(slot, item)
             return False
@@ -463,6 +467,7 @@ class _Actor:
             item.task_id,
             item.attempt + 1,
         )
+        self.leases.drop(item)  # not renewed any more: the queue takes it back now
         if item.attempt + 1 >= self.cfg.max_attempts:
             self.queue.finish(item)
             self.metrics.tasks.labels("gave_up").inc()
@@ -481,7 +486,9 @@ class _Actor:
         )
         metrics.stream_wait.inc(waited)
         record_totals(self.client, self.names, stats, item.task_id if cfg.record_visits else None)
-        if self.leases.lost(item):
+        lost = self.leases.lost(item)
+        self.leases.drop(item)  # not renewed any more: the queue takes it back now
+        if lost:
             self.queue.release(item)  # a no-op unless the lease came back
             metrics.tasks.labels("lease_lost").inc()
         elif stats.complete:

@@ -24,9 +24,11 @@ runs: every server it talks to must be started with `--logprobs-mode processed_l
 vLLM's FlashInfer top-k/top-p sampler (its kernel does not expose the processed values).
 
 The version a completion reports is the one generate labels its tokens with: vLLM stamps every
-engine step's output with the version current at that step, and publishing changes weights and
-version together while the server is paused, so a single label proves the whole generation ran on
-one version. A request whose completions carry two versions (a publish that paused the server
+engine step that outputs tokens with the version current at that step, and publishing changes
+weights and version together while the server is paused and drained, with the prefix cache reset
+(spo3.policy.publish), so a single label proves the whole generation ran on one version. (Steps
+that output nothing, such as a chunked prefill, carry no label: a publish that does not drain
+could go unseen between them.) A request whose completions carry two versions (a publish that paused the server
 without draining it, /pause?mode=keep; spo3.policy.publish drains) is sampled again. A server
 without those routes (an older vLLM, one started without `--enable-scale-out`, a proxy that does
 not pass them: 404, 405, 403 or 501; or a generate that labels no versions) is found on its first
@@ -429,7 +431,9 @@ class VLLMPolicy:
             finally:
                 with self._lock:
                     server.outstanding -= 1
-            server.version, server.checked_at = got.version, time.monotonic()
+            with self._lock:  # tokens drawn before a publish that a health check already saw
+                server.version = max(server.version, got.version)  # do not move it back
+                server.checked_at = time.monotonic()
             if not got.consistent:  # weights changed during the request: sample again
                 m.resamples.inc()
                 continue
@@ -475,13 +479,19 @@ class VLLMPolicy:
         if self._no_route(server, "POST", _GENERATE, r):
             return None
         try:
+            choices = r.json()["choices"]
+            unversioned = any(c.get("weight_versions") is None for c in choices)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            unversioned = False  # malformed: reported by the validation below
+        if unversioned:
+            # A vLLM whose generate route predates weight versions (its answers may lack other
+            # fields too): nothing proves the version there.
+            self._no_route(server, "POST", _GENERATE, r, why="reports no weight versions")
+            return None
+        try:
             data = _GenerateResponse.model_validate_json(r.content)
         except ValidationError as e:
             raise _malformed(url, r, e) from e
-        if any(c.weight_versions is None for c in data.choices):
-            # A vLLM whose generate route predates weight versions: nothing proves them here.
-            self._no_route(server, "POST", _GENERATE, r, why="reports no weight versions")
-            return None
         return _generated(data, request.generate["token_ids"], url, server.version)
 
     def _no_route(

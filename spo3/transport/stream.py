@@ -50,6 +50,7 @@ from spo3.transport.contracts import READABLE_SCHEMAS, Group
 from spo3.transport.redis_names import RedisNames
 
 log = logging.getLogger("spo3.learner")  # the reader runs in the learner
+append_log = logging.getLogger("spo3.actors")  # the writers are actors
 _APPEND = (Path(__file__).parent / "lua" / "append_group.lua").read_text()
 
 
@@ -100,10 +101,19 @@ class GroupStream:
             wait=wait_exponential(multiplier=0.01, max=1.0),
             stop=stop_after_delay(wait_limit_s)
             | stop_when_event_set(self.stop or threading.Event()),
+            before_sleep=lambda state: (
+                append_log.info(
+                    "group %s waits: the groups stream is full (the learner has not read enough)",
+                    group.group_id,
+                )
+                if state.attempt_number == 1
+                else None
+            ),
         )
         try:
             reply = waits(self._try_append, n, group.group_id, payload)
         except RetryError:
+            self.waited_s += time.monotonic() - start
             if self.stop is not None and self.stop.is_set():
                 raise AppendStopped(
                     f"stopped while waiting for room in {n.groups_stream}; group "

@@ -170,18 +170,27 @@ def test_sigterm_ends_an_actor_waiting_on_a_full_stream(redis_url, games):
     GroupConsumer(client, run)  # the learner's group exists and reads nothing
     GroupStream(client, run).append(group_of("earlier"))  # one unread group: the stream is full
     actor = start_actor(redis_url, run, 0, stream_max_unread=1, exit_when_idle_s=60.0)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(actor.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        while queue.counts()["leased"] < 1:
-            assert actor.poll() is None and time.monotonic() < deadline, actor.stdout.read()
+        while not any("waits: the groups stream is full" in line for line in lines):
+            assert actor.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             time.sleep(0.1)
-        time.sleep(2.0)  # its first group is ready and its append waits
         actor.send_signal(signal.SIGTERM)
-        result = finish(actor, timeout=30)
+        actor.wait(timeout=30)
+        reader.join(10)
     finally:
         if actor.poll() is None:
             actor.kill()
+    out = "".join(lines)
+    assert actor.returncode == 0, out[-3000:]
+    assert "was not appended" in out  # the wait itself was cut short
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["finished"] == 0
     assert queue.counts() == {"ready": 1, "leased": 0, "done": 0}
     assert attempts(client, run) == {"held": 1}
     assert [g.group_id for g in GroupStream(client, run).read_all()] == ["earlier"]
+    # the env steps it spent count in the run's totals, as for any rollout stopped mid-task
+    assert int(client.hget(RedisNames(run).actor_totals, "env_steps") or 0) > 0

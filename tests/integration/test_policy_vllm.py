@@ -322,11 +322,14 @@ def test_tokens_of_two_versions_are_sampled_again(server):
     label = httpx.get(f"{server.url}/weight_info").json()["weight_version"]
     p, calls = counting_policy(server.url)
     result: dict = {}
-    sampling = threading.Thread(
-        target=lambda: result.setdefault(
-            "outs", p.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=300))
-        )
-    )
+
+    def sample() -> None:
+        try:
+            result["outs"] = p.sample(contract.MESSAGES, SamplingParams(n=2, max_tokens=300))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    sampling = threading.Thread(target=sample)
     admin = httpx.Client(base_url=server.url, timeout=60)
     try:
         before = generated_tokens(server.url)
@@ -339,6 +342,7 @@ def test_tokens_of_two_versions_are_sampled_again(server):
         admin.post("/update_weight_version", json={"new_version": "41"}).raise_for_status()
         admin.post("/resume").raise_for_status()
         sampling.join(timeout=300)
+        assert "outs" in result, result
         assert {c.policy_version for c in result["outs"]} == {41}
         assert calls == [
             "POST /v1/chat/completions/render",
@@ -346,6 +350,7 @@ def test_tokens_of_two_versions_are_sampled_again(server):
             "POST /inference/v1/generate",
         ]
     finally:
+        admin.post("/resume")  # a no-op unless a step above failed while it was paused
         admin.post("/update_weight_version", json={"new_version": label}).raise_for_status()
         admin.close()
         p.close()

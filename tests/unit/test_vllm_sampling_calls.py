@@ -24,7 +24,8 @@ PROMPT = [7, 8, 9]
 class Server:
     """A vLLM as this client sees it. `routes`: 'tokens' (started with --enable-scale-out),
     'disabled' (vLLM's 403 stub without the flag), 'missing' (404: an older vLLM, or a proxy
-    that does not pass them), 'unversioned' (a generate route without weight_versions).
+    that does not pass them), 'unversioned' (a generate route without weight_versions), 'old'
+    (one that answers token ids only: no versions, no text, no logprobs).
     `spans`: the weight versions each generate labels its completions' 3 tokens with."""
 
     def __init__(self, routes: str = "tokens", version: int = 4) -> None:
@@ -75,6 +76,9 @@ class Server:
             n = self.bodies[path]["sampling_params"]["n"]
             spans = self.spans.pop(0) if self.spans else [(self.version, 0, 3)]
             versions = [{"version": str(v), "start": s, "end": e} for v, s, e in spans]
+            if self.routes == "old":  # a generate route of its own time: tokens, nothing else
+                bare = {"index": 0, "token_ids": [1, 2, 3], "finish_reason": "length"}
+                return httpx.Response(200, json={"choices": [bare] * n})
             if self.routes == "unversioned":
                 versions = None
             return httpx.Response(
@@ -162,7 +166,7 @@ def test_spans_that_do_not_cover_the_tokens_are_malformed():
         policy_on(server).sample(MESSAGES, PARAMS)
 
 
-@pytest.mark.parametrize("routes", ["missing", "disabled", "unversioned"])
+@pytest.mark.parametrize("routes", ["missing", "disabled", "unversioned", "old"])
 def test_a_server_without_the_routes_is_sampled_with_three_calls_found_once(routes, caplog):
     server = Server(routes, version=3)
     p = policy_on(server)
