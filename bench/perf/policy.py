@@ -242,6 +242,7 @@ def bench_client(
     try:
         # Same body (posted to render, or to CHAT by the three-call fallback), and the requests
         # the client makes per sample (POST render, POST generate; or GET, POST, GET).
+        policy.refresh(force=True)  # the health check now, not inside the recorded sample
         seen = recorded_requests(policy, prompts[0], params)
         posts = [json.loads(b) for m, p, b in seen if m == "POST" and p in (CHAT, CHAT + "/render")]
         expect = chat_body(policy.model, prompts[0], params)
