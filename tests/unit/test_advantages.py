@@ -232,16 +232,26 @@ _TODAY = AdvantageConfig(
 )
 
 
-def test_grpo_reference_conventions_by_hand():
+# The reference numbers below were computed with the reference implementations themselves (not
+# kept here): verl-agent at upstream commit 796ed310287fa605c9292a0fce07a86d79fde05e,
+# ray_trainer.compute_advantage (GRPO: verl's compute_grpo_outcome_advantage with
+# norm_adv_by_std_in_grpo; GiGPO: core_gigpo.compute_gigpo_outcome_advantage, step_advantage_w 1,
+# gamma 0.5) after EpisodeRewardManager, core_gigpo.compute_step_discounted_returns and
+# apply_invalid_action_penalty (coef 0.1), on this group encoded as five step rows (one
+# trajectory id per episode, anchors s0 s1 s1 / s0 s2, the second row invalid). They divide by
+# std + 1e-6 in float32, as the project does: hence the tolerance.
+
+
+def test_grpo_as_the_reference_computes():
     g = _episodes_group("grpo")
     # Before this change: returns [0.9, 0], population std 0.45 -> +-1 on every row of an episode.
     np.testing.assert_allclose(_advs(group_rows(g, _TODAY)), [1, 1, 1, -1, -1], atol=5e-5)
     # Reference (defaults): the penalty on the invalid row only -> row scores A [1, 0.9, 1], B [0, 0];
     # mean over the 5 rows 2.9 / 5 = 0.58; deviations [0.42, 0.32, 0.42, -0.58, -0.58];
     # squares sum 0.1764 + 0.1024 + 0.1764 + 0.3364 + 0.3364 = 1.128; sample std sqrt(1.128 / 4) = 0.5310367
-    # -> [0.7909058, 0.6025949, 0.7909058, -1.0922032, -1.0922032].
-    expected = [0.7909058, 0.6025949, 0.7909058, -1.0922032, -1.0922032]
-    np.testing.assert_allclose(_advs(group_rows(g)), expected, atol=1e-5)
+    # -> [0.7909058, 0.6025949, 0.7909058, -1.0922032, -1.0922032] (without the 1e-6); the reference:
+    expected = [0.7909042, 0.6025936, 0.7909042, -1.0922011, -1.0922011]
+    np.testing.assert_allclose(_advs(group_rows(g)), expected, atol=1e-6)
     # One switch at a time: population std over the rows: sqrt(1.128 / 5) = 0.4749737
     # -> [0.42, 0.32, -0.58] / 0.4749737.
     pop = AdvantageConfig(baseline_std="population")
@@ -258,7 +268,7 @@ def test_grpo_reference_conventions_by_hand():
     )  # fmt: skip
 
 
-def test_gigpo_reference_conventions_by_hand():
+def test_gigpo_as_the_reference_computes():
     g = _episodes_group("gigpo")
     cfg = AdvantageConfig(gamma=0.5)
     # Before: rewards A [0, -0.1, 1] -> returns (gamma 0.5) [0.2, 0.4, 1]; B [0, 0].
@@ -270,10 +280,12 @@ def test_gigpo_reference_conventions_by_hand():
     # Step term, sample std: s0 {0.25, 0}: mean 0.125, std sqrt(2 * 0.125^2 / 1) = 0.1767767 -> +-0.7071068;
     # s1 {0.4, 1}: mean 0.7, std sqrt(2 * 0.3^2) = 0.4242641 -> -0.7071068, +0.7071068; s2 -> 0.
     # Episode term as in the GRPO test: [0.7909058, 0.6025949, 0.7909058], [-1.0922032, -1.0922032].
-    expected = [1.4980126, -0.1045119, 1.4980126, -1.7993100, -1.0922032]
-    np.testing.assert_allclose(_advs(group_rows(g, cfg)), expected, atol=1e-5)
+    # By hand [1.4980126, -0.1045119, 1.4980126, -1.7993100, -1.0922032]; the reference
+    # (mode mean_std_norm, its ALFWorld setting):
+    expected = [1.4980069, -0.1045114, 1.4980092, -1.7993039, -1.0922011]
+    np.testing.assert_allclose(_advs(group_rows(g, cfg)), expected, atol=1e-6)
     # GiGPO's mean_norm (norm_gigpo: mean): episode [0.42, 0.32, 0.42], [-0.58, -0.58];
-    # step s0 +-0.125, s1 -0.3, +0.3 -> [0.545, 0.02, 0.72], [-0.705, -0.58].
+    # step s0 +-0.125, s1 -0.3, +0.3 -> [0.545, 0.02, 0.72], [-0.705, -0.58] (the reference's too).
     mean = cfg.model_copy(update={"norm_gigpo": "mean"})
     np.testing.assert_allclose(
         _advs(group_rows(g, mean)), [0.545, 0.02, 0.72, -0.705, -0.58], atol=1e-9
