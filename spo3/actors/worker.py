@@ -37,7 +37,13 @@ from spo3.score_store.store import (
 )
 from spo3.transport.connection import check_reachable, connect
 from spo3.transport.contracts import ChatMessage, Completion, SamplingParams, WorkItem
-from spo3.transport.metrics import actor_metrics, serve, stop_serving, task_type
+from spo3.transport.metrics import (
+    actor_metrics,
+    policy_client_metrics,
+    serve,
+    stop_serving,
+    task_type,
+)
 from spo3.transport.redis_names import RedisNames
 from spo3.transport.stream import AppendStopped, GroupStream
 from spo3.transport.work_queue import LeasedItem, LeaseKeeper, WorkQueue
@@ -533,7 +539,8 @@ def run_actor(cfg: ActorConfig, policy: Policy, stop: threading.Event | None = N
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    actor_metrics()  # the actor's metrics exist before they are served
+    actor_metrics()  # the actor's metrics exist before they are served,
+    policy_client_metrics()  # the vLLM client's too (zeros under an in-process policy)
     server = serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port else None
     observed_policy = _ObservedPolicy(policy)
     client = connect(cfg.redis_url)
