@@ -84,6 +84,7 @@ from bench.perf.harness import (
     Phases,
     Row,
     foreign_cores,
+    load_at_start,
     machine_busy_seconds,
     other_load,
     print_table,
@@ -1590,7 +1591,7 @@ def run_vllm_only(
 
     t0 = time.monotonic()
     cfg = {"max_steps": max_steps, "group_size": 8, "budget": budget}
-    load = other_load()
+    load = load_at_start()
     results: dict = {
         "args": {
             "levels": levels,
@@ -1606,12 +1607,6 @@ def run_vllm_only(
         "note": "the actor, its JVMs and vLLM share the machine's cores with any other process "
         "running (other_load_cores_at_start; per level, others_cpu_s over the window)",
     }
-    if load > OTHER_LOAD_WARN:
-        print(
-            f"warning: {load:.2f} cores busy before the benchmark started (another run shares the "
-            "cores): figures will be low and noisy",
-            flush=True,
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_name(out.stem + "-vllm.log")
     with tempfile.TemporaryDirectory(prefix="spo3-actor-vllm-") as work:
@@ -1862,13 +1857,7 @@ def main(
         "loop_tasks": st.loop_tasks,
         "coverage_task_ids": st.cov_tasks,
     }
-    load = results["other_load_cores_at_start"] = other_load()
-    if load > OTHER_LOAD_WARN:
-        print(
-            f"warning: {load:.2f} cores busy before the benchmark started (other processes): "
-            "figures will be low and noisy",
-            flush=True,
-        )
+    load = results["other_load_cores_at_start"] = load_at_start()
     runs: dict[str, list[dict]] = defaultdict(list)
     with LocalRedisServer(binary=binary) as server, contextlib.ExitStack() as stack:
         client = connect(server.url)

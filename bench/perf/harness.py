@@ -145,6 +145,18 @@ def other_load(seconds: float = 1.0) -> float:
     return (machine_busy_seconds() - b0) / seconds
 
 
+def load_at_start() -> float:
+    """Cores other processes use now (other_load), printing a warning when that flags the figures."""
+    load = other_load()
+    if load > OTHER_LOAD_WARN:
+        print(
+            f"warning: {load:.2f} cores busy before the benchmark started (other processes share "
+            "the cores): figures will be low and noisy",
+            flush=True,
+        )
+    return load
+
+
 def process_tree_cpu_seconds(root: int) -> float:
     """utime + stime of a process and all its live descendants (/proc); 0 where /proc is missing."""
     procs = process_cpu()

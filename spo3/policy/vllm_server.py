@@ -35,7 +35,7 @@ class VLLMServer:
         port: int | None = None,
         dtype: str = "bfloat16",
         served_name: str = "policy",
-        max_model_len: int = 1024,
+        max_model_len: int = 2048,  # TWX prompts of the tiny presets pass 1,024 tokens
         kv_cache_gib: int = 1,
         log_path: str | Path | None = None,
         python: str | None = None,
