@@ -103,7 +103,16 @@ LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field
     "exit_when_idle": (LearnerSettings, "exit_when_idle_s"),
     **{
         f: (TrainerSettings, f)
-        for f in ("lr", "zero_stage", "bf16", "offload_optimizer", "micro_batch_rows", "ppo_epochs")
+        for f in (
+            "lr",
+            "zero_stage",
+            "bf16",
+            "offload_optimizer",
+            "micro_batch_rows",
+            "gradient_checkpointing",
+            "max_len",
+            "ppo_epochs",
+        )
     },
     **{
         f: (AdvantageConfig, f)
@@ -294,6 +303,8 @@ _LrnZeroStage = Annotated[int, _lrn("zero_stage")]
 _LrnBf16 = Annotated[bool, _lrn("bf16")]
 _LrnOffloadOptimizer = Annotated[bool, _lrn("offload_optimizer")]
 _LrnMicroBatchRows = Annotated[int, _lrn("micro_batch_rows")]
+_LrnGradientCheckpointing = Annotated[bool, _lrn("gradient_checkpointing")]
+_LrnMaxLen = Annotated[int, _lrn("max_len")]
 _LrnMeanOnly = Annotated[bool, _lrn("mean_only")]
 _LrnNorm3spo = Annotated[str | None, _lrn("norm_3spo")]
 _LrnNormGrpo = Annotated[str | None, _lrn("norm_grpo")]
@@ -656,6 +667,8 @@ def learner_cmd(
     bf16: _LrnBf16 = False,
     offload_optimizer: _LrnOffloadOptimizer = False,
     micro_batch_rows: _LrnMicroBatchRows = 8,
+    gradient_checkpointing: _LrnGradientCheckpointing = False,
+    max_len: _LrnMaxLen = 4096,
     mean_only: _LrnMeanOnly = False,
     norm_3spo: _LrnNorm3spo = None,
     norm_grpo: _LrnNormGrpo = None,

@@ -146,3 +146,22 @@ def test_two_zero3_ranks_publish_checkpoint_and_resume(model_dir, redis_url, tmp
     )
     assert result["published"] == [3]
     assert max_diff(resumed, weights) < 1e-6
+
+
+def test_two_zero3_ranks_with_tied_embeddings_match_one_rank(redis_url, tmp_path_factory):
+    """A tied model (as Qwen2.5-0.5B/1.5B/3B are), built under zero.Init on two ZeRO-3 ranks:
+    the published weights keep lm_head equal to the embedding, and the final weights equal a
+    one-rank run's within the same tolerance."""
+    tmp = tmp_path_factory.mktemp("tied")
+    tied_dir = init_model(tmp / "model", "tiny", seed=0, tied=True)
+    _, one, _ = launch(tied_dir, redis_url, "tied-1", tmp / "ck1", tmp / "o1", nproc=1, stage=2)
+    result, two, out = launch(
+        tied_dir, redis_url, "tied-z3", tmp / "ck3", tmp / "o3", nproc=2, stage=3
+    )
+    assert result["published"] == [1, 2, 3]
+    assert max_diff(two, one) < TOL
+    assert max_diff(two, load_file(str(tied_dir / "model.safetensors"))) > 1e-3  # it trained
+    published = load_file(str(out / "published.safetensors"))
+    embed = published["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in published or (published["lm_head.weight"] == embed).all()
+    assert (embed == two["model.embed_tokens.weight"]).all()

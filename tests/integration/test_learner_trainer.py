@@ -217,3 +217,37 @@ def test_response_only_chunked_logprobs_equal_the_full_logit_path(model_dir):
     torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_no_weight(model_dir):
+    """`gradient_checkpointing: true` runs each decoder layer's forward again in the backward pass
+    (counted with a hook on the first layer's attention; the layer's own hooks run outside the
+    checkpoint) and ends two updates at the same weights as without
+    it, within 1e-5."""
+    from spo3.learner.trainer import Trainer
+
+    weights, calls = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(
+            TrainerConfig(
+                model=str(model_dir),
+                zero_stage=0,
+                micro_batch_rows=4,
+                lr=1e-2,
+                gradient_checkpointing=checkpointing,
+            )
+        )
+        module = trainer.engine.module
+        attention = module.model.layers[0].self_attn
+        count = [0]
+        attention.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        for u in range(2):
+            trainer.update(fixed_rows(u))
+        calls[checkpointing] = count[0]
+        weights[checkpointing] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    # 2 updates x 2 micro-batches x 2 epochs with gradients: each recomputes the layer once more
+    assert calls[True] >= calls[False] + 8, calls
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert max_diff(weights[False], dict(initial)) > 1e-3  # the updates moved the weights
+    assert max_diff(weights[True], weights[False]) < 1e-5
