@@ -202,9 +202,17 @@ def test_sft_is_deterministic(demos, model_dir):
     assert once() == once()
 
 
-def test_spo3_sft_command_end_to_end(tmp_path, model_dir):
+@pytest.mark.parametrize("layout", ["untied", "tied"])
+def test_spo3_sft_command_end_to_end(tmp_path, model_dir, layout):
+    """`spo3 sft` from an untied and a tied base (Qwen2.5-0.5B/1.5B/3B tie lm_head to the
+    embedding): the model it saves keeps the base's layout, loads, and a vLLM publisher against it
+    accepts the trained weights."""
     from spo3.app.cli import app
+    from spo3.policy.publish import VLLMDiskPublisher
+    from spo3.policy.weights import tied_map
 
+    if layout == "tied":
+        model_dir = init_model(tmp_path / "tied-base", "tiny", seed=0, tied=True)
     out = tmp_path / "run"
     r = CliRunner().invoke(
         app,
@@ -250,6 +258,9 @@ def test_spo3_sft_command_end_to_end(tmp_path, model_dir):
     assert InProcessPolicy(out / "model").sample(
         [ChatMessage(role="user", content="hi")], SamplingParams(choices=["look", "go north"])
     )[0].text in ("look", "go north")
+    assert bool(tied_map(out / "model")) == (layout == "tied")
+    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    VLLMDiskPublisher([], out / "model", tmp_path / "staging").check(trained)
     bad = tmp_path / "bad.yaml"
     bad.write_text("games: {env: twx}\nfractoin: 0.5\n")
     r = CliRunner().invoke(app, ["sft", "--config", str(bad), "--out", str(tmp_path / "no")])
