@@ -814,6 +814,27 @@ def build_results(bench: BenchConfig, runs: list[RunResult]) -> dict:
     }
 
 
+def per_seed_table(runs: list[dict]) -> list[str]:
+    """One suite's runs as arm x seed: held-out success at step 0 -> at the budget, and the
+    number of updates (single runs, for reading the spread the means hide)."""
+    seeds = sorted({r["seed"] for r in runs})
+    cells: dict[str, dict[int, str]] = {}
+    for r in runs:
+        held = r["held_out"]
+        cells.setdefault(arm(r["algo"], r["variant"]), {})[r["seed"]] = (
+            f"{held[0][1]:.1%} -> {held[-1][1]:.1%} ({r['updates']})"
+        )
+    lines = [
+        "Per seed, held-out success at step 0 -> at the budget (updates):",
+        "",
+        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---" * (len(seeds) + 1) + "|",
+    ]
+    for name, by_seed in cells.items():
+        lines.append(f"| {name} | " + " | ".join(by_seed.get(s, "-") for s in seeds) + " |")
+    return [*lines, ""]
+
+
 def markdown(results: dict) -> str:
     thr = results["success_threshold"]
     lines = [
@@ -866,6 +887,7 @@ def markdown(results: dict) -> str:
                 for algo, shares in acted.items()
             ]
             lines.append("")
+        lines += per_seed_table([r for r in results["runs"] if r["suite"] == suite])
         for ours, comparisons in [
             ("3spo", data["comparisons"]),
             *data.get("variant_comparisons", {}).items(),

@@ -545,6 +545,8 @@ def test_report_tables_say_where_intervals_include_no_difference(tmp_path):
         and "excludes it" in text
     )
     assert "(reached 0/5)" in text and "5 at start)" in text
+    assert "| arm | seed 0 | seed 1 | seed 2 | seed 3 | seed 4 |" in text
+    assert "| gigpo | 60.0% -> 90.0% (10) | 60.0% -> 70.0% (10) |" in text
     from bench.compare.benchmark import cost_line
 
     line = cost_line(
