@@ -832,6 +832,8 @@ def eval_cmd(
     ] = None,
     show_actions: Annotated[bool, typer.Option(help="Print every episode's actions.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    dtype: Annotated[str, _act("dtype")] = "float32",
+    device: Annotated[str, _act("device")] = "cpu",
 ) -> None:
     """Evaluate a checkpoint on held-out games: success rate, steps, invalid-action rate, and the share
     of each action verb (what the policy does)."""
@@ -847,7 +849,8 @@ def eval_cmd(
             "RUN/heldout-weights/)"
         )
     torch.manual_seed(seed)
-    policy = InProcessPolicy(checkpoint)
+    source = _checked(PolicySource, {"model": checkpoint, "dtype": dtype, "device": device})
+    policy = InProcessPolicy(checkpoint, dtype=source.dtype, device=source.device)
     if weights:
         from safetensors.torch import load_file
 

@@ -73,3 +73,13 @@ def test_eval_loads_a_weights_file_and_shows_what_the_policy_did(tmp_path):
         env={**os.environ, "COLUMNS": "400"},
     )  # the error box unwrapped
     assert bad.returncode == 2 and "no such file" in bad.stderr, bad.stderr[-2000:]
+    odd = subprocess.run(
+        cmd + ["--dtype", "float64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "400"},
+    )  # an engine dtype it does not run: stopped before loading, the option named
+    assert odd.returncode == 2 and "--dtype" in odd.stderr and "bfloat16" in odd.stderr, (
+        odd.stderr[-2000:]
+    )
