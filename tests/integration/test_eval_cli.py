@@ -80,6 +80,6 @@ def test_eval_loads_a_weights_file_and_shows_what_the_policy_did(tmp_path):
         timeout=300,
         env={**os.environ, "COLUMNS": "400"},
     )  # an engine dtype it does not run: stopped before loading, the option named
-    assert odd.returncode == 2 and "--dtype" in odd.stderr and "bfloat16" in odd.stderr, (
-        odd.stderr[-2000:]
-    )
+    assert odd.returncode == 2 and "--dtype" in odd.stderr and "bfloat16" in odd.stderr, odd.stderr[
+        -2000:
+    ]
