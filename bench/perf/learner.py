@@ -20,7 +20,12 @@
    trainer (its models, before the update) and the update's time, for the full-logit path
    (before: logits of every position, float32 log-softmax of them all) and the response-only
    chunked one (after); targets <= 1 GB and <= 3 s. Each variant runs in a fresh process, so that
-   neither's allocations count in the other's peak. `--only-vocab` runs this figure alone.
+   neither's allocations count in the other's peak. `--only-vocab` runs this figure alone;
+5. rows that share a prompt: Trainer.update (1 rank, fp32) of a 3SPO-shaped batch (8 step groups
+   of 8 rows, the rows of a group sharing a ~1,100-token prompt, ~4-token replies: the shape of
+   the hazard bench's tw-treasure-l15 updates, tiny preset) with one sequence per row against
+   `share_prompts` (one packed sequence per prompt), interleaved; the metrics must agree within
+   1e-5; target >= 3x faster. `--only-share` runs this figure alone.
 
 The variants of figures 1 and 3 run interleaved (one update of each in turn, after one
 warm-up each), so that load from other processes on a shared machine hits them alike; the
@@ -357,6 +362,122 @@ def bench_vocab(
             f"{after['seconds']:.2f} s",
             "<= 3 s",
             "PASS" if after["seconds"] <= VOCAB_TARGET_S else "FAIL",
+        ),
+    ]
+    return results, table
+
+
+# --- figure 5: rows that share a prompt -------------------------------------------------
+
+SHARE_TARGET_RATIO = 3.0  # share_prompts: update time at least 3x lower on a 3SPO-shaped batch
+
+
+def shared_prompt_batch(
+    groups: int, children: int, prompt_len: int, response_len: int, vocab: int
+) -> list[TrainRow]:
+    """A 3SPO update's shape: `groups` step groups of `children` rows each, the rows of a group
+    sharing their state's prompt (lengths +-10%) with replies of `response_len` tokens (+-25%)."""
+    rng = random.Random(5)
+    rows = []
+    for g in range(groups):
+        p = rng.randint(int(prompt_len * 0.9), int(prompt_len * 1.1))
+        prompt = [rng.randrange(3, vocab) for _ in range(p)]
+        for c in range(children):
+            r = rng.randint(max(1, int(response_len * 0.75)), max(1, int(response_len * 1.25)))
+            rows.append(
+                TrainRow(
+                    prompt,
+                    [rng.randrange(3, vocab) for _ in range(r)],
+                    ADVANTAGES[(g + c) % len(ADVANTAGES)],
+                    [],
+                    0,
+                    f"g{g}",
+                )
+            )
+    return rows
+
+
+def bench_share(
+    workdir: Path,
+    log: Callable[[str], None],
+    *,
+    preset: str = "tiny",
+    groups: int = 8,
+    children: int = 8,
+    prompt_len: int = 1100,
+    response_len: int = 4,
+    micro_rows: int = 8,
+    reps: int = 3,
+) -> tuple[dict, list[Row]]:
+    """Trainer.update (1 rank, fp32, default ppo_epochs) on one 3SPO-shaped batch with
+    share_prompts off and on, interleaved (one warm-up each, then `reps` timed updates each, the
+    models' weights reset between updates); the first update's metrics must agree within 1e-5."""
+    from spo3.app.model_init import init_model
+    from spo3.learner.trainer import Trainer, TrainerConfig
+
+    model_dir = str(init_model(workdir / f"share-{preset}", preset, seed=0))
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    batch = shared_prompt_batch(groups, children, prompt_len, response_len, vocab)
+    trainers = {
+        share: Trainer(
+            TrainerConfig(
+                model=model_dir, lr=1e-3, micro_batch_rows=micro_rows, share_prompts=share
+            )
+        )
+        for share in (False, True)
+    }
+    start = {share: copy.deepcopy(t.engine.module.state_dict()) for share, t in trainers.items()}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    first: dict[bool, dict] = {}
+    tokens: dict[bool, float] = {}
+    for rep in range(reps + 1):
+        for share, trainer in trainers.items():
+            trainer.engine.module.load_state_dict(start[share])
+            log(f"  5 share_prompts={share} update {rep}{' (warm-up)' if rep == 0 else ''}")
+            t0 = time.perf_counter()
+            metrics = trainer.update(batch)
+            if rep:
+                times[share].append(time.perf_counter() - t0)
+            else:
+                first[share] = metrics.as_dict()
+                tokens[share] = metrics.padded_tokens
+    for k in ("pg_loss", "kl", "entropy"):
+        if abs(first[False][k] - first[True][k]) > 1e-5:
+            raise AssertionError(
+                f"{k}: one sequence per row {first[False][k]} vs packed {first[True][k]}"
+            )
+    plain, packed = statistics.median(times[False]), statistics.median(times[True])
+    ratio = plain / packed
+    results = {
+        "preset": preset,
+        "groups": groups,
+        "children": children,
+        "prompt_len": prompt_len,
+        "response_len": response_len,
+        "micro_rows": micro_rows,
+        "rows": len(batch),
+        "seconds_per_row": stats(times[False]),
+        "seconds_packed": stats(times[True]),
+        "tokens_computed_per_row": tokens[False],
+        "tokens_computed_packed": tokens[True],
+        "speedup": ratio,
+        "metrics_agree": True,
+    }
+    shape = f"{preset}, {groups} groups x {children} rows, ~{prompt_len}+{response_len} tokens"
+    table = [
+        Row(f"5 update, a sequence per row ({shape})", f"{plain:.2f} s", "-", "baseline"),
+        Row("5 update, share_prompts (packed)", f"{packed:.2f} s", "-", "-"),
+        Row(
+            "5 speedup of share_prompts",
+            f"{ratio:.2f}x",
+            f">= {SHARE_TARGET_RATIO:.0f}x",
+            "PASS" if ratio >= SHARE_TARGET_RATIO else "FAIL",
+        ),
+        Row(
+            "5 tokens computed per forward pass",
+            f"{tokens[False]:,.0f} -> {tokens[True]:,.0f}",
+            "-",
+            "-",
         ),
     ]
     return results, table
@@ -803,6 +924,14 @@ def main(
     only_vocab: Annotated[
         bool, typer.Option("--only-vocab", help="Run figure 4 alone (no figures 1-3).")
     ] = False,
+    share: Annotated[
+        bool,
+        typer.Option(
+            "--share/--no-share",
+            help="Figure 5: share_prompts on a 3SPO-shaped batch (rows of a group share a prompt).",
+        ),
+    ] = True,
+    only_share: Annotated[bool, typer.Option("--only-share", help="Run figure 5 alone.")] = False,
     out: Annotated[Path, typer.Option(help="Where to write the numbers as JSON.")] = Path(
         "learner_bench.json"
     ),
@@ -830,6 +959,8 @@ def main(
             "publish_rows": publish_rows,
             "vocab": vocab,
             "only_vocab": only_vocab,
+            "share": share,
+            "only_share": only_share,
         },
         "device": {
             "kind": device.type,
@@ -844,6 +975,13 @@ def main(
     phase_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spo3-learner-bench-") as tmp:
         work = Path(tmp)
+        if only_share:
+            log("5 rows that share a prompt ...")
+            t0 = time.perf_counter()
+            results["share"], fig5 = bench_share(work, log)
+            phase_s["share"] = time.perf_counter() - t0
+            _report(results, fig5, phase_s, t_start, out)
+            return
         if vocab or only_vocab:
             log("4 memory at the real vocabulary ...")
             t0 = time.perf_counter()
@@ -909,6 +1047,12 @@ def main(
         table += fig3
         if vocab:
             table += fig4
+        if share:
+            log("5 rows that share a prompt ...")
+            t0 = time.perf_counter()
+            results["share"], fig5 = bench_share(work, log)
+            phase_s["share"] = time.perf_counter() - t0
+            table += fig5
     _report(results, table, phase_s, t_start, out)
 
 

@@ -110,6 +110,7 @@ LEARNER_OPTIONS: OptionFields = {  # `spo3 learner` option -> the settings field
             "offload_optimizer",
             "micro_batch_rows",
             "gradient_checkpointing",
+            "share_prompts",
             "max_len",
             "ppo_epochs",
         )
@@ -304,6 +305,7 @@ _LrnBf16 = Annotated[bool, _lrn("bf16")]
 _LrnOffloadOptimizer = Annotated[bool, _lrn("offload_optimizer")]
 _LrnMicroBatchRows = Annotated[int, _lrn("micro_batch_rows")]
 _LrnGradientCheckpointing = Annotated[bool, _lrn("gradient_checkpointing")]
+_LrnSharePrompts = Annotated[bool, _lrn("share_prompts")]
 _LrnMaxLen = Annotated[int, _lrn("max_len")]
 _LrnMeanOnly = Annotated[bool, _lrn("mean_only")]
 _LrnNorm3spo = Annotated[str | None, _lrn("norm_3spo")]
@@ -632,8 +634,13 @@ def _learner_settings(options: dict[str, Any]) -> tuple[PublishTarget, LearnerCo
             "give --policy-url (vLLM servers) or --weights-dir (in-process actors), not both"
         )
     groups = _settings(options, LEARNER_OPTIONS)
-    trainer = TrainerConfig(
-        **groups[TrainerConfig], **groups[TrainerSettings], loss=LossConfig(**groups[LossConfig])
+    trainer = _checked(
+        TrainerConfig,
+        {
+            **groups[TrainerConfig],
+            **groups[TrainerSettings],
+            "loss": LossConfig(**groups[LossConfig]),
+        },
     )
     cfg = LearnerConfig(
         **groups[LearnerConfig],
@@ -668,6 +675,7 @@ def learner_cmd(
     offload_optimizer: _LrnOffloadOptimizer = False,
     micro_batch_rows: _LrnMicroBatchRows = 8,
     gradient_checkpointing: _LrnGradientCheckpointing = False,
+    share_prompts: _LrnSharePrompts = False,
     max_len: _LrnMaxLen = 4096,
     mean_only: _LrnMeanOnly = False,
     norm_3spo: _LrnNorm3spo = None,

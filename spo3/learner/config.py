@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Norm = Literal["std", "mean", "floor", "batch"]
 """How a group's centred values are scaled (spo3/learner/advantages.py)."""
@@ -138,6 +138,14 @@ class TrainerSettings(BaseModel):
         description="Recompute each layer's activations in the backward pass instead of "
         "keeping them (less memory for long prompts, about a third more compute).",
     )
+    share_prompts: bool = Field(
+        False,
+        description="Rows with the same prompt (the n(s) children of one 3SPO state; the first "
+        "steps of a GRPO/GiGPO group) take the prompt through the model once: its keys and "
+        "values are then read by each row's response. The same log-probs within rounding, for a "
+        'fraction of the prompt tokens (docs/benchmarks.md "Rows that share a prompt"). Not with '
+        "gradient_checkpointing, which drops the cached keys and values.",
+    )
     max_len: int = Field(
         4096,
         ge=2,
@@ -153,6 +161,16 @@ class TrainerSettings(BaseModel):
         'on the PPO clip can act (2: docs/benchmarks.md "The measurement behind ppo_epochs: 2").',
     )
     seed: int = Field(0, description="Seed of the learner's random state.")
+
+    @model_validator(mode="after")
+    def _share_without_recompute(self) -> TrainerSettings:
+        if self.share_prompts and self.gradient_checkpointing:
+            raise ValueError(
+                "share_prompts and gradient_checkpointing exclude each other: the recomputed "
+                "layers keep no cached keys and values (turn one off)"
+            )
+        return self
+
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description=(

@@ -59,9 +59,10 @@ class PreparedMicroBatch:
     B rows, T padded positions; the log-prob tensors are [B, T-1], indexed like the logits."""
 
     ids: torch.Tensor
-    """[B, T] long: prompt + response, right-padded."""
+    """The forward's input ids: [B, T] long, each row's prompt + response, right-padded; with
+    `share_prompts`, [U, P]: each distinct prompt once, right-padded (`shared` has the rest)."""
     attn: torch.Tensor
-    """[B, T] long: 1 on real tokens."""
+    """[B, T] (shared: [U, P]) long: 1 on real tokens."""
     targets: torch.Tensor
     """[B, T-1] long: the next token at each logits position."""
     mask: torch.Tensor
@@ -73,7 +74,8 @@ class PreparedMicroBatch:
     response_index: torch.Tensor
     """[N] long: flat indices into B x (T-1) of the response positions (the logits' layout)."""
     hidden_index: torch.Tensor
-    """[N] long: flat indices into B x T of the hidden states that predict the response tokens."""
+    """[N] long: flat indices into B x T of the hidden states that predict the response tokens
+    (unused with `shared`)."""
     allowed_ids: torch.Tensor | None
     """[B, T-1, K] long: allowed tokens of choice-mode positions; None when every row is free-form."""
     allowed_valid: torch.Tensor | None
@@ -87,8 +89,34 @@ class PreparedMicroBatch:
     inv_temp: torch.Tensor | None
     """[B, 1, 1]: 1 / each row's sampling temperature, the logits' scale; None when every row was
     sampled at temperature 1 (docs/algorithm.md "Policy loss")."""
+    shared: SharedPrompts | None = None
+    """With `share_prompts`: the responses' forward after their prompts'; else None."""
     prox_logp: torch.Tensor | None = None
     """[B, T-1]: the proximal policy's log-probs, set by the first pass (no gradient)."""
+
+
+@dataclass
+class SharedPrompts:
+    """A micro-batch as `share_prompts` runs it: a forward of each distinct prompt once
+    (`PreparedMicroBatch.ids`, U x P), whose keys and values every row then reads (the cache,
+    reordered to one entry per row) in a second forward of the responses alone. R rows, L the
+    longest response; N the response tokens, in `_prepare`'s order (row by row)."""
+
+    ids: torch.Tensor
+    """[R, L] long: each row's response, right-padded."""
+    attn: torch.Tensor
+    """[R, P + L] long: its prompt's padding mask, then 1 on its response tokens."""
+    positions: torch.Tensor
+    """[R, L] long: the response's positions, continuing its own prompt's."""
+    unit: torch.Tensor
+    """[R] long: the prompt (row of `ids` of the prompt forward) of each row."""
+    first_index: torch.Tensor
+    """Flat indices into U x P: the last prompt position of each row with a response token
+    (it predicts the row's first token)."""
+    rest_index: torch.Tensor
+    """Flat indices into R x L: response positions that predict the row's next token."""
+    order: torch.Tensor
+    """[N]: index into [first positions..., rest positions...] of each response token in order."""
 
 
 @dataclass(frozen=True)
@@ -265,9 +293,10 @@ class Trainer:
     # --- one update ------------------------------------------------------------------
     def update(self, rows: Sequence[Row]) -> UpdateMetrics:
         """`ppo_epochs` optimizer steps on all rows (the same list on every rank)."""
-        mine = list(rows[self.rank :: self.world])
-        micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len)
-        my_real, my_padded = padding_counts(micro, self.cfg.max_len)
+        share = self.cfg.share_prompts
+        mine = _dealt(rows, self.rank, self.world, by_prompt=share)
+        micro = micro_batches(mine, self.cfg.micro_batch_rows, self.cfg.max_len, by_prompt=share)
+        my_real, my_padded = padding_counts(micro, self.cfg.max_len, packed=share)
         my_cut = sum(len(r.prompt_ids) + len(r.response_ids) > self.cfg.max_len for r in mine)
         my_tokens = sum(len(r.response_ids) for r in mine)
         response_tokens, real, padded, cut = self._sum_across_ranks(
@@ -400,6 +429,9 @@ class Trainer:
             for b, (start, n) in enumerate(zip(starts, counts))
             for j in range(n)
         ]
+        shared = None
+        if self.cfg.share_prompts:  # the forward takes each prompt once; targets stay per row
+            ids, attn, shared = self._share(rows)
         prep = PreparedMicroBatch(
             ids=ids,
             attn=attn,
@@ -419,6 +451,7 @@ class Trainer:
             has_behav=has_behav.to(self.device),
             adv=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=self.device),
             inv_temp=inv_temp,
+            shared=shared,
         )
         with torch.no_grad():
             prep.ref_logp, _ = self._logprobs(self.reference, self._ref_head, prep, entropy=False)
@@ -445,6 +478,8 @@ class Trainer:
             else prep.inv_temp.view(-1, 1).expand(shape).reshape(-1)[prep.response_index]
         )
         if self._full_logits:
+            if prep.shared is not None:
+                raise ValueError("the full-logit path takes unshared rows (share_prompts: false)")
             logits = _scaled(
                 model(input_ids=prep.ids, attention_mask=prep.attn).logits[:, :-1], prep.inv_temp
             )
@@ -453,8 +488,11 @@ class Trainer:
             with torch.set_grad_enabled(entropy and torch.is_grad_enabled()):
                 picked = restricted_entropy(flat.index_select(0, prep.response_index), *allowed)
             return logp, _scatter(picked, prep.response_index, shape)
-        with head.only(prep.hidden_index):
-            logits = model(input_ids=prep.ids, attention_mask=prep.attn, use_cache=False).logits
+        if prep.shared is not None:
+            logits = _shared_logits(model, head, prep.ids, prep.attn, prep.shared)
+        else:
+            with head.only(prep.hidden_index):
+                logits = model(input_ids=prep.ids, attention_mask=prep.attn, use_cache=False).logits
         targets = prep.targets.reshape(-1).index_select(0, prep.response_index)
         logp, ent = response_logprobs(
             logits.reshape(-1, logits.shape[-1]),
@@ -513,8 +551,8 @@ class Trainer:
         kept), known on the host so that nothing has to be read back from the device."""
         seqs, starts = [], []
         for r in rows:
-            prompt = r.prompt_ids[-max(1, self.cfg.max_len - len(r.response_ids)) :]
-            seqs.append((prompt + r.response_ids)[: self.cfg.max_len])
+            prompt, response = _cut(r, self.cfg.max_len)
+            seqs.append(prompt + response)
             starts.append(len(prompt))
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device="cpu")
@@ -531,6 +569,57 @@ class Trainer:
             attn.to(self.device, non_blocking=True),
             spans,
         )
+
+    def _share(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, SharedPrompts]:
+        """The prompt forward's ids and mask (each distinct prompt once, as `_pad` cuts it,
+        right-padded) and the responses' forward (`SharedPrompts`)."""
+        cut = [_cut(r, self.cfg.max_len) for r in rows]
+        units: dict[tuple[int, ...], int] = {}
+        unit = [units.setdefault(tuple(prompt), len(units)) for prompt, _ in cut]
+        width = max(map(len, units))
+        longest = max(1, max(len(response) for _, response in cut))
+        ids = torch.full((len(units), width), self.pad_id, dtype=torch.long, device="cpu")
+        attn = torch.zeros((len(units), width), dtype=torch.long, device="cpu")
+        for prompt, u in units.items():
+            ids[u, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device="cpu")
+            attn[u, : len(prompt)] = 1
+        r_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long, device="cpu")
+        r_attn = torch.zeros((len(rows), width + longest), dtype=torch.long, device="cpu")
+        positions = torch.zeros((len(rows), longest), dtype=torch.long, device="cpu")
+        first: list[int] = []
+        rest: list[int] = []
+        order: list[tuple[int, int]] = []  # (0, i): first[i]; (1, i): rest[i]
+        for b, (row_prompt, response) in enumerate(cut):
+            n, u = len(response), unit[b]
+            r_ids[b, :n] = torch.tensor(response, dtype=torch.long, device="cpu")
+            r_attn[b, :width] = attn[u]
+            r_attn[b, width : width + n] = 1
+            positions[b] = torch.arange(len(row_prompt), len(row_prompt) + longest)
+            for j in range(n):
+                if j == 0:
+                    order.append((0, len(first)))
+                    first.append(u * width + len(row_prompt) - 1)
+                else:
+                    order.append((1, len(rest)))
+                    rest.append(b * longest + j - 1)
+        flat = [i if part == 0 else len(first) + i for part, i in order]
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        def index(values: list[int]) -> torch.Tensor:
+            return dev(torch.tensor(values, dtype=torch.long, device="cpu"))
+
+        shared = SharedPrompts(
+            ids=dev(r_ids),
+            attn=dev(r_attn),
+            positions=dev(positions),
+            unit=index(unit),
+            first_index=index(first),
+            rest_index=index(rest),
+            order=index(flat),
+        )
+        return dev(ids), dev(attn), shared
 
     # --- weights out -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -623,6 +712,30 @@ class _ResponseHead:
             self.index = None
 
 
+def _shared_logits(
+    model: Any, head: _ResponseHead, ids: torch.Tensor, attn: torch.Tensor, shared: SharedPrompts
+) -> torch.Tensor:
+    """Logits [1, N, V] of a `share_prompts` micro-batch's response tokens: each prompt's forward
+    once (keeping its keys and values), then every row's response after its prompt's cached keys
+    and values (reordered to one entry per row: gradients reach the prompt's forward through
+    them). The prompt's last position predicts a row's first token; its response positions the
+    rest."""
+    with head.only(shared.first_index):
+        out = model(input_ids=ids, attention_mask=attn, use_cache=True)
+    cache = out.past_key_values
+    cache.reorder_cache(shared.unit)
+    with head.only(shared.rest_index):
+        rest = model(
+            input_ids=shared.ids,
+            attention_mask=shared.attn,
+            position_ids=shared.positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+    both = torch.cat([out.logits[0], rest[0]])
+    return both.index_select(0, shared.order).unsqueeze(0)
+
+
 def _scatter(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """[N] values at flat `index` of a zero tensor of `shape`."""
     out = torch.zeros(shape.numel(), dtype=values.dtype, device=values.device)
@@ -649,13 +762,40 @@ def _merged(base: dict, extra: dict) -> dict:
     return out
 
 
-def micro_batches(rows: Sequence[Row], size: int, max_len: int | None = None) -> list[list[Row]]:
+def micro_batches(
+    rows: Sequence[Row], size: int, max_len: int | None = None, *, by_prompt: bool = False
+) -> list[list[Row]]:
     """Rows sorted by length, longest first, then cut every `size` rows: rows of like length
-    share a micro-batch, so padding to the longest row costs little. The loss weights each
-    micro-batch by its share of the batch's response tokens, so the grouping does not change the
-    gradient."""
-    order = sorted(rows, key=lambda r: _seq_len(r, max_len), reverse=True)
+    share a micro-batch, so padding to the longest row costs little. `by_prompt`: sorted by
+    prompt length and then prompt, so that rows with the same prompt sit together (and are packed
+    into one sequence). The loss weights each micro-batch by its share of the batch's response
+    tokens, so the grouping does not change the gradient."""
+    if by_prompt:
+        order = sorted(rows, key=_prompt_order)
+    else:
+        order = sorted(rows, key=lambda r: _seq_len(r, max_len), reverse=True)
     return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _prompt_order(row: Row) -> tuple[int, tuple[int, ...]]:
+    return (-len(row.prompt_ids), tuple(row.prompt_ids))
+
+
+def _dealt(rows: Sequence[Row], rank: int, world: int, *, by_prompt: bool) -> list[Row]:
+    """This rank's rows: every world-th (round-robin), or with `by_prompt` a contiguous share of
+    the rows ordered by prompt, so that rows with one prompt stay on one rank where they can.
+    Either way no rank has more than ceil(rows / world) (`max_micro_batches` counts on it)."""
+    if not by_prompt:
+        return list(rows[rank::world])
+    share = -(-len(rows) // world)
+    return sorted(rows, key=_prompt_order)[rank * share : (rank + 1) * share]
+
+
+def _cut(row: Row, max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt, response) as the model sees them: at most `max_len` tokens, the prompt losing its
+    oldest tokens first (at least one kept), then the response its last."""
+    prompt = row.prompt_ids[-max(1, max_len - len(row.response_ids)) :]
+    return prompt, row.response_ids[: max(0, max_len - len(prompt))]
 
 
 def max_micro_batches(n_rows: int, world: int, size: int) -> int:
@@ -666,10 +806,23 @@ def max_micro_batches(n_rows: int, world: int, size: int) -> int:
     return max(1, -(-most_rows // size))
 
 
-def padding_counts(micro: Sequence[Sequence[Row]], max_len: int | None = None) -> tuple[int, int]:
-    """(tokens of the sequences, tokens computed once every micro-batch is padded to its longest row)."""
+def padding_counts(
+    micro: Sequence[Sequence[Row]], max_len: int | None = None, *, packed: bool = False
+) -> tuple[int, int]:
+    """(tokens of the sequences, tokens computed once every micro-batch is padded to its longest
+    row; `packed` (share_prompts): each distinct prompt once, padded to the longest, and each
+    response, padded to the longest)."""
     real = sum(_seq_len(r, max_len) for mb in micro for r in mb)
-    padded = sum(len(mb) * max(_seq_len(r, max_len) for r in mb) for mb in micro if mb)
+    if not packed:
+        return real, sum(len(mb) * max(_seq_len(r, max_len) for r in mb) for mb in micro if mb)
+    padded = 0
+    for mb in micro:
+        if not mb:
+            continue
+        cut = [_cut(r, max_len or len(r.prompt_ids) + len(r.response_ids)) for r in mb]
+        prompts = {tuple(p) for p, _ in cut}
+        padded += len(prompts) * max(map(len, prompts))
+        padded += len(mb) * max(1, max(len(resp) for _, resp in cut))
     return real, padded
 
 

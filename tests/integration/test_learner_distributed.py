@@ -26,15 +26,20 @@ UPDATES = 3
 TOL = 1e-4
 
 
-def group(u: int) -> Group:
+def group(u: int, shared: bool = False) -> Group:
     """Update u's group: 5 members of distinct scores -> 5 rows (prompts of unequal lengths), so
-    two ranks with 2 rows per micro-batch run 2 and 1 real micro-batches."""
+    two ranks with 2 rows per micro-batch run 2 and 1 real micro-batches. `shared`: every member
+    has the same prompt, as the children of one 3SPO state have."""
     members = []
     for j in range(5):
         t = Transition(
             state_key=f"s{u}",
             next_state_key=f"s{u}.{j}",
-            prompt_token_ids=[5 + (u + j) % 40 for _ in range(3 + 2 * j)],
+            prompt_token_ids=(
+                [5 + (u + k) % 40 for k in range(9)]
+                if shared
+                else [5 + (u + j) % 40 for _ in range(3 + 2 * j)]
+            ),
             token_ids=[10 + j, 20 + u, 30 + j, 40 + (u * j) % 50][: 2 + j % 3],
             logprobs=[-1.0] * (2 + j % 3),
             action=f"a{j}",
@@ -54,12 +59,26 @@ def group(u: int) -> Group:
     )
 
 
-def launch(model_dir, redis_url, run, ckpt, out, *, nproc, stage, first=0, resume=False):
+def launch(
+    model_dir,
+    redis_url,
+    run,
+    ckpt,
+    out,
+    *,
+    nproc,
+    stage,
+    first=0,
+    resume=False,
+    shared=False,
+    pack=False,
+):
     """Push the groups of updates first..UPDATES-1 to a fresh stream `run` and run the loop to
-    version UPDATES on `nproc` ranks; the files the script wrote, read back."""
+    version UPDATES on `nproc` ranks; the files the script wrote, read back. `shared`: groups
+    whose members share a prompt; `pack`: the trainer's share_prompts."""
     stream = GroupStream(connect(redis_url), run)
     for u in range(first, UPDATES):
-        stream.append(group(u))
+        stream.append(group(u, shared))
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -80,6 +99,7 @@ def launch(model_dir, redis_url, run, ckpt, out, *, nproc, stage, first=0, resum
         str(UPDATES),
         "1",  # checkpoint_every
         str(int(resume)),
+        str(int(pack)),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
@@ -165,3 +185,35 @@ def test_two_zero3_ranks_with_tied_embeddings_match_one_rank(redis_url, tmp_path
     embed = published["model.embed_tokens.weight"]
     assert "lm_head.weight" not in published or (published["lm_head.weight"] == embed).all()
     assert (embed == two["model.embed_tokens.weight"]).all()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_sharing_prompts_match_one_rank_without(model_dir, redis_url, tmp_path, stage):
+    """Groups whose 5 members share one prompt: two ranks with share_prompts (each rank runs its
+    rows' prompt once, then their responses after its cached keys and values: two forwards
+    before one backward, under ZeRO-2 and ZeRO-3) end at the weights of one rank that runs a
+    sequence per row."""
+    _, one, _ = launch(
+        model_dir,
+        redis_url,
+        "sh1",
+        tmp_path / "ck1",
+        tmp_path / "o1",
+        nproc=1,
+        stage=2,
+        shared=True,
+    )
+    result, two, _ = launch(
+        model_dir,
+        redis_url,
+        "sh2",
+        tmp_path / "ck2",
+        tmp_path / "o2",
+        nproc=2,
+        stage=stage,
+        shared=True,
+        pack=True,
+    )
+    assert result["published"] == [1, 2, 3]
+    assert max_diff(one, load_file(str(model_dir / "model.safetensors"))) > 1e-3  # it trained
+    assert max_diff(two, one) < TOL

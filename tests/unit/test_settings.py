@@ -198,3 +198,11 @@ def test_an_invalid_option_value_names_the_option_and_what_it_takes(args, messag
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())
+
+
+def test_share_prompts_and_gradient_checkpointing_exclude_each_other():
+    from spo3.learner.config import TrainerSettings
+
+    assert TrainerSettings(share_prompts=True).share_prompts
+    with pytest.raises(ValidationError, match="share_prompts and gradient_checkpointing"):
+        TrainerSettings(share_prompts=True, gradient_checkpointing=True)

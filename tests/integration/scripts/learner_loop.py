@@ -4,7 +4,9 @@ and checkpointing as told; then every rank joins the weights' gather and rank 0 
 OUT/final.safetensors, OUT/published.safetensors (the last weights published) and
 OUT/result.json.
 
-    learner_loop.py MODEL REDIS_URL RUN CKPT_DIR OUT ZERO_STAGE MICRO_ROWS UPDATES CKPT_EVERY RESUME
+    learner_loop.py MODEL REDIS_URL RUN CKPT_DIR OUT ZERO_STAGE MICRO_ROWS UPDATES CKPT_EVERY RESUME [SHARE]
+
+SHARE (0 or 1, default 0): the trainer's share_prompts.
 """
 
 import json
@@ -18,6 +20,7 @@ from spo3.learner.trainer import TrainerConfig
 
 model, redis_url, run, ckpt, out = sys.argv[1:6]
 stage, micro, updates, every, resume = (int(a) for a in sys.argv[6:11])
+share = bool(int(sys.argv[11])) if len(sys.argv) > 11 else False
 
 
 class Recorder:
@@ -44,7 +47,12 @@ cfg = LearnerConfig(
     exit_when_idle_s=5.0,
     resume=bool(resume),
     trainer=TrainerConfig(
-        model=model, lr=1e-2, zero_stage=stage, micro_batch_rows=micro, ppo_epochs=2
+        model=model,
+        lr=1e-2,
+        zero_stage=stage,
+        micro_batch_rows=micro,
+        ppo_epochs=2,
+        share_prompts=share,
     ),
 )
 recorder = Recorder()
