@@ -410,8 +410,9 @@ def bench_share(
     reps: int = 3,
 ) -> tuple[dict, list[Row]]:
     """Trainer.update (1 rank, fp32, default ppo_epochs) on one 3SPO-shaped batch with
-    share_prompts off and on, interleaved (one warm-up each, then `reps` timed updates each, the
-    models' weights reset between updates); the first update's metrics must agree within 1e-5."""
+    share_prompts off and on, interleaved (one warm-up each, then `reps` timed updates each; the
+    module's weights are loaded back before each update, though ZeRO's own fp32 copy and Adam
+    state carry on, which changes no timing); the warm-ups' metrics must agree within 1e-5."""
     from spo3.app.model_init import init_model
     from spo3.learner.trainer import Trainer, TrainerConfig
 

@@ -146,7 +146,8 @@ class UpdateMetrics:
     seq_tokens: float
     """Tokens of the sequences (prompt + response, cut to max_len), all ranks."""
     padded_tokens: float
-    """Tokens computed once every micro-batch is padded to its longest row, all ranks."""
+    """Tokens through the model per pass, all ranks: every micro-batch padded to its longest
+    row; with share_prompts, each distinct prompt once and each response, padded apart."""
     truncated_rows: float
     """Rows longer than max_len: their log-probs are of a shorter context than the one sampled from."""
     ppo_epochs: float
@@ -378,7 +379,7 @@ class Trainer:
         if not rows:
             if self.zero_stage == 3:  # the partitioned reference gathers in every forward
                 with torch.no_grad():
-                    self.reference(**self._padding_inputs())
+                    self._padding_forward(self.reference, self._ref_head)
             return None
         ids, mask, attn, spans = self._pad(rows)
         targets, resp_mask = ids[:, 1:], mask[:, 1:]
@@ -457,10 +458,15 @@ class Trainer:
             prep.ref_logp, _ = self._logprobs(self.reference, self._ref_head, prep, entropy=False)
         return prep
 
-    def _padding_inputs(self) -> dict[str, Any]:
-        """One token: the forward of a rank's empty micro-batch (collectives as on the others)."""
+    def _padding_forward(self, model: Any, head: _ResponseHead) -> torch.Tensor:
+        """The forward(s) of a rank's empty micro-batch, as many as a real one runs (ZeRO-3
+        gathers each layer's weights in every forward, on every rank alike): one of one token,
+        or with `share_prompts` the prompt's and the response's of a one-token row."""
+        if self.cfg.share_prompts:
+            ids, attn, shared = self._share([Row([self.pad_id], [self.pad_id], 0.0, [], 0, "")])
+            return _shared_logits(model, head, ids, attn, shared)
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
     def _logprobs(
         self, model: torch.nn.Module, head: _ResponseHead, prep: PreparedMicroBatch, entropy: bool
@@ -521,7 +527,7 @@ class Trainer:
             # hands the gradients to ZeRO's hooks in the same order as the other ranks' real
             # steps (ZeRO-2 buckets gradients in arrival order: another order would sum one
             # parameter's gradient into another's).
-            logits = self.engine(**self._padding_inputs()).logits
+            logits = self._padding_forward(self.engine, self._head)
             return logits.sum() * 0.0, {}, 0
         # Entropy on response positions only; a diagnostic unless entropy_coef > 0.
         bonus = self.cfg.loss.entropy_coef > 0

@@ -53,6 +53,18 @@ cfg = LearnerConfig(
         micro_batch_rows=micro,
         ppo_epochs=2,
         share_prompts=share,
+        # ZeRO-3 keeps parameters under 1e5 elements whole on every rank by default, and keeps
+        # gathered ones for reuse: the tiny model's would be gathered once, if at all. Partition
+        # every one and gather it again in every forward, as a real model's are.
+        deepspeed={
+            "zero_optimization": {
+                "stage3_param_persistence_threshold": 0,
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": 0,
+            }
+        }
+        if stage == 3
+        else {},
     ),
 )
 recorder = Recorder()
